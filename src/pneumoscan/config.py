@@ -1,0 +1,128 @@
+"""Run configuration: one frozen dataclass per concern, named recipes, and JSON round-tripping.
+
+A run's `Config` is written as `config.json` beside its checkpoints and embedded in every checkpoint;
+`Preprocessing` travels with the weights so evaluate, predict, explain and serve rebuild the exact
+input pipeline the model was trained with.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field, fields, replace
+from typing import Any
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How a decoded grey image becomes model input (the paper: 150x150, /255, grey to 3 channels)."""
+
+    image_size: int = 150
+    channels: int = 3  # the model's input channels; a grey image is replicated
+    resize_filter: str = "nearest"  # Keras load_img's default interpolation
+    scale: float = 1.0 / 255.0
+
+    def normalize(self, pixels: "np.ndarray | Any") -> Any:
+        """uint8 grey pixels -> floats the model expects (numpy or torch, any leading shape)."""
+        return pixels * self.scale
+
+
+@dataclass(frozen=True)
+class Augmentation:
+    """Training-time augmentation, as Keras ImageDataGenerator(zoom_range=0.5, vertical_flip=True)."""
+
+    zoom: float = 0.5  # zoom factor drawn uniformly in [1 - zoom, 1 + zoom], per axis independently
+    vertical_flip: bool = True
+    horizontal_flip: bool = False
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the images are and how the patient-level validation split is carved out of train."""
+
+    root: str = "../shared/data/chest_xray"
+    val_fraction: float = 0.15
+    split_seed: int = 0
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str = "seed"
+    activation: str = "prelu"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The paper's recipe: Adam 1e-3 (Keras defaults), BCE, batch 16, 11 epochs, LR x0.3 after 2 flat epochs."""
+
+    epochs: int = 11
+    batch_size: int = 16
+    lr: float = 1e-3
+    adam_eps: float = 1e-7  # Keras' Adam epsilon
+    lr_factor: float = 0.3
+    lr_patience: int = 2
+    early_stopping: bool = False
+    early_stopping_patience: int = 3
+    early_stopping_min_delta: float = 0.1  # on validation accuracy, as the notebook defined it
+    drop_last: bool = True  # Keras: steps_per_epoch = samples // batch_size
+    eval_batch_size: int = 64
+    seed: int = 0
+    threshold: float = 0.5
+
+
+@dataclass(frozen=True)
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    preprocessing: Preprocessing = field(default_factory=Preprocessing)
+    augmentation: Augmentation = field(default_factory=Augmentation)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    recipe: str = "paper"
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Config":
+        """Rebuild from `to_dict()` output; unknown keys are an error, missing ones take defaults."""
+        return _from_dict(cls, d)
+
+    def override(self, section: str, **values: Any) -> "Config":
+        """A copy with fields of one section replaced; values that are None are left as they were."""
+        values = {k: v for k, v in values.items() if v is not None}
+        if not values:
+            return self
+        return replace(self, **{section: replace(getattr(self, section), **values)})
+
+
+def _from_dict(cls: type, d: dict[str, Any]) -> Any:
+    known = {f.name: f for f in fields(cls)}
+    unknown = set(d) - set(known)
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} settings: {', '.join(sorted(unknown))}")
+    kwargs = {}
+    for name, value in d.items():
+        sub = _SECTIONS.get(name) if cls is Config else None
+        kwargs[name] = _from_dict(sub, value) if sub else value
+    return cls(**kwargs)
+
+
+_SECTIONS = {
+    "data": DataConfig,
+    "preprocessing": Preprocessing,
+    "augmentation": Augmentation,
+    "model": ModelConfig,
+    "train": TrainConfig,
+}
+
+RECIPES: dict[str, Config] = {
+    "paper": Config(),
+}
+
+
+def recipe(name: str) -> Config:
+    """A named recipe; `paper` is the faithful reproduction."""
+    if name not in RECIPES:
+        raise ValueError(f"unknown recipe {name!r}; choose one of {', '.join(sorted(RECIPES))}")
+    return RECIPES[name]

@@ -1,0 +1,240 @@
+"""Data: find the images of a Kaggle-layout folder, carve a patient-level validation split, and cache pixels.
+
+Layout: `ROOT/{train,val,test}/{NORMAL,PNEUMONIA}/*` (class folders matched case-insensitively). The
+validation split is carved out of `train` by patient (and byte-identical copies are kept together), so
+no patient is on both sides. The paper's tiny `ROOT/val` folder is exposed as the split `kaggle_val`
+and never used to choose anything. Decoded, resized pixels are cached as one uint8 array per split
+under the user's cache folder, keyed by the file list, sizes, modification times and preprocessing,
+so later epochs and later runs never decode an image again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .config import DataConfig, Preprocessing
+from .images import ImageLoadError, is_image_file, load_for_model
+
+log = logging.getLogger(__name__)
+
+CLASS_NAMES = ("NORMAL", "PNEUMONIA")
+SPLITS = ("train", "val", "test", "kaggle_val")
+CACHE_VERSION = 1
+
+_PATIENT_PATTERNS = (
+    re.compile(r"^(person\d+)_", re.IGNORECASE),
+    re.compile(r"^((?:NORMAL2-)?IM-\d+)-", re.IGNORECASE),
+)
+
+
+class DataError(Exception):
+    """The data folder is missing or malformed; the message says what was expected."""
+
+
+def patient_id(filename: str) -> str:
+    """Patient from a Kermany file name: person123_bacteria_4.jpeg -> person123, IM-0115-0001.jpeg -> IM-0115.
+
+    Names that match no known pattern count as their own patient (their stem).
+    """
+    for pattern in _PATIENT_PATTERNS:
+        m = pattern.match(filename)
+        if m:
+            return m.group(1)
+    return Path(filename).stem
+
+
+def pneumonia_type(filename: str) -> str:
+    """'bacteria', 'virus' or '' (unknown / normal), from the Kermany file name."""
+    low = filename.lower()
+    return "bacteria" if "_bacteria_" in low else "virus" if "_virus_" in low else ""
+
+
+@dataclass(frozen=True)
+class Sample:
+    path: str
+    label: int
+    patient: str
+
+
+def _class_dirs(split_dir: Path) -> dict[int, Path]:
+    found = {}
+    for child in split_dir.iterdir() if split_dir.is_dir() else ():
+        if child.is_dir() and child.name.upper() in CLASS_NAMES:
+            found[CLASS_NAMES.index(child.name.upper())] = child
+    return found
+
+
+def scan_folder(split_dir: Path) -> list[Sample]:
+    """All image files under split_dir/{NORMAL,PNEUMONIA}, sorted by path."""
+    dirs = _class_dirs(split_dir)
+    if len(dirs) != len(CLASS_NAMES):
+        raise DataError(f"{split_dir}: expected sub-folders {' and '.join(CLASS_NAMES)} (any case), found "
+                        f"{sorted(p.name for p in split_dir.iterdir() if p.is_dir()) if split_dir.is_dir() else 'no such folder'}")
+    samples = [Sample(str(p), label, patient_id(p.name))
+               for label, d in sorted(dirs.items()) for p in sorted(d.rglob("*")) if p.is_file() and is_image_file(p)]
+    if not samples:
+        raise DataError(f"{split_dir}: no JPEG or PNG images found")
+    return samples
+
+
+def _file_digest(path: str) -> str:
+    return hashlib.blake2b(Path(path).read_bytes(), digest_size=16).hexdigest()
+
+
+def _groups(samples: list[Sample]) -> np.ndarray:
+    """Group index per sample: same patient or byte-identical file -> same group (union-find)."""
+    parent = list(range(len(samples)))
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    first_by_key: dict[str, int] = {}
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        digests = list(pool.map(_file_digest, (s.path for s in samples)))
+    for i, s in enumerate(samples):
+        for key in ("p:" + s.patient, "h:" + digests[i]):
+            j = first_by_key.setdefault(key, i)
+            parent[find(i)] = find(j)
+    roots = [find(i) for i in range(len(samples))]
+    _, group = np.unique(roots, return_inverse=True)
+    return group
+
+
+def carve_validation(samples: list[Sample], fraction: float, seed: int) -> tuple[list[Sample], list[Sample]]:
+    """Split train into (train, val) by patient group, stratified by class, deterministic for a seed.
+
+    Uses scikit-learn's StratifiedGroupKFold with round(1/fraction) folds and keeps fold 0 as validation.
+    """
+    from sklearn.model_selection import StratifiedGroupKFold
+
+    if not 0 < fraction < 0.5:
+        raise ValueError(f"validation fraction must be in (0, 0.5), got {fraction}")
+    groups = _groups(samples)
+    labels = np.array([s.label for s in samples])
+    n_splits = max(2, round(1 / fraction))
+    if len(np.unique(groups)) < n_splits:
+        raise DataError(f"only {len(np.unique(groups))} patients: too few to carve a {fraction:.0%} validation split")
+    splitter = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
+    train_idx, val_idx = next(splitter.split(np.zeros(len(samples)), labels, groups))
+    return [samples[i] for i in sorted(train_idx)], [samples[i] for i in sorted(val_idx)]
+
+
+def split_samples(cfg: DataConfig) -> dict[str, list[Sample]]:
+    """The splits available under cfg.root: train and val (carved from ROOT/train), test and kaggle_val if present."""
+    root = Path(cfg.root)
+    if not root.is_dir():
+        raise DataError(f"{root}: data folder not found (pass --data or set PNEUMOSCAN_DATA)")
+    if not (root / "train").is_dir():
+        raise DataError(f"{root}: expected a train/ folder (Kaggle layout ROOT/train/{{NORMAL,PNEUMONIA}})")
+    train, val = carve_validation(scan_folder(root / "train"), cfg.val_fraction, cfg.split_seed)
+    splits = {"train": train, "val": val}
+    for name, folder in (("test", "test"), ("kaggle_val", "val")):
+        if (root / folder).is_dir():
+            splits[name] = scan_folder(root / folder)
+    return splits
+
+
+def load_split(cfg: DataConfig, split: str) -> list[Sample]:
+    splits = split_samples(cfg)
+    if split not in splits:
+        raise DataError(f"split {split!r} is not available under {cfg.root}; available: {', '.join(splits)}")
+    return splits[split]
+
+
+@dataclass
+class CachedImages:
+    """Pixels of one split, decoded once: `pixels` is (N, S, S) uint8, aligned with `samples` (bad files dropped)."""
+
+    samples: list[Sample]
+    pixels: np.ndarray
+    labels: np.ndarray
+    errors: dict[str, str]  # path -> reason, for files that could not be read
+
+
+def default_cache_dir() -> Path:
+    base = os.environ.get("PNEUMOSCAN_CACHE") or os.path.join(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache", "pneumoscan")
+    return Path(base)
+
+
+def _cache_key(samples: list[Sample], prep: Preprocessing) -> str:
+    h = hashlib.sha256(f"v{CACHE_VERSION}|{prep.image_size}|{prep.resize_filter}".encode())
+    for s in samples:
+        st = os.stat(s.path)
+        h.update(f"|{os.path.abspath(s.path)}|{st.st_size}|{st.st_mtime_ns}".encode())
+    return h.hexdigest()[:32]
+
+
+def _decode(path: str, prep: Preprocessing) -> np.ndarray | str:
+    try:
+        return load_for_model(path, prep.image_size, prep.resize_filter)
+    except ImageLoadError as e:
+        return e.reason
+
+
+def cache_images(samples: list[Sample], prep: Preprocessing, cache_dir: Path | None = None, progress: bool = False) -> CachedImages:
+    """Decode every sample once (in threads) into a uint8 array, reusing the on-disk cache when still valid."""
+    cache_dir = cache_dir or default_cache_dir()
+    entry = cache_dir / _cache_key(samples, prep)
+    if (entry / "index.json").is_file():
+        index = json.loads((entry / "index.json").read_text())
+        pixels = np.load(entry / "pixels.npy")
+        kept = set(index["kept"])
+        good = [s for s in samples if s.path in kept]
+        return CachedImages(good, pixels, np.array([s.label for s in good], dtype=np.int64), index["errors"])
+
+    size = prep.image_size
+    pixels = np.empty((len(samples), size, size), dtype=np.uint8)
+    errors: dict[str, str] = {}
+    keep = np.ones(len(samples), dtype=bool)
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        results = pool.map(lambda s: _decode(s.path, prep), samples)
+        if progress:
+            from tqdm import tqdm
+
+            results = tqdm(results, total=len(samples), desc="decoding images", unit="img", leave=False)
+        for i, (s, r) in enumerate(zip(samples, results)):
+            if isinstance(r, str):
+                errors[s.path], keep[i] = r, False
+            else:
+                pixels[i] = r
+    for path, reason in errors.items():
+        log.warning("skipping unreadable image %s: %s", path, reason)
+    good = [s for s, k in zip(samples, keep) if k]
+    pixels = pixels[keep]
+    _write_cache(entry, pixels, {"kept": [s.path for s in good], "errors": errors})
+    return CachedImages(good, pixels, np.array([s.label for s in good], dtype=np.int64), errors)
+
+
+def _write_cache(entry: Path, pixels: np.ndarray, index: dict) -> None:
+    """Write the cache entry into a temporary folder and rename it into place (atomic for readers)."""
+    try:
+        entry.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=entry.parent, prefix=".tmp-"))
+        np.save(tmp / "pixels.npy", pixels)
+        (tmp / "index.json").write_text(json.dumps(index))
+        try:
+            os.rename(tmp, entry)
+        except OSError:  # another process wrote the same entry first
+            shutil.rmtree(tmp, ignore_errors=True)
+    except OSError as e:
+        log.warning("could not write the image cache in %s (%s); images will be decoded again next time", entry.parent, e)
+
+
+def split_summary(samples: list[Sample]) -> dict[str, int]:
+    labels = [s.label for s in samples]
+    return {"images": len(samples), "patients": len({s.patient for s in samples}),
+            **{name.lower(): labels.count(i) for i, name in enumerate(CLASS_NAMES)}}

@@ -1,0 +1,179 @@
+"""Model registry and the paper's CNN, written to match the Keras original layer for layer.
+
+Models are built by name (`create_model("seed", activation="prelu")`); an unknown name lists the
+registered ones. Every model returns one logit per image (sigmoid gives P(pneumonia)) and names the
+layer Grad-CAM should hook (`cam_layer`). Penalties that Keras adds to the loss (L2 on Dense kernels)
+are exposed through `regularization_loss()` so the training loop adds them exactly as Keras does.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+ACTIVATIONS = ("relu", "leaky_relu", "leaky_relu_30", "prelu")
+
+_REGISTRY: dict[str, Callable[..., nn.Module]] = {}
+
+
+def register(name: str) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
+    def add(builder: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+        _REGISTRY[name] = builder
+        return builder
+
+    return add
+
+
+def model_names() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def create_model(name: str, **kwargs: object) -> nn.Module:
+    """Build a registered model by name; keyword arguments go to its builder."""
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown model {name!r}; registered models: {', '.join(model_names())}")
+    return _REGISTRY[name](**kwargs)
+
+
+def count_parameters(model: nn.Module, include_buffers: bool = True) -> int:
+    """Parameters as Keras counts them: trainable weights plus BatchNorm moving statistics."""
+    n = sum(p.numel() for p in model.parameters())
+    if include_buffers:
+        n += sum(b.numel() for name, b in model.named_buffers() if name.endswith(("running_mean", "running_var")))
+    return n
+
+
+class ElementwisePReLU(nn.Module):
+    """Keras PReLU: one learned slope per element (C x H x W), initialised at 0 (alpha_initializer='zero')."""
+
+    def __init__(self, shape: tuple[int, int, int]):
+        super().__init__()
+        self.alpha = nn.Parameter(torch.zeros(shape))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.where(x >= 0, x, self.alpha * x)
+
+
+def make_activation(kind: str, shape: tuple[int, int, int]) -> nn.Module:
+    """The four rectifiers of the paper's Table IV; `shape` is the (C, H, W) of the tensor it acts on."""
+    if kind == "relu":
+        return nn.ReLU()
+    if kind == "leaky_relu":  # Keras 2 LeakyReLU default alpha
+        return nn.LeakyReLU(0.3)
+    if kind == "leaky_relu_30":
+        return nn.LeakyReLU(30.0)
+    if kind == "prelu":
+        return ElementwisePReLU(shape)
+    raise ValueError(f"unknown activation {kind!r}; choose one of {', '.join(ACTIVATIONS)}")
+
+
+class SeparableConv2d(nn.Sequential):
+    """Keras SeparableConv2D(depth_multiplier=1, padding='same'): depthwise 3x3 without bias, then 1x1 with bias."""
+
+    def __init__(self, cin: int, cout: int):
+        super().__init__(
+            nn.Conv2d(cin, cin, 3, padding=1, groups=cin, bias=False),
+            nn.Conv2d(cin, cout, 1, bias=True),
+        )
+
+
+def keras_batchnorm(channels: int) -> nn.BatchNorm2d:
+    # Keras momentum 0.99 keeps 99% of the old running value: PyTorch's momentum is the complement.
+    return nn.BatchNorm2d(channels, eps=1e-3, momentum=0.01)
+
+
+class SeedCNN(nn.Module):
+    """The paper's network (Figure 9): two plain convolutions, four separable blocks, four Dense layers.
+
+    Input (B, C, S, S) in [0, 1]. With `in_channels=3` a single-channel batch is accepted too: the first
+    convolution then uses its kernel summed over the colour axis, which is exactly what the Keras model
+    computes on a grey image replicated to three channels (and three times cheaper).
+    """
+
+    def __init__(self, activation: str = "prelu", in_channels: int = 3, image_size: int = 150, l2: float = 0.01):
+        super().__init__()
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"unknown activation {activation!r}; choose one of {', '.join(ACTIVATIONS)}")
+        self.l2 = l2
+        self.conv1 = nn.Conv2d(in_channels, 16, 3, padding=1)
+        self.conv2 = nn.Conv2d(16, 16, 3, padding=1)
+        size = image_size // 2
+        blocks: list[nn.Module] = []
+        cin = 16
+        for cout, dropout in ((32, 0.0), (64, 0.0), (128, 0.2), (256, 0.2)):
+            layers: list[nn.Module] = [
+                SeparableConv2d(cin, cout),
+                make_activation(activation, (cout, size, size)),
+                SeparableConv2d(cout, cout),
+                make_activation(activation, (cout, size, size)),
+                keras_batchnorm(cout),
+                nn.MaxPool2d(2),
+            ]
+            if dropout:
+                layers.append(nn.Dropout(dropout))
+            blocks.append(nn.Sequential(*layers))
+            cin, size = cout, size // 2
+        self.features = nn.Sequential(*blocks)
+        self.dense = nn.ModuleList(
+            [nn.Linear(cin * size * size, 512), nn.Linear(512, 128), nn.Linear(128, 64), nn.Linear(64, 1)]
+        )
+        self.dense_dropout = nn.ModuleList([nn.Dropout(0.6), nn.Dropout(0.4), nn.Dropout(0.25)])
+        self.pool = nn.MaxPool2d(2)
+        self.cam_layer = "features.3.3"  # last activation before the final BatchNorm/pool
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Keras initialisers: glorot_uniform kernels, zero biases (PReLU alphas stay at 0)."""
+        for m in self.modules():
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
+                nn.init.xavier_uniform_(m.weight)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+
+    def stem(self, x: torch.Tensor) -> torch.Tensor:
+        """conv2(conv1(x)), computed as one 5x5 convolution: the paper puts no activation between them.
+
+        The composed kernel is built from both layers' parameters on every call, so autograd trains
+        conv1 and conv2 exactly as the two-layer version would; it costs 16 instead of 16 + 256
+        multiply-adds per pixel and output channel. Only the outermost ring of pixels differs (conv2
+        zero-pads conv1's output there), so that ring is recomputed the literal way on thin strips.
+        """
+        w1, b1 = self.conv1.weight, self.conv1.bias
+        if x.shape[1] == 1 and w1.shape[1] > 1:
+            # a grey image replicated to C channels: same result with the kernel summed over channels
+            w1 = w1.sum(1, keepdim=True)
+        w2, b2 = self.conv2.weight, self.conv2.bias
+        kernel = F.conv2d(F.pad(w2, (2, 2, 2, 2)), w1.flip(2, 3).transpose(0, 1))
+        bias = b2 + (w2.sum((2, 3)) * b1).sum(1)
+        y = F.conv2d(x, kernel, bias, padding=2)
+        if min(x.shape[2:]) < 4:
+            return F.conv2d(F.conv2d(x, w1, b1, padding=1), w2, b2, padding=1)
+
+        def literal(strip: torch.Tensor) -> torch.Tensor:
+            return F.conv2d(F.conv2d(strip, w1, b1, padding=1), w2, b2, padding=1)
+
+        top, bottom = literal(x[:, :, :4])[:, :, :1], literal(x[:, :, -4:])[:, :, -1:]
+        left, right = literal(x[..., :4])[..., 1:-1, :1], literal(x[..., -4:])[..., 1:-1, -1:]
+        middle = torch.cat([left, y[:, :, 1:-1, 1:-1], right], dim=3)
+        return torch.cat([top, middle, bottom], dim=2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.pool(self.stem(x))
+        x = self.features(x)
+        # Keras flattens channels-last; the order is a fixed permutation and irrelevant when trained here.
+        x = torch.flatten(x, 1)
+        for linear, dropout in zip(self.dense[:-1], self.dense_dropout):
+            x = dropout(torch.relu(linear(x)))
+        return self.dense[-1](x).squeeze(1)
+
+    def regularization_loss(self) -> torch.Tensor:
+        """Keras kernel_regularizer=l2(0.01) on every Dense kernel: l2 * sum(w**2), added to the loss."""
+        return self.l2 * sum(layer.weight.pow(2).sum() for layer in self.dense)
+
+
+@register("seed")
+def seed_cnn(activation: str = "prelu", in_channels: int = 3, image_size: int = 150, **_: object) -> nn.Module:
+    return SeedCNN(activation=activation, in_channels=in_channels, image_size=image_size)

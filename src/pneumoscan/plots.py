@@ -1,0 +1,71 @@
+"""PNG plots of a run: training curves, ROC curve, confusion matrix (matplotlib, no display needed)."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import Any, Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from .checkpoint import atomic_write_bytes  # noqa: E402
+
+
+def _save(fig: Any, path: Path) -> Path:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
+    return path
+
+
+def training_curves(history: Sequence[dict[str, Any]], out_dir: Path) -> list[Path]:
+    """accuracy.png and loss.png: train and validation per epoch (the paper's Figure 12)."""
+    if not history:
+        return []
+    epochs = [h["epoch"] for h in history]
+    paths = []
+    for key, title in (("accuracy", "Accuracy"), ("loss", "Loss")):
+        fig, ax = plt.subplots(figsize=(5, 3.5))
+        ax.plot(epochs, [h[f"train_{key}"] for h in history], "o-", label="train")
+        ax.plot(epochs, [h[f"val_{key}"] for h in history], "s-", label="validation")
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(key)
+        ax.set_title(f"{title} per epoch")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        paths.append(_save(fig, out_dir / f"{key}.png"))
+    return paths
+
+
+def roc_curve_plot(fpr: Sequence[float], tpr: Sequence[float], auc: float | None, out: Path,
+                   operating_point: tuple[float, float] | None = None) -> Path:
+    fig, ax = plt.subplots(figsize=(4.5, 4.5))
+    ax.plot(fpr, tpr, label=f"ROC (AUC = {auc:.3f})" if auc is not None else "ROC")
+    ax.plot([0, 1], [0, 1], "--", color="grey", lw=1)
+    if operating_point:
+        ax.plot(*operating_point, "o", color="crimson", label="operating point")
+    ax.set_xlabel("1 - specificity (false positive rate)")
+    ax.set_ylabel("sensitivity (true positive rate)")
+    ax.set_title("ROC curve")
+    ax.legend(loc="lower right")
+    ax.grid(alpha=0.3)
+    return _save(fig, out)
+
+
+def confusion_matrix_plot(cm: Sequence[Sequence[int]], class_names: Sequence[str], out: Path, threshold: float) -> Path:
+    fig, ax = plt.subplots(figsize=(4, 3.6))
+    ax.imshow(cm, cmap="Blues")
+    top = max(max(row) for row in cm) or 1
+    for i, row in enumerate(cm):
+        for j, v in enumerate(row):
+            ax.text(j, i, str(v), ha="center", va="center", color="white" if v > top / 2 else "black", fontsize=13)
+    ax.set_xticks(range(len(class_names)), class_names)
+    ax.set_yticks(range(len(class_names)), class_names)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(f"Confusion matrix (threshold {threshold:.2f})")
+    return _save(fig, out)

@@ -1,0 +1,250 @@
+"""Training: a plain loop (`train_one_epoch`, `validate`) around cached pixels, with resumable checkpoints.
+
+The whole split lives in memory as uint8 (or on the GPU), batches are sliced from it and augmented
+as tensors, so no image is decoded after the first run. Each epoch appends one JSON line to
+`metrics.jsonl`; `last.pt` holds everything needed to resume (optimizer, scheduler, random states);
+`best.pt` holds the weights with the lowest validation loss, as Keras' ModelCheckpoint did.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import resource
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from . import checkpoint as ckpt_io
+from .augment import augment_batch
+from .config import Config
+from .data import CachedImages, cache_images, split_samples, split_summary
+from .metrics import binary_metrics
+
+log = logging.getLogger(__name__)
+
+
+class RunDirError(Exception):
+    pass
+
+
+def select_device(name: str = "auto") -> torch.device:
+    """'auto' picks CUDA when available, else CPU; 'cuda' without a GPU is an error, not a silent fallback."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda was asked for but no CUDA GPU is available")
+    return torch.device(name)
+
+
+def seed_everything(seed: int) -> torch.Generator:
+    """Seed Python, numpy and torch; returns the generator that drives shuffling and augmentation."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    return torch.Generator().manual_seed(seed)
+
+
+def peak_memory_mb() -> float:
+    """Peak resident memory of this process so far (Linux reports ru_maxrss in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+@dataclass
+class DeviceSplit:
+    """A split's pixels and labels as tensors on the training device."""
+
+    pixels: torch.Tensor  # (N, S, S) uint8
+    labels: torch.Tensor  # (N,) float32
+
+    @classmethod
+    def from_cache(cls, cached: CachedImages, device: torch.device) -> "DeviceSplit":
+        return cls(torch.from_numpy(cached.pixels).to(device), torch.from_numpy(cached.labels).float().to(device))
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def inputs(self, idx: torch.Tensor | slice, cfg: Config) -> torch.Tensor:
+        """Model input for the given rows: (B, 1, S, S) float, channels-last (the model replicates grey)."""
+        x = cfg.preprocessing.normalize(self.pixels[idx].unsqueeze(1).float())
+        return x.contiguous(memory_format=torch.channels_last)
+
+
+def model_loss(model: nn.Module, logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(total loss, BCE) — total adds the model's own penalties (Keras' L2 on Dense kernels)."""
+    bce = F.binary_cross_entropy_with_logits(logits, targets)
+    reg = ckpt_io.unwrap(model).regularization_loss() if hasattr(ckpt_io.unwrap(model), "regularization_loss") else 0.0
+    return bce + reg, bce
+
+
+def train_one_epoch(model: nn.Module, data: DeviceSplit, cfg: Config, optimizer: torch.optim.Optimizer,
+                    generator: torch.Generator, progress: bool = False, desc: str = "") -> dict[str, float]:
+    model.train()
+    bs = cfg.train.batch_size
+    order = torch.randperm(len(data), generator=generator)
+    steps = len(order) // bs if cfg.train.drop_last else -(-len(order) // bs)
+    total_loss = correct = seen = 0.0
+    start = time.perf_counter()
+    batches = range(steps)
+    if progress:
+        from tqdm import tqdm
+
+        batches = tqdm(batches, desc=desc, unit="batch", leave=False, file=sys.stderr)
+    for step in batches:
+        idx = order[step * bs:(step + 1) * bs].to(data.pixels.device)
+        x = augment_batch(data.inputs(idx, cfg), cfg.augmentation, generator)
+        y = data.labels[idx]
+        logits = model(x)
+        loss, _ = model_loss(model, logits, y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        n = len(idx)
+        total_loss += loss.item() * n
+        correct += ((logits.detach() >= 0).float() == y).sum().item()
+        seen += n
+    elapsed = time.perf_counter() - start
+    return {"loss": total_loss / seen, "accuracy": correct / seen, "seconds": elapsed, "images_per_s": seen / elapsed}
+
+
+@torch.no_grad()
+def predict_logits(model: nn.Module, data: DeviceSplit, cfg: Config) -> torch.Tensor:
+    model.eval()
+    bs = cfg.train.eval_batch_size
+    return torch.cat([model(data.inputs(slice(i, i + bs), cfg)) for i in range(0, len(data), bs)])
+
+
+def validate(model: nn.Module, data: DeviceSplit, cfg: Config) -> dict[str, Any]:
+    """Validation loss as Keras reports it (BCE + L2 penalty), and the threshold metrics."""
+    logits = predict_logits(model, data, cfg)
+    with torch.no_grad():
+        loss, bce = model_loss(model, logits, data.labels)
+    probs = torch.sigmoid(logits).float().cpu().numpy()
+    m = binary_metrics(data.labels.cpu().numpy(), probs, cfg.train.threshold)
+    return {"loss": float(loss), "bce": float(bce), **{k: m[k] for k in ("accuracy", "roc_auc", "recall", "specificity")}}
+
+
+class EarlyStopping:
+    """Keras EarlyStopping(monitor='val_accuracy', mode='max', min_delta, patience) semantics."""
+
+    def __init__(self, patience: int, min_delta: float, state: dict[str, Any] | None = None):
+        self.patience, self.min_delta = patience, min_delta
+        self.best, self.wait = (state or {}).get("best", -float("inf")), (state or {}).get("wait", 0)
+
+    def step(self, value: float) -> bool:
+        """Record an epoch's value; True when training should stop."""
+        if value - self.min_delta > self.best:
+            self.best, self.wait = value, 0
+            return False
+        self.wait += 1
+        return self.wait >= self.patience
+
+    def state(self) -> dict[str, Any]:
+        return {"best": self.best, "wait": self.wait}
+
+
+def prepare_run_dir(out: Path, resume: bool, overwrite: bool) -> None:
+    if resume:
+        if not (out / "last.pt").is_file():
+            raise RunDirError(f"{out}: nothing to resume (no last.pt)")
+        return
+    if out.exists() and any(out.iterdir()):
+        if not overwrite:
+            raise RunDirError(f"{out}: run folder exists and is not empty; pass --resume to continue it or --overwrite to replace it")
+        for name in ("best.pt", "last.pt", "metrics.jsonl", "config.json", "split.json", "summary.json"):
+            (out / name).unlink(missing_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def train(cfg: Config, out: str | Path, device: str = "auto", resume: bool = False, overwrite: bool = False,
+          progress: bool = True) -> dict[str, Any]:
+    """Train `cfg` into run folder `out`; returns the run summary (also written to summary.json)."""
+    out = Path(out)
+    prepare_run_dir(out, resume, overwrite)
+    dev = select_device(device)
+    wall_start = time.perf_counter()
+    if resume:
+        state = torch.load(out / "last.pt", map_location="cpu", weights_only=True)
+        cfg = Config.from_dict(state["config"])
+    generator = seed_everything(cfg.train.seed)
+
+    splits = split_samples(cfg.data)
+    cached = {name: cache_images(splits[name], cfg.preprocessing, progress=progress) for name in ("train", "val")}
+    data = {name: DeviceSplit.from_cache(c, dev) for name, c in cached.items()}
+    ckpt_io.write_json(out / "config.json", cfg.to_dict())
+    ckpt_io.write_json(out / "split.json", {
+        name: {"summary": split_summary(c.samples), "files": [s.path for s in c.samples], "unreadable": c.errors}
+        for name, c in cached.items()})
+    setup_seconds = time.perf_counter() - wall_start
+
+    model = ckpt_io.build_model(cfg).to(dev).to(memory_format=torch.channels_last)
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.train.lr, eps=cfg.train.adam_eps)
+    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
+        optimizer, mode="min", factor=cfg.train.lr_factor, patience=cfg.train.lr_patience, threshold=1e-4, threshold_mode="abs")
+    history: list[dict[str, Any]] = []
+    best_loss, start_epoch, stopper_state = float("inf"), 1, None
+    if resume:
+        model.load_state_dict(state["state_dict"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        generator.set_state(state["generator"])
+        torch.set_rng_state(state["torch_rng"])
+        history, best_loss, stopper_state = state["history"], state["best_loss"], state["early_stopping"]
+        start_epoch = state["epoch"] + 1
+        log.info("resuming %s at epoch %d", out, start_epoch)
+    stopper = EarlyStopping(cfg.train.early_stopping_patience, cfg.train.early_stopping_min_delta, stopper_state)
+    (out / "metrics.jsonl").write_text("".join(json.dumps(h) + "\n" for h in history))
+
+    for epoch in range(start_epoch, cfg.train.epochs + 1):
+        lr = optimizer.param_groups[0]["lr"]
+        tr = train_one_epoch(model, data["train"], cfg, optimizer, generator, progress, desc=f"epoch {epoch}/{cfg.train.epochs}")
+        va = validate(model, data["val"], cfg)
+        scheduler.step(va["loss"])
+        row = {"epoch": epoch, "lr": lr, "train_loss": tr["loss"], "train_accuracy": tr["accuracy"],
+               "val_loss": va["loss"], "val_bce": va["bce"], "val_accuracy": va["accuracy"], "val_roc_auc": va["roc_auc"],
+               "val_recall": va["recall"], "val_specificity": va["specificity"],
+               "train_seconds": round(tr["seconds"], 2), "train_images_per_s": round(tr["images_per_s"], 1)}
+        history.append(row)
+        print(json.dumps(row), flush=True)
+        with open(out / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(row) + "\n")
+        if va["loss"] < best_loss:
+            best_loss = va["loss"]
+            ckpt_io.save(ckpt_io.make_checkpoint(model, cfg, threshold=cfg.train.threshold, metrics={"val": va, "epoch": epoch},
+                                                 history=history, epoch=epoch), out / "best.pt")
+        stop = cfg.train.early_stopping and stopper.step(va["accuracy"])
+        last = ckpt_io.make_checkpoint(model, cfg, threshold=cfg.train.threshold, history=history, epoch=epoch)
+        last.update(optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(), generator=generator.get_state(),
+                    torch_rng=torch.get_rng_state(), best_loss=best_loss, early_stopping=stopper.state())
+        ckpt_io.save(last, out / "last.pt")
+        if stop:
+            log.info("early stopping after epoch %d (validation accuracy did not improve by %g for %d epochs)",
+                     epoch, cfg.train.early_stopping_min_delta, cfg.train.early_stopping_patience)
+            break
+
+    # best.pt keeps the best weights but gets the complete history, for the curves.
+    best = torch.load(out / "best.pt", map_location="cpu", weights_only=True)
+    best["history"] = history
+    ckpt_io.save(best, out / "best.pt")
+    epochs_run = [h for h in history if h["epoch"] >= start_epoch]
+    steady = [h["train_images_per_s"] for h in epochs_run[1:]] or [h["train_images_per_s"] for h in epochs_run]
+    summary = {
+        "best_epoch": best["epoch"], "best_val": best["metrics"]["val"], "epochs": len(history),
+        "train_images": len(data["train"]), "val_images": len(data["val"]),
+        "unreadable_files": {**cached["train"].errors, **cached["val"].errors},
+        "device": str(dev), "threads": torch.get_num_threads(),
+        "wall_seconds": round(time.perf_counter() - wall_start, 1), "setup_seconds": round(setup_seconds, 1),
+        "train_images_per_s_median": float(np.median(steady)) if steady else None,
+        "peak_memory_mb": round(peak_memory_mb(), 1),
+        "resumed": resume,
+    }
+    ckpt_io.write_json(out / "summary.json", summary)
+    return summary

@@ -1,0 +1,56 @@
+import numpy as np
+import pytest
+import torch
+
+from pneumoscan.augment import augment_batch
+from pneumoscan.config import Augmentation
+from pneumoscan.metrics import binary_metrics
+
+
+def test_no_augmentation_is_identity():
+    x = torch.rand(4, 1, 20, 20)
+    y = augment_batch(x, Augmentation(zoom=0, vertical_flip=False), torch.Generator().manual_seed(0))
+    assert torch.equal(x, y)
+
+
+def test_zoom_factor_one_is_identity_up_to_rounding():
+    x = torch.rand(2, 1, 30, 30)
+    y = augment_batch(x, Augmentation(zoom=1e-9, vertical_flip=False), torch.Generator().manual_seed(0))
+    assert torch.allclose(x, y, atol=1e-5)
+
+
+def test_vertical_flip_flips_about_half_the_images_up_down():
+    x = torch.arange(16.0).view(1, 1, 4, 4).repeat(200, 1, 1, 1)
+    y = augment_batch(x, Augmentation(zoom=0, vertical_flip=True), torch.Generator().manual_seed(0))
+    flipped = (y == x.flip(2)).flatten(1).all(1)
+    kept = (y == x).flatten(1).all(1)
+    assert bool((flipped | kept).all())
+    assert 70 < int(flipped.sum()) < 130
+
+
+def test_zoom_keeps_shape_range_and_is_reproducible():
+    x = torch.rand(8, 1, 50, 50)
+    aug = Augmentation(zoom=0.5, vertical_flip=True)
+    a = augment_batch(x, aug, torch.Generator().manual_seed(3))
+    b = augment_batch(x, aug, torch.Generator().manual_seed(3))
+    assert a.shape == x.shape and torch.equal(a, b)
+    assert float(a.min()) >= 0 and float(a.max()) <= 1
+    assert not torch.allclose(a, x)
+
+
+def test_binary_metrics_on_a_known_confusion_matrix():
+    labels = np.array([0, 0, 0, 0, 1, 1, 1, 1, 1, 1])
+    probs = np.array([0.1, 0.2, 0.3, 0.7, 0.8, 0.9, 0.6, 0.4, 0.95, 0.55])
+    m = binary_metrics(labels, probs, threshold=0.5)
+    assert m["confusion_matrix"] == [[3, 1], [1, 5]]
+    assert m["accuracy"] == pytest.approx(0.8)
+    assert m["precision"] == pytest.approx(5 / 6)
+    assert m["recall"] == pytest.approx(5 / 6)
+    assert m["specificity"] == pytest.approx(0.75)
+    assert m["f1"] == pytest.approx(5 / 6)
+    assert 0 < m["roc_auc"] <= 1 and m["n"] == 10
+
+
+def test_binary_metrics_with_one_class_has_no_auc():
+    m = binary_metrics(np.ones(5), np.full(5, 0.9))
+    assert m["roc_auc"] is None and m["specificity"] is None and m["recall"] == 1.0

@@ -1,0 +1,111 @@
+import os
+import shutil
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pneumoscan.config import DataConfig, Preprocessing
+from pneumoscan.data import (DataError, cache_images, carve_validation, patient_id, pneumonia_type, scan_folder,
+                             split_samples)
+
+from .conftest import make_dataset
+
+
+@pytest.mark.parametrize("name, patient", [
+    ("person1000_bacteria_2931.jpeg", "person1000"),
+    ("person1_virus_6.jpeg", "person1"),
+    ("IM-0115-0001.jpeg", "IM-0115"),
+    ("NORMAL2-IM-0427-0001.jpeg", "NORMAL2-IM-0427"),
+    ("IM-0640-0001-0001.jpeg", "IM-0640"),
+    ("scan_from_elsewhere.png", "scan_from_elsewhere"),
+])
+def test_patient_ids_follow_the_kermany_file_names(name, patient):
+    assert patient_id(name) == patient
+
+
+def test_pneumonia_type_from_name():
+    assert pneumonia_type("person1_bacteria_1.jpeg") == "bacteria"
+    assert pneumonia_type("person1_virus_6.jpeg") == "virus"
+    assert pneumonia_type("IM-0115-0001.jpeg") == ""
+
+
+def test_scan_matches_class_folders_case_insensitively(tmp_path):
+    root = make_dataset(tmp_path, patients_per_class=2)
+    os.rename(root / "train" / "NORMAL", root / "train" / "normal")
+    samples = scan_folder(root / "train")
+    assert [s.label for s in samples].count(0) == 4 and len(samples) == 8
+
+
+def test_missing_class_folder_is_a_clear_error(tmp_path):
+    (tmp_path / "train" / "NORMAL").mkdir(parents=True)
+    with pytest.raises(DataError, match="PNEUMONIA"):
+        scan_folder(tmp_path / "train")
+    with pytest.raises(DataError, match="not found"):
+        split_samples(DataConfig(root=str(tmp_path / "nowhere")))
+
+
+def test_validation_is_carved_by_patient_stratified_and_deterministic(tmp_path):
+    root = make_dataset(tmp_path, patients_per_class=20, images_per_patient=3)
+    samples = scan_folder(root / "train")
+    train, val = carve_validation(samples, 0.2, seed=1)
+    assert not {s.patient for s in train} & {s.patient for s in val}
+    assert len(train) + len(val) == len(samples)
+    assert {s.label for s in val} == {0, 1}
+    assert 0.1 < len(val) / len(samples) < 0.3
+    again = carve_validation(samples, 0.2, seed=1)[1]
+    other = carve_validation(samples, 0.2, seed=2)[1]
+    assert [s.path for s in again] == [s.path for s in val]
+    assert [s.path for s in other] != [s.path for s in val]
+
+
+def test_byte_identical_files_stay_on_one_side(tmp_path):
+    root = make_dataset(tmp_path, patients_per_class=20, images_per_patient=1)
+    d = root / "train" / "NORMAL"
+    files = sorted(d.iterdir())
+    for i in range(0, 20, 2):  # ten pairs of different 'patients' with the same bytes
+        shutil.copy(files[i], files[i + 1])
+    samples = scan_folder(root / "train")
+    for seed in range(5):
+        train, val = carve_validation(samples, 0.25, seed)
+        val_paths = {s.path for s in val}
+        for i in range(0, 20, 2):
+            assert (str(files[i]) in val_paths) == (str(files[i + 1]) in val_paths)
+
+
+def test_kaggle_val_folder_is_exposed_but_separate(tmp_path):
+    root = make_dataset(tmp_path, patients_per_class=6, splits=("train", "val", "test"))
+    splits = split_samples(DataConfig(root=str(root), val_fraction=0.2))
+    assert set(splits) == {"train", "val", "test", "kaggle_val"}
+    assert all("/val/" in s.path for s in splits["kaggle_val"])
+    assert all("/train/" in s.path for s in splits["val"])
+
+
+def test_cache_is_reused_and_invalidated_when_a_file_changes(tmp_path):
+    root = make_dataset(tmp_path / "d", patients_per_class=3)
+    samples = scan_folder(root / "train")
+    prep = Preprocessing(image_size=32)
+    cache = tmp_path / "cache"
+    first = cache_images(samples, prep, cache_dir=cache)
+    assert first.pixels.shape == (12, 32, 32) and first.pixels.dtype == np.uint8
+    assert len(list(cache.iterdir())) == 1
+    again = cache_images(samples, prep, cache_dir=cache)
+    assert np.array_equal(again.pixels, first.pixels)
+    assert len(list(cache.iterdir())) == 1
+    Image.fromarray(np.zeros((40, 40), np.uint8)).save(samples[0].path, format="JPEG")
+    changed = cache_images(samples, prep, cache_dir=cache)
+    assert len(list(cache.iterdir())) == 2
+    assert changed.pixels[0].max() == 0 and first.pixels[0].max() > 0
+    cache_images(samples, Preprocessing(image_size=24), cache_dir=cache)
+    assert len(list(cache.iterdir())) == 3
+
+
+def test_unreadable_training_file_is_listed_and_skipped(tmp_path):
+    root = make_dataset(tmp_path / "d", patients_per_class=3)
+    bad = root / "train" / "NORMAL" / "IM-9999-0001.jpeg"
+    bad.write_bytes(b"not a jpeg at all")
+    samples = scan_folder(root / "train")
+    cached = cache_images(samples, Preprocessing(image_size=32), cache_dir=tmp_path / "cache")
+    assert len(cached.samples) == len(samples) - 1
+    assert str(bad) in cached.errors and "not a recognised image" in cached.errors[str(bad)]
+    assert len(cached.labels) == len(cached.pixels) == len(samples) - 1

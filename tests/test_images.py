@@ -1,0 +1,88 @@
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pneumoscan.images import ImageLoadError, load_for_model, load_grey, resize
+
+
+def _png(img: Image.Image, **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG", **kw)
+    return buf.getvalue()
+
+
+def test_rgb_and_grey_jpeg_give_the_same_grey(tmp_path):
+    grey = (np.arange(64 * 48) % 251).astype(np.uint8).reshape(48, 64)
+    Image.fromarray(grey).save(tmp_path / "a.png")
+    Image.fromarray(grey).convert("RGB").save(tmp_path / "b.png")
+    a, b = load_grey(tmp_path / "a.png"), load_grey(tmp_path / "b.png")
+    assert a.shape == (48, 64) and a.dtype == np.uint8
+    assert np.array_equal(a, b) and np.array_equal(a, grey)
+
+
+@pytest.mark.parametrize("mode", ["LA", "RGBA", "P", "CMYK", "I;16"])
+def test_other_modes_decode_to_grey(mode):
+    ramp = np.arange(32 * 32).reshape(32, 32)
+    img = Image.fromarray((ramp * 50).astype(np.uint16)) if mode == "I;16" else Image.fromarray((ramp % 256).astype(np.uint8)).convert(mode)
+    fmt = "JPEG" if mode == "CMYK" else "PNG"
+    buf = io.BytesIO()
+    img.save(buf, format=fmt)
+    out = load_grey(buf.getvalue(), name=f"x.{fmt.lower()}")
+    assert out.shape == (32, 32) and out.dtype == np.uint8
+    assert out.max() > out.min()
+
+
+def test_sixteen_bit_uses_its_full_range():
+    a = np.linspace(1000, 5000, 16 * 16).reshape(16, 16).astype(np.uint16)
+    out = load_grey(_png(Image.fromarray(a)))
+    assert out.min() == 0 and out.max() == 255
+
+
+def test_exif_orientation_is_applied():
+    img = Image.fromarray(np.zeros((20, 40), np.uint8))  # 40 wide, 20 high
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", exif=exif.tobytes())
+    assert load_grey(buf.getvalue()).shape == (40, 20)
+
+
+@pytest.mark.parametrize("data, reason", [
+    (b"", "empty"),
+    (b"hello, I am text", "not a recognised image"),
+])
+def test_bad_bytes_give_a_clear_error_naming_the_file(data, reason):
+    with pytest.raises(ImageLoadError, match=reason) as e:
+        load_grey(data, name="upload.jpeg")
+    assert str(e.value).startswith("upload.jpeg: ")
+
+
+def test_truncated_jpeg_is_reported(tmp_path):
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (200, 200), dtype=np.uint8)).save(buf, format="JPEG")
+    path = tmp_path / "cut.jpeg"
+    path.write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
+    with pytest.raises(ImageLoadError, match="cut.jpeg: .*(corrupt|truncated)"):
+        load_grey(path)
+
+
+def test_missing_file_is_reported(tmp_path):
+    with pytest.raises(ImageLoadError, match="cannot read"):
+        load_grey(tmp_path / "nope.png")
+
+
+def test_megapixel_limit_refuses_large_images():
+    data = _png(Image.new("L", (2000, 1000)))
+    with pytest.raises(ImageLoadError, match="over the 1 MP limit"):
+        load_grey(data, max_megapixels=1)
+    assert load_grey(data, max_megapixels=3).shape == (1000, 2000)
+
+
+def test_resize_ignores_aspect_ratio_and_knows_its_filters():
+    a = np.zeros((30, 60), np.uint8)
+    assert resize(a, 20).shape == (20, 20)
+    with pytest.raises(ValueError, match="bilinear"):
+        resize(a, 20, "fancy")
+    assert load_for_model(_png(Image.fromarray(a)), 16, "bilinear").shape == (16, 16)

@@ -1,0 +1,96 @@
+import json
+
+import pytest
+import torch
+
+from pneumoscan import checkpoint as ckpt_io
+from pneumoscan.config import Config, DataConfig, Preprocessing, TrainConfig
+from pneumoscan.train import EarlyStopping, RunDirError, train
+
+
+def tiny_config(root, epochs=2, **train_kw) -> Config:
+    return Config(data=DataConfig(root=str(root), val_fraction=0.25),
+                  preprocessing=Preprocessing(image_size=48),
+                  train=TrainConfig(epochs=epochs, batch_size=8, eval_batch_size=16, **train_kw))
+
+
+def test_config_round_trips_through_json():
+    cfg = Config().override("train", epochs=3).override("model", activation="relu")
+    assert Config.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+    with pytest.raises(ValueError, match="bogus"):
+        Config.from_dict({"train": {"bogus": 1}})
+
+
+def test_training_writes_a_self_describing_checkpoint(tiny_data, tmp_path):
+    out = tmp_path / "run"
+    summary = train(tiny_config(tiny_data), out, device="cpu", progress=False)
+    assert {"best.pt", "last.pt", "metrics.jsonl", "config.json", "split.json", "summary.json"} <= {p.name for p in out.iterdir()}
+    assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["epoch"] for line in lines] == [1, 2]
+    ckpt = torch.load(out / "best.pt", weights_only=True)
+    assert ckpt["class_names"] == ["NORMAL", "PNEUMONIA"]
+    assert ckpt["preprocessing"]["image_size"] == 48 and ckpt["threshold"] == 0.5
+    assert ckpt["cam_layer"] and len(ckpt["history"]) == 2 and ckpt["version"]
+    assert not any(k.startswith(("module.", "_orig_mod.")) for k in ckpt["state_dict"])
+    loaded = ckpt_io.load(out / "best.pt")
+    assert loaded.config.preprocessing.image_size == 48 and not loaded.model.training
+    assert summary["epochs"] == 2 and summary["peak_memory_mb"] > 0
+
+
+def test_resume_continues_exactly_where_it_stopped(tiny_data, tmp_path):
+    cfg = tiny_config(tiny_data, epochs=3)
+    train(cfg, tmp_path / "straight", device="cpu", progress=False)
+    train(cfg.override("train", epochs=2), tmp_path / "resumed", device="cpu", progress=False)
+    # the interrupted run is continued with the full epoch budget
+    last = torch.load(tmp_path / "resumed" / "last.pt", weights_only=True)
+    last["config"]["train"]["epochs"] = 3
+    ckpt_io.save(last, tmp_path / "resumed" / "last.pt")
+    train(cfg, tmp_path / "resumed", device="cpu", resume=True, progress=False)
+    a = torch.load(tmp_path / "straight" / "last.pt", weights_only=True)
+    b = torch.load(tmp_path / "resumed" / "last.pt", weights_only=True)
+    for k in a["state_dict"]:
+        assert torch.allclose(a["state_dict"][k], b["state_dict"][k], atol=1e-6), k
+    assert [h["epoch"] for h in b["history"]] == [1, 2, 3]
+    assert len((tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()) == 3
+
+
+def test_existing_run_folder_is_not_overwritten_by_accident(tiny_data, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(RunDirError, match="--overwrite"):
+        train(tiny_config(tiny_data, epochs=1), out, device="cpu", progress=False)
+    with pytest.raises(RunDirError, match="nothing to resume"):
+        train(tiny_config(tiny_data, epochs=1), out, device="cpu", resume=True, progress=False)
+    train(tiny_config(tiny_data, epochs=1), out, device="cpu", overwrite=True, progress=False)
+    assert (out / "notes.txt").read_text() == "mine"
+
+
+def test_early_stopping_follows_keras_semantics():
+    stopper = EarlyStopping(patience=2, min_delta=0.1)
+    assert not stopper.step(0.70)
+    assert not stopper.step(0.75)  # not better by 0.1
+    assert stopper.step(0.79)
+    stopper = EarlyStopping(patience=2, min_delta=0.1, state=stopper.state())
+    assert stopper.step(0.5)
+
+
+def test_cuda_request_without_gpu_is_an_error():
+    from pneumoscan.train import select_device
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    with pytest.raises(RuntimeError, match="no CUDA"):
+        select_device("cuda")
+    assert select_device("auto").type == "cpu"
+
+
+def test_bad_checkpoint_file_is_a_clear_error(tmp_path):
+    bad = tmp_path / "x.pt"
+    bad.write_bytes(b"garbage")
+    with pytest.raises(ValueError, match="x.pt: not a readable pneumoscan checkpoint"):
+        ckpt_io.load(bad)
+    torch.save({"hello": 1}, bad)
+    with pytest.raises(ValueError, match="not a pneumoscan checkpoint"):
+        ckpt_io.load(bad)
