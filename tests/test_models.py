@@ -33,12 +33,12 @@ def test_prelu_is_per_element_and_starts_as_relu():
     assert torch.allclose(act(-torch.ones(1, 2, 3, 3)), -0.5 * torch.ones(1, 2, 3, 3))
 
 
-@pytest.mark.parametrize("shape", [(2, 3, 150, 150), (2, 1, 150, 150), (1, 3, 7, 9)])
+@pytest.mark.parametrize("shape", [(2, 3, 150, 150), (2, 1, 150, 150), (2, 1, 24, 16), (1, 3, 7, 9), (1, 1, 31, 30)])
 def test_fused_stem_equals_the_two_literal_convolutions(shape):
     torch.manual_seed(0)
     model = SeedCNN().double()
     x = torch.rand(*shape, dtype=torch.double)
-    literal = model.conv2(model.conv1(x.expand(-1, 3, -1, -1)))
+    literal = model.pool(model.conv2(model.conv1(x.expand(-1, 3, -1, -1))))
     fused = model.stem(x)
     assert torch.allclose(fused, literal, atol=1e-12)
     params = [model.conv1.weight, model.conv1.bias, model.conv2.weight, model.conv2.bias]
@@ -66,3 +66,21 @@ def test_input_gradients_are_finite():
     x = torch.rand(1, 3, 150, 150, requires_grad=True)
     model(x).sum().backward()
     assert torch.isfinite(x.grad).all()
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_elementwise_prelu_matches_its_definition_with_gradients(channels_last):
+    torch.manual_seed(0)
+    act = ElementwisePReLU((3, 4, 5))
+    act.alpha.data.uniform_(-1, 2)
+    x = torch.randn(2, 3, 4, 5)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    x.requires_grad_(True)
+    y = act(x)
+    expected = torch.where(x >= 0, x, act.alpha * x)
+    assert torch.allclose(y, expected)
+    g = torch.randn_like(y)
+    gx, ga = torch.autograd.grad(y, [x, act.alpha], g)
+    ex, ea = torch.autograd.grad(expected, [x, act.alpha], g)
+    assert torch.allclose(gx, ex) and torch.allclose(ga, ea)

@@ -54,7 +54,13 @@ class ElementwisePReLU(nn.Module):
         self.alpha = nn.Parameter(torch.zeros(shape))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.where(x >= 0, x, self.alpha * x)
+        # torch's fused PReLU kernel takes one slope per channel of a 2-D input: flatten each image
+        # (in its memory order) so that every element is a "channel" with its own slope.
+        b, c, h, w = x.shape
+        if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+            y = F.prelu(x.permute(0, 2, 3, 1).reshape(b, -1), self.alpha.permute(1, 2, 0).reshape(-1))
+            return y.view(b, h, w, c).permute(0, 3, 1, 2)
+        return F.prelu(x.reshape(b, -1), self.alpha.reshape(-1)).view(b, c, h, w)
 
 
 def make_activation(kind: str, shape: tuple[int, int, int]) -> nn.Module:
@@ -134,34 +140,36 @@ class SeedCNN(nn.Module):
                     nn.init.zeros_(m.bias)
 
     def stem(self, x: torch.Tensor) -> torch.Tensor:
-        """conv2(conv1(x)), computed as one 5x5 convolution: the paper puts no activation between them.
+        """MaxPool(conv2(conv1(x))), with the two convolutions computed as one 5x5 convolution.
 
+        The paper puts no activation between conv1 and conv2, so their composition is one linear map.
         The composed kernel is built from both layers' parameters on every call, so autograd trains
-        conv1 and conv2 exactly as the two-layer version would; it costs 16 instead of 16 + 256
+        conv1 and conv2 exactly as the two-layer version would, at 16 instead of 16 + 256
         multiply-adds per pixel and output channel. Only the outermost ring of pixels differs (conv2
-        zero-pads conv1's output there), so that ring is recomputed the literal way on thin strips.
+        zero-pads conv1's output there), so the pooled border is recomputed the literal way on thin strips.
         """
         w1, b1 = self.conv1.weight, self.conv1.bias
         if x.shape[1] == 1 and w1.shape[1] > 1:
             # a grey image replicated to C channels: same result with the kernel summed over channels
             w1 = w1.sum(1, keepdim=True)
         w2, b2 = self.conv2.weight, self.conv2.bias
+
+        def literal(part: torch.Tensor) -> torch.Tensor:
+            return self.pool(F.conv2d(F.conv2d(part, w1, b1, padding=1), w2, b2, padding=1))
+
+        if min(x.shape[2:]) < 8 or x.shape[2] % 2 or x.shape[3] % 2:
+            return literal(x)  # tiny or odd sizes: not worth the bookkeeping
         kernel = F.conv2d(F.pad(w2, (2, 2, 2, 2)), w1.flip(2, 3).transpose(0, 1))
         bias = b2 + (w2.sum((2, 3)) * b1).sum(1)
-        y = F.conv2d(x, kernel, bias, padding=2)
-        if min(x.shape[2:]) < 4:
-            return F.conv2d(F.conv2d(x, w1, b1, padding=1), w2, b2, padding=1)
-
-        def literal(strip: torch.Tensor) -> torch.Tensor:
-            return F.conv2d(F.conv2d(strip, w1, b1, padding=1), w2, b2, padding=1)
-
+        pooled = self.pool(F.conv2d(x, kernel, bias, padding=2))
+        # border pooling windows cover input rows/columns 0-1 (or the last two), which need input 0-3
         top, bottom = literal(x[:, :, :4])[:, :, :1], literal(x[:, :, -4:])[:, :, -1:]
         left, right = literal(x[..., :4])[..., 1:-1, :1], literal(x[..., -4:])[..., 1:-1, -1:]
-        middle = torch.cat([left, y[:, :, 1:-1, 1:-1], right], dim=3)
-        return torch.cat([top, middle, bottom], dim=2)
+        middle = torch.cat([left, pooled[:, :, 1:-1, 1:-1], right], dim=3)
+        return torch.cat([top, middle, bottom], dim=2).contiguous(memory_format=torch.channels_last)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.pool(self.stem(x))
+        x = self.stem(x)
         x = self.features(x)
         # Keras flattens channels-last; the order is a fixed permutation and irrelevant when trained here.
         x = torch.flatten(x, 1)

@@ -30,15 +30,30 @@ class Prediction:
 
 
 class Predictor:
-    """A loaded checkpoint ready to score images: `predict_arrays`, `predict_file`, `predict_files`."""
+    """A loaded checkpoint ready to score images: `predict_arrays`, `predict_file`, `predict_files`.
 
-    def __init__(self, checkpoint: str | os.PathLike, device: str = "auto", batch_size: int = 32):
-        self.device = select_device(device)
+    `backend="onnx"` exports the model in memory (nothing is written) and runs it with ONNX Runtime
+    on the CPU (`pip install 'pneumoscan[onnx]'`); `"torch"` runs the PyTorch model on `device`.
+    """
+
+    def __init__(self, checkpoint: str | os.PathLike, device: str = "auto", batch_size: int = 32,
+                 backend: str = "torch"):
+        if backend not in ("torch", "onnx"):
+            raise ValueError(f"unknown backend {backend!r}; choose 'torch' or 'onnx'")
+        if backend == "onnx" and device not in ("auto", "cpu"):
+            raise ValueError(f"the onnx backend runs on the CPU only (device {device!r} was asked for)")
+        self.backend = backend
+        self.device = select_device("cpu" if backend == "onnx" else device)
         loaded = ckpt_io.load(checkpoint, self.device)
         self.model, self.config, self.threshold = loaded.model, loaded.config, loaded.threshold
         self.class_names = loaded.class_names
         self.prep = self.config.preprocessing
         self.batch_size = batch_size
+        self.onnx = None
+        if backend == "onnx":
+            from .export import OnnxPredictor, export_onnx_bytes
+
+            self.onnx = OnnxPredictor(export_onnx_bytes(checkpoint))
 
     def load(self, source: str | os.PathLike | bytes, name: str | None = None) -> np.ndarray:
         """File or bytes -> uint8 (S, S) pixels exactly as the model was trained on. Raises ImageLoadError."""
@@ -47,6 +62,8 @@ class Predictor:
     @torch.no_grad()
     def predict_arrays(self, pixels: np.ndarray) -> np.ndarray:
         """(N, S, S) uint8 -> (N,) probability of the positive class."""
+        if self.onnx is not None:
+            return self.onnx.predict_arrays(pixels)
         x = torch.from_numpy(np.ascontiguousarray(pixels)).to(self.device).unsqueeze(1).float()
         x = self.prep.normalize(x).contiguous(memory_format=torch.channels_last)
         return torch.sigmoid(self.model(x)).float().cpu().numpy()

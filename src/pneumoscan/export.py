@@ -1,0 +1,221 @@
+"""ONNX export of a checkpoint, and CPU inference on the exported model through ONNX Runtime.
+
+This module owns the ONNX contract. An exported model takes one input and gives one output:
+
+* ``pixels``: float32 (N, 1, S, S), the grey uint8 image times the checkpoint's preprocessing scale
+  (1/255: values in [0, 1]); N is dynamic, S is the checkpoint's image size. The grey channel goes in
+  as is: the model folds the Keras grey-to-RGB replication into its first convolution.
+* ``probability``: float32 (N,), sigmoid of the model's logit, P(class_names[1]).
+
+Decoding and resizing stay outside the graph (`pneumoscan.images` does them identically for both
+backends). The model's metadata_props make the file self-describing like a checkpoint: ``format``,
+``pneumoscan_version``, ``model``, ``activation``, ``class_names`` (JSON), ``threshold``,
+``preprocessing`` (JSON, as in the checkpoint), ``input`` and ``output`` (descriptions).
+
+`export_onnx` writes a .onnx file atomically; `export_onnx_bytes` gives the same bytes in memory;
+`OnnxPredictor` scores uint8 arrays with ONNX Runtime and needs neither torch nor the checkpoint.
+The export uses PyTorch's torch.export-based exporter (it needs ``onnxscript``): the legacy
+TorchScript exporter cannot export the model's stem, whose 5x5 kernel is computed at every forward.
+ONNX packages are optional: ``pip install 'pneumoscan[onnx]'``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import json
+import logging
+import os
+import re
+import warnings
+from contextlib import contextmanager
+from pathlib import Path
+from types import ModuleType
+from typing import Any, Iterator
+
+import numpy as np
+
+from . import __version__
+from .config import Preprocessing
+
+FORMAT = "pneumoscan-onnx-1"
+INPUT_NAME = "pixels"
+OUTPUT_NAME = "probability"
+MIN_OPSET = 18  # the torch.export-based exporter implements opset 18 and later only
+INSTALL_HINT = "pip install 'pneumoscan[onnx]'"
+
+
+def _require(module: str, purpose: str) -> ModuleType:
+    """Import an optional dependency, or fail with a message that says what to install."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        raise ImportError(f"{purpose} needs the optional package {module!r} ({e}); install it with: {INSTALL_HINT}") from e
+
+
+@contextmanager
+def _quiet_exporter() -> Iterator[None]:
+    """Silence the exporter's chatter (torchvision ops it skips, pytree deprecations); errors still raise."""
+    loggers = [logging.getLogger(name) for name in ("torch.onnx", "torch.export", "onnxscript")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.")
+            warnings.filterwarnings("ignore", message=re.escape("`isinstance(treespec, LeafSpec)`"))
+            yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+def _metadata(loaded: Any) -> dict[str, str]:
+    prep = loaded.config.preprocessing
+    s = prep.image_size
+    return {
+        "format": FORMAT,
+        "pneumoscan_version": __version__,
+        "checkpoint_version": str(loaded.checkpoint.get("version", "")),
+        "model": loaded.config.model.name,
+        "activation": loaded.config.model.activation,
+        "class_names": json.dumps(list(loaded.class_names)),
+        "threshold": repr(float(loaded.threshold)),
+        "preprocessing": json.dumps(loaded.checkpoint["preprocessing"]),
+        "input": f"{INPUT_NAME}: float32 (N, 1, {s}, {s}) = grey uint8 pixels * {prep.scale!r}",
+        "output": f"{OUTPUT_NAME}: float32 (N,) = P({loaded.class_names[1]})",
+    }
+
+
+def export_onnx_bytes(checkpoint_path: str | os.PathLike, opset: int = MIN_OPSET, check: bool = True) -> bytes:
+    """The checkpoint's model as a serialized ONNX model (see the module docstring for its contract).
+
+    With `check`, ONNX Runtime runs the exported graph on random images and the result must match
+    PyTorch within 1e-4 (only when onnxruntime is installed).
+    """
+    if opset < MIN_OPSET:
+        raise ValueError(f"opset {opset} is not supported: PyTorch's ONNX exporter produces opset {MIN_OPSET} or later")
+    onnx = _require("onnx", "ONNX export")
+    _require("onnxscript", "ONNX export")  # torch's exporter needs it; fail here with the install hint
+    import torch
+
+    from . import checkpoint as ckpt_io
+
+    loaded = ckpt_io.load(checkpoint_path, "cpu")
+    size = loaded.config.preprocessing.image_size
+    wrapper = _with_sigmoid(loaded.model)
+    example = torch.rand(2, 1, size, size)  # batch 2: a batch of 1 would be specialised as a constant
+    with _quiet_exporter(), torch.no_grad():
+        program = torch.onnx.export(
+            wrapper, (example,), dynamo=True, opset_version=opset, input_names=[INPUT_NAME],
+            output_names=[OUTPUT_NAME], dynamic_shapes={"pixels": {0: torch.export.Dim("batch")}},
+            optimize=True, verbose=False,
+        )
+    model = program.model_proto
+    model.doc_string = f"pneumoscan {__version__}: {loaded.config.model.name} ({loaded.config.model.activation})"
+    onnx.helper.set_model_props(model, _metadata(loaded))
+    onnx.checker.check_model(model)
+    data = model.SerializeToString()
+    if check and importlib.util.find_spec("onnxruntime") is not None:
+        _check_parity(wrapper, data, size)
+    return data
+
+
+def export_onnx(checkpoint_path: str | os.PathLike, out_path: str | os.PathLike, opset: int = MIN_OPSET,
+                check: bool = True) -> Path:
+    """Export a checkpoint to `out_path` (written atomically) and return that path."""
+    from .checkpoint import atomic_write_bytes
+
+    data = export_onnx_bytes(checkpoint_path, opset=opset, check=check)
+    atomic_write_bytes(out_path, data)
+    return Path(out_path)
+
+
+def _with_sigmoid(model: Any) -> Any:
+    """model -> sigmoid(logit), in eval mode: the exported graph outputs probabilities."""
+    import torch
+
+    class WithSigmoid(torch.nn.Module):
+        def __init__(self, inner: torch.nn.Module):
+            super().__init__()
+            self.model = inner
+
+        def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+            return torch.sigmoid(self.model(pixels))
+
+    return WithSigmoid(model).eval()
+
+
+def _check_parity(wrapper: Any, data: bytes, size: int, atol: float = 1e-4) -> None:
+    import torch
+
+    rng = np.random.default_rng(0)
+    x = (rng.integers(0, 256, (3, 1, size, size)).astype(np.float32) / 255.0).astype(np.float32)
+    with torch.no_grad():
+        expected = wrapper(torch.from_numpy(x)).numpy()
+    got = OnnxPredictor(data).run(x)
+    diff = float(np.max(np.abs(got - expected)))
+    if not diff <= atol:
+        raise RuntimeError(f"ONNX export does not match PyTorch: max |difference| {diff:.3g} > {atol:g}")
+
+
+def default_threads() -> int:
+    """CPU cores this process may use (its affinity mask, not the whole machine)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
+class OnnxPredictor:
+    """An exported model in ONNX Runtime (CPU): `predict_arrays` as `Predictor.predict_arrays`.
+
+    `source` is a .onnx file written by `export_onnx` or its bytes. `threads` caps the intra-op
+    thread pool (default: the cores this process may use); operators run one at a time, since this
+    network is a chain and inter-op parallelism would only oversubscribe a small machine.
+    """
+
+    def __init__(self, source: str | os.PathLike | bytes, threads: int | None = None):
+        ort = _require("onnxruntime", "ONNX Runtime inference")
+        if isinstance(source, bytes):
+            label, data = "<in-memory ONNX model>", source
+        else:
+            label = str(source)
+            if not Path(source).is_file():
+                raise FileNotFoundError(f"{label}: ONNX model not found")
+            data = Path(source).read_bytes()
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads or default_threads()
+        opts.inter_op_num_threads = 1
+        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        opts.log_severity_level = 3  # errors only
+        try:
+            self.session = ort.InferenceSession(data, sess_options=opts, providers=["CPUExecutionProvider"])
+        except Exception as e:  # ONNX Runtime raises several pybind types for a bad file; all mean the same here
+            raise ValueError(f"{label}: not a readable ONNX model ({type(e).__name__}: {e})") from None
+        self.metadata: dict[str, str] = dict(self.session.get_modelmeta().custom_metadata_map)
+        if self.metadata.get("format") != FORMAT:
+            raise ValueError(f"{label}: not an ONNX model exported by pneumoscan (metadata format "
+                             f"{self.metadata.get('format')!r}, expected {FORMAT!r})")
+        self.class_names: list[str] = json.loads(self.metadata["class_names"])
+        self.threshold = float(self.metadata["threshold"])
+        self.prep = Preprocessing(**json.loads(self.metadata["preprocessing"]))
+        self.version = self.metadata["pneumoscan_version"]
+        self.threads = opts.intra_op_num_threads
+
+    def run(self, x: np.ndarray) -> np.ndarray:
+        """Model input float32 (N, 1, S, S) -> (N,) probabilities."""
+        return self.session.run([OUTPUT_NAME], {INPUT_NAME: x})[0]
+
+    def predict_arrays(self, pixels: np.ndarray) -> np.ndarray:
+        """(N, S, S) uint8 -> (N,) float32 probability of the positive class."""
+        pixels = np.asarray(pixels)
+        s = self.prep.image_size
+        if pixels.ndim != 3 or pixels.shape[1:] != (s, s):
+            raise ValueError(f"expected pixels of shape (N, {s}, {s}), got {pixels.shape}")
+        x = self.prep.normalize(pixels.astype(np.float32))[:, None]
+        return self.run(np.ascontiguousarray(x, dtype=np.float32))
+
+    def label_of(self, probability: float) -> str:
+        return self.class_names[int(probability >= self.threshold)]
