@@ -96,6 +96,8 @@ def cmd_train(a: argparse.Namespace) -> int:
     cfg = cfg.override("preprocessing", image_size=a.image_size, resize_filter=a.resize_filter)
     cfg = cfg.override("augmentation", zoom=a.zoom, vertical_flip=a.vertical_flip, horizontal_flip=a.horizontal_flip)
     summary = train(cfg, a.out, device=a.device, resume=a.resume, overwrite=a.overwrite, progress=not a.no_progress)
+    if not summary:  # a torchrun worker other than rank 0: rank 0 reports
+        return 0
     print(json.dumps({"summary": summary}), flush=True)
     if not a.no_eval:
         from .report import write_run_report

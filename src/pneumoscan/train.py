@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import random
 import resource
 import sys
@@ -22,6 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
+from torch.utils.data import DistributedSampler
 
 from . import checkpoint as ckpt_io
 from .augment import augment_batch
@@ -81,17 +83,19 @@ class DeviceSplit:
 def model_loss(model: nn.Module, logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(total loss, BCE) — total adds the model's own penalties (Keras' L2 on Dense kernels)."""
     bce = F.binary_cross_entropy_with_logits(logits, targets)
-    reg = ckpt_io.unwrap(model).regularization_loss() if hasattr(ckpt_io.unwrap(model), "regularization_loss") else 0.0
-    return bce + reg, bce
+    penalty = getattr(ckpt_io.unwrap(model), "regularization_loss", None)
+    return (bce + penalty() if penalty else bce), bce
 
 
-def train_one_epoch(model: nn.Module, data: DeviceSplit, cfg: Config, optimizer: torch.optim.Optimizer,
+def train_one_epoch(model: nn.Module, data: DeviceSplit, order: torch.Tensor, cfg: Config, optimizer: torch.optim.Optimizer,
                     generator: torch.Generator, progress: bool = False, desc: str = "") -> dict[str, float]:
+    """One pass over `order` (this process's shuffled row indices) in batches of cfg.train.batch_size."""
     model.train()
     bs = cfg.train.batch_size
-    order = torch.randperm(len(data), generator=generator)
     steps = len(order) // bs if cfg.train.drop_last else -(-len(order) // bs)
-    total_loss = correct = seen = 0.0
+    total_loss = torch.zeros((), dtype=torch.float64, device=data.pixels.device)
+    correct = torch.zeros((), dtype=torch.float64, device=data.pixels.device)
+    seen = 0
     start = time.perf_counter()
     batches = range(steps)
     if progress:
@@ -107,12 +111,14 @@ def train_one_epoch(model: nn.Module, data: DeviceSplit, cfg: Config, optimizer:
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        n = len(idx)
-        total_loss += loss.item() * n
-        correct += ((logits.detach() >= 0).float() == y).sum().item()
-        seen += n
+        # accumulate on the device: no host sync per step (matters on a GPU)
+        total_loss += loss.detach() * len(idx)
+        correct += ((logits.detach() >= 0).float() == y).sum()
+        seen += len(idx)
+    total_loss, correct = float(total_loss), float(correct)
     elapsed = time.perf_counter() - start
-    return {"loss": total_loss / seen, "accuracy": correct / seen, "seconds": elapsed, "images_per_s": seen / elapsed}
+    return {"loss": total_loss / seen, "accuracy": correct / seen, "seconds": elapsed, "images_per_s": seen / elapsed,
+            "images": seen}
 
 
 @torch.no_grad()
@@ -164,25 +170,83 @@ def prepare_run_dir(out: Path, resume: bool, overwrite: bool) -> None:
     out.mkdir(parents=True, exist_ok=True)
 
 
+@dataclass(frozen=True)
+class Distributed:
+    """This process's place in a torchrun job (rank 0 of 1 when not launched by torchrun)."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    def barrier(self) -> None:
+        if self.enabled:
+            torch.distributed.barrier()
+
+
+def init_distributed(device: str) -> tuple[Distributed, torch.device]:
+    """Join the torchrun job described by the environment (gloo on CPU, NCCL on CUDA), if any."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Distributed(), select_device(device)
+    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    dev = select_device(device)
+    if dev.type == "cuda":
+        dev = torch.device("cuda", local)
+        torch.cuda.set_device(dev)
+    else:  # share the cores between the processes on this machine
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", world))))
+    torch.distributed.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+    return Distributed(rank, world, local), dev
+
+
 def train(cfg: Config, out: str | Path, device: str = "auto", resume: bool = False, overwrite: bool = False,
           progress: bool = True) -> dict[str, Any]:
-    """Train `cfg` into run folder `out`; returns the run summary (also written to summary.json)."""
+    """Train `cfg` into run folder `out`; returns the run summary (also written to summary.json).
+
+    Under torchrun each process trains on its share of every epoch (DistributedSampler) with
+    DistributedDataParallel; only rank 0 writes checkpoints and logs. `batch_size` is per process.
+    """
     out = Path(out)
-    prepare_run_dir(out, resume, overwrite)
-    dev = select_device(device)
+    ddp, dev = init_distributed(device)
+    try:
+        return _train(cfg, out, dev, ddp, resume, overwrite, progress and ddp.is_main)
+    finally:
+        if ddp.enabled:
+            torch.distributed.destroy_process_group()
+
+
+def _train(cfg: Config, out: Path, dev: torch.device, ddp: Distributed, resume: bool, overwrite: bool,
+           progress: bool) -> dict[str, Any]:
+    if ddp.is_main:
+        prepare_run_dir(out, resume, overwrite)
+    ddp.barrier()
     wall_start = time.perf_counter()
     if resume:
         state = torch.load(out / "last.pt", map_location="cpu", weights_only=True)
         cfg = Config.from_dict(state["config"])
     generator = seed_everything(cfg.train.seed)
+    if ddp.rank:  # different augmentation draws on each process; same initial weights
+        generator.manual_seed(cfg.train.seed + 1000 * ddp.rank)
 
     splits = split_samples(cfg.data)
+    if not ddp.is_main:
+        ddp.barrier()  # let rank 0 fill the pixel cache first, then read it
     cached = {name: cache_images(splits[name], cfg.preprocessing, progress=progress) for name in ("train", "val")}
+    if ddp.is_main:
+        ddp.barrier()
+        ckpt_io.write_json(out / "config.json", cfg.to_dict())
+        ckpt_io.write_json(out / "split.json", {
+            name: {"summary": split_summary(c.samples), "files": [s.path for s in c.samples], "unreadable": c.errors}
+            for name, c in cached.items()})
     data = {name: DeviceSplit.from_cache(c, dev) for name, c in cached.items()}
-    ckpt_io.write_json(out / "config.json", cfg.to_dict())
-    ckpt_io.write_json(out / "split.json", {
-        name: {"summary": split_summary(c.samples), "files": [s.path for s in c.samples], "unreadable": c.errors}
-        for name, c in cached.items()})
     setup_seconds = time.perf_counter() - wall_start
 
     model = ckpt_io.build_model(cfg).to(dev).to(memory_format=torch.channels_last)
@@ -195,40 +259,60 @@ def train(cfg: Config, out: str | Path, device: str = "auto", resume: bool = Fal
         model.load_state_dict(state["state_dict"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        generator.set_state(state["generator"])
+        if ddp.is_main:
+            generator.set_state(state["generator"])
         torch.set_rng_state(state["torch_rng"])
         history, best_loss, stopper_state = state["history"], state["best_loss"], state["early_stopping"]
         start_epoch = state["epoch"] + 1
         log.info("resuming %s at epoch %d", out, start_epoch)
     stopper = EarlyStopping(cfg.train.early_stopping_patience, cfg.train.early_stopping_min_delta, stopper_state)
-    (out / "metrics.jsonl").write_text("".join(json.dumps(h) + "\n" for h in history))
+    net: nn.Module = nn.parallel.DistributedDataParallel(model) if ddp.enabled else model
+    sampler = DistributedSampler(range(len(data["train"])), num_replicas=ddp.world_size, rank=ddp.rank,
+                                 shuffle=True, seed=cfg.train.seed, drop_last=True)
+    if ddp.is_main:
+        ckpt_io.atomic_write_text(out / "metrics.jsonl", "".join(json.dumps(h) + "\n" for h in history))
 
     for epoch in range(start_epoch, cfg.train.epochs + 1):
         lr = optimizer.param_groups[0]["lr"]
-        tr = train_one_epoch(model, data["train"], cfg, optimizer, generator, progress, desc=f"epoch {epoch}/{cfg.train.epochs}")
-        va = validate(model, data["val"], cfg)
+        sampler.set_epoch(epoch)
+        order = torch.tensor(list(sampler), dtype=torch.long)
+        tr = train_one_epoch(net, data["train"], order, cfg, optimizer, generator, progress,
+                             desc=f"epoch {epoch}/{cfg.train.epochs}")
+        if ddp.enabled:
+            totals = torch.tensor([tr["loss"] * tr["images"], tr["accuracy"] * tr["images"], tr["images"]], dtype=torch.float64)
+            torch.distributed.all_reduce(totals)
+            tr.update(loss=float(totals[0] / totals[2]), accuracy=float(totals[1] / totals[2]),
+                      images=int(totals[2]), images_per_s=float(totals[2]) / tr["seconds"])
+        va = validate(model, data["val"], cfg)  # every process scores the whole split: same numbers, same LR steps
         scheduler.step(va["loss"])
+        stop = cfg.train.early_stopping and stopper.step(va["accuracy"])
         row = {"epoch": epoch, "lr": lr, "train_loss": tr["loss"], "train_accuracy": tr["accuracy"],
                "val_loss": va["loss"], "val_bce": va["bce"], "val_accuracy": va["accuracy"], "val_roc_auc": va["roc_auc"],
                "val_recall": va["recall"], "val_specificity": va["specificity"],
-               "train_seconds": round(tr["seconds"], 2), "train_images_per_s": round(tr["images_per_s"], 1)}
+               "train_images": tr["images"], "train_seconds": round(tr["seconds"], 2),
+               "train_images_per_s": round(tr["images_per_s"], 1)}
         history.append(row)
-        print(json.dumps(row), flush=True)
-        with open(out / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(row) + "\n")
-        if va["loss"] < best_loss:
-            best_loss = va["loss"]
-            ckpt_io.save(ckpt_io.make_checkpoint(model, cfg, threshold=cfg.train.threshold, metrics={"val": va, "epoch": epoch},
-                                                 history=history, epoch=epoch), out / "best.pt")
-        stop = cfg.train.early_stopping and stopper.step(va["accuracy"])
-        last = ckpt_io.make_checkpoint(model, cfg, threshold=cfg.train.threshold, history=history, epoch=epoch)
-        last.update(optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(), generator=generator.get_state(),
-                    torch_rng=torch.get_rng_state(), best_loss=best_loss, early_stopping=stopper.state())
-        ckpt_io.save(last, out / "last.pt")
+        improved = va["loss"] < best_loss
+        best_loss = min(best_loss, va["loss"])
+        if ddp.is_main:
+            print(json.dumps(row), flush=True)
+            with open(out / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(row) + "\n")
+            if improved:
+                ckpt_io.save(ckpt_io.make_checkpoint(model, cfg, threshold=cfg.train.threshold,
+                                                     metrics={"val": va, "epoch": epoch}, history=history, epoch=epoch),
+                             out / "best.pt")
+            last = ckpt_io.make_checkpoint(model, cfg, threshold=cfg.train.threshold, history=history, epoch=epoch)
+            last.update(optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(), generator=generator.get_state(),
+                        torch_rng=torch.get_rng_state(), best_loss=best_loss, early_stopping=stopper.state())
+            ckpt_io.save(last, out / "last.pt")
         if stop:
             log.info("early stopping after epoch %d (validation accuracy did not improve by %g for %d epochs)",
                      epoch, cfg.train.early_stopping_min_delta, cfg.train.early_stopping_patience)
             break
+    ddp.barrier()
+    if not ddp.is_main:
+        return {}
 
     # best.pt keeps the best weights but gets the complete history, for the curves.
     best = torch.load(out / "best.pt", map_location="cpu", weights_only=True)
@@ -240,7 +324,7 @@ def train(cfg: Config, out: str | Path, device: str = "auto", resume: bool = Fal
         "best_epoch": best["epoch"], "best_val": best["metrics"]["val"], "epochs": len(history),
         "train_images": len(data["train"]), "val_images": len(data["val"]),
         "unreadable_files": {**cached["train"].errors, **cached["val"].errors},
-        "device": str(dev), "threads": torch.get_num_threads(),
+        "device": str(dev), "processes": ddp.world_size, "threads": torch.get_num_threads(),
         "wall_seconds": round(time.perf_counter() - wall_start, 1), "setup_seconds": round(setup_seconds, 1),
         "train_images_per_s_median": float(np.median(steady)) if steady else None,
         "peak_memory_mb": round(peak_memory_mb(), 1),
