@@ -54,3 +54,47 @@ def test_binary_metrics_on_a_known_confusion_matrix():
 def test_binary_metrics_with_one_class_has_no_auc():
     m = binary_metrics(np.ones(5), np.full(5, 0.9))
     assert m["roc_auc"] is None and m["specificity"] is None and m["recall"] == 1.0
+
+
+def test_threshold_rules():
+    from pneumoscan.metrics import choose_threshold
+
+    labels = np.array([0, 0, 0, 0, 1, 1, 1, 1])
+    probs = np.array([0.1, 0.2, 0.3, 0.6, 0.4, 0.7, 0.8, 0.9])
+    assert choose_threshold(labels, probs, "fixed", fixed=0.5) == 0.5
+    assert choose_threshold(labels, probs, "youden") == pytest.approx(0.7)  # sens 0.75, spec 1.0
+    t = choose_threshold(labels, probs, "sensitivity", target=1.0)
+    assert t == pytest.approx(0.4)  # the highest threshold catching every positive
+    assert binary_metrics(labels, probs, t)["recall"] == 1.0
+    with pytest.raises(ValueError, match="youden"):
+        choose_threshold(labels, probs, "magic")
+
+
+def test_calibration_of_perfectly_calibrated_scores_is_small():
+    from pneumoscan.metrics import calibration
+
+    rng = np.random.default_rng(0)
+    probs = rng.uniform(0, 1, 20000)
+    labels = rng.uniform(0, 1, 20000) < probs
+    c = calibration(labels, probs)
+    assert c["ece"] < 0.02 and sum(b["n"] for b in c["bins"]) == 20000
+    assert calibration(labels, np.clip(probs * 0.3, 0, 1))["ece"] > 0.2
+
+
+def test_bootstrap_intervals_contain_the_point_estimate_and_shrink_with_n():
+    from pneumoscan.metrics import bootstrap_ci
+
+    rng = np.random.default_rng(1)
+
+    def data(n):
+        y = rng.integers(0, 2, n)
+        return y, np.clip(y * 0.3 + rng.uniform(0, 0.7, n), 0, 1)
+
+    y, p = data(300)
+    ci = bootstrap_ci(y, p, 0.5, n_boot=300)
+    point = binary_metrics(y, p, 0.5)
+    for k in ("accuracy", "recall", "specificity", "roc_auc"):
+        assert ci[k][0] <= point[k] <= ci[k][1], k
+    y2, p2 = data(3000)
+    ci2 = bootstrap_ci(y2, p2, 0.5, n_boot=300)
+    assert ci2["accuracy"][1] - ci2["accuracy"][0] < ci["accuracy"][1] - ci["accuracy"][0]

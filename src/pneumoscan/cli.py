@@ -17,6 +17,7 @@ from . import __version__
 from .config import RECIPES, recipe
 from .data import DataError
 from .images import ImageLoadError
+from .metrics import THRESHOLD_RULES
 from .models import ACTIVATIONS, model_names
 from .train import RunDirError
 
@@ -45,6 +46,9 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--zoom", type=float, help="zoom range: factor drawn in [1-z, 1+z] per axis (0 turns it off)")
     p.add_argument("--no-vertical-flip", dest="vertical_flip", action="store_false", default=None)
     p.add_argument("--horizontal-flip", action="store_true", default=None)
+    p.add_argument("--threshold-rule", choices=THRESHOLD_RULES,
+                   help="how the decision threshold is chosen on validation after training (paper: fixed 0.5)")
+    p.add_argument("--target-sensitivity", type=float, help="for --threshold-rule sensitivity (default 0.95)")
     p.add_argument("--early-stopping", action="store_true", default=None,
                    help="stop when validation accuracy stops improving (Keras semantics of the notebook)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda (auto picks CUDA when present)")
@@ -92,7 +96,8 @@ def cmd_train(a: argparse.Namespace) -> int:
     cfg = cfg.override("data", root=a.data or default_data_root(),
                        val_fraction=a.val_fraction, split_seed=a.split_seed)
     cfg = cfg.override("model", name=a.model, activation=a.activation)
-    cfg = cfg.override("train", epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, seed=a.seed, early_stopping=a.early_stopping)
+    cfg = cfg.override("train", epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, seed=a.seed, early_stopping=a.early_stopping,
+                       threshold_rule=a.threshold_rule, target_sensitivity=a.target_sensitivity)
     cfg = cfg.override("preprocessing", image_size=a.image_size, resize_filter=a.resize_filter)
     cfg = cfg.override("augmentation", zoom=a.zoom, vertical_flip=a.vertical_flip, horizontal_flip=a.horizontal_flip)
     summary = train(cfg, a.out, device=a.device, resume=a.resume, overwrite=a.overwrite, progress=not a.no_progress)

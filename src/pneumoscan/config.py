@@ -68,7 +68,9 @@ class TrainConfig:
     drop_last: bool = True  # Keras: steps_per_epoch = samples // batch_size
     eval_batch_size: int = 64
     seed: int = 0
-    threshold: float = 0.5
+    threshold: float = 0.5  # used as is by the 'fixed' rule
+    threshold_rule: str = "fixed"  # fixed | youden | sensitivity: chosen on validation after training
+    target_sensitivity: float = 0.95  # for the 'sensitivity' rule
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ import torch
 from . import checkpoint as ckpt_io
 from . import plots
 from .data import cache_images, load_split, split_summary
-from .metrics import binary_metrics, roc_points
+from .metrics import binary_metrics, bootstrap_ci, calibration, roc_points
 from .train import DeviceSplit, predict_logits, select_device
 
 
@@ -36,6 +36,7 @@ def evaluate(checkpoint: str | Path, split: str, out: str | Path, data_root: str
     probs = torch.sigmoid(logits).float().cpu().numpy()
     labels = cached.labels
     metrics = binary_metrics(labels, probs, loaded.threshold)
+    calib = calibration(labels, probs)
     result = {
         "checkpoint": str(checkpoint),
         "split": split,
@@ -43,6 +44,10 @@ def evaluate(checkpoint: str | Path, split: str, out: str | Path, data_root: str
         "model": {"name": cfg.model.name, "activation": cfg.model.activation, "recipe": cfg.recipe,
                   "epoch": loaded.checkpoint.get("epoch")},
         **metrics,
+        "threshold_rule": loaded.checkpoint.get("threshold_rule", {"rule": "fixed"}),
+        "ci95": bootstrap_ci(labels, probs, loaded.threshold),
+        "ci_method": "percentile bootstrap over images, 1000 resamples",
+        "calibration": calib,
         "class_names": loaded.class_names,
         "data": split_summary(cached.samples),
         "unreadable_files": cached.errors,
@@ -53,6 +58,7 @@ def evaluate(checkpoint: str | Path, split: str, out: str | Path, data_root: str
     plots.training_curves(loaded.checkpoint.get("history", []), out)
     cm = metrics["confusion_matrix"]
     plots.confusion_matrix_plot(cm, loaded.class_names, out / "confusion_matrix.png", loaded.threshold)
+    plots.reliability_plot(calib, out / "reliability.png")
     if metrics["roc_auc"] is not None:
         fpr, tpr = roc_points(labels, probs)
         op = (1 - metrics["specificity"], metrics["recall"])

@@ -41,3 +41,85 @@ def binary_metrics(labels: np.ndarray, probs: np.ndarray, threshold: float = 0.5
 def roc_points(labels: np.ndarray, probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     fpr, tpr, _ = skm.roc_curve(np.asarray(labels).astype(int), np.asarray(probs))
     return fpr, tpr
+
+
+THRESHOLD_RULES = ("fixed", "youden", "sensitivity")
+
+
+def choose_threshold(labels: np.ndarray, probs: np.ndarray, rule: str = "youden", target: float = 0.95,
+                     fixed: float = 0.5) -> float:
+    """A decision threshold chosen on validation data by a named rule.
+
+    - fixed: `fixed` (the paper's 0.5);
+    - youden: maximises sensitivity + specificity - 1 (Youden's J);
+    - sensitivity: the highest threshold whose sensitivity is at least `target` (most specific such point).
+    """
+    if rule == "fixed":
+        return float(fixed)
+    labels = np.asarray(labels).astype(int)
+    if len(np.unique(labels)) < 2:
+        raise ValueError("choosing a threshold needs both classes in the validation labels")
+    fpr, tpr, thresholds = skm.roc_curve(labels, np.asarray(probs, dtype=np.float64))
+    finite = np.isfinite(thresholds)  # sklearn's first threshold is +inf (predict nothing positive)
+    if rule == "youden":
+        j = np.where(finite, tpr - fpr, -np.inf)
+        return float(thresholds[int(np.argmax(j))])
+    if rule == "sensitivity":
+        ok = np.flatnonzero(finite & (tpr >= target))
+        return float(thresholds[ok[0]])  # thresholds decrease along the curve: the first is the highest
+    raise ValueError(f"unknown threshold rule {rule!r}; choose one of {', '.join(THRESHOLD_RULES)}")
+
+
+def calibration(labels: np.ndarray, probs: np.ndarray, bins: int = 10) -> dict[str, Any]:
+    """Reliability table over equal-width probability bins and the expected calibration error (ECE)."""
+    labels = np.asarray(labels).astype(float)
+    probs = np.asarray(probs, dtype=np.float64)
+    edges = np.linspace(0, 1, bins + 1)
+    which = np.clip(np.digitize(probs, edges[1:-1]), 0, bins - 1)
+    table, ece = [], 0.0
+    for b in range(bins):
+        mask = which == b
+        if not mask.any():
+            continue
+        conf, freq, n = float(probs[mask].mean()), float(labels[mask].mean()), int(mask.sum())
+        ece += n / len(probs) * abs(conf - freq)
+        table.append({"bin_low": float(edges[b]), "bin_high": float(edges[b + 1]), "n": n,
+                      "mean_probability": conf, "fraction_positive": freq})
+    return {"ece": float(ece), "bins": table, "brier": float(np.mean((probs - labels) ** 2))}
+
+
+CI_METRICS = ("accuracy", "precision", "recall", "specificity", "f1", "roc_auc", "average_precision")
+
+
+def bootstrap_ci(labels: np.ndarray, probs: np.ndarray, threshold: float, n_boot: int = 1000, level: float = 0.95,
+                 seed: int = 0) -> dict[str, list[float] | None]:
+    """Percentile bootstrap confidence intervals (resampling images) for each metric at `threshold`."""
+    labels = np.asarray(labels).astype(int)
+    probs = np.asarray(probs, dtype=np.float64)
+    rng = np.random.default_rng(seed)
+    n = len(labels)
+    preds = probs >= threshold
+    samples: dict[str, list[float]] = {k: [] for k in CI_METRICS}
+    for _ in range(n_boot):
+        idx = rng.integers(0, n, n)
+        y, p, q = labels[idx], preds[idx], probs[idx]
+        tp = int(np.sum(p & (y == 1)))
+        fp = int(np.sum(p & (y == 0)))
+        fn = int(np.sum(~p & (y == 1)))
+        tn = n - tp - fp - fn
+        vals = {
+            "accuracy": (tp + tn) / n,
+            "precision": tp / (tp + fp) if tp + fp else None,
+            "recall": tp / (tp + fn) if tp + fn else None,
+            "specificity": tn / (tn + fp) if tn + fp else None,
+            "f1": 2 * tp / (2 * tp + fp + fn) if tp else None,
+        }
+        if 0 < y.sum() < n:
+            vals["roc_auc"] = skm.roc_auc_score(y, q)
+            vals["average_precision"] = skm.average_precision_score(y, q)
+        for k, v in vals.items():
+            if v is not None:
+                samples[k].append(float(v))
+    alpha = (1 - level) / 2
+    return {k: ([float(np.quantile(v, alpha)), float(np.quantile(v, 1 - alpha))] if len(v) >= n_boot // 2 else None)
+            for k, v in samples.items()}

@@ -69,3 +69,23 @@ def confusion_matrix_plot(cm: Sequence[Sequence[int]], class_names: Sequence[str
     ax.set_ylabel("true")
     ax.set_title(f"Confusion matrix (threshold {threshold:.2f})")
     return _save(fig, out)
+
+
+def reliability_plot(calibration: dict[str, Any], out: Path) -> Path:
+    """Reliability diagram: mean predicted probability vs observed fraction of pneumonia, per bin."""
+    fig, ax = plt.subplots(figsize=(4.5, 4.5))
+    bins = calibration["bins"]
+    ax.plot([0, 1], [0, 1], "--", color="grey", lw=1, label="perfect calibration")
+    ax.plot([b["mean_probability"] for b in bins], [b["fraction_positive"] for b in bins], "o-",
+            label=f"model (ECE = {calibration['ece']:.3f})")
+    for b in bins:
+        ax.annotate(str(b["n"]), (b["mean_probability"], b["fraction_positive"]), fontsize=7,
+                    textcoords="offset points", xytext=(3, -9))
+    ax.set_xlabel("predicted probability of pneumonia")
+    ax.set_ylabel("observed fraction with pneumonia")
+    ax.set_title("Reliability diagram (n per bin)")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.legend(loc="upper left")
+    ax.grid(alpha=0.3)
+    return _save(fig, out)

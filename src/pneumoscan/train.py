@@ -29,7 +29,7 @@ from . import checkpoint as ckpt_io
 from .augment import augment_batch
 from .config import Config
 from .data import CachedImages, cache_images, split_samples, split_summary
-from .metrics import binary_metrics
+from .metrics import binary_metrics, choose_threshold
 
 log = logging.getLogger(__name__)
 
@@ -274,6 +274,7 @@ def _train(cfg: Config, out: Path, dev: torch.device, ddp: Distributed, resume: 
 
     for epoch in range(start_epoch, cfg.train.epochs + 1):
         lr = optimizer.param_groups[0]["lr"]
+        epoch_start = time.perf_counter()
         sampler.set_epoch(epoch)
         order = torch.tensor(list(sampler), dtype=torch.long)
         tr = train_one_epoch(net, data["train"], order, cfg, optimizer, generator, progress,
@@ -290,7 +291,8 @@ def _train(cfg: Config, out: Path, dev: torch.device, ddp: Distributed, resume: 
                "val_loss": va["loss"], "val_bce": va["bce"], "val_accuracy": va["accuracy"], "val_roc_auc": va["roc_auc"],
                "val_recall": va["recall"], "val_specificity": va["specificity"],
                "train_images": tr["images"], "train_seconds": round(tr["seconds"], 2),
-               "train_images_per_s": round(tr["images_per_s"], 1)}
+               "train_images_per_s": round(tr["images_per_s"], 1),
+               "epoch_seconds": round(time.perf_counter() - epoch_start, 2)}
         history.append(row)
         improved = va["loss"] < best_loss
         best_loss = min(best_loss, va["loss"])
@@ -314,14 +316,22 @@ def _train(cfg: Config, out: Path, dev: torch.device, ddp: Distributed, resume: 
     if not ddp.is_main:
         return {}
 
-    # best.pt keeps the best weights but gets the complete history, for the curves.
+    # best.pt keeps the best weights; it gets the complete history (for the curves) and the decision
+    # threshold chosen on validation by the configured rule.
     best = torch.load(out / "best.pt", map_location="cpu", weights_only=True)
+    model.load_state_dict(best["state_dict"])
+    val_probs = torch.sigmoid(predict_logits(model, data["val"], cfg)).float().cpu().numpy()
+    t = cfg.train
+    best["threshold"] = choose_threshold(data["val"].labels.cpu().numpy(), val_probs, t.threshold_rule,
+                                         t.target_sensitivity, t.threshold)
+    best["threshold_rule"] = {"rule": t.threshold_rule, "target_sensitivity": t.target_sensitivity, "chosen_on": "val"}
     best["history"] = history
     ckpt_io.save(best, out / "best.pt")
     epochs_run = [h for h in history if h["epoch"] >= start_epoch]
     steady = [h["train_images_per_s"] for h in epochs_run[1:]] or [h["train_images_per_s"] for h in epochs_run]
     summary = {
         "best_epoch": best["epoch"], "best_val": best["metrics"]["val"], "epochs": len(history),
+        "threshold": best["threshold"], "threshold_rule": best["threshold_rule"],
         "train_images": len(data["train"]), "val_images": len(data["val"]),
         "unreadable_files": {**cached["train"].errors, **cached["val"].errors},
         "device": str(dev), "processes": ddp.world_size, "threads": torch.get_num_threads(),

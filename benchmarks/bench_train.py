@@ -1,0 +1,98 @@
+#!/usr/bin/env python3
+"""Training speed: pneumoscan vs the original Keras/TensorFlow pipeline, end to end from the image folder.
+
+Both run the paper's recipe (PReLU model, batch 16, zoom 0.5 + vertical flip) on the same folder, one
+after the other in this one run, each in its own process so peak memory is its own:
+
+- pneumoscan: `pneumoscan train --epochs 2` with an empty pixel cache. First-epoch time = setup (scan,
+  patient split, decoding every JPEG into the cache) + epoch 1 (training and validation). Steady state =
+  training images/s of epoch 2 (validation excluded, as for Keras).
+- Keras: `benchmarks/keras_baseline.py train --epochs 1` in the separate TensorFlow venv made by
+  `benchmarks/setup_tf.sh`; steady state excludes its first 10 batches.
+
+    .venv/bin/python benchmarks/bench_train.py [--data ../shared/data/chest_xray] [--keras-epochs 1]
+
+Prints a table and one JSON line. Keras trains on all of train/ (the notebook has no validation split);
+pneumoscan on train/ minus its validation patients, so compare images/s, not epoch times.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+KERAS_PY = ROOT / ".venv-tf" / "bin" / "python"
+
+
+def run_pneumoscan(data: str, epochs: int, extra: list[str], keep: str | None) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        env = {**os.environ, "PNEUMOSCAN_CACHE": str(Path(tmp) / "cache")}
+        out = Path(keep) if keep else Path(tmp) / "run"
+        cmd = [sys.executable, "-m", "pneumoscan", "train", "--data", data, "--out", str(out), "--epochs", str(epochs),
+               "--no-eval", "--no-progress", *extra]
+        t0 = time.perf_counter()
+        subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL)
+        wall = time.perf_counter() - t0
+        summary = json.loads((out / "summary.json").read_text())
+        history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return {
+        "wall_seconds": round(wall, 1),
+        "setup_seconds": summary["setup_seconds"],
+        "first_epoch_seconds": round(summary["setup_seconds"] + history[0]["epoch_seconds"], 1),
+        "epoch_seconds": [h["epoch_seconds"] for h in history],
+        "images_per_s": history[-1]["train_images_per_s"],
+        "train_images": summary["train_images"],
+        "peak_memory_mb": summary["peak_memory_mb"],
+        "val_accuracy": [round(h["val_accuracy"], 4) for h in history],
+        "val_roc_auc": [round(h["val_roc_auc"], 4) for h in history],
+    }
+
+
+def run_keras(data: str, epochs: int) -> dict | None:
+    if not KERAS_PY.exists():
+        print(f"skipping the Keras baseline: {KERAS_PY} not found (run benchmarks/setup_tf.sh)", file=sys.stderr)
+        return None
+    cmd = [str(KERAS_PY), str(ROOT / "benchmarks" / "keras_baseline.py"), "train", "--data", str(Path(data) / "train"),
+           "--epochs", str(epochs)]
+    proc = subprocess.run(cmd, check=True, capture_output=True, text=True)
+    r = json.loads(proc.stdout.strip().splitlines()[-1])
+    return {"images_per_s": round(r["images_per_s"], 1), "first_epoch_seconds": round(r["first_epoch_seconds"], 1),
+            "train_images": r["n_images"], "peak_memory_mb": round(r["peak_rss_mb"], 1),
+            "versions": f"TensorFlow {r['tf_version']}, Keras {r['keras_version']}"}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", default=os.environ.get("PNEUMOSCAN_DATA", str(ROOT / ".." / "shared" / "data" / "chest_xray")))
+    ap.add_argument("--epochs", type=int, default=2, help="pneumoscan epochs (the last one gives the steady state)")
+    ap.add_argument("--keras-epochs", type=int, default=1)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--keep", metavar="RUN_DIR", help="keep pneumoscan's run folder here (e.g. to evaluate it)")
+    args = ap.parse_args()
+
+    ours = run_pneumoscan(args.data, args.epochs, ["--device", args.device], args.keep)
+    keras = run_keras(args.data, args.keras_epochs)
+    result = {"machine": f"{platform.machine()}, {os.cpu_count()} cores", "date": time.strftime("%Y-%m-%d"),
+              "pneumoscan": ours, "keras": keras}
+    print(f"{'':24}{'pneumoscan':>14}{'Keras/TF':>14}{'ratio':>8}")
+    for key, label, better_high in (("images_per_s", "train images/s", True),
+                                    ("first_epoch_seconds", "first epoch s", False),
+                                    ("peak_memory_mb", "peak memory MB", False)):
+        k = keras[key] if keras else float("nan")
+        ratio = (ours[key] / k if better_high else k / ours[key]) if keras else float("nan")
+        result[f"ratio_{key}"] = round(ratio, 2)
+        print(f"{label:24}{ours[key]:>14}{k:>14}{ratio:>7.2f}x")
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
