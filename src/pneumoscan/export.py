@@ -108,7 +108,7 @@ def export_onnx_bytes(checkpoint_path: str | os.PathLike, opset: int = MIN_OPSET
     with _quiet_exporter(), torch.no_grad():
         program = torch.onnx.export(
             wrapper, (example,), dynamo=True, opset_version=opset, input_names=[INPUT_NAME],
-            output_names=[OUTPUT_NAME], dynamic_shapes={"pixels": {0: torch.export.Dim("batch")}},
+            output_names=[OUTPUT_NAME], dynamic_shapes={INPUT_NAME: {0: torch.export.Dim("batch")}},
             optimize=True, verbose=False,
         )
     model = program.model_proto
@@ -160,7 +160,10 @@ def _check_parity(wrapper: Any, data: bytes, size: int, atol: float = 1e-4) -> N
 
 
 def default_threads() -> int:
-    """CPU cores this process may use (its affinity mask, not the whole machine)."""
+    """OMP_NUM_THREADS when set (as PyTorch honours it), else the cores this process may use."""
+    env = os.environ.get("OMP_NUM_THREADS", "").strip()
+    if env.isdigit() and int(env) > 0:
+        return int(env)
     try:
         return max(1, len(os.sched_getaffinity(0)))
     except AttributeError:  # not on Linux
@@ -170,9 +173,9 @@ def default_threads() -> int:
 class OnnxPredictor:
     """An exported model in ONNX Runtime (CPU): `predict_arrays` as `Predictor.predict_arrays`.
 
-    `source` is a .onnx file written by `export_onnx` or its bytes. `threads` caps the intra-op
-    thread pool (default: the cores this process may use); operators run one at a time, since this
-    network is a chain and inter-op parallelism would only oversubscribe a small machine.
+    `source` is a .onnx file written by `export_onnx` or its bytes. `threads` sizes the intra-op
+    thread pool (default `default_threads()`); operators run one at a time, since this network is a
+    chain and inter-op parallelism would only oversubscribe a small machine.
     """
 
     def __init__(self, source: str | os.PathLike | bytes, threads: int | None = None):

@@ -32,8 +32,8 @@ class Prediction:
 class Predictor:
     """A loaded checkpoint ready to score images: `predict_arrays`, `predict_file`, `predict_files`.
 
-    `backend="onnx"` exports the model in memory (nothing is written) and runs it with ONNX Runtime
-    on the CPU (`pip install 'pneumoscan[onnx]'`); `"torch"` runs the PyTorch model on `device`.
+    `backend="onnx"` exports the model in memory (nothing is written; it takes seconds) and runs it
+    with ONNX Runtime on the CPU (`pip install 'pneumoscan[onnx]'`); `"torch"` runs PyTorch on `device`.
     """
 
     def __init__(self, checkpoint: str | os.PathLike, device: str = "auto", batch_size: int = 32,

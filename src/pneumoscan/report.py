@@ -19,6 +19,10 @@ def _fmt(v: Any) -> str:
     return "n/a" if v is None else f"{v:.4f}" if isinstance(v, float) else str(v)
 
 
+def _ci(ci: list[float] | None) -> str:
+    return f"[{ci[0]:.4f}, {ci[1]:.4f}]" if ci else ""
+
+
 def write_run_report(run_dir: str | Path, eval_dir: str | Path) -> Path:
     """run_dir/report.md: data, recipe, training, validation metrics beside the paper's published ones."""
     run_dir, eval_dir = Path(run_dir), Path(eval_dir)
@@ -56,17 +60,20 @@ def write_run_report(run_dir: str | Path, eval_dir: str | Path) -> Path:
         "",
         f"![accuracy]({rel}/accuracy.png) ![loss]({rel}/loss.png)",
         "",
-        f"## Validation metrics (threshold {m['threshold']:.2f}, n = {m['n']})",
+        f"## Validation metrics (threshold {m['threshold']:.3f}, rule: {m['threshold_rule']['rule']}, n = {m['n']})",
         "",
-        "| metric | this run, validation split | paper, official test split (theirs) |",
+        "| metric | this run, validation split [95% CI] | paper, official test split (theirs) |",
         "|---|---|---|",
-        *[f"| {k} | {_fmt(m[k])} | {_fmt(PAPER_TEST[k])} |" for k in METRIC_NAMES],
+        *[f"| {k} | {_fmt(m[k])} {_ci(m['ci95'].get(k))} | {_fmt(PAPER_TEST[k])} |" for k in METRIC_NAMES],
         f"| confusion matrix [[tn, fp], [fn, tp]] | {m['confusion_matrix']} | {PAPER_TEST['confusion_matrix']} |",
         "",
         "The paper's figures are theirs: measured on the official test split, with the checkpoint chosen on that same",
         "split, so they are optimistic and not directly comparable with a validation score.",
         "",
-        f"![ROC]({rel}/roc.png) ![confusion matrix]({rel}/confusion_matrix.png)",
+        f"Calibration: expected calibration error {m['calibration']['ece']:.3f}, Brier score {m['calibration']['brier']:.3f}. "
+        f"Confidence intervals: {m['ci_method']}.",
+        "",
+        f"![ROC]({rel}/roc.png) ![confusion matrix]({rel}/confusion_matrix.png) ![reliability]({rel}/reliability.png)",
         "",
     ]
     if summary.get("unreadable_files"):

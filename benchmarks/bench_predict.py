@@ -1,0 +1,222 @@
+#!/usr/bin/env python3
+"""Prediction speed on this machine: pneumoscan (PyTorch and ONNX Runtime backends) against the Keras original.
+
+One run measures, on the same N images (a seeded sample across NORMAL/ and PNEUMONIA/):
+
+(a) folder of JPEGs -> probabilities with `Predictor` (torch backend, CPU), decoding included;
+(b) the same with `Predictor(backend="onnx")`;
+(c) the paper's Keras pipeline: ``.venv-tf/bin/python benchmarks/keras_baseline.py predict`` in a
+    subprocess (its LAST stdout line is JSON; ``images_per_s`` is read), skipped when ``.venv-tf`` is
+    missing (``bash benchmarks/setup_tf.sh`` creates it);
+(d) single-image latency, p50 / p99 of ``Predictor.predict_file(jpeg_bytes)`` over ``--repeats`` calls
+    after a warm-up, for both backends.
+
+Each pipeline is warmed up on one batch before it is timed (as keras_baseline.py does), and every
+file is read once beforehand so no pipeline pays for a cold disk. The chosen files are linked into a
+temporary NORMAL/ + PNEUMONIA/ folder that every pipeline reads. Without ``--checkpoint`` a freshly
+initialised paper model (150 px, PReLU) is used: speed does not depend on the weights.
+
+    .venv/bin/python benchmarks/bench_predict.py --limit 512
+    .venv/bin/python benchmarks/bench_predict.py --checkpoint runs/x/best.pt --data ../shared/data/chest_xray/test
+
+Prints a table, then one JSON line (the last line) with every figure and the ratios to Keras.
+Run it on an otherwise idle machine: next to another CPU-bound process, PyTorch's OpenMP threads
+stall at every operator (seen on 2 cores beside a training job: ~590 ms per image with 2 threads,
+~11 ms with 1). ``OMP_NUM_THREADS=N`` fixes the thread count of both pneumoscan backends.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import onnxruntime
+import torch
+
+from pneumoscan import __version__
+from pneumoscan import checkpoint as ckpt_io
+from pneumoscan.config import Config
+from pneumoscan.images import is_image_file
+from pneumoscan.predict import Predictor
+
+ROOT = Path(__file__).resolve().parents[1]
+CLASSES = ("NORMAL", "PNEUMONIA")
+
+
+def choose_files(data: Path, limit: int, seed: int) -> list[Path]:
+    """A seeded sample of `limit` images drawn across both class folders (all of them if fewer)."""
+    files = [f for cls in CLASSES if (data / cls).is_dir()
+             for f in sorted((data / cls).rglob("*")) if f.is_file() and is_image_file(f)]
+    if not files:
+        raise SystemExit(f"no images under {data}/{{{','.join(CLASSES)}}}")
+    if limit and len(files) > limit:
+        rng = np.random.default_rng(seed)
+        files = [files[i] for i in sorted(rng.choice(len(files), size=limit, replace=False))]
+    return files
+
+
+def link_folder(files: list[Path], data: Path, dest: Path) -> list[str]:
+    """Symlinks to `files` under dest/NORMAL and dest/PNEUMONIA; returns the links' paths."""
+    links = []
+    for f in files:
+        rel = f.relative_to(data)
+        link = dest / rel.parts[0] / "__".join(rel.parts[1:])
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(f.resolve())
+        links.append(str(link))
+    return links
+
+
+def fresh_checkpoint(dest: Path) -> Path:
+    cfg = Config()  # the paper's recipe: seed CNN, PReLU, 150 px
+    torch.manual_seed(0)
+    path = dest / "fresh-paper-model.pt"
+    ckpt_io.save(ckpt_io.make_checkpoint(ckpt_io.build_model(cfg), cfg, threshold=cfg.train.threshold), path)
+    return path
+
+
+def time_folder(predictor: Predictor, paths: list[str]) -> tuple[dict, np.ndarray]:
+    size = predictor.prep.image_size
+    predictor.predict_arrays(np.zeros((predictor.batch_size, size, size), np.uint8))  # warm-up, not timed
+    t0 = time.perf_counter()
+    rows = list(predictor.predict_files(paths))
+    seconds = time.perf_counter() - t0
+    errors = [r for r in rows if r.error]
+    if errors:
+        raise SystemExit(f"{len(errors)} files failed, e.g. {errors[0].error}")
+    return {"images_per_s": len(paths) / seconds, "seconds": seconds}, np.array([r.probability for r in rows])
+
+
+def time_latency(predictor: Predictor, jpeg: bytes, repeats: int, warmup: int = 10) -> dict:
+    for _ in range(warmup):
+        predictor.predict_file(jpeg, name="latency.jpeg")
+    ms = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        predictor.predict_file(jpeg, name="latency.jpeg")
+        ms.append(1000.0 * (time.perf_counter() - t0))
+    return {"p50_ms": float(np.percentile(ms, 50)), "p99_ms": float(np.percentile(ms, 99)),
+            "mean_ms": float(np.mean(ms)), "repeats": repeats}
+
+
+def run_keras(folder: Path, n: int, python: Path) -> dict:
+    if not python.is_file():
+        return {"skipped": f"{python} not found; run `bash benchmarks/setup_tf.sh` to create the Keras venv"}
+    cmd = [str(python), str(ROOT / "benchmarks" / "keras_baseline.py"), "predict", "--data", str(folder),
+           "--limit", str(n), "--array-images", str(min(n, 512))]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    lines = proc.stdout.strip().splitlines()
+    if proc.returncode != 0 or not lines:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+        return {"skipped": f"keras_baseline.py failed (exit {proc.returncode}): {' | '.join(tail)}"}
+    try:
+        result = json.loads(lines[-1])
+    except json.JSONDecodeError:
+        return {"skipped": f"keras_baseline.py's last line is not JSON: {lines[-1][:200]!r}"}
+    if result.get("n_images") != n:
+        return {"skipped": f"keras_baseline.py scored {result.get('n_images')} images, expected {n}"}
+    return result
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--checkpoint", type=Path, help="a pneumoscan checkpoint (default: a fresh paper model)")
+    ap.add_argument("--data", type=Path, default=ROOT / ".." / "shared" / "data" / "chest_xray" / "train",
+                    help="folder with NORMAL/ and PNEUMONIA/ (default: ../shared/data/chest_xray/train)")
+    ap.add_argument("--limit", type=int, default=512, help="number of images (seeded sample; default 512)")
+    ap.add_argument("--repeats", type=int, default=200, help="single-image latency repetitions (default 200)")
+    ap.add_argument("--batch-size", type=int, default=32, help="pneumoscan batch size (Keras predicts in 32s)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--keras-python", type=Path, default=ROOT / ".venv-tf" / "bin" / "python")
+    args = ap.parse_args(argv)
+
+    files = choose_files(args.data, args.limit, args.seed)
+    n = len(files)
+    with tempfile.TemporaryDirectory(prefix="bench-predict-") as tmp:
+        tmp = Path(tmp)
+        folder = tmp / "images"
+        paths = link_folder(files, args.data, folder)
+        for f in files:  # warm the page cache so no pipeline pays for a cold disk
+            f.read_bytes()
+        checkpoint = args.checkpoint or fresh_checkpoint(tmp)
+
+        results: dict[str, dict] = {}
+        probs = {}
+        for backend in ("torch", "onnx"):
+            t0 = time.perf_counter()
+            predictor = Predictor(checkpoint, device="cpu", batch_size=args.batch_size, backend=backend)
+            startup = time.perf_counter() - t0
+            folder_result, probs[backend] = time_folder(predictor, paths)
+            results[backend] = {**folder_result, "startup_s": startup,
+                                **{f"latency_{k}": v for k, v in time_latency(predictor, files[0].read_bytes(),
+                                                                              args.repeats).items()}}
+            if backend == "onnx":
+                onnx_threads = predictor.onnx.threads
+            del predictor
+        keras = run_keras(folder, n, args.keras_python)
+        cfg = ckpt_io.load(checkpoint).config
+
+    keras_ips = keras.get("images_per_s")
+    summary = {
+        "benchmark": "predict",
+        "n_images": n,
+        "data": str(args.data),
+        "checkpoint": str(args.checkpoint) if args.checkpoint else "fresh paper model (untrained)",
+        "image_size": cfg.preprocessing.image_size,
+        "activation": cfg.model.activation,
+        "batch_size": args.batch_size,
+        "torch": results["torch"],
+        "onnx": results["onnx"],
+        "keras": {k: keras[k] for k in ("images_per_s", "seconds", "load_images_per_s", "predict_images_per_s",
+                                        "tf_version", "keras_version") if k in keras} or keras,
+        "ratio_torch_to_keras": results["torch"]["images_per_s"] / keras_ips if keras_ips else None,
+        "ratio_onnx_to_keras": results["onnx"]["images_per_s"] / keras_ips if keras_ips else None,
+        "ratio_onnx_to_torch": results["onnx"]["images_per_s"] / results["torch"]["images_per_s"],
+        "max_abs_prob_diff_torch_onnx": float(np.max(np.abs(probs["torch"] - probs["onnx"]))),
+        "env": {
+            "cpu": cpu_model(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "onnx_threads": onnx_threads,
+            "pneumoscan": __version__, "torch": torch.__version__, "python": platform.python_version(),
+            "onnxruntime": onnxruntime.__version__, "loadavg_1m": os.getloadavg()[0],
+        },
+    }
+
+    print(f"prediction benchmark: {n} images, {summary['image_size']} px, {summary['activation']}, "
+          f"{summary['env']['cpu']} ({summary['env']['cpu_count']} CPUs, load {summary['env']['loadavg_1m']:.2f}; "
+          f"threads: torch {summary['env']['torch_threads']}, onnx {onnx_threads})")
+    print(f"{'pipeline':<22}{'images/s':>10}{'vs Keras':>10}{'p50 ms':>9}{'p99 ms':>9}{'startup s':>11}")
+    for name, key in (("pneumoscan torch", "torch"), ("pneumoscan onnx", "onnx")):
+        r = results[key]
+        ratio = f"{r['images_per_s'] / keras_ips:.2f}x" if keras_ips else "-"
+        print(f"{name:<22}{r['images_per_s']:>10.1f}{ratio:>10}{r['latency_p50_ms']:>9.2f}{r['latency_p99_ms']:>9.2f}"
+              f"{r['startup_s']:>11.2f}")
+    if keras_ips:
+        print(f"{'keras (paper)':<22}{keras_ips:>10.1f}{'1.00x':>10}{'-':>9}{'-':>9}{'-':>11}")
+    else:
+        print(f"keras (paper): skipped: {keras['skipped']}")
+    print(f"max |p_torch - p_onnx| on these images: {summary['max_abs_prob_diff_torch_onnx']:.2g}"
+          + ("" if args.checkpoint else " (untrained model: its outputs hardly vary, so this says little)"))
+    print(json.dumps(summary), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
