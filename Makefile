@@ -18,7 +18,7 @@ setup: $(BIN)/pneumoscan
 
 run: setup
 	$(BIN)/pneumoscan train --data $(DATA) --out $(RUN) --recipe paper
-	@echo "report: $(RUN)/report.md"
+	@echo "report: $(RUN)/report.html"
 
 test: setup
 	$(BIN)/python -m pytest -q

@@ -15,14 +15,16 @@ def test_train_evaluate_predict_on_generated_images(tiny_data, tmp_path, capsys)
     assert main(["train", "--data", str(tiny_data), "--out", str(run), "--epochs", "1", "--image-size", "48",
                  "--batch-size", "8", "--val-fraction", "0.25", "--no-progress", "--device", "cpu"]) == 0
     assert (run / "eval-val" / "metrics.json").is_file()
-    report = (run / "report.md").read_text()
-    assert "Validation metrics" in report and "paper, official test split (theirs)" in report
+    report = (run / "report.html").read_text()
+    assert "Results on the val split" in report and "official test split (<i>theirs</i>)" in report
+    assert report.count("data:image/png;base64,") >= 6 and "not a medical device" in report
     assert main(["evaluate", str(run / "best.pt"), "--split", "val", "--out", str(tmp_path / "ev")]) == 0
     m = json.loads((tmp_path / "ev" / "metrics.json").read_text())
     for key in ("accuracy", "precision", "recall", "specificity", "f1", "roc_auc", "threshold"):
         assert m[key] is None or 0 <= m[key] <= 1, key
     assert len(m["confusion_matrix"]) == 2 and m["n"] == sum(map(sum, m["confusion_matrix"]))
-    for png in ("accuracy.png", "loss.png", "roc.png", "confusion_matrix.png"):
+    assert "Results on the val split" in (tmp_path / "ev" / "report.html").read_text()
+    for png in ("accuracy.png", "loss.png", "roc.png", "pr.png", "confusion_matrix.png", "reliability.png"):
         assert (tmp_path / "ev" / png).stat().st_size > 1000
 
     bad = tmp_path / "broken.jpeg"
@@ -56,3 +58,40 @@ def test_end_to_end_on_a_small_real_subset(tmp_path):
     out_csv = tmp_path / "p.csv"
     assert main(["predict", str(run / "best.pt"), str(data / "train" / "PNEUMONIA"), "--out", str(out_csv)]) == 0
     assert len(list(csv.DictReader(out_csv.open()))) == 120
+
+
+def test_export_and_onnx_prediction_agree_with_torch(tiny_data, tmp_path):
+    pytest.importorskip("onnxruntime")
+    run = tmp_path / "run"
+    assert main(["train", "--data", str(tiny_data), "--out", str(run), "--epochs", "1", "--image-size", "48",
+                 "--batch-size", "8", "--val-fraction", "0.25", "--no-progress", "--no-eval", "--device", "cpu"]) == 0
+    assert main(["export", str(run / "best.pt"), "--out", str(tmp_path / "model.onnx")]) == 0
+    assert (tmp_path / "model.onnx").stat().st_size > 100_000
+    folder = str(tiny_data / "train" / "PNEUMONIA")
+    assert main(["predict", str(run / "best.pt"), folder, "--out", str(tmp_path / "t.csv")]) == 0
+    assert main(["predict", str(run / "best.pt"), folder, "--out", str(tmp_path / "o.csv"), "--backend", "onnx"]) == 0
+    torch_rows = list(csv.DictReader((tmp_path / "t.csv").open()))
+    onnx_rows = list(csv.DictReader((tmp_path / "o.csv").open()))
+    assert [r["path"] for r in torch_rows] == [r["path"] for r in onnx_rows]
+    for a, b in zip(torch_rows, onnx_rows):
+        assert abs(float(a["probability"]) - float(b["probability"])) < 1e-4
+
+
+def test_compare_activations_over_seeds(tiny_data, tmp_path, capsys):
+    out = tmp_path / "cmp"
+    args = ["compare", "--data", str(tiny_data), "--out", str(out), "--activations", "relu", "prelu", "--seeds", "0", "1",
+            "--epochs", "1", "--image-size", "48", "--batch-size", "8", "--val-fraction", "0.25", "--no-progress",
+            "--device", "cpu"]
+    assert main(args) == 0
+    r = json.loads((out / "compare.json").read_text())
+    assert set(r["table"]) == {"relu", "prelu"} and len(r["runs"]["relu"]) == 2
+    for col in ("train_accuracy", "accuracy", "train_loss", "loss", "roc_auc"):
+        assert r["table"]["prelu"][col]["sd"] is not None
+    assert {t["metric"] for t in r["tests"]} == {"accuracy", "roc_auc", "loss"}
+    md = (out / "compare.md").read_text()
+    assert "± " in md and "Table IV (theirs" in md
+    assert "<table>" in (out / "report.html").read_text()
+    # finished runs are reused, not retrained
+    stamp = (out / "relu-s0" / "best.pt").stat().st_mtime_ns
+    assert main(args) == 0
+    assert (out / "relu-s0" / "best.pt").stat().st_mtime_ns == stamp

@@ -26,4 +26,4 @@ def test_torchrun_two_cpu_processes(tiny_data, tmp_path):
     state = torch.load(run / "best.pt", weights_only=True)
     assert not any(k.startswith("module.") for k in state["state_dict"])
     ckpt_io.load(run / "best.pt")
-    assert (run / "eval-val" / "metrics.json").is_file() and (run / "report.md").is_file()
+    assert (run / "eval-val" / "metrics.json").is_file() and (run / "report.html").is_file()

@@ -94,3 +94,33 @@ def test_bad_checkpoint_file_is_a_clear_error(tmp_path):
     torch.save({"hello": 1}, bad)
     with pytest.raises(ValueError, match="not a pneumoscan checkpoint"):
         ckpt_io.load(bad)
+
+
+def test_balanced_sampling_draws_both_classes_equally_often():
+    from pneumoscan.train import Distributed, epoch_order
+
+    labels = torch.tensor([0] * 100 + [1] * 300)
+    cfg = Config().override("train", sampling="balanced")
+    order = epoch_order(labels, cfg, epoch=1, ddp=Distributed())
+    assert len(order) == 400
+    share = float(labels[order].float().mean())
+    assert 0.4 < share < 0.6
+    assert torch.equal(order, epoch_order(labels, cfg, epoch=1, ddp=Distributed()))
+    halves = [epoch_order(labels, cfg, 1, Distributed(rank=r, world_size=2)) for r in (0, 1)]
+    assert [len(h) for h in halves] == [200, 200]
+    plain = epoch_order(labels, Config(), epoch=1, ddp=Distributed())
+    assert sorted(plain.tolist()) == list(range(400))
+
+
+def test_balanced_class_weights_equalise_the_classes():
+    from pneumoscan.train import balanced_class_weights, model_loss
+
+    labels = torch.tensor([0.0] * 25 + [1.0] * 75)
+    w = balanced_class_weights(labels)
+    assert torch.allclose(w, torch.tensor([2.0, 2 / 3]))
+    assert float(w[0] * 25) == pytest.approx(float(w[1] * 75))
+    logits = torch.zeros(4)
+    targets = torch.tensor([0.0, 1.0, 1.0, 1.0])
+    plain, _ = model_loss(torch.nn.Identity(), logits, targets)
+    weighted, _ = model_loss(torch.nn.Identity(), logits, targets, torch.tensor([3.0, 1.0]))
+    assert float(weighted) == pytest.approx(float(plain) * (3 + 1 + 1 + 1) / 4)

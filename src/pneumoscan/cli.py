@@ -1,4 +1,4 @@
-"""Command line: `pneumoscan train | evaluate | predict`. `main(argv) -> int` so tests call it directly.
+"""Command line: `pneumoscan train | compare | evaluate | predict | explain | export | audit`. `main(argv) -> int` so tests call it directly.
 
 Flags map onto fields of the run `Config`; a flag left out keeps the recipe's value.
 """
@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Sequence
 
 from . import __version__
-from .config import RECIPES, recipe
+from .config import RECIPES, Config, recipe
 from .data import DataError
 from .images import ImageLoadError
 from .metrics import THRESHOLD_RULES
@@ -28,17 +28,17 @@ def default_data_root() -> str:
     return os.environ.get("PNEUMOSCAN_DATA", DEFAULT_DATA)
 
 
-def _add_train(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("train", help="train a model; writes best.pt, last.pt, metrics.jsonl, config.json into --out")
+def _add_config_flags(p: argparse.ArgumentParser, activation: bool = True) -> None:
+    """Flags that override fields of the recipe's Config (left out: the recipe's value)."""
     p.add_argument("--data", default=None, help=f"data root in Kaggle layout (default: $PNEUMOSCAN_DATA or {DEFAULT_DATA})")
-    p.add_argument("--out", required=True, help="run folder")
     p.add_argument("--recipe", default="paper", choices=sorted(RECIPES), help="starting configuration (default: paper)")
     p.add_argument("--model", choices=model_names(), help="registered model name")
-    p.add_argument("--activation", choices=ACTIVATIONS)
+    if activation:
+        p.add_argument("--activation", choices=ACTIVATIONS, help="the paper's model: one of Table IV's rectifiers")
+    p.add_argument("--pretrained", metavar="FILE", help="resnet18 / densenet121: local ImageNet weights (torchvision layout)")
     p.add_argument("--epochs", type=int)
     p.add_argument("--batch-size", type=int)
     p.add_argument("--lr", type=float)
-    p.add_argument("--seed", type=int, help="seed for initialisation, shuffling and augmentation")
     p.add_argument("--val-fraction", type=float, help="share of train patients carved out for validation")
     p.add_argument("--split-seed", type=int, help="seed of the patient-level validation split")
     p.add_argument("--image-size", type=int)
@@ -49,13 +49,43 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threshold-rule", choices=THRESHOLD_RULES,
                    help="how the decision threshold is chosen on validation after training (paper: fixed 0.5)")
     p.add_argument("--target-sensitivity", type=float, help="for --threshold-rule sensitivity (default 0.95)")
+    p.add_argument("--class-weight", choices=["none", "balanced"], help="weight the loss by inverse class frequency")
+    p.add_argument("--sampling", choices=["shuffle", "balanced"], help="balanced: draw both classes equally often")
     p.add_argument("--early-stopping", action="store_true", default=None,
                    help="stop when validation accuracy stops improving (Keras semantics of the notebook)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda (auto picks CUDA when present)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def config_from_args(a: argparse.Namespace) -> Config:
+    cfg = recipe(a.recipe)
+    cfg = cfg.override("data", root=a.data or default_data_root(), val_fraction=a.val_fraction, split_seed=a.split_seed)
+    cfg = cfg.override("model", name=a.model, activation=getattr(a, "activation", None), pretrained=a.pretrained)
+    cfg = cfg.override("train", epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, seed=getattr(a, "seed", None),
+                       early_stopping=a.early_stopping, threshold_rule=a.threshold_rule,
+                       target_sensitivity=a.target_sensitivity, class_weight=a.class_weight, sampling=a.sampling)
+    cfg = cfg.override("preprocessing", image_size=a.image_size, resize_filter=a.resize_filter)
+    return cfg.override("augmentation", zoom=a.zoom, vertical_flip=a.vertical_flip, horizontal_flip=a.horizontal_flip)
+
+
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="train a model; writes best.pt, last.pt, metrics.jsonl, config.json into --out")
+    _add_config_flags(p)
+    p.add_argument("--out", required=True, help="run folder")
+    p.add_argument("--seed", type=int, help="seed for initialisation, shuffling and augmentation")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run from its last.pt")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
     p.add_argument("--no-eval", action="store_true", help="skip evaluating best.pt on the validation split at the end")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--tensorboard", action="store_true", help="also log scalars and plots to RUN_DIR/tensorboard")
+
+
+def _add_compare(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("compare", help="Table IV properly: activations x seeds, mean +- sd, differences vs noise")
+    _add_config_flags(p, activation=False)
+    p.add_argument("--out", required=True, help="comparison folder (finished runs inside are reused)")
+    p.add_argument("--activations", nargs="+", choices=ACTIVATIONS, default=list(ACTIVATIONS))
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    p.add_argument("--split", default="val", choices=["val", "test"], help="split the table reports (default: val)")
 
 
 def _add_evaluate(sub: argparse._SubParsersAction) -> None:
@@ -75,6 +105,29 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="CSV to write (path, probability, label, error)")
     p.add_argument("--device", default="auto")
     p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--backend", choices=["torch", "onnx"], default="torch",
+                   help="onnx: export in memory and run with ONNX Runtime on the CPU (pip install 'pneumoscan[onnx]')")
+
+
+def _add_explain(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("explain", help="Grad-CAM heatmaps over the X-rays, one PNG per image, plus probabilities")
+    p.add_argument("checkpoint")
+    p.add_argument("paths", nargs="+", help="image files or folders (searched recursively)")
+    p.add_argument("--out", required=True, help="folder for <name>_gradcam.png and explanations.csv")
+    p.add_argument("--device", default="auto")
+
+
+def _add_export(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("export", help="export a checkpoint to ONNX (self-describing; checked against PyTorch)")
+    p.add_argument("checkpoint")
+    p.add_argument("--out", required=True, help="the .onnx file to write")
+
+
+def _add_audit(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("audit", help="counts, patients, leaks, duplicates and image statistics of a data folder")
+    p.add_argument("--data", default=None, help=f"data root (default: $PNEUMOSCAN_DATA or {DEFAULT_DATA})")
+    p.add_argument("--out", required=True, help="folder for audit.json and counts.png")
+    p.add_argument("--near-distance", type=int, default=2, help="max dHash bit distance for near-identical images")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -83,8 +136,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_train(sub)
+    _add_compare(sub)
     _add_evaluate(sub)
     _add_predict(sub)
+    _add_explain(sub)
+    _add_export(sub)
+    _add_audit(sub)
     return parser
 
 
@@ -92,15 +149,9 @@ def cmd_train(a: argparse.Namespace) -> int:
     from .evaluate import evaluate
     from .train import train
 
-    cfg = recipe(a.recipe)
-    cfg = cfg.override("data", root=a.data or default_data_root(),
-                       val_fraction=a.val_fraction, split_seed=a.split_seed)
-    cfg = cfg.override("model", name=a.model, activation=a.activation)
-    cfg = cfg.override("train", epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, seed=a.seed, early_stopping=a.early_stopping,
-                       threshold_rule=a.threshold_rule, target_sensitivity=a.target_sensitivity)
-    cfg = cfg.override("preprocessing", image_size=a.image_size, resize_filter=a.resize_filter)
-    cfg = cfg.override("augmentation", zoom=a.zoom, vertical_flip=a.vertical_flip, horizontal_flip=a.horizontal_flip)
-    summary = train(cfg, a.out, device=a.device, resume=a.resume, overwrite=a.overwrite, progress=not a.no_progress)
+    cfg = config_from_args(a)
+    summary = train(cfg, a.out, device=a.device, resume=a.resume, overwrite=a.overwrite, progress=not a.no_progress,
+                    tensorboard=a.tensorboard)
     if not summary:  # a torchrun worker other than rank 0: rank 0 reports
         return 0
     print(json.dumps({"summary": summary}), flush=True)
@@ -111,6 +162,20 @@ def cmd_train(a: argparse.Namespace) -> int:
         keys = ("accuracy", "precision", "recall", "specificity", "f1", "roc_auc", "confusion_matrix", "n")
         print(json.dumps({"validation": {k: result[k] for k in keys}}), flush=True)
         print(f"report: {write_run_report(a.out, Path(a.out) / 'eval-val')}")
+        if a.tensorboard:
+            from .tracking import TensorBoardLogger
+
+            tracker = TensorBoardLogger(a.out)
+            tracker.log_plots(Path(a.out) / "eval-val", summary["epochs"])
+            tracker.close()
+    return 0
+
+
+def cmd_compare(a: argparse.Namespace) -> int:
+    from .compare import compare, table_markdown
+
+    result = compare(config_from_args(a), a.out, a.activations, a.seeds, a.split, a.device, progress=not a.no_progress)
+    print("\n".join(table_markdown(result)))
     return 0
 
 
@@ -120,13 +185,14 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
     result = evaluate(a.checkpoint, a.split, a.out, data_root=a.data, device=a.device, progress=not a.no_progress)
     keys = ("split", "n", "accuracy", "precision", "recall", "specificity", "f1", "roc_auc", "threshold", "confusion_matrix")
     print(json.dumps({k: result[k] for k in keys}))
+    print(f"report: {Path(a.out) / 'report.html'}")
     return 0
 
 
 def cmd_predict(a: argparse.Namespace) -> int:
     from .predict import predict_paths
 
-    results = predict_paths(a.checkpoint, a.paths, a.out, device=a.device, batch_size=a.batch_size)
+    results = predict_paths(a.checkpoint, a.paths, a.out, device=a.device, batch_size=a.batch_size, backend=a.backend)
     bad = [r for r in results if r.error]
     for r in bad:
         print(f"error: {r.error}", file=sys.stderr)
@@ -134,13 +200,41 @@ def cmd_predict(a: argparse.Namespace) -> int:
     return 0 if results and len(bad) < len(results) else 1
 
 
+def cmd_explain(a: argparse.Namespace) -> int:
+    from .explain import explain_paths
+
+    rows = explain_paths(a.checkpoint, a.paths, a.out, device=a.device)
+    bad = [r for r in rows if r["error"]]
+    for r in bad:
+        print(f"error: {r['error']}", file=sys.stderr)
+    print(f"{len(rows) - len(bad)} heatmaps written, {len(bad)} unreadable; see {Path(a.out) / 'explanations.csv'}")
+    return 0 if rows and len(bad) < len(rows) else 1
+
+
+def cmd_export(a: argparse.Namespace) -> int:
+    from .export import export_onnx
+
+    print(f"wrote {export_onnx(a.checkpoint, a.out)}")
+    return 0
+
+
+def cmd_audit(a: argparse.Namespace) -> int:
+    from .audit import summary_lines, write_audit
+
+    result = write_audit(a.data or default_data_root(), a.out, a.near_distance)
+    print("\n".join(summary_lines(result)))
+    print(f"wrote {Path(a.out) / 'audit.json'} and {Path(a.out) / 'counts.png'}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    commands = {"train": cmd_train, "evaluate": cmd_evaluate, "predict": cmd_predict}
+    commands = {"train": cmd_train, "compare": cmd_compare, "evaluate": cmd_evaluate, "predict": cmd_predict, "export": cmd_export, "explain": cmd_explain,
+                "audit": cmd_audit}
     try:
         return commands[args.command](args)
-    except (DataError, ImageLoadError, RunDirError, FileNotFoundError, ValueError, RuntimeError) as e:
+    except (DataError, ImageLoadError, RunDirError, ImportError, OSError, ValueError, RuntimeError) as e:
         print(f"pneumoscan {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

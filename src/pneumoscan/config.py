@@ -49,7 +49,8 @@ class DataConfig:
 @dataclass(frozen=True)
 class ModelConfig:
     name: str = "seed"
-    activation: str = "prelu"
+    activation: str = "prelu"  # the paper's model only
+    pretrained: str = ""  # reference models: local file of ImageNet weights in torchvision's layout
 
 
 @dataclass(frozen=True)
@@ -66,6 +67,8 @@ class TrainConfig:
     early_stopping_patience: int = 3
     early_stopping_min_delta: float = 0.1  # on validation accuracy, as the notebook defined it
     drop_last: bool = True  # Keras: steps_per_epoch = samples // batch_size
+    class_weight: str = "none"  # none | balanced: weight each class's loss by N / (2 * N_class)
+    sampling: str = "shuffle"  # shuffle | balanced: draw each class equally often (with replacement)
     eval_batch_size: int = 64
     seed: int = 0
     threshold: float = 0.5  # used as is by the 'fixed' rule

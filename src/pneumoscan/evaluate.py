@@ -1,4 +1,4 @@
-"""Evaluation of a checkpoint on one split: metrics.json, per-image predictions and plots.
+"""Evaluation of a checkpoint on one split: metrics.json, per-image predictions, plots and an HTML report.
 
 This is the only stage that reads a test split. It rebuilds the split and the preprocessing from the
 checkpoint (so `--split val` is exactly the validation set the run was trained against).
@@ -17,7 +17,8 @@ import torch
 from . import checkpoint as ckpt_io
 from . import plots
 from .data import cache_images, load_split, split_summary
-from .metrics import binary_metrics, bootstrap_ci, calibration, roc_points
+from .metrics import binary_metrics, bootstrap_ci, calibration, pr_points, roc_points
+from .report import write_eval_report
 from .train import DeviceSplit, predict_logits, select_device
 
 
@@ -63,6 +64,9 @@ def evaluate(checkpoint: str | Path, split: str, out: str | Path, data_root: str
         fpr, tpr = roc_points(labels, probs)
         op = (1 - metrics["specificity"], metrics["recall"])
         plots.roc_curve_plot(fpr, tpr, metrics["roc_auc"], out / "roc.png", op)
+        recall, precision = pr_points(labels, probs)
+        plots.pr_curve_plot(recall, precision, metrics["average_precision"], float(labels.mean()), out / "pr.png")
+    write_eval_report(out)
     return result
 
 

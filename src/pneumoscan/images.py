@@ -14,7 +14,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png")
+from .dicom import DICOM_SUFFIXES, DicomError, dicom_to_grey, is_dicom
+
+IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png", *DICOM_SUFFIXES)
 DEFAULT_MAX_MEGAPIXELS = 100.0
 _FILTERS = {
     "nearest": Image.Resampling.NEAREST,
@@ -53,7 +55,9 @@ def _to_grey(img: Image.Image) -> np.ndarray:
 
 
 def load_grey(source: str | os.PathLike | bytes, name: str | None = None, max_megapixels: float = DEFAULT_MAX_MEGAPIXELS) -> np.ndarray:
-    """Decode a JPEG or PNG (a path or its bytes) into a 2-D uint8 grey array, EXIF orientation applied.
+    """Decode a JPEG, PNG or DICOM file (a path or its bytes) into a 2-D uint8 grey array.
+
+    JPEG/PNG: EXIF orientation applied; 16-bit images stretched to their own range. DICOM: see `dicom`.
 
     `name` is what error messages call the file (defaults to the path). Raises ImageLoadError.
     """
@@ -65,6 +69,11 @@ def load_grey(source: str | os.PathLike | bytes, name: str | None = None, max_me
     if not data:
         raise ImageLoadError(label, "file is empty (0 bytes)")
     limit = int(max_megapixels * 1_000_000)
+    if is_dicom(data) or label.lower().endswith(DICOM_SUFFIXES):
+        try:
+            return dicom_to_grey(data, limit)
+        except DicomError as e:
+            raise ImageLoadError(label, str(e)) from None
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -78,7 +87,7 @@ def load_grey(source: str | os.PathLike | bytes, name: str | None = None, max_me
     except ImageLoadError:
         raise
     except UnidentifiedImageError:
-        raise ImageLoadError(label, "not a recognised image (expected JPEG or PNG)") from None
+        raise ImageLoadError(label, "not a recognised image (expected JPEG, PNG or DICOM)") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise ImageLoadError(label, f"decompression bomb refused ({e})") from None
     except (OSError, SyntaxError, ValueError, EOFError) as e:

@@ -43,6 +43,12 @@ def roc_points(labels: np.ndarray, probs: np.ndarray) -> tuple[np.ndarray, np.nd
     return fpr, tpr
 
 
+def pr_points(labels: np.ndarray, probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(recall, precision) along the precision-recall curve."""
+    precision, recall, _ = skm.precision_recall_curve(np.asarray(labels).astype(int), np.asarray(probs))
+    return recall, precision
+
+
 THRESHOLD_RULES = ("fixed", "youden", "sensitivity")
 
 

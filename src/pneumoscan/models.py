@@ -8,6 +8,7 @@ are exposed through `regularization_loss()` so the training loop adds them exact
 
 from __future__ import annotations
 
+import re
 from typing import Callable
 
 import torch
@@ -185,3 +186,74 @@ class SeedCNN(nn.Module):
 @register("seed")
 def seed_cnn(activation: str = "prelu", in_channels: int = 3, image_size: int = 150, **_: object) -> nn.Module:
     return SeedCNN(activation=activation, in_channels=in_channels, image_size=image_size)
+
+
+# --- reference models (the paper compares with an ImageNet ResNet; CheXNet is a DenseNet-121) ---------------
+
+def _monai_nets():
+    try:
+        from monai.networks import nets
+    except ImportError as e:
+        raise ImportError(f"the reference models use MONAI's networks ({e}); install them with: "
+                          "pip install 'pneumoscan[models]'") from e
+    return nets
+
+
+class GreyClassifier(nn.Module):
+    """Wraps a 1-channel-in, 1-logit-out network: accepts grey (B, 1, S, S) or replicated (B, 3, S, S) input."""
+
+    def __init__(self, net: nn.Module, cam_layer: str):
+        super().__init__()
+        self.net = net
+        self.cam_layer = cam_layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[1] > 1:  # a replicated grey image: the channels are equal
+            x = x.mean(1, keepdim=True)
+        return self.net(x).squeeze(1)
+
+
+@register("resnet18")
+def resnet18(**_: object) -> nn.Module:
+    """ResNet-18 as in torchvision (7x7 stride-2 stem, 1x1 projection shortcuts), grey input, one logit."""
+    net = _monai_nets().resnet18(spatial_dims=2, n_input_channels=1, num_classes=1, conv1_t_size=7, conv1_t_stride=2,
+                                 shortcut_type="B", bias_downsample=False)
+    return GreyClassifier(net, cam_layer="net.layer4")
+
+
+@register("densenet121")
+def densenet121(**_: object) -> nn.Module:
+    """DenseNet-121, the CheXNet architecture, grey input, one logit."""
+    net = _monai_nets().DenseNet121(spatial_dims=2, in_channels=1, out_channels=1)
+    return GreyClassifier(net, cam_layer="net.features.norm5")
+
+
+_TORCHVISION_DENSE = re.compile(r"^(.*denselayer\d+)\.((?:norm|relu|conv)\.?[12]\.(?:weight|bias|running_mean|running_var|num_batches_tracked))$")
+
+
+def load_pretrained(model: nn.Module, path: str) -> dict[str, list[str]]:
+    """Load ImageNet weights in torchvision's layout from a local file into a reference model.
+
+    The RGB stem kernel is summed over its colour channels (the input is grey), torchvision's DenseNet
+    names are mapped to MONAI's, and the 1000-class head is skipped. Returns the keys left untouched.
+    """
+    if not isinstance(model, GreyClassifier):
+        raise ValueError("pretrained weights can be loaded into the reference models (resnet18, densenet121) only")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch.load raises OSError, pickle errors, RuntimeError...: all mean the same here
+        raise ValueError(f"{path}: cannot read pretrained weights ({type(e).__name__}: {e})") from None
+    state = state.get("state_dict", state) if isinstance(state, dict) else state
+    target = model.net.state_dict()
+    mapped: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        m = _TORCHVISION_DENSE.match(key)
+        key = f"{m.group(1)}.layers.{m.group(2).replace('.1.', '1.').replace('.2.', '2.')}" if m else key
+        if key in target and value.dim() == 4 and target[key].shape[1] == 1 and value.shape[1] == 3:
+            value = value.sum(1, keepdim=True)  # RGB stem -> grey stem
+        if key in target and target[key].shape == value.shape:
+            mapped[key] = value
+    if not mapped:
+        raise ValueError(f"{path}: no tensor matches {type(model.net).__name__}; expected torchvision's layout")
+    model.net.load_state_dict(mapped, strict=False)
+    return {"loaded": sorted(mapped), "missing": sorted(set(target) - set(mapped))}

@@ -89,3 +89,16 @@ def reliability_plot(calibration: dict[str, Any], out: Path) -> Path:
     ax.legend(loc="upper left")
     ax.grid(alpha=0.3)
     return _save(fig, out)
+
+
+def pr_curve_plot(recall: Sequence[float], precision: Sequence[float], ap: float | None, prevalence: float, out: Path) -> Path:
+    fig, ax = plt.subplots(figsize=(4.5, 4.5))
+    ax.plot(recall, precision, label=f"PR (AP = {ap:.3f})" if ap is not None else "PR")
+    ax.axhline(prevalence, ls="--", color="grey", lw=1, label=f"chance ({prevalence:.2f})")
+    ax.set_xlabel("recall (sensitivity)")
+    ax.set_ylabel("precision")
+    ax.set_title("Precision-recall curve")
+    ax.set_ylim(0, 1.02)
+    ax.legend(loc="lower left")
+    ax.grid(alpha=0.3)
+    return _save(fig, out)

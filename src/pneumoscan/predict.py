@@ -47,6 +47,7 @@ class Predictor:
         loaded = ckpt_io.load(checkpoint, self.device)
         self.model, self.config, self.threshold = loaded.model, loaded.config, loaded.threshold
         self.class_names = loaded.class_names
+        self.cam_layer = loaded.checkpoint.get("cam_layer") or getattr(self.model, "cam_layer", "")
         self.prep = self.config.preprocessing
         self.batch_size = batch_size
         self.onnx = None
@@ -64,7 +65,7 @@ class Predictor:
         """(N, S, S) uint8 -> (N,) probability of the positive class."""
         if self.onnx is not None:
             return self.onnx.predict_arrays(pixels)
-        x = torch.from_numpy(np.ascontiguousarray(pixels)).to(self.device).unsqueeze(1).float()
+        x = torch.as_tensor(np.array(pixels, dtype=np.uint8, copy=None)).to(self.device).unsqueeze(1).float()
         x = self.prep.normalize(x).contiguous(memory_format=torch.channels_last)
         return torch.sigmoid(self.model(x)).float().cpu().numpy()
 
@@ -120,8 +121,8 @@ def expand_paths(inputs: Iterable[str]) -> list[str]:
 
 
 def predict_paths(checkpoint: str | os.PathLike, inputs: Iterable[str], out_csv: str | os.PathLike,
-                  device: str = "auto", batch_size: int = 32) -> list[Prediction]:
-    predictor = Predictor(checkpoint, device=device, batch_size=batch_size)
+                  device: str = "auto", batch_size: int = 32, backend: str = "torch") -> list[Prediction]:
+    predictor = Predictor(checkpoint, device=device, batch_size=batch_size, backend=backend)
     results = list(predictor.predict_files(expand_paths(inputs)))
     buf = io.StringIO()
     w = csv.writer(buf)

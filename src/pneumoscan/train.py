@@ -30,6 +30,8 @@ from .augment import augment_batch
 from .config import Config
 from .data import CachedImages, cache_images, split_samples, split_summary
 from .metrics import binary_metrics, choose_threshold
+from .models import load_pretrained
+from .tracking import TensorBoardLogger
 
 log = logging.getLogger(__name__)
 
@@ -80,15 +82,47 @@ class DeviceSplit:
         return x.contiguous(memory_format=torch.channels_last)
 
 
-def model_loss(model: nn.Module, logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(total loss, BCE) — total adds the model's own penalties (Keras' L2 on Dense kernels)."""
-    bce = F.binary_cross_entropy_with_logits(logits, targets)
+def model_loss(model: nn.Module, logits: torch.Tensor, targets: torch.Tensor,
+               class_weights: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(total loss, BCE) — total adds the model's own penalties (Keras' L2 on Dense kernels).
+
+    `class_weights` (weight of class 0, weight of class 1) weights each image's BCE by its class.
+    """
+    weight = class_weights[targets.long()] if class_weights is not None else None
+    bce = F.binary_cross_entropy_with_logits(logits, targets, weight=weight)
     penalty = getattr(ckpt_io.unwrap(model), "regularization_loss", None)
     return (bce + penalty() if penalty else bce), bce
 
 
+def balanced_class_weights(labels: torch.Tensor) -> torch.Tensor:
+    """N / (2 * N_c) for c in (0, 1): both classes then carry the same total weight."""
+    counts = torch.bincount(labels.long().cpu(), minlength=2).double().clamp(min=1)
+    return (counts.sum() / (2 * counts)).float().to(labels.device)
+
+
+def epoch_order(labels: torch.Tensor, cfg: Config, epoch: int, ddp: "Distributed") -> torch.Tensor:
+    """This process's row indices for one epoch, deterministic for (seed, epoch).
+
+    shuffle: a DistributedSampler permutation (each process gets its own share);
+    balanced: as many draws as images, each class equally likely, with replacement, split between processes.
+    """
+    n = len(labels)
+    if cfg.train.sampling == "balanced":
+        g = torch.Generator().manual_seed(cfg.train.seed * 100_003 + epoch)
+        weights = (1.0 / torch.bincount(labels.long().cpu(), minlength=2).double().clamp(min=1))[labels.long().cpu()]
+        draws = torch.multinomial(weights, n, replacement=True, generator=g)
+        return draws[ddp.rank::ddp.world_size][: n // ddp.world_size]
+    if cfg.train.sampling != "shuffle":
+        raise ValueError(f"unknown sampling {cfg.train.sampling!r}; choose shuffle or balanced")
+    sampler = DistributedSampler(range(n), num_replicas=ddp.world_size, rank=ddp.rank, shuffle=True,
+                                 seed=cfg.train.seed, drop_last=True)
+    sampler.set_epoch(epoch)
+    return torch.tensor(list(sampler), dtype=torch.long)
+
+
 def train_one_epoch(model: nn.Module, data: DeviceSplit, order: torch.Tensor, cfg: Config, optimizer: torch.optim.Optimizer,
-                    generator: torch.Generator, progress: bool = False, desc: str = "") -> dict[str, float]:
+                    generator: torch.Generator, progress: bool = False, desc: str = "",
+                    class_weights: torch.Tensor | None = None) -> dict[str, float]:
     """One pass over `order` (this process's shuffled row indices) in batches of cfg.train.batch_size."""
     model.train()
     bs = cfg.train.batch_size
@@ -107,7 +141,7 @@ def train_one_epoch(model: nn.Module, data: DeviceSplit, order: torch.Tensor, cf
         x = augment_batch(data.inputs(idx, cfg), cfg.augmentation, generator)
         y = data.labels[idx]
         logits = model(x)
-        loss, _ = model_loss(model, logits, y)
+        loss, _ = model_loss(model, logits, y, class_weights)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -208,7 +242,7 @@ def init_distributed(device: str) -> tuple[Distributed, torch.device]:
 
 
 def train(cfg: Config, out: str | Path, device: str = "auto", resume: bool = False, overwrite: bool = False,
-          progress: bool = True) -> dict[str, Any]:
+          progress: bool = True, tensorboard: bool = False) -> dict[str, Any]:
     """Train `cfg` into run folder `out`; returns the run summary (also written to summary.json).
 
     Under torchrun each process trains on its share of every epoch (DistributedSampler) with
@@ -217,14 +251,14 @@ def train(cfg: Config, out: str | Path, device: str = "auto", resume: bool = Fal
     out = Path(out)
     ddp, dev = init_distributed(device)
     try:
-        return _train(cfg, out, dev, ddp, resume, overwrite, progress and ddp.is_main)
+        return _train(cfg, out, dev, ddp, resume, overwrite, progress and ddp.is_main, tensorboard and ddp.is_main)
     finally:
         if ddp.enabled:
             torch.distributed.destroy_process_group()
 
 
 def _train(cfg: Config, out: Path, dev: torch.device, ddp: Distributed, resume: bool, overwrite: bool,
-           progress: bool) -> dict[str, Any]:
+           progress: bool, tensorboard: bool) -> dict[str, Any]:
     if ddp.is_main:
         prepare_run_dir(out, resume, overwrite)
     ddp.barrier()
@@ -249,7 +283,12 @@ def _train(cfg: Config, out: Path, dev: torch.device, ddp: Distributed, resume: 
     data = {name: DeviceSplit.from_cache(c, dev) for name, c in cached.items()}
     setup_seconds = time.perf_counter() - wall_start
 
-    model = ckpt_io.build_model(cfg).to(dev).to(memory_format=torch.channels_last)
+    model = ckpt_io.build_model(cfg)
+    if cfg.model.pretrained and not resume:
+        loaded = load_pretrained(model, cfg.model.pretrained)
+        log.info("loaded %d pretrained tensors from %s (%d left at their initialisation: %s)", len(loaded["loaded"]),
+                 cfg.model.pretrained, len(loaded["missing"]), ", ".join(loaded["missing"][:4]))
+    model = model.to(dev).to(memory_format=torch.channels_last)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.train.lr, eps=cfg.train.adam_eps)
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
         optimizer, mode="min", factor=cfg.train.lr_factor, patience=cfg.train.lr_patience, threshold=1e-4, threshold_mode="abs")
@@ -267,18 +306,19 @@ def _train(cfg: Config, out: Path, dev: torch.device, ddp: Distributed, resume: 
         log.info("resuming %s at epoch %d", out, start_epoch)
     stopper = EarlyStopping(cfg.train.early_stopping_patience, cfg.train.early_stopping_min_delta, stopper_state)
     net: nn.Module = nn.parallel.DistributedDataParallel(model) if ddp.enabled else model
-    sampler = DistributedSampler(range(len(data["train"])), num_replicas=ddp.world_size, rank=ddp.rank,
-                                 shuffle=True, seed=cfg.train.seed, drop_last=True)
+    if cfg.train.class_weight not in ("none", "balanced"):
+        raise ValueError(f"unknown class weight {cfg.train.class_weight!r}; choose none or balanced")
+    class_weights = balanced_class_weights(data["train"].labels) if cfg.train.class_weight == "balanced" else None
+    tracker = TensorBoardLogger(out) if tensorboard else None
     if ddp.is_main:
         ckpt_io.atomic_write_text(out / "metrics.jsonl", "".join(json.dumps(h) + "\n" for h in history))
 
     for epoch in range(start_epoch, cfg.train.epochs + 1):
         lr = optimizer.param_groups[0]["lr"]
         epoch_start = time.perf_counter()
-        sampler.set_epoch(epoch)
-        order = torch.tensor(list(sampler), dtype=torch.long)
+        order = epoch_order(data["train"].labels, cfg, epoch, ddp)
         tr = train_one_epoch(net, data["train"], order, cfg, optimizer, generator, progress,
-                             desc=f"epoch {epoch}/{cfg.train.epochs}")
+                             desc=f"epoch {epoch}/{cfg.train.epochs}", class_weights=class_weights)
         if ddp.enabled:
             totals = torch.tensor([tr["loss"] * tr["images"], tr["accuracy"] * tr["images"], tr["images"]], dtype=torch.float64)
             torch.distributed.all_reduce(totals)
@@ -300,6 +340,8 @@ def _train(cfg: Config, out: Path, dev: torch.device, ddp: Distributed, resume: 
             print(json.dumps(row), flush=True)
             with open(out / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(row) + "\n")
+            if tracker:
+                tracker.log_epoch(row)
             if improved:
                 ckpt_io.save(ckpt_io.make_checkpoint(model, cfg, threshold=cfg.train.threshold,
                                                      metrics={"val": va, "epoch": epoch}, history=history, epoch=epoch),
@@ -313,6 +355,8 @@ def _train(cfg: Config, out: Path, dev: torch.device, ddp: Distributed, resume: 
                      epoch, cfg.train.early_stopping_min_delta, cfg.train.early_stopping_patience)
             break
     ddp.barrier()
+    if tracker:
+        tracker.close()
     if not ddp.is_main:
         return {}
 

@@ -1,0 +1,121 @@
+"""Grad-CAM explanations: where in the X-ray the model found evidence for pneumonia.
+
+Uses MONAI's maintained GradCAM (`pip install 'pneumoscan[models]'`) on the layer the checkpoint names
+(`cam_layer`). The map is computed at the model's input size on exactly the pixels the model saw,
+normalised to [0, 1], resized to the original image and drawn over it. `explain_paths` is the batch job
+behind `pneumoscan explain`: one PNG per image and a CSV of probabilities; a bad file gets its error in
+the CSV and the job goes on.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+
+from .checkpoint import atomic_write_bytes, atomic_write_text
+from .images import ImageLoadError, load_grey, resize
+from .predict import Predictor, expand_paths
+
+
+class _TwoDimLogits(nn.Module):
+    """MONAI's CAM expects (B, classes) logits: expose the single pneumonia logit as one class."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x).unsqueeze(1)
+
+
+def _gradcam(model: nn.Module, cam_layer: str):
+    try:
+        from monai.visualize import GradCAM
+    except ImportError as e:
+        raise ImportError(f"Grad-CAM uses MONAI ({e}); install it with: pip install 'pneumoscan[models]'") from e
+    # MONAI puts the module back in the mode it found it in: give it the model's (eval) mode
+    return GradCAM(nn_module=_TwoDimLogits(model).train(model.training), target_layers=f"model.{cam_layer}")
+
+
+def cam_for_pixels(predictor: Predictor, pixels: np.ndarray) -> tuple[np.ndarray, float]:
+    """(heatmap in [0, 1] at the model's input size, probability) for one (S, S) uint8 image."""
+    if predictor.backend != "torch":
+        raise ValueError("Grad-CAM needs the torch backend")
+    model = predictor.model
+    cam = _gradcam(model, predictor.cam_layer)
+    x = torch.as_tensor(np.array(pixels, dtype=np.uint8)).to(predictor.device)[None, None].float()
+    x = predictor.prep.normalize(x).contiguous(memory_format=torch.channels_last)
+    with torch.enable_grad():
+        heat = cam(x, class_idx=0)  # computed in eval mode
+    model.zero_grad(set_to_none=True)
+    heat = heat[0, 0].detach().float().cpu().numpy()
+    heat = np.nan_to_num(heat, nan=0.0, posinf=1.0, neginf=0.0).clip(0, 1)
+    return heat, float(predictor.predict_arrays(pixels[None])[0])
+
+
+def overlay(grey: np.ndarray, heat: np.ndarray, alpha: float = 0.45) -> np.ndarray:
+    """RGB uint8: the grey image with the heatmap (resized to it) blended in a perceptual colour map."""
+    from matplotlib import colormaps
+
+    h, w = grey.shape
+    heat_full = np.asarray(Image.fromarray((heat * 255).astype(np.uint8)).resize((w, h), Image.Resampling.BILINEAR)) / 255.0
+    colour = colormaps["inferno"](heat_full)[..., :3]
+    base = np.repeat(grey[..., None] / 255.0, 3, axis=2)
+    weight = alpha * heat_full[..., None]  # cold regions stay readable as the X-ray
+    return np.round(255 * ((1 - weight) * base + weight * colour)).astype(np.uint8)
+
+
+def png_bytes(rgb: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def explain_image(predictor: Predictor, source: str | os.PathLike | bytes, name: str | None = None
+                  ) -> tuple[np.ndarray, np.ndarray, float]:
+    """(overlay RGB at the original size, heatmap at the original size in [0, 1], probability). Raises ImageLoadError."""
+    grey = load_grey(source, name=name)
+    pixels = resize(grey, predictor.prep.image_size, predictor.prep.resize_filter)
+    heat, prob = cam_for_pixels(predictor, pixels)
+    h, w = grey.shape
+    heat_full = np.asarray(Image.fromarray(heat.astype(np.float32), mode="F").resize((w, h), Image.Resampling.BILINEAR))
+    return overlay(grey, heat), np.clip(heat_full, 0, 1), prob
+
+
+def explain_paths(checkpoint: str | os.PathLike, inputs: Iterable[str], out_dir: str | os.PathLike,
+                  device: str = "auto") -> list[dict[str, str]]:
+    """Write OUT/<name>_gradcam.png per image and OUT/explanations.csv (path, probability, label, heatmap, error)."""
+    out = Path(out_dir)
+    predictor = Predictor(checkpoint, device=device)
+    rows, used = [], set()
+    for path in expand_paths(inputs):
+        row = {"path": path, "probability": "", "label": "", "heatmap": "", "error": ""}
+        try:
+            rgb, _, prob = explain_image(predictor, path)
+        except ImageLoadError as e:
+            row["error"] = str(e)
+        else:
+            stem = Path(path).stem
+            name = f"{stem}_gradcam.png"
+            k = 1
+            while name in used:  # same file name in two folders
+                k += 1
+                name = f"{stem}_{k}_gradcam.png"
+            used.add(name)
+            atomic_write_bytes(out / name, png_bytes(rgb))
+            row.update(probability=f"{prob:.6f}", label=predictor.label_of(prob), heatmap=name)
+        rows.append(row)
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=["path", "probability", "label", "heatmap", "error"])
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(out / "explanations.csv", buf.getvalue())
+    return rows

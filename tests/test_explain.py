@@ -1,0 +1,62 @@
+"""Grad-CAM: right size, finite, in [0, 1], and sensitive to the model's weights (the saliency sanity check)."""
+
+import csv
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pneumoscan import checkpoint as ckpt_io
+from pneumoscan.cli import main
+from pneumoscan.explain import cam_for_pixels, explain_image
+from pneumoscan.predict import Predictor
+
+from .test_train_checkpoint import tiny_config
+
+pytest.importorskip("monai")
+
+
+@pytest.fixture
+def trained(tiny_data, tmp_path):
+    from pneumoscan.train import train
+
+    train(tiny_config(tiny_data, epochs=1), tmp_path / "run", device="cpu", progress=False)
+    return tmp_path / "run" / "best.pt"
+
+
+def test_heatmap_has_the_image_size_and_is_finite_in_unit_range(trained, tiny_data, tmp_path):
+    img = (np.random.default_rng(0).integers(0, 255, (90, 70))).astype(np.uint8)
+    Image.fromarray(img).save(tmp_path / "x.png")
+    rgb, heat, prob = explain_image(Predictor(trained, device="cpu"), tmp_path / "x.png")
+    assert rgb.shape == (90, 70, 3) and rgb.dtype == np.uint8
+    assert heat.shape == (90, 70) and np.isfinite(heat).all() and heat.min() >= 0 and heat.max() <= 1
+    assert 0 <= prob <= 1
+
+
+def test_heatmap_changes_when_the_weights_are_randomised(trained, tiny_data, tmp_path):
+    predictor = Predictor(trained, device="cpu")
+    pixels = predictor.load(sorted((tiny_data / "train" / "PNEUMONIA").iterdir())[0])
+    heat, _ = cam_for_pixels(predictor, pixels)
+    again, _ = cam_for_pixels(predictor, pixels)
+    assert np.allclose(heat, again)  # deterministic, and the model is left in eval mode
+    assert not predictor.model.training
+    torch.manual_seed(123)
+    for m in predictor.model.modules():
+        if hasattr(m, "reset_parameters") and m is not predictor.model:
+            m.reset_parameters()
+    randomised, _ = cam_for_pixels(predictor, pixels)
+    assert np.abs(heat - randomised).mean() > 0.05
+
+
+def test_explain_command_writes_pngs_and_carries_on_past_bad_files(trained, tiny_data, tmp_path):
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    folder = tiny_data / "train" / "NORMAL"
+    assert main(["explain", str(trained), str(folder), str(bad), "--out", str(tmp_path / "ex")]) == 0
+    rows = list(csv.DictReader((tmp_path / "ex" / "explanations.csv").open()))
+    assert len(rows) == 25
+    assert rows[-1]["error"].startswith(str(bad)) and rows[-1]["heatmap"] == ""
+    for r in rows[:-1]:
+        png = Image.open(tmp_path / "ex" / r["heatmap"])
+        assert png.size == (64, 64) and png.mode == "RGB" and 0 <= float(r["probability"]) <= 1
