@@ -61,13 +61,13 @@ def cam_for_pixels(predictor: Predictor, pixels: np.ndarray) -> tuple[np.ndarray
     return heat, float(predictor.predict_arrays(pixels[None])[0])
 
 
-def overlay(grey: np.ndarray, heat: np.ndarray, alpha: float = 0.45) -> np.ndarray:
+def overlay(grey: np.ndarray, heat: np.ndarray, alpha: float = 0.5) -> np.ndarray:
     """RGB uint8: the grey image with the heatmap (resized to it) blended in a perceptual colour map."""
     from matplotlib import colormaps
 
     h, w = grey.shape
     heat_full = np.asarray(Image.fromarray((heat * 255).astype(np.uint8)).resize((w, h), Image.Resampling.BILINEAR)) / 255.0
-    colour = colormaps["inferno"](heat_full)[..., :3]
+    colour = colormaps["turbo"](heat_full)[..., :3]
     base = np.repeat(grey[..., None] / 255.0, 3, axis=2)
     weight = alpha * heat_full[..., None]  # cold regions stay readable as the X-ray
     return np.round(255 * ((1 - weight) * base + weight * colour)).astype(np.uint8)
