@@ -12,6 +12,8 @@ after the other in this one run, each in its own process so peak memory is its o
 
     .venv/bin/python benchmarks/bench_train.py [--data ../shared/data/chest_xray] [--keras-epochs 1]
 
+    .venv/bin/python benchmarks/bench_train.py --model-alone 60    # model only, in-memory batches
+
 Prints a table and one JSON line. Keras trains on all of train/ (the notebook has no validation split);
 pneumoscan on train/ minus its validation patients, so compare images/s, not epoch times.
 """
@@ -69,6 +71,44 @@ def run_keras(data: str, epochs: int) -> dict | None:
             "versions": f"TensorFlow {r['tf_version']}, Keras {r['keras_version']}"}
 
 
+def pneumoscan_model_alone(steps: int, warmup: int = 10) -> dict:
+    """The paper's model alone: Adam steps on in-memory batches of 16 (no data pipeline), like train-arrays."""
+    import torch
+
+    from pneumoscan.checkpoint import build_model
+    from pneumoscan.config import Config
+    from pneumoscan.train import model_loss
+
+    torch.manual_seed(0)
+    model = build_model(Config()).to(memory_format=torch.channels_last).train()
+    opt = torch.optim.Adam(model.parameters(), 1e-3, eps=1e-7)
+    x = torch.rand(16, 1, 150, 150).contiguous(memory_format=torch.channels_last)
+    y = (torch.rand(16) < 0.74).float()
+    for i in range(warmup + steps):
+        if i == warmup:
+            t0 = time.perf_counter()
+        loss, _ = model_loss(model, model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return {"images_per_s": round(16 * steps / (time.perf_counter() - t0), 1), "steps": steps}
+
+
+def run_model_alone(steps: int) -> int:
+    ours = pneumoscan_model_alone(steps)
+    keras = None
+    if KERAS_PY.exists():
+        cmd = [str(KERAS_PY), str(ROOT / "benchmarks" / "keras_baseline.py"), "train-arrays", "--steps", str(steps + 10)]
+        r = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1])
+        keras = {"images_per_s": round(r["images_per_s"], 1)}
+    ratio = round(ours["images_per_s"] / keras["images_per_s"], 2) if keras else None
+    print(f"model alone, batches of 16: pneumoscan {ours['images_per_s']} images/s, "
+          f"Keras {keras['images_per_s'] if keras else 'n/a'} images/s, ratio {ratio}")
+    print(json.dumps({"mode": "model-alone", "pneumoscan": ours, "keras": keras, "ratio": ratio,
+                      "machine": f"{platform.machine()}, {os.cpu_count()} cores", "date": time.strftime("%Y-%m-%d")}))
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", default=os.environ.get("PNEUMOSCAN_DATA", str(ROOT / ".." / "shared" / "data" / "chest_xray")))
@@ -76,7 +116,11 @@ def main() -> int:
     ap.add_argument("--keras-epochs", type=int, default=1)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--keep", metavar="RUN_DIR", help="keep pneumoscan's run folder here (e.g. to evaluate it)")
+    ap.add_argument("--model-alone", type=int, metavar="STEPS",
+                    help="instead: the model alone on in-memory batches for STEPS steps, vs Keras train-arrays")
     args = ap.parse_args()
+    if args.model_alone:
+        return run_model_alone(args.model_alone)
 
     ours = run_pneumoscan(args.data, args.epochs, ["--device", args.device], args.keep)
     keras = run_keras(args.data, args.keras_epochs)

@@ -95,3 +95,15 @@ def test_compare_activations_over_seeds(tiny_data, tmp_path, capsys):
     stamp = (out / "relu-s0" / "best.pt").stat().st_mtime_ns
     assert main(args) == 0
     assert (out / "relu-s0" / "best.pt").stat().st_mtime_ns == stamp
+
+
+def test_training_lists_bad_files_and_goes_on_or_stops_with_strict(tiny_data, tmp_path, capsys):
+    bad = tiny_data / "train" / "NORMAL" / "IM-9999-0001.jpeg"
+    bad.write_bytes(b"\xff\xd8\xff\xe0 truncated")
+    common = ["--data", str(tiny_data), "--epochs", "1", "--image-size", "48", "--batch-size", "8",
+              "--val-fraction", "0.25", "--no-progress", "--device", "cpu", "--no-eval"]
+    assert main(["train", "--out", str(tmp_path / "a"), *common]) == 0
+    assert str(bad) in json.loads((tmp_path / "a" / "summary.json").read_text())["unreadable_files"]
+    assert main(["train", "--out", str(tmp_path / "b"), "--strict", *common]) == 2
+    err = capsys.readouterr().err
+    assert "--strict" in err and str(bad) in err and "Traceback" not in err

@@ -109,3 +109,31 @@ def test_unreadable_training_file_is_listed_and_skipped(tmp_path):
     assert len(cached.samples) == len(samples) - 1
     assert str(bad) in cached.errors and "not a recognised image" in cached.errors[str(bad)]
     assert len(cached.labels) == len(cached.pixels) == len(samples) - 1
+
+
+def test_medmnist_npz_is_a_data_source_for_train_and_evaluate(tmp_path):
+    from pneumoscan.cli import main
+
+    from .conftest import synthetic_xray
+
+    rng = np.random.default_rng(0)
+    arrays = {}
+    for split, n in (("train", 40), ("val", 12), ("test", 12)):
+        labels = np.array([i % 2 for i in range(n)], dtype=np.uint8)[:, None]
+        arrays[f"{split}_images"] = np.stack([synthetic_xray(rng, int(y), 28) for y in labels[:, 0]])
+        arrays[f"{split}_labels"] = labels
+    np.savez(tmp_path / "pneumoniamnist.npz", **arrays)
+    splits = split_samples(DataConfig(root=str(tmp_path / "pneumoniamnist.npz")))
+    assert {k: len(v) for k, v in splits.items()} == {"train": 40, "val": 12, "test": 12}
+    cached = cache_images(splits["val"], Preprocessing(image_size=32), cache_dir=tmp_path / "c")
+    assert cached.pixels.shape == (12, 32, 32) and list(cached.labels[:4]) == [0, 1, 0, 1]
+    run = tmp_path / "run"
+    assert main(["train", "--data", str(tmp_path / "pneumoniamnist.npz"), "--out", str(run), "--epochs", "1",
+                 "--image-size", "32", "--batch-size", "8", "--no-progress", "--device", "cpu"]) == 0
+    assert main(["evaluate", str(run / "best.pt"), "--split", "test", "--out", str(tmp_path / "ev")]) == 0
+
+
+def test_npz_without_labels_is_a_clear_error(tmp_path):
+    np.savez(tmp_path / "x.npz", train_images=np.zeros((3, 8, 8), np.uint8))
+    with pytest.raises(DataError, match="MedMNIST"):
+        split_samples(DataConfig(root=str(tmp_path / "x.npz")))

@@ -77,6 +77,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
     p.add_argument("--no-eval", action="store_true", help="skip evaluating best.pt on the validation split at the end")
     p.add_argument("--tensorboard", action="store_true", help="also log scalars and plots to RUN_DIR/tensorboard")
+    p.add_argument("--strict", action="store_true", help="stop before training if any image is unreadable (default: list and skip)")
 
 
 def _add_compare(sub: argparse._SubParsersAction) -> None:
@@ -151,7 +152,7 @@ def cmd_train(a: argparse.Namespace) -> int:
 
     cfg = config_from_args(a)
     summary = train(cfg, a.out, device=a.device, resume=a.resume, overwrite=a.overwrite, progress=not a.no_progress,
-                    tensorboard=a.tensorboard)
+                    tensorboard=a.tensorboard, strict=a.strict)
     if not summary:  # a torchrun worker other than rank 0: rank 0 reports
         return 0
     print(json.dumps({"summary": summary}), flush=True)

@@ -10,6 +10,7 @@ so later epochs and later runs never decode an image again.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -22,9 +23,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 from .config import DataConfig, Preprocessing
-from .images import ImageLoadError, is_image_file, load_for_model
+from .images import ImageLoadError, is_image_file, load_for_model, resize
 
 log = logging.getLogger(__name__)
 
@@ -133,9 +135,57 @@ def carve_validation(samples: list[Sample], fraction: float, seed: int) -> tuple
     return [samples[i] for i in sorted(train_idx)], [samples[i] for i in sorted(val_idx)]
 
 
+NPZ_SEPARATOR = "#"  # a MedMNIST image is addressed as FILE.npz#split/index
+
+
+@functools.lru_cache(maxsize=2)
+def _npz_arrays(path: str, mtime_ns: int) -> dict[str, np.ndarray]:
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            return {k: f[k] for k in f.files}
+    except (OSError, ValueError) as e:
+        raise DataError(f"{path}: not a readable .npz file ({e})") from None
+
+
+def npz_splits(path: Path) -> dict[str, list[Sample]]:
+    """A MedMNIST-format .npz (e.g. PneumoniaMNIST): {train,val,test}_images (N, H, W) uint8 and _labels (N, 1).
+
+    Its own train/val/test split is kept (MedMNIST publishes no patient ids, so none can be carved here).
+    """
+    arrays = _npz_arrays(str(path), path.stat().st_mtime_ns)
+    splits = {}
+    for split in ("train", "val", "test"):
+        if f"{split}_images" not in arrays:
+            continue
+        images, labels = arrays[f"{split}_images"], arrays.get(f"{split}_labels")
+        if labels is None or images.ndim not in (3, 4) or len(images) != len(labels):
+            raise DataError(f"{path}: {split}_images / {split}_labels are not a MedMNIST pair of arrays")
+        labels = np.asarray(labels).reshape(len(labels), -1)[:, 0]
+        if not set(np.unique(labels)) <= {0, 1}:
+            raise DataError(f"{path}: {split}_labels must be 0 (normal) / 1 (pneumonia); found {sorted(set(np.unique(labels)))}")
+        splits[split] = [Sample(f"{path}{NPZ_SEPARATOR}{split}/{i}", int(y), f"{split}-{i}") for i, y in enumerate(labels)]
+    if "train" not in splits or "val" not in splits:
+        raise DataError(f"{path}: expected at least train_images/train_labels and val_images/val_labels")
+    return splits
+
+
+def _npz_image(address: str) -> np.ndarray:
+    path, _, item = address.rpartition(NPZ_SEPARATOR)
+    split, index = item.split("/")
+    img = _npz_arrays(path, os.stat(path).st_mtime_ns)[f"{split}_images"][int(index)]
+    if img.ndim == 3:  # RGB MedMNIST variants
+        img = np.asarray(Image.fromarray(img.astype(np.uint8)).convert("L"))
+    return img.astype(np.uint8)
+
+
 def split_samples(cfg: DataConfig) -> dict[str, list[Sample]]:
-    """The splits available under cfg.root: train and val (carved from ROOT/train), test and kaggle_val if present."""
+    """The splits under cfg.root: train and val (carved from ROOT/train), test and kaggle_val if present.
+
+    A MedMNIST-format .npz file is accepted as root too (its own train/val/test split).
+    """
     root = Path(cfg.root)
+    if root.suffix == ".npz" and root.is_file():
+        return npz_splits(root)
     if not root.is_dir():
         raise DataError(f"{root}: data folder not found (pass --data or set PNEUMOSCAN_DATA)")
     if not (root / "train").is_dir():
@@ -173,13 +223,15 @@ def default_cache_dir() -> Path:
 def _cache_key(samples: list[Sample], prep: Preprocessing) -> str:
     h = hashlib.sha256(f"v{CACHE_VERSION}|{prep.image_size}|{prep.resize_filter}".encode())
     for s in samples:
-        st = os.stat(s.path)
+        st = os.stat(s.path.partition(NPZ_SEPARATOR)[0] if NPZ_SEPARATOR in s.path else s.path)
         h.update(f"|{os.path.abspath(s.path)}|{st.st_size}|{st.st_mtime_ns}".encode())
     return h.hexdigest()[:32]
 
 
 def _decode(path: str, prep: Preprocessing) -> np.ndarray | str:
     try:
+        if NPZ_SEPARATOR in path and path.partition(NPZ_SEPARATOR)[0].endswith(".npz"):
+            return resize(_npz_image(path), prep.image_size, prep.resize_filter)
         return load_for_model(path, prep.image_size, prep.resize_filter)
     except ImageLoadError as e:
         return e.reason

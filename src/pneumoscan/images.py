@@ -17,7 +17,8 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from .dicom import DICOM_SUFFIXES, DicomError, dicom_to_grey, is_dicom
 
 IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png", *DICOM_SUFFIXES)
-DEFAULT_MAX_MEGAPIXELS = 100.0
+# decompression-bomb guard for every command; PNEUMOSCAN_MAX_MEGAPIXELS overrides it
+DEFAULT_MAX_MEGAPIXELS = float(os.environ.get("PNEUMOSCAN_MAX_MEGAPIXELS", "100"))
 _FILTERS = {
     "nearest": Image.Resampling.NEAREST,
     "bilinear": Image.Resampling.BILINEAR,

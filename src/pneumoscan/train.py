@@ -28,7 +28,7 @@ from torch.utils.data import DistributedSampler
 from . import checkpoint as ckpt_io
 from .augment import augment_batch
 from .config import Config
-from .data import CachedImages, cache_images, split_samples, split_summary
+from .data import CachedImages, DataError, cache_images, split_samples, split_summary
 from .metrics import binary_metrics, choose_threshold
 from .models import load_pretrained
 from .tracking import TensorBoardLogger
@@ -242,23 +242,24 @@ def init_distributed(device: str) -> tuple[Distributed, torch.device]:
 
 
 def train(cfg: Config, out: str | Path, device: str = "auto", resume: bool = False, overwrite: bool = False,
-          progress: bool = True, tensorboard: bool = False) -> dict[str, Any]:
+          progress: bool = True, tensorboard: bool = False, strict: bool = False) -> dict[str, Any]:
     """Train `cfg` into run folder `out`; returns the run summary (also written to summary.json).
 
     Under torchrun each process trains on its share of every epoch (DistributedSampler) with
     DistributedDataParallel; only rank 0 writes checkpoints and logs. `batch_size` is per process.
+    Unreadable images are listed and skipped, or stop the run before training when `strict`.
     """
     out = Path(out)
     ddp, dev = init_distributed(device)
     try:
-        return _train(cfg, out, dev, ddp, resume, overwrite, progress and ddp.is_main, tensorboard and ddp.is_main)
+        return _train(cfg, out, dev, ddp, resume, overwrite, progress and ddp.is_main, tensorboard and ddp.is_main, strict)
     finally:
         if ddp.enabled:
             torch.distributed.destroy_process_group()
 
 
 def _train(cfg: Config, out: Path, dev: torch.device, ddp: Distributed, resume: bool, overwrite: bool,
-           progress: bool, tensorboard: bool) -> dict[str, Any]:
+           progress: bool, tensorboard: bool, strict: bool = False) -> dict[str, Any]:
     if ddp.is_main:
         prepare_run_dir(out, resume, overwrite)
     ddp.barrier()
@@ -274,6 +275,10 @@ def _train(cfg: Config, out: Path, dev: torch.device, ddp: Distributed, resume: 
     if not ddp.is_main:
         ddp.barrier()  # let rank 0 fill the pixel cache first, then read it
     cached = {name: cache_images(splits[name], cfg.preprocessing, progress=progress) for name in ("train", "val")}
+    bad = {path: reason for c in cached.values() for path, reason in c.errors.items()}
+    if strict and bad:
+        raise DataError(f"{len(bad)} unreadable image(s) and --strict was given:\n" +
+                        "\n".join(f"  {p}: {r}" for p, r in sorted(bad.items())))
     if ddp.is_main:
         ddp.barrier()
         ckpt_io.write_json(out / "config.json", cfg.to_dict())
