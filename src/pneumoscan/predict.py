@@ -65,7 +65,7 @@ class Predictor:
         """(N, S, S) uint8 -> (N,) probability of the positive class."""
         if self.onnx is not None:
             return self.onnx.predict_arrays(pixels)
-        x = torch.as_tensor(np.array(pixels, dtype=np.uint8, copy=None)).to(self.device).unsqueeze(1).float()
+        x = torch.from_numpy(np.array(pixels, dtype=np.uint8)).to(self.device).unsqueeze(1).float()  # a copy: inputs may be read-only
         x = self.prep.normalize(x).contiguous(memory_format=torch.channels_last)
         return torch.sigmoid(self.model(x)).float().cpu().numpy()
 
