@@ -275,12 +275,13 @@ def _train(cfg: Config, out: Path, dev: torch.device, ddp: Distributed, resume: 
     if not ddp.is_main:
         ddp.barrier()  # let rank 0 fill the pixel cache first, then read it
     cached = {name: cache_images(splits[name], cfg.preprocessing, progress=progress) for name in ("train", "val")}
+    if ddp.is_main:
+        ddp.barrier()
     bad = {path: reason for c in cached.values() for path, reason in c.errors.items()}
-    if strict and bad:
+    if strict and bad:  # every process sees the same files, so all of them stop here
         raise DataError(f"{len(bad)} unreadable image(s) and --strict was given:\n" +
                         "\n".join(f"  {p}: {r}" for p, r in sorted(bad.items())))
     if ddp.is_main:
-        ddp.barrier()
         ckpt_io.write_json(out / "config.json", cfg.to_dict())
         ckpt_io.write_json(out / "split.json", {
             name: {"summary": split_summary(c.samples), "files": [s.path for s in c.samples], "unreadable": c.errors}
