@@ -60,3 +60,17 @@ def test_explain_command_writes_pngs_and_carries_on_past_bad_files(trained, tiny
     for r in rows[:-1]:
         png = Image.open(tmp_path / "ex" / r["heatmap"])
         assert png.size == (64, 64) and png.mode == "RGB" and 0 <= float(r["probability"]) <= 1
+
+
+@pytest.mark.parametrize("name", ["resnet18", "densenet121"])
+def test_gradcam_works_for_the_reference_models(name, tmp_path):
+    from pneumoscan.config import Config, Preprocessing
+
+    cfg = Config(preprocessing=Preprocessing(image_size=64)).override("model", name=name)
+    model = ckpt_io.build_model(cfg)
+    ckpt_io.save(ckpt_io.make_checkpoint(model, cfg, threshold=0.5), tmp_path / "m.pt")
+    predictor = Predictor(tmp_path / "m.pt", device="cpu")
+    pixels = (np.random.default_rng(0).integers(0, 255, (64, 64))).astype(np.uint8)
+    heat, prob = cam_for_pixels(predictor, pixels)
+    assert heat.shape == (64, 64) and np.isfinite(heat).all() and 0 <= heat.min() <= heat.max() <= 1
+    assert not predictor.model.training

@@ -86,3 +86,17 @@ def test_resize_ignores_aspect_ratio_and_knows_its_filters():
     with pytest.raises(ValueError, match="bilinear"):
         resize(a, 20, "fancy")
     assert load_for_model(_png(Image.fromarray(a)), 16, "bilinear").shape == (16, 16)
+
+
+def test_decompression_bomb_is_refused_from_the_header_alone():
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    # a 30000 x 30000 grey PNG header (900 MP) with a few bytes of data: never decoded
+    png = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 30000, 30000, 8, 0, 0, 0, 0)) \
+        + chunk(b"IDAT", zlib.compress(b"\x00" * 100)) + chunk(b"IEND", b"")
+    with pytest.raises(ImageLoadError, match="bomb.png: .*(megapixels|decompression bomb)"):
+        load_grey(png, name="bomb.png")

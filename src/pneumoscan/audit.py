@@ -37,7 +37,9 @@ def _inspect(path: str) -> dict[str, Any]:
     small = np.asarray(Image.fromarray(grey).resize((9, 8), Image.Resampling.BOX), dtype=np.int16)
     bits = (small[:, 1:] > small[:, :-1]).flatten()
     dhash = int(np.packbits(bits).view(">u8")[0])
-    return {"sha": hashlib.blake2b(data, digest_size=16).hexdigest(), "size": size, "mode": mode, "dhash": dhash}
+    thumb = np.asarray(Image.fromarray(grey).resize((32, 32), Image.Resampling.BOX), dtype=np.uint8)
+    return {"sha": hashlib.blake2b(data, digest_size=16).hexdigest(), "size": size, "mode": mode, "dhash": dhash,
+            "thumb": thumb}
 
 
 def _near_duplicate_pairs(hashes: np.ndarray, max_distance: int) -> list[tuple[int, int, int]]:
@@ -50,8 +52,13 @@ def _near_duplicate_pairs(hashes: np.ndarray, max_distance: int) -> list[tuple[i
     return pairs
 
 
-def audit(root: str | os.PathLike, near_distance: int = 2) -> dict[str, Any]:
-    """Audit every split folder under `root`; returns a JSON-ready dict."""
+def audit(root: str | os.PathLike, near_distance: int = 2, max_mad: float = 4.0) -> dict[str, Any]:
+    """Audit every split folder under `root`; returns a JSON-ready dict.
+
+    Near-identical: a 64-bit difference hash at most `near_distance` bits apart (a cheap first pass: on
+    chest X-rays it alone matches thousands of merely similar pairs), confirmed by a mean absolute
+    difference of at most `max_mad` grey levels between 32x32 thumbnails.
+    """
     root = Path(root)
     samples: dict[str, list[Sample]] = {}
     for split in FOLDER_SPLITS:
@@ -75,11 +82,17 @@ def audit(root: str | os.PathLike, near_distance: int = 2) -> dict[str, Any]:
 
     # near-identical: one representative per byte-identical group, then small dHash distances
     reps = [g[0] for g in by_sha.values()]
-    rep_hash = {id(s): r["dhash"] for _, s, r in ok}
-    hashes = np.array([rep_hash[id(s)] for _, s in reps], dtype=np.uint64)
-    near = [{"distance": d, "a": {"split": reps[i][0], "path": reps[i][1].path}, "b": {"split": reps[j][0], "path": reps[j][1].path},
-             "same_patient": reps[i][1].patient == reps[j][1].patient, "same_label": reps[i][1].label == reps[j][1].label}
-            for i, j, d in _near_duplicate_pairs(hashes, near_distance)]
+    info_of = {id(s): r for _, s, r in ok}
+    hashes = np.array([info_of[id(s)]["dhash"] for _, s in reps], dtype=np.uint64)
+    thumbs = np.stack([info_of[id(s)]["thumb"] for _, s in reps]).astype(np.float32) if reps else np.zeros((0, 32, 32))
+    near = []
+    for i, j, d in _near_duplicate_pairs(hashes, near_distance):
+        mad = float(np.abs(thumbs[i] - thumbs[j]).mean())
+        if mad <= max_mad:
+            a, b = reps[i], reps[j]
+            near.append({"hash_distance": d, "mean_abs_diff": round(mad, 2), "a": {"split": a[0], "path": a[1].path},
+                         "b": {"split": b[0], "path": b[1].path}, "same_patient": a[1].patient == b[1].patient,
+                         "same_label": a[1].label == b[1].label})
 
     sizes = np.array([r["size"] for _, _, r in ok]) if ok else np.zeros((0, 2))
     return {
@@ -91,7 +104,7 @@ def audit(root: str | os.PathLike, near_distance: int = 2) -> dict[str, Any]:
         "byte_identical_groups": {"count": len(exact), "across_splits": sum(len({m["split"] for m in g}) > 1 for g in exact),
                                   "with_conflicting_labels": sum(len({m["label"] for m in g}) > 1 for g in exact),
                                   "groups": exact},
-        "near_identical_pairs": {"count": len(near), "max_hamming_distance": near_distance,
+        "near_identical_pairs": {"count": len(near), "max_hash_distance": near_distance, "max_mean_abs_diff": max_mad,
                                  "across_splits": sum(p["a"]["split"] != p["b"]["split"] for p in near),
                                  "different_patients": sum(not p["same_patient"] for p in near), "pairs": near},
         "image_sizes": {
@@ -127,9 +140,10 @@ def counts_plot(result: dict[str, Any], out: Path) -> Path:
     return _save(fig, out)
 
 
-def write_audit(root: str | os.PathLike, out_dir: str | os.PathLike, near_distance: int = 2) -> dict[str, Any]:
+def write_audit(root: str | os.PathLike, out_dir: str | os.PathLike, near_distance: int = 2,
+                max_mad: float = 4.0) -> dict[str, Any]:
     out = Path(out_dir)
-    result = audit(root, near_distance)
+    result = audit(root, near_distance, max_mad)
     write_json(out / "audit.json", result)
     counts_plot(result, out / "counts.png")
     return result
@@ -143,7 +157,8 @@ def summary_lines(r: dict[str, Any]) -> list[str]:
     b = r["byte_identical_groups"]
     lines.append(f"byte-identical groups: {b['count']} ({b['across_splits']} across splits, {b['with_conflicting_labels']} with conflicting labels)")
     n = r["near_identical_pairs"]
-    lines.append(f"near-identical pairs (dHash distance <= {n['max_hamming_distance']}): {n['count']} "
+    lines.append(f"near-identical pairs (dHash distance <= {n['max_hash_distance']}, 32x32 mean abs diff <= "
+                 f"{n['max_mean_abs_diff']:g}): {n['count']} "
                  f"({n['across_splits']} across splits, {n['different_patients']} between different patients)")
     lines.append(f"sizes: {r['image_sizes']['most_common']}; modes: {r['modes']}")
     lines.append(f"unreadable files: {len(r['unreadable'])}")

@@ -128,7 +128,9 @@ def _add_audit(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("audit", help="counts, patients, leaks, duplicates and image statistics of a data folder")
     p.add_argument("--data", default=None, help=f"data root (default: $PNEUMOSCAN_DATA or {DEFAULT_DATA})")
     p.add_argument("--out", required=True, help="folder for audit.json and counts.png")
-    p.add_argument("--near-distance", type=int, default=2, help="max dHash bit distance for near-identical images")
+    p.add_argument("--near-distance", type=int, default=2, help="near-identical: max difference-hash bit distance")
+    p.add_argument("--max-mad", type=float, default=4.0,
+                   help="near-identical: max mean absolute grey difference of 32x32 thumbnails (0-255)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -222,7 +224,7 @@ def cmd_export(a: argparse.Namespace) -> int:
 def cmd_audit(a: argparse.Namespace) -> int:
     from .audit import summary_lines, write_audit
 
-    result = write_audit(a.data or default_data_root(), a.out, a.near_distance)
+    result = write_audit(a.data or default_data_root(), a.out, a.near_distance, a.max_mad)
     print("\n".join(summary_lines(result)))
     print(f"wrote {Path(a.out) / 'audit.json'} and {Path(a.out) / 'counts.png'}")
     return 0

@@ -41,6 +41,9 @@ def _gradcam(model: nn.Module, cam_layer: str):
         from monai.visualize import GradCAM
     except ImportError as e:
         raise ImportError(f"Grad-CAM uses MONAI ({e}); install it with: pip install 'pneumoscan[models]'") from e
+    for m in model.modules():  # an in-place op after the hooked layer would break its backward hook
+        if hasattr(m, "inplace"):
+            m.inplace = False
     # MONAI puts the module back in the mode it found it in: give it the model's (eval) mode
     return GradCAM(nn_module=_TwoDimLogits(model).train(model.training), target_layers=f"model.{cam_layer}")
 
