@@ -1,4 +1,4 @@
-"""Command line: `pneumoscan train | compare | evaluate | predict | explain | export | audit`. `main(argv) -> int` so tests call it directly.
+"""Command line: `pneumoscan train | compare | evaluate | predict | explain | serve | export | audit`. `main(argv) -> int` so tests call it directly.
 
 Flags map onto fields of the run `Config`; a flag left out keeps the recipe's value.
 """
@@ -118,6 +118,18 @@ def _add_explain(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="auto")
 
 
+def _add_serve(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="web page and HTTP API around one checkpoint (pip install 'pneumoscan[serve]')")
+    p.add_argument("checkpoint")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--token", default=os.environ.get("PNEUMOSCAN_TOKEN"),
+                   help="require 'Authorization: Bearer TOKEN' on /api (default: $PNEUMOSCAN_TOKEN, else open)")
+    p.add_argument("--max-upload-mb", type=float, default=20, help="largest request body (413 above it)")
+    p.add_argument("--metrics", help="metrics.json for the model card (default: eval-val/ beside the checkpoint)")
+
+
 def _add_export(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("export", help="export a checkpoint to ONNX (self-describing; checked against PyTorch)")
     p.add_argument("checkpoint")
@@ -143,6 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_evaluate(sub)
     _add_predict(sub)
     _add_explain(sub)
+    _add_serve(sub)
     _add_export(sub)
     _add_audit(sub)
     return parser
@@ -214,6 +227,14 @@ def cmd_explain(a: argparse.Namespace) -> int:
     return 0 if rows and len(bad) < len(rows) else 1
 
 
+def cmd_serve(a: argparse.Namespace) -> int:
+    from .serve import serve
+
+    serve(a.checkpoint, host=a.host, port=a.port, device=a.device, token=a.token, max_upload_mb=a.max_upload_mb,
+          metrics_json=a.metrics)
+    return 0
+
+
 def cmd_export(a: argparse.Namespace) -> int:
     from .export import export_onnx
 
@@ -233,7 +254,7 @@ def cmd_audit(a: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    commands = {"train": cmd_train, "compare": cmd_compare, "evaluate": cmd_evaluate, "predict": cmd_predict, "export": cmd_export, "explain": cmd_explain,
+    commands = {"train": cmd_train, "compare": cmd_compare, "evaluate": cmd_evaluate, "predict": cmd_predict, "export": cmd_export, "explain": cmd_explain, "serve": cmd_serve,
                 "audit": cmd_audit}
     try:
         return commands[args.command](args)

@@ -1,0 +1,73 @@
+"""Model card (Markdown) generated from a checkpoint and, when given, its evaluation's metrics.json."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from .config import Config
+
+METRICS = ("accuracy", "precision", "recall", "specificity", "f1", "roc_auc")
+
+
+def model_card(checkpoint: str | os.PathLike, metrics_json: str | os.PathLike | None = None) -> str:
+    ckpt = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    cfg = Config.from_dict(ckpt["config"])
+    rule = ckpt.get("threshold_rule", {"rule": "fixed"})
+    lines = [
+        f"# Model card: {Path(checkpoint).name}",
+        "",
+        "**Research tool, not a medical device.** Not for diagnosis or treatment decisions.",
+        "",
+        "## Model",
+        f"- Architecture `{cfg.model.name}`" + (f" ({cfg.model.activation})" if cfg.model.name == "seed" else "")
+        + f", recipe `{cfg.recipe}`, pneumoscan {ckpt.get('version')}, best epoch {ckpt.get('epoch')}.",
+        f"- Input: grey image resized to {cfg.preprocessing.image_size}x{cfg.preprocessing.image_size} "
+        f"({cfg.preprocessing.resize_filter}), scaled by {cfg.preprocessing.scale:.6g}.",
+        f"- Output: probability of `{ckpt['class_names'][1]}`; label `{ckpt['class_names'][1]}` at or above "
+        f"{ckpt['threshold']:.3f} (rule `{rule.get('rule')}`"
+        + (f", target sensitivity {rule.get('target_sensitivity')}" if rule.get("rule") == "sensitivity" else "")
+        + ", chosen on the validation split).",
+        "",
+        "## Intended use",
+        "- Research and teaching: studying pneumonia classifiers on pediatric chest X-rays, comparing methods.",
+        "- Not intended for clinical use, for adults, for other views than anterior-posterior, or for other hospitals'",
+        "  images without local validation.",
+        "",
+        "## Data",
+        f"- Trained on `{cfg.data.root}`: the pediatric chest X-ray set of Kermany et al. (2018), children aged 1-5,",
+        "  one centre (Guangzhou Women and Children's Medical Center), labels NORMAL / PNEUMONIA (bacterial or viral).",
+        f"- Validation: {cfg.data.val_fraction:.0%} of the training patients, split by patient (seed {cfg.data.split_seed}).",
+        "",
+        "## Metrics",
+    ]
+    if metrics_json and Path(metrics_json).is_file():
+        m = json.loads(Path(metrics_json).read_text())
+        ci = m.get("ci95", {})
+        lines += [f"On the `{m['split']}` split ({m['n']} images), threshold {m['threshold']:.3f}; 95% CI by "
+                  f"{m.get('ci_method', 'bootstrap')}:", "", "| metric | value | 95% CI |", "|---|---|---|"]
+        for k in METRICS:
+            c = ci.get(k)
+            lines.append(f"| {k} | {m[k]:.4f} | " + (f"{c[0]:.4f} - {c[1]:.4f}" if c else "n/a") + " |")
+        lines.append(f"| confusion matrix [[tn, fp], [fn, tp]] | {m['confusion_matrix']} | |")
+        if m.get("calibration"):
+            lines.append(f"\nExpected calibration error {m['calibration']['ece']:.3f}.")
+    else:
+        val = ckpt.get("metrics", {}).get("val", {})
+        lines.append("Validation at the best epoch (no evaluation file given, so no confidence intervals): " +
+                     ", ".join(f"{k} {v:.4f}" for k, v in val.items() if isinstance(v, float)))
+    lines += [
+        "",
+        "## Limitations",
+        "- Pediatric, single centre, one scanner population: performance elsewhere is unknown.",
+        "- Class imbalance (about 74% pneumonia in training) and label noise in the public data set.",
+        "- Validation figures come from patients of the training distribution; the paper's published test",
+        "  accuracy (90.4%) shows how much lower an independent split can be.",
+        "- Grad-CAM maps are coarse and show where the model looked, not why it is right; they may highlight",
+        "  areas outside the lungs.",
+        "",
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,170 @@
+"""The server: an HTTP API (FastAPI, OpenAPI docs at /docs) and a web page, around one loaded checkpoint.
+
+`create_app(checkpoint)` loads the model once; every request reuses it. Uploads are read into memory
+(never written to disk), capped in size (413), and each file is decoded by the same loader as every
+other command, so a bad file gets its own error while the others are scored. User file names are only
+echoed back, never used as paths. An optional bearer token protects the /api routes.
+(`pip install 'pneumoscan[serve]'`)
+"""
+
+# no `from __future__ import annotations`: FastAPI must see the real types of the route parameters
+
+import base64
+import hmac
+import os
+import threading
+from pathlib import Path
+from typing import Any
+
+from . import __version__
+from .explain import cam_for_pixels, overlay, png_bytes
+from .images import ImageLoadError, load_grey, resize
+from .modelcard import model_card
+from .page import PAGE_HTML
+from .predict import Predictor
+
+DISCLAIMER = "Research tool, not a medical device: not for diagnosis or treatment decisions."
+
+
+class BodyLimit:
+    """ASGI middleware: refuse request bodies over `limit` bytes with 413, before they are read."""
+
+    def __init__(self, app: Any, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope.get("headers") or []).get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.limit:
+            return await self._too_large(send)
+        seen = 0
+
+        async def counted() -> dict:
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.limit:
+                raise _TooLarge()
+            return message
+
+        try:
+            await self.app(scope, counted, send)
+        except _TooLarge:
+            await self._too_large(send)
+
+    async def _too_large(self, send: Any) -> None:
+        body = f'{{"detail": "upload too large: the limit is {self.limit // (1024 * 1024)} MB per request"}}'.encode()
+        await send({"type": "http.response.start", "status": 413,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
+
+
+class _TooLarge(Exception):
+    pass
+
+
+def create_app(checkpoint: str | os.PathLike, device: str = "cpu", token: str | None = None, max_upload_mb: float = 20,
+               max_files: int = 16, metrics_json: str | os.PathLike | None = None) -> Any:
+    try:
+        from fastapi import Depends, FastAPI, HTTPException, Request
+        from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
+        from starlette.formparsers import MultiPartParser
+    except ImportError as e:
+        raise ImportError(f"serving needs FastAPI ({e}); install it with: pip install 'pneumoscan[serve]'") from e
+
+    limit = int(max_upload_mb * 1024 * 1024)
+    # keep every upload in memory: the spool only rolls over to a temporary file above this size
+    MultiPartParser.spool_max_size = max(MultiPartParser.spool_max_size, limit + 1)
+    predictor = Predictor(checkpoint, device=device)
+    lock = threading.Lock()  # one inference at a time: concurrent OpenMP regions stall each other on few cores
+    ckpt = Path(checkpoint)
+    metrics_path = Path(metrics_json) if metrics_json else ckpt.parent / "eval-val" / "metrics.json"
+    card = model_card(checkpoint, metrics_path if metrics_path.is_file() else None)
+    cfg = predictor.config
+    info = {
+        "name": cfg.model.name, "activation": cfg.model.activation, "recipe": cfg.recipe,
+        "checkpoint": ckpt.name, "pneumoscan_version": __version__, "class_names": predictor.class_names,
+        "threshold": predictor.threshold, "image_size": cfg.preprocessing.image_size, "disclaimer": DISCLAIMER,
+    }
+
+    def check_token(request: Request) -> None:
+        if token is None:
+            return
+        given = request.headers.get("authorization", "")
+        if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
+            raise HTTPException(401, "missing or wrong API token (send 'Authorization: Bearer <token>')")
+
+    app = FastAPI(title="pneumoscan", version=__version__, description=f"Pneumonia vs normal on chest X-rays. {DISCLAIMER}")
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    def page() -> str:
+        return PAGE_HTML
+
+    @app.get("/health")
+    def health() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/api/model", dependencies=[Depends(check_token)])
+    def model_info() -> dict[str, Any]:
+        return info
+
+    @app.get("/api/model-card", response_class=PlainTextResponse, dependencies=[Depends(check_token)])
+    def model_card_md() -> str:
+        return card
+
+    def score(name: str, data: bytes, heatmap: bool) -> dict[str, Any]:
+        result: dict[str, Any] = {"filename": name, "probability": None, "label": None, "threshold": predictor.threshold,
+                                  "class_names": predictor.class_names, "model": info["name"], "heatmap_png": None,
+                                  "error": None}
+        try:
+            grey = load_grey(data, name=name)
+        except ImageLoadError as e:
+            result["error"] = e.reason
+            return result
+        pixels = resize(grey, cfg.preprocessing.image_size, cfg.preprocessing.resize_filter)
+        with lock:
+            if heatmap:
+                heat, prob = cam_for_pixels(predictor, pixels)
+            else:
+                prob = float(predictor.predict_arrays(pixels[None])[0])
+        result.update(probability=prob, label=predictor.label_of(prob))
+        if heatmap:
+            shown = resize(grey, 512, "area") if max(grey.shape) > 512 else grey  # enough for a browser
+            result["heatmap_png"] = base64.b64encode(png_bytes(overlay(shown, heat))).decode("ascii")
+        return result
+
+    @app.post("/api/predict", dependencies=[Depends(check_token)])
+    async def predict(request: Request, heatmap: bool = True) -> Any:
+        """Score one or several uploaded images (multipart field `files`): JPEG, PNG or DICOM."""
+        if not request.headers.get("content-type", "").startswith("multipart/form-data"):
+            raise HTTPException(415, "send the images as multipart/form-data in the field 'files'")
+        try:
+            form = await request.form(max_files=max_files, max_part_size=limit)
+        except Exception as e:  # malformed multipart bodies raise several types
+            if isinstance(e, _TooLarge):
+                raise
+            raise HTTPException(400, f"malformed multipart upload ({e})") from None
+        uploads = [f for f in form.getlist("files") if hasattr(f, "read")]
+        if not uploads:
+            raise HTTPException(400, "no file in the field 'files'")
+        results = []
+        for i, up in enumerate(uploads):
+            name = os.path.basename(up.filename or "") or f"upload-{i + 1}"  # shown only, never a path
+            data = await up.read()
+            results.append(await _run(score, name, data, heatmap))
+        status = 422 if all(r["error"] for r in results) else 200
+        return JSONResponse({"results": results, "model": info}, status_code=status)
+
+    async def _run(fn: Any, *args: Any) -> Any:
+        from starlette.concurrency import run_in_threadpool
+
+        return await run_in_threadpool(fn, *args)
+
+    return BodyLimit(app, limit)
+
+
+def serve(checkpoint: str, host: str = "127.0.0.1", port: int = 8000, **kwargs: Any) -> None:
+    import uvicorn
+
+    uvicorn.run(create_app(checkpoint, **kwargs), host=host, port=port, log_level="info")

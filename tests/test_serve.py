@@ -1,0 +1,100 @@
+"""The HTTP API in-process: predictions with heatmaps, per-file errors, limits, token, model card, page."""
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+pytest.importorskip("fastapi")
+pytest.importorskip("monai")
+from fastapi.testclient import TestClient  # noqa: E402
+
+from pneumoscan.serve import create_app  # noqa: E402
+
+from .test_train_checkpoint import tiny_config  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    from pneumoscan.train import train
+
+    from .conftest import make_dataset
+
+    root = tmp_path_factory.mktemp("serve")
+    data = make_dataset(root / "data")
+    train(tiny_config(data, epochs=1), root / "run", device="cpu", progress=False)
+    return root / "run" / "best.pt"
+
+
+def png(size=(64, 64), seed=0) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(seed).integers(0, 255, size[::-1], dtype=np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture
+def client(checkpoint):
+    return TestClient(create_app(checkpoint, max_upload_mb=1))
+
+
+def test_predict_several_files_with_heatmaps_and_a_bad_one(client):
+    files = [("files", ("a.png", png(seed=1), "image/png")), ("files", ("../../etc/passwd", b"not an image", "text/plain")),
+             ("files", ("b.png", png((80, 60), seed=2), "image/png"))]
+    r = client.post("/api/predict", files=files)
+    assert r.status_code == 200
+    res = r.json()["results"]
+    assert [x["filename"] for x in res] == ["a.png", "passwd", "b.png"]  # names shown, never used as paths
+    for x in (res[0], res[2]):
+        assert 0 <= x["probability"] <= 1 and x["label"] in x["class_names"] and x["error"] is None
+        heat = Image.open(io.BytesIO(__import__("base64").b64decode(x["heatmap_png"])))
+        assert heat.mode == "RGB"
+    assert Image.open(io.BytesIO(__import__("base64").b64decode(res[2]["heatmap_png"]))).size == (80, 60)
+    assert "not a recognised image" in res[1]["error"] and res[1]["probability"] is None
+
+
+def test_no_heatmap_on_request_and_same_probability(client):
+    one = [("files", ("a.png", png(seed=1), "image/png"))]
+    a = client.post("/api/predict", files=one).json()["results"][0]
+    b = client.post("/api/predict?heatmap=false", files=one).json()["results"][0]
+    assert b["heatmap_png"] is None and abs(a["probability"] - b["probability"]) < 1e-6
+
+
+def test_bad_requests_get_clear_4xx_and_the_server_stays_up(client):
+    assert client.post("/api/predict", files=[("files", ("x.txt", b"hello", "text/plain"))]).status_code == 422
+    assert client.post("/api/predict", json={"a": 1}).status_code == 415
+    assert client.post("/api/predict", files=[("other", ("a.png", png(), "image/png"))]).status_code == 400
+    big = client.post("/api/predict", files=[("files", ("big.png", b"\0" * (2 * 1024 * 1024), "image/png"))])
+    assert big.status_code == 413 and "limit is 1 MB" in big.json()["detail"]
+    assert client.get("/health").json() == {"status": "ok"}
+    assert client.post("/api/predict", files=[("files", ("a.png", png(), "image/png"))]).status_code == 200
+
+
+def test_token_protects_the_api_but_not_the_page(checkpoint):
+    client = TestClient(create_app(checkpoint, token="s3cret"))
+    assert client.get("/api/model").status_code == 401
+    assert client.get("/api/model", headers={"Authorization": "Bearer s3cret"}).status_code == 200
+    assert client.get("/health").status_code == 200 and client.get("/").status_code == 200
+
+
+def test_model_info_card_page_and_openapi(client):
+    info = client.get("/api/model").json()
+    assert info["class_names"] == ["NORMAL", "PNEUMONIA"] and "not a medical device" in info["disclaimer"]
+    card = client.get("/api/model-card").text
+    assert "## Intended use" in card and "## Limitations" in card and "Pediatric" in card
+    page = client.get("/").text
+    assert "not a medical device" in page and "api/predict" in page
+    assert "/api/predict" in client.get("/openapi.json").json()["paths"]
+
+
+def test_model_card_reports_confidence_intervals_from_an_evaluation(checkpoint):
+    from pneumoscan.modelcard import model_card
+
+    card = model_card(checkpoint, checkpoint.parent / "eval-val" / "metrics.json") \
+        if (checkpoint.parent / "eval-val" / "metrics.json").is_file() else None
+    if card is None:
+        from pneumoscan.evaluate import evaluate
+
+        evaluate(checkpoint, "val", checkpoint.parent / "eval-val", device="cpu", progress=False)
+        card = model_card(checkpoint, checkpoint.parent / "eval-val" / "metrics.json")
+    assert "95% CI" in card and "| roc_auc |" in card
