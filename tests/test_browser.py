@@ -1,0 +1,67 @@
+"""End to end in a real headless Chromium (Debian's package, driven by Playwright): upload, see the result."""
+
+import shutil
+import socket
+import threading
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (apt-get install chromium)")
+playwright_api = pytest.importorskip("playwright.sync_api")
+uvicorn = pytest.importorskip("uvicorn")
+pytest.importorskip("monai")
+
+from pneumoscan.serve import create_app  # noqa: E402
+
+from .test_serve import checkpoint  # noqa: E402,F401  (module-scoped trained checkpoint fixture)
+
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+@pytest.fixture
+def server(checkpoint):  # noqa: F811
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    srv = uvicorn.Server(uvicorn.Config(create_app(checkpoint), host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    for _ in range(100):
+        if srv.started:
+            break
+        time.sleep(0.1)
+    yield f"http://127.0.0.1:{port}"
+    srv.should_exit = True
+    thread.join(timeout=10)
+
+
+def test_upload_shows_probability_heatmap_toggle_and_per_file_error(server, tmp_path):
+    good = tmp_path / "chest.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64), dtype=np.uint8)).save(good)
+    bad = tmp_path / "broken.jpeg"
+    bad.write_bytes(b"\xff\xd8\xff not really")
+    with playwright_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        page = browser.new_page()
+        page.goto(server)
+        assert "not a medical device" in page.inner_text("body")
+        page.wait_for_function("document.getElementById('model').textContent.startsWith('Model:')")
+        page.set_input_files("#files", [str(good), str(bad)])
+        page.wait_for_selector(".card >> nth=1", timeout=30_000)
+        cards = page.query_selector_all(".card")
+        assert [c.get_attribute("data-filename") for c in cards] == ["chest.png", "broken.jpeg"]
+        assert "probability of PNEUMONIA" in cards[0].inner_text()
+        img = cards[0].query_selector("img")
+        assert img.get_attribute("src").startswith("data:image/png;base64,")
+        cards[0].query_selector(".heat-toggle").uncheck()
+        assert img.get_attribute("src").startswith("blob:")
+        error = cards[1].query_selector(".error").inner_text()
+        assert error.startswith("Error: ") and ("corrupt" in error or "not a recognised image" in error)
+        page.screenshot(path=str(tmp_path / "page.png"), full_page=True)
+        browser.close()
+    assert (tmp_path / "page.png").stat().st_size > 10_000
