@@ -12,13 +12,15 @@ from __future__ import annotations
 import csv
 import io
 import os
+import weakref
 from pathlib import Path
-from typing import Iterable
+from typing import Any, Iterable
 
 import numpy as np
 import torch
 from PIL import Image
 from torch import nn
+from torch.nn import functional as F
 
 from .checkpoint import atomic_write_bytes, atomic_write_text
 from .images import ImageLoadError, load_grey, resize
@@ -41,11 +43,26 @@ def _gradcam(model: nn.Module, cam_layer: str):
         from monai.visualize import GradCAM
     except ImportError as e:
         raise ImportError(f"Grad-CAM uses MONAI ({e}); install it with: pip install 'pneumoscan[models]'") from e
+
+    class GradCAMKeepingLogits(GradCAM):
+        """MONAI's GradCAM, keeping the logits of the pass it makes anyway (saves a second forward pass)."""
+
+        def compute_map(self, x, class_idx=None, retain_graph=False, layer_idx=-1, **kwargs):  # type: ignore[override]
+            logits, acti, grad = self.nn_module(x, class_idx=class_idx, retain_graph=retain_graph, **kwargs)
+            self.logits = logits.detach()
+            acti, grad = acti[layer_idx], grad[layer_idx]
+            b, k, *spatial = grad.shape
+            weights = grad.view(b, k, -1).mean(2).view(b, k, *[1] * len(spatial))
+            return F.relu((weights * acti).sum(1, keepdim=True))
+
     for m in model.modules():  # an in-place op after the hooked layer would break its backward hook
         if hasattr(m, "inplace"):
             m.inplace = False
     # MONAI puts the module back in the mode it found it in: give it the model's (eval) mode
-    return GradCAM(nn_module=_TwoDimLogits(model).train(model.training), target_layers=f"model.{cam_layer}")
+    return GradCAMKeepingLogits(nn_module=_TwoDimLogits(model).train(model.training), target_layers=f"model.{cam_layer}")
+
+
+_CAMS: "weakref.WeakKeyDictionary[nn.Module, Any]" = weakref.WeakKeyDictionary()
 
 
 def cam_for_pixels(predictor: Predictor, pixels: np.ndarray) -> tuple[np.ndarray, float]:
@@ -53,7 +70,9 @@ def cam_for_pixels(predictor: Predictor, pixels: np.ndarray) -> tuple[np.ndarray
     if predictor.backend != "torch":
         raise ValueError("Grad-CAM needs the torch backend")
     model = predictor.model
-    cam = _gradcam(model, predictor.cam_layer)
+    if model not in _CAMS:  # hooks are registered once per model, not per image
+        _CAMS[model] = _gradcam(model, predictor.cam_layer)
+    cam = _CAMS[model]
     x = torch.as_tensor(np.array(pixels, dtype=np.uint8)).to(predictor.device)[None, None].float()
     x = predictor.prep.normalize(x).contiguous(memory_format=torch.channels_last)
     with torch.enable_grad():
@@ -61,7 +80,7 @@ def cam_for_pixels(predictor: Predictor, pixels: np.ndarray) -> tuple[np.ndarray
     model.zero_grad(set_to_none=True)
     heat = heat[0, 0].detach().float().cpu().numpy()
     heat = np.nan_to_num(heat, nan=0.0, posinf=1.0, neginf=0.0).clip(0, 1)
-    return heat, float(predictor.predict_arrays(pixels[None])[0])
+    return heat, float(torch.sigmoid(cam.logits[0, 0]))
 
 
 def overlay(grey: np.ndarray, heat: np.ndarray, alpha: float = 0.5) -> np.ndarray:
