@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import io
 import os
+import warnings
 import weakref
 from pathlib import Path
 from typing import Any, Iterable
@@ -58,6 +59,13 @@ def _gradcam(model: nn.Module, cam_layer: str):
     for m in model.modules():  # an in-place op after the hooked layer would break its backward hook
         if hasattr(m, "inplace"):
             m.inplace = False
+    # Only the gradient from the output down to the hooked layer is needed: with every other parameter
+    # frozen, autograd's graph starts at that layer and the backward pass skips the layers below it.
+    target = model.get_submodule(cam_layer)
+    for param in model.parameters():
+        param.requires_grad_(False)
+    for param in target.parameters():
+        param.requires_grad_(True)
     # MONAI puts the module back in the mode it found it in: give it the model's (eval) mode
     return GradCAMKeepingLogits(nn_module=_TwoDimLogits(model).train(model.training), target_layers=f"model.{cam_layer}")
 
@@ -66,7 +74,10 @@ _CAMS: "weakref.WeakKeyDictionary[nn.Module, Any]" = weakref.WeakKeyDictionary()
 
 
 def cam_for_pixels(predictor: Predictor, pixels: np.ndarray) -> tuple[np.ndarray, float]:
-    """(heatmap in [0, 1] at the model's input size, probability) for one (S, S) uint8 image."""
+    """(heatmap in [0, 1] at the model's input size, probability) for one (S, S) uint8 image.
+
+    The first call freezes the model's parameters (it is an inference model from here on).
+    """
     if predictor.backend != "torch":
         raise ValueError("Grad-CAM needs the torch backend")
     model = predictor.model
@@ -75,7 +86,9 @@ def cam_for_pixels(predictor: Predictor, pixels: np.ndarray) -> tuple[np.ndarray
     cam = _CAMS[model]
     x = torch.as_tensor(np.array(pixels, dtype=np.uint8)).to(predictor.device)[None, None].float()
     x = predictor.prep.normalize(x).contiguous(memory_format=torch.channels_last)
-    with torch.enable_grad():
+    with torch.enable_grad(), warnings.catch_warnings():
+        # expected: the hook fires for the layer's output gradient, which is the one Grad-CAM uses
+        warnings.filterwarnings("ignore", message="Full backward hook is firing when gradients are computed")
         heat = cam(x, class_idx=0)  # computed in eval mode
     model.zero_grad(set_to_none=True)
     heat = heat[0, 0].detach().float().cpu().numpy()
