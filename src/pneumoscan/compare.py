@@ -86,6 +86,8 @@ def table_markdown(r: dict[str, Any]) -> list[str]:
 
     split = r["split"]
     lines = [f"Mean ± sd over seeds {r['seeds']} (recipe `{r['recipe']}`); 'accuracy', 'loss' and ROC AUC on the `{split}` split.",
+             "Train figures are at the best epoch (train loss includes the L2 penalty, as Keras reports it); "
+             f"{split} loss is the log loss (BCE) of the best checkpoint.",
              "", f"| activation | train acc | {split} acc | train loss | {split} loss | {split} ROC AUC |", "|---|---|---|---|---|---|"]
     lines += [f"| {a} | " + " | ".join(cell(t[c]) for c in COLUMNS) + " |" for a, t in r["table"].items()]
     lines += ["", "Paper, Table IV (theirs: single runs, test split, checkpoint chosen on test):", "",
@@ -94,6 +96,9 @@ def table_markdown(r: dict[str, Any]) -> list[str]:
               for a, p in PAPER_TABLE_IV.items() if a in r["table"]]
     significant = [t for t in r["tests"] if t["larger_than_noise"]]
     lines += ["", f"Differences larger than the seed-to-seed noise (Welch's t-test, p < {r['alpha']}):"]
-    lines += [f"- {t['a']} vs {t['b']}, {t['metric']}: {t['difference']:+.4f} (p = {t['p']:.3f})" for t in significant] or \
-             ["- none: every difference between activations is within the noise of these seeds."]
+    if not r["tests"]:
+        lines.append("- no pairs to compare (one activation).")
+    else:
+        lines += [f"- {t['a']} vs {t['b']}, {t['metric']}: {t['difference']:+.4f} (p = {t['p']:.3f})" for t in significant] or \
+                 ["- none: every difference between activations is within the noise of these seeds."]
     return lines
