@@ -99,12 +99,16 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-progress", action="store_true")
 
 
-def _add_predict(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("predict", help="probabilities for image files and folders, as a CSV")
+def _add_checkpoint_and_images(p: argparse.ArgumentParser, out_help: str) -> None:
     p.add_argument("checkpoint")
     p.add_argument("paths", nargs="+", help="image files or folders (searched recursively)")
-    p.add_argument("--out", required=True, help="CSV to write (path, probability, label, error)")
+    p.add_argument("--out", required=True, help=out_help)
     p.add_argument("--device", default="auto")
+
+
+def _add_predict(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("predict", help="probabilities for image files and folders, as a CSV")
+    _add_checkpoint_and_images(p, "CSV to write (path, probability, label, error)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--backend", choices=["torch", "onnx"], default="torch",
                    help="onnx: export in memory and run with ONNX Runtime on the CPU (pip install 'pneumoscan[onnx]')")
@@ -112,10 +116,7 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
 
 def _add_explain(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("explain", help="Grad-CAM heatmaps over the X-rays, one PNG per image, plus probabilities")
-    p.add_argument("checkpoint")
-    p.add_argument("paths", nargs="+", help="image files or folders (searched recursively)")
-    p.add_argument("--out", required=True, help="folder for <name>_gradcam.png and explanations.csv")
-    p.add_argument("--device", default="auto")
+    _add_checkpoint_and_images(p, "folder for <name>_gradcam.png and explanations.csv")
 
 
 def _add_serve(sub: argparse._SubParsersAction) -> None:
@@ -209,22 +210,23 @@ def cmd_predict(a: argparse.Namespace) -> int:
     from .predict import predict_paths
 
     results = predict_paths(a.checkpoint, a.paths, a.out, device=a.device, batch_size=a.batch_size, backend=a.backend)
-    bad = [r for r in results if r.error]
-    for r in bad:
-        print(f"error: {r.error}", file=sys.stderr)
-    print(f"{len(results) - len(bad)} images scored, {len(bad)} unreadable; wrote {a.out}")
-    return 0 if results and len(bad) < len(results) else 1
+    return _report_batch([r.error for r in results], f"images scored; wrote {a.out}")
+
+
+def _report_batch(errors: list, done: str) -> int:
+    """One stderr line per unreadable file and a summary; exit 1 only when nothing could be read."""
+    bad = [e for e in errors if e]
+    for e in bad:
+        print(f"error: {e}", file=sys.stderr)
+    print(f"{len(errors) - len(bad)} {done}; {len(bad)} unreadable")
+    return 0 if errors and len(bad) < len(errors) else 1
 
 
 def cmd_explain(a: argparse.Namespace) -> int:
     from .explain import explain_paths
 
     rows = explain_paths(a.checkpoint, a.paths, a.out, device=a.device)
-    bad = [r for r in rows if r["error"]]
-    for r in bad:
-        print(f"error: {r['error']}", file=sys.stderr)
-    print(f"{len(rows) - len(bad)} heatmaps written, {len(bad)} unreadable; see {Path(a.out) / 'explanations.csv'}")
-    return 0 if rows and len(bad) < len(rows) else 1
+    return _report_batch([r["error"] for r in rows], f"heatmaps written (see {Path(a.out) / 'explanations.csv'})")
 
 
 def cmd_serve(a: argparse.Namespace) -> int:

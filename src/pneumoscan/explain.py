@@ -96,12 +96,19 @@ def cam_for_pixels(predictor: Predictor, pixels: np.ndarray) -> tuple[np.ndarray
     return heat, float(torch.sigmoid(cam.logits[0, 0]))
 
 
+def resize_heat(heat: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """A [0, 1] heatmap resized (bilinear) to `shape` = (height, width)."""
+    if heat.shape == shape:
+        return heat
+    resized = Image.fromarray(heat.astype(np.float32), mode="F").resize(shape[::-1], Image.Resampling.BILINEAR)
+    return np.clip(np.asarray(resized), 0, 1)
+
+
 def overlay(grey: np.ndarray, heat: np.ndarray, alpha: float = 0.5) -> np.ndarray:
     """RGB uint8: the grey image with the heatmap (resized to it) blended in a perceptual colour map."""
     from matplotlib import colormaps
 
-    h, w = grey.shape
-    heat_full = np.asarray(Image.fromarray((heat * 255).astype(np.uint8)).resize((w, h), Image.Resampling.BILINEAR)) / 255.0
+    heat_full = resize_heat(heat, grey.shape)
     colour = colormaps["turbo"](heat_full)[..., :3]
     base = np.repeat(grey[..., None] / 255.0, 3, axis=2)
     weight = alpha * heat_full[..., None]  # cold regions stay readable as the X-ray
@@ -120,9 +127,8 @@ def explain_image(predictor: Predictor, source: str | os.PathLike | bytes, name:
     grey = load_grey(source, name=name)
     pixels = resize(grey, predictor.prep.image_size, predictor.prep.resize_filter)
     heat, prob = cam_for_pixels(predictor, pixels)
-    h, w = grey.shape
-    heat_full = np.asarray(Image.fromarray(heat.astype(np.float32), mode="F").resize((w, h), Image.Resampling.BILINEAR))
-    return overlay(grey, heat), np.clip(heat_full, 0, 1), prob
+    heat_full = resize_heat(heat, grey.shape)  # once, for both the overlay and the caller
+    return overlay(grey, heat_full), heat_full, prob
 
 
 def explain_paths(checkpoint: str | os.PathLike, inputs: Iterable[str], out_dir: str | os.PathLike,

@@ -69,6 +69,7 @@ def create_app(checkpoint: str | os.PathLike, device: str = "cpu", token: str | 
     try:
         from fastapi import Depends, FastAPI, HTTPException, Request
         from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
+        from starlette.concurrency import run_in_threadpool
         from starlette.formparsers import MultiPartParser
     except ImportError as e:
         raise ImportError(f"serving needs FastAPI ({e}); install it with: pip install 'pneumoscan[serve]'") from e
@@ -141,9 +142,9 @@ def create_app(checkpoint: str | os.PathLike, device: str = "cpu", token: str | 
             raise HTTPException(415, "send the images as multipart/form-data in the field 'files'")
         try:
             form = await request.form(max_files=max_files, max_part_size=limit)
+        except _TooLarge:
+            raise  # BodyLimit answers 413
         except Exception as e:  # malformed multipart bodies raise several types
-            if isinstance(e, _TooLarge):
-                raise
             raise HTTPException(400, f"malformed multipart upload ({e})") from None
         uploads = [f for f in form.getlist("files") if hasattr(f, "read")]
         if not uploads:
@@ -152,14 +153,9 @@ def create_app(checkpoint: str | os.PathLike, device: str = "cpu", token: str | 
         for i, up in enumerate(uploads):
             name = os.path.basename(up.filename or "") or f"upload-{i + 1}"  # shown only, never a path
             data = await up.read()
-            results.append(await _run(score, name, data, heatmap))
+            results.append(await run_in_threadpool(score, name, data, heatmap))
         status = 422 if all(r["error"] for r in results) else 200
         return JSONResponse({"results": results, "model": info}, status_code=status)
-
-    async def _run(fn: Any, *args: Any) -> Any:
-        from starlette.concurrency import run_in_threadpool
-
-        return await run_in_threadpool(fn, *args)
 
     return BodyLimit(app, limit)
 

@@ -259,7 +259,7 @@ def train(cfg: Config, out: str | Path, device: str = "auto", resume: bool = Fal
 
 
 def _train(cfg: Config, out: Path, dev: torch.device, ddp: Distributed, resume: bool, overwrite: bool,
-           progress: bool, tensorboard: bool, strict: bool = False) -> dict[str, Any]:
+           progress: bool, tensorboard: bool, strict: bool) -> dict[str, Any]:
     if ddp.is_main:
         prepare_run_dir(out, resume, overwrite)
     ddp.barrier()
