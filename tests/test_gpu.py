@@ -2,19 +2,69 @@
 
 import pytest
 import torch
+from torch import nn
 
+from pneumoscan.augment import draw_augmentation
+from pneumoscan.config import Augmentation, Config
 from pneumoscan.predict import Predictor
-from pneumoscan.train import train
+from pneumoscan.train import CudaGraphStep, DeviceSplit, _set_lr, make_step, train
 
 from .test_train_checkpoint import tiny_config
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
-def test_training_and_prediction_on_cuda_match_cpu_prediction(tiny_data, tmp_path):
-    summary = train(tiny_config(tiny_data, epochs=1), tmp_path / "run", device="auto", progress=False)
+@pytest.mark.parametrize("graphs", [False, True])
+def test_training_and_prediction_on_cuda_match_cpu_prediction(tiny_data, tmp_path, graphs):
+    summary = train(tiny_config(tiny_data, epochs=2), tmp_path / "run", device="auto", progress=False, cuda_graphs=graphs)
     assert summary["device"].startswith("cuda")
     files = sorted(str(p) for p in (tiny_data / "train" / "NORMAL").iterdir())[:4]
     gpu = [p.probability for p in Predictor(tmp_path / "run" / "best.pt", device="cuda").predict_files(files)]
     cpu = [p.probability for p in Predictor(tmp_path / "run" / "best.pt", device="cpu").predict_files(files)]
     assert max(abs(a - b) for a, b in zip(gpu, cpu)) < 1e-3
+
+
+def test_a_cpu_run_resumes_on_the_gpu_with_graphs(tiny_data, tmp_path):
+    cfg = tiny_config(tiny_data, epochs=1)
+    train(cfg, tmp_path / "run", device="cpu", progress=False)
+    last = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
+    last["config"]["train"]["epochs"] = 2
+    torch.save(last, tmp_path / "run" / "last.pt")
+    summary = train(cfg, tmp_path / "run", device="cuda", resume=True, progress=False, cuda_graphs=True)
+    assert summary["epochs"] == 2 and summary["device"].startswith("cuda")
+
+
+def _small_net() -> nn.Module:  # no dropout, so eager and replayed steps are comparable number for number
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 14 * 14, 1),
+                         nn.Flatten(0)).cuda()
+
+
+def test_replayed_graph_steps_equal_eager_steps_and_follow_the_learning_rate():
+    """The LR drops before step 4: a graph that ignored the change would drift away from the eager run."""
+    torch.backends.cudnn.deterministic = True
+    cfg = Config(augmentation=Augmentation(zoom=0.3, vertical_flip=True))
+    gen = torch.Generator().manual_seed(0)
+    data = DeviceSplit(torch.randint(0, 256, (64, 16, 16), dtype=torch.uint8).cuda(), (torch.rand(64) < 0.5).float().cuda())
+    batches = [(torch.randperm(64, generator=gen)[:8].cuda(),
+                {k: v.cuda() for k, v in draw_augmentation(8, cfg.augmentation, gen).items()}) for _ in range(6)]
+    eager, graphed = _small_net(), _small_net()
+    runs = {}
+    for name, net in (("eager", eager), ("graphed", graphed)):
+        lr = torch.tensor(1e-2, device="cuda")
+        opt = torch.optim.Adam(net.parameters(), lr=lr, capturable=True)
+        step = make_step(net, data, cfg, opt)
+        graph = CudaGraphStep(step, net, opt, *batches[0]) if name == "graphed" else None
+        losses = []
+        for i, (idx, draws) in enumerate(batches):
+            if i == 3:
+                _set_lr(opt, lr, 1e-3)
+            if graph:
+                losses.append(float(graph(idx, draws)[0]))
+            else:
+                opt.zero_grad(set_to_none=True)
+                losses.append(float(step(idx, draws)[0]))
+        runs[name] = losses
+    assert runs["eager"] == pytest.approx(runs["graphed"], rel=1e-4)
+    for a, b in zip(eager.state_dict().values(), graphed.state_dict().values()):
+        assert torch.allclose(a.float(), b.float(), atol=1e-5)

@@ -67,6 +67,16 @@ def test_existing_run_folder_is_not_overwritten_by_accident(tiny_data, tmp_path)
     assert (out / "notes.txt").read_text() == "mine"
 
 
+def test_a_batch_larger_than_the_training_set_is_a_clear_error(tiny_data, tmp_path):
+    from pneumoscan.data import DataError
+
+    with pytest.raises(DataError, match="batch size 4096 is larger than the"):
+        train(tiny_config(tiny_data, epochs=1).override("train", batch_size=4096), tmp_path / "run", device="cpu",
+              progress=False)
+    with pytest.raises(ValueError, match="CUDA graphs"):
+        train(tiny_config(tiny_data, epochs=1), tmp_path / "run2", device="cpu", progress=False, cuda_graphs=True)
+
+
 def test_early_stopping_follows_keras_semantics():
     stopper = EarlyStopping(patience=2, min_delta=0.1)
     assert not stopper.step(0.70)
@@ -124,3 +134,21 @@ def test_balanced_class_weights_equalise_the_classes():
     plain, _ = model_loss(torch.nn.Identity(), logits, targets)
     weighted, _ = model_loss(torch.nn.Identity(), logits, targets, torch.tensor([3.0, 1.0]))
     assert float(weighted) == pytest.approx(float(plain) * (3 + 1 + 1 + 1) / 4)
+
+
+def test_graph_warmup_state_is_put_back_exactly():
+    """What CudaGraphStep relies on, checked on the CPU: warm-up steps leave no trace in weights or Adam state."""
+    from pneumoscan.train import _restore, _snapshot
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8), torch.nn.Linear(8, 1))
+    opt = torch.optim.Adam(model.parameters(), lr=0.1)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    saved = _snapshot(model, opt)
+    for _ in range(3):
+        opt.zero_grad()
+        model(torch.randn(16, 4)).sum().backward()
+        opt.step()
+    assert not torch.equal(before["0.weight"], model.state_dict()["0.weight"])
+    _restore(model, opt, saved)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert all(float(v.abs().sum()) == 0 for st in opt.state.values() for v in st.values())

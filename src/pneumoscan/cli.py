@@ -54,6 +54,8 @@ def _add_config_flags(p: argparse.ArgumentParser, activation: bool = True) -> No
     p.add_argument("--early-stopping", action="store_true", default=None,
                    help="stop when validation accuracy stops improving (Keras semantics of the notebook)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda (auto picks CUDA when present)")
+    p.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false", default=None,
+                   help="on CUDA, run every step eagerly instead of replaying it as a CUDA graph")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -168,7 +170,7 @@ def cmd_train(a: argparse.Namespace) -> int:
 
     cfg = config_from_args(a)
     summary = train(cfg, a.out, device=a.device, resume=a.resume, overwrite=a.overwrite, progress=not a.no_progress,
-                    tensorboard=a.tensorboard, strict=a.strict)
+                    tensorboard=a.tensorboard, strict=a.strict, cuda_graphs=a.cuda_graphs)
     if not summary:  # a torchrun worker other than rank 0: rank 0 reports
         return 0
     print(json.dumps({"summary": summary}), flush=True)
@@ -191,7 +193,8 @@ def cmd_train(a: argparse.Namespace) -> int:
 def cmd_compare(a: argparse.Namespace) -> int:
     from .compare import compare, table_markdown
 
-    result = compare(config_from_args(a), a.out, a.activations, a.seeds, a.split, a.device, progress=not a.no_progress)
+    result = compare(config_from_args(a), a.out, a.activations, a.seeds, a.split, a.device, progress=not a.no_progress,
+                     cuda_graphs=a.cuda_graphs)
     print("\n".join(table_markdown(result)))
     return 0
 

@@ -1,7 +1,8 @@
 """The paper's Table IV, re-run properly: each activation trained with the same recipe over several seeds.
 
 Each (activation, seed) run is an ordinary run folder under the comparison folder; a run that already
-finished is reused and an interrupted one is resumed, so a long comparison can be stopped and restarted.
+finished is reused (with its evaluation, when that is newer than the training) and an interrupted one is
+resumed, so a long comparison can be stopped and restarted, or its runs made by several processes at once.
 The table gives mean +- sd over seeds of train accuracy and loss (at the best epoch), the evaluated
 split's accuracy, loss and ROC AUC; pairs of activations are compared with Welch's t-test on each
 metric across seeds.
@@ -34,12 +35,17 @@ PAPER_TABLE_IV = {
 COLUMNS = ("train_accuracy", "accuracy", "train_loss", "loss", "roc_auc")
 
 
-def _run(cfg: Config, run_dir: Path, split: str, device: str, progress: bool) -> dict[str, Any]:
+def _run(cfg: Config, run_dir: Path, split: str, device: str, progress: bool, cuda_graphs: bool | None) -> dict[str, Any]:
     if not (run_dir / "summary.json").is_file():
-        train(cfg, run_dir, device=device, resume=(run_dir / "last.pt").is_file(), overwrite=True, progress=progress)
-    result = evaluate(run_dir / "best.pt", split, run_dir / f"eval-{split}", data_root=cfg.data.root, device=device,
-                      progress=progress)
-    summary = json.loads((run_dir / "summary.json").read_text())
+        train(cfg, run_dir, device=device, resume=(run_dir / "last.pt").is_file(), overwrite=True, progress=progress,
+              cuda_graphs=cuda_graphs)
+    summary_file, metrics_file = run_dir / "summary.json", run_dir / f"eval-{split}" / "metrics.json"
+    if metrics_file.is_file() and metrics_file.stat().st_mtime >= summary_file.stat().st_mtime:
+        result = json.loads(metrics_file.read_text())  # evaluated after this training finished: reuse it
+    else:
+        result = evaluate(run_dir / "best.pt", split, run_dir / f"eval-{split}", data_root=cfg.data.root, device=device,
+                          progress=progress)
+    summary = json.loads(summary_file.read_text())
     history = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     best = next(h for h in history if h["epoch"] == summary["best_epoch"])
     return {"train_accuracy": best["train_accuracy"], "train_loss": best["train_loss"], "accuracy": result["accuracy"],
@@ -55,14 +61,15 @@ def welch_p(a: Sequence[float], b: Sequence[float]) -> float | None:
 
 
 def compare(base: Config, out: str | Path, activations: Sequence[str] = ACTIVATIONS, seeds: Sequence[int] = (0, 1, 2),
-            split: str = "val", device: str = "auto", progress: bool = True, alpha: float = 0.05) -> dict[str, Any]:
+            split: str = "val", device: str = "auto", progress: bool = True, alpha: float = 0.05,
+            cuda_graphs: bool | None = None) -> dict[str, Any]:
     """Train and evaluate every (activation, seed); write compare.json and compare.md into `out`."""
     out = Path(out)
     runs: dict[str, list[dict[str, Any]]] = {}
     for activation in activations:
         for seed in seeds:
             cfg = base.override("model", activation=activation).override("train", seed=seed)
-            runs.setdefault(activation, []).append(_run(cfg, out / f"{activation}-s{seed}", split, device, progress))
+            runs.setdefault(activation, []).append(_run(cfg, out / f"{activation}-s{seed}", split, device, progress, cuda_graphs))
     table = {a: {c: {"mean": float(np.mean([r[c] for r in rs])), "sd": float(np.std([r[c] for r in rs], ddof=1)) if len(rs) > 1 else None}
                  for c in COLUMNS} for a, rs in runs.items()}
     tests = []

@@ -26,7 +26,7 @@ from torch.nn import functional as F
 from torch.utils.data import DistributedSampler
 
 from . import checkpoint as ckpt_io
-from .augment import augment_batch
+from .augment import augment_batch, draw_augmentation
 from .config import Config
 from .data import CachedImages, DataError, cache_images, split_samples, split_summary
 from .metrics import binary_metrics, choose_threshold
@@ -120,35 +120,115 @@ def epoch_order(labels: torch.Tensor, cfg: Config, epoch: int, ddp: "Distributed
     return torch.tensor(list(sampler), dtype=torch.long)
 
 
+def make_step(model: nn.Module, data: DeviceSplit, cfg: Config, optimizer: torch.optim.Optimizer,
+              class_weights: torch.Tensor | None = None):
+    """The optimisation step on rows `idx` with augmentation `draws` (gradients already cleared).
+
+    Returns (summed loss, correct predictions) as device tensors: nothing here waits for the device.
+    """
+
+    def step(idx: torch.Tensor, draws: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        x = augment_batch(data.inputs(idx, cfg), cfg.augmentation, draws=draws)
+        y = data.labels[idx]
+        logits = model(x)
+        loss, _ = model_loss(model, logits, y, class_weights)
+        loss.backward()
+        optimizer.step()
+        return loss.detach() * len(idx), ((logits.detach() >= 0).float() == y).sum()
+
+    return step
+
+
+class CudaGraphStep:
+    """A training step captured once as a CUDA graph and replayed for every full batch.
+
+    At batch 16 the paper's model is bound by kernel launches, not arithmetic: a replay issues the
+    whole forward, backward and Adam update in one call. The graph reads its inputs from fixed
+    buffers (row indices, augmentation draws), so a step is three small copies and a replay.
+    Capturing needs a few warm-up steps; the weights, buffers and optimizer state they change are put
+    back afterwards, so the run is the same as without the graph. The optimizer must be capturable.
+    """
+
+    def __init__(self, step, model: nn.Module, optimizer: torch.optim.Optimizer, idx: torch.Tensor,
+                 draws: dict[str, torch.Tensor], warmup: int = 3):
+        self.idx, self.draws = idx.clone(), {k: v.clone() for k, v in draws.items()}
+        saved = _snapshot(model, optimizer)
+        try:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):  # warm-up on a side stream, as capture requires
+                for _ in range(warmup):
+                    optimizer.zero_grad(set_to_none=True)
+                    step(self.idx, self.draws)
+            torch.cuda.current_stream().wait_stream(side)
+            optimizer.zero_grad(set_to_none=True)  # backward in the graph then writes fresh gradients
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.outputs = step(self.idx, self.draws)
+        finally:
+            _restore(model, optimizer, saved)
+
+    def __call__(self, idx: torch.Tensor, draws: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        self.idx.copy_(idx)
+        for k, v in draws.items():
+            self.draws[k].copy_(v)
+        self.graph.replay()
+        return self.outputs  # overwritten by the next replay: read before calling again
+
+
+def _snapshot(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    return {"model": [t.detach().clone() for t in (*model.parameters(), *model.buffers())],
+            "optimizer": {p: {k: v.clone() for k, v in st.items() if torch.is_tensor(v)} for p, st in optimizer.state.items()}}
+
+
+def _restore(model: nn.Module, optimizer: torch.optim.Optimizer, saved: dict[str, Any]) -> None:
+    """Copy saved values back in place (the graph holds these very tensors); state created since starts at 0."""
+    with torch.no_grad():
+        for t, v in zip((*model.parameters(), *model.buffers()), saved["model"]):
+            t.copy_(v)
+        for p, st in optimizer.state.items():
+            before = saved["optimizer"].get(p, {})
+            for k, v in st.items():
+                if torch.is_tensor(v):
+                    v.copy_(before[k]) if k in before else v.zero_()
+
+
 def train_one_epoch(model: nn.Module, data: DeviceSplit, order: torch.Tensor, cfg: Config, optimizer: torch.optim.Optimizer,
                     generator: torch.Generator, progress: bool = False, desc: str = "",
-                    class_weights: torch.Tensor | None = None) -> dict[str, float]:
-    """One pass over `order` (this process's shuffled row indices) in batches of cfg.train.batch_size."""
+                    class_weights: torch.Tensor | None = None, graphs: "dict[str, CudaGraphStep] | None" = None) -> dict[str, float]:
+    """One pass over `order` (this process's shuffled row indices) in batches of cfg.train.batch_size.
+
+    With `graphs` (a dict kept across epochs), full batches run as a replayed CUDA graph, captured on first use.
+    """
     model.train()
     bs = cfg.train.batch_size
     steps = len(order) // bs if cfg.train.drop_last else -(-len(order) // bs)
-    total_loss = torch.zeros((), dtype=torch.float64, device=data.pixels.device)
-    correct = torch.zeros((), dtype=torch.float64, device=data.pixels.device)
-    seen = 0
+    dev = data.pixels.device
+    order = order[:steps * bs].to(dev)
+    draws = {k: v.to(dev) for k, v in draw_augmentation(len(order), cfg.augmentation, generator).items()}
+    step = make_step(model, data, cfg, optimizer, class_weights)
+    total_loss = torch.zeros((), dtype=torch.float64, device=dev)
+    correct = torch.zeros((), dtype=torch.float64, device=dev)
     start = time.perf_counter()
     batches = range(steps)
     if progress:
         from tqdm import tqdm
 
         batches = tqdm(batches, desc=desc, unit="batch", leave=False, file=sys.stderr)
-    for step in batches:
-        idx = order[step * bs:(step + 1) * bs].to(data.pixels.device)
-        x = augment_batch(data.inputs(idx, cfg), cfg.augmentation, generator)
-        y = data.labels[idx]
-        logits = model(x)
-        loss, _ = model_loss(model, logits, y, class_weights)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+    for i in batches:
+        rows = slice(i * bs, (i + 1) * bs)
+        idx, batch_draws = order[rows], {k: v[rows] for k, v in draws.items()}
+        if graphs is not None and len(idx) == bs:
+            if "step" not in graphs:
+                graphs["step"] = CudaGraphStep(step, model, optimizer, idx, batch_draws)
+            loss, right = graphs["step"](idx, batch_draws)
+        else:
+            optimizer.zero_grad(set_to_none=True)
+            loss, right = step(idx, batch_draws)
         # accumulate on the device: no host sync per step (matters on a GPU)
-        total_loss += loss.detach() * len(idx)
-        correct += ((logits.detach() >= 0).float() == y).sum()
-        seen += len(idx)
+        total_loss += loss
+        correct += right
+    seen = len(order)
     total_loss, correct = float(total_loss), float(correct)
     elapsed = time.perf_counter() - start
     return {"loss": total_loss / seen, "accuracy": correct / seen, "seconds": elapsed, "images_per_s": seen / elapsed,
@@ -189,6 +269,21 @@ class EarlyStopping:
 
     def state(self) -> dict[str, Any]:
         return {"best": self.best, "wait": self.wait}
+
+
+def _set_lr(optimizer: torch.optim.Optimizer, lr: float | torch.Tensor, value: float | torch.Tensor) -> None:
+    """Set the learning rate to `value`, keeping it in the tensor `lr` when the optimizer was built with one."""
+    for group in optimizer.param_groups:
+        if torch.is_tensor(lr):
+            lr.fill_(float(value))
+            group["lr"] = lr
+        else:
+            group["lr"] = float(value)
+
+
+def _portable(state: dict[str, Any]) -> dict[str, Any]:
+    """An optimizer state dict with plain-number learning rates, loadable by a CPU or a CUDA-graph run."""
+    return {**state, "param_groups": [{**g, "lr": float(g["lr"])} for g in state["param_groups"]]}
 
 
 def prepare_run_dir(out: Path, resume: bool, overwrite: bool) -> None:
@@ -242,8 +337,11 @@ def init_distributed(device: str) -> tuple[Distributed, torch.device]:
 
 
 def train(cfg: Config, out: str | Path, device: str = "auto", resume: bool = False, overwrite: bool = False,
-          progress: bool = True, tensorboard: bool = False, strict: bool = False) -> dict[str, Any]:
+          progress: bool = True, tensorboard: bool = False, strict: bool = False,
+          cuda_graphs: bool | None = None) -> dict[str, Any]:
     """Train `cfg` into run folder `out`; returns the run summary (also written to summary.json).
+
+    `cuda_graphs` (default: on for single-process CUDA training) replays each full-batch step as a CUDA graph.
 
     Under torchrun each process trains on its share of every epoch (DistributedSampler) with
     DistributedDataParallel; only rank 0 writes checkpoints and logs. `batch_size` is per process.
@@ -252,14 +350,19 @@ def train(cfg: Config, out: str | Path, device: str = "auto", resume: bool = Fal
     out = Path(out)
     ddp, dev = init_distributed(device)
     try:
-        return _train(cfg, out, dev, ddp, resume, overwrite, progress and ddp.is_main, tensorboard and ddp.is_main, strict)
+        if cuda_graphs is None:
+            cuda_graphs = dev.type == "cuda" and not ddp.enabled
+        if cuda_graphs and (dev.type != "cuda" or ddp.enabled):
+            raise ValueError("CUDA graphs need a single-process CUDA run")
+        return _train(cfg, out, dev, ddp, resume, overwrite, progress and ddp.is_main, tensorboard and ddp.is_main, strict,
+                      cuda_graphs)
     finally:
         if ddp.enabled:
             torch.distributed.destroy_process_group()
 
 
 def _train(cfg: Config, out: Path, dev: torch.device, ddp: Distributed, resume: bool, overwrite: bool,
-           progress: bool, tensorboard: bool, strict: bool) -> dict[str, Any]:
+           progress: bool, tensorboard: bool, strict: bool, cuda_graphs: bool) -> dict[str, Any]:
     if ddp.is_main:
         prepare_run_dir(out, resume, overwrite)
     ddp.barrier()
@@ -286,6 +389,10 @@ def _train(cfg: Config, out: Path, dev: torch.device, ddp: Distributed, resume: 
         ckpt_io.write_json(out / "split.json", {
             name: {"summary": split_summary(c.samples), "files": [s.path for s in c.samples], "unreadable": c.errors}
             for name, c in cached.items()})
+    per_process = len(cached["train"].samples) // ddp.world_size
+    if cfg.train.drop_last and per_process < cfg.train.batch_size:
+        raise DataError(f"batch size {cfg.train.batch_size} is larger than the {per_process} training images "
+                        f"each process gets: no full batch to train on; use a smaller --batch-size")
     data = {name: DeviceSplit.from_cache(c, dev) for name, c in cached.items()}
     setup_seconds = time.perf_counter() - wall_start
 
@@ -295,14 +402,20 @@ def _train(cfg: Config, out: Path, dev: torch.device, ddp: Distributed, resume: 
         log.info("loaded %d pretrained tensors from %s (%d left at their initialisation: %s)", len(loaded["loaded"]),
                  cfg.model.pretrained, len(loaded["missing"]), ", ".join(loaded["missing"][:4]))
     model = model.to(dev).to(memory_format=torch.channels_last)
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.train.lr, eps=cfg.train.adam_eps)
+    if dev.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed shapes: pick the fastest kernels once
+    # a captured Adam reads its step count and learning rate from device tensors (the LR schedule still applies)
+    lr = torch.tensor(cfg.train.lr, device=dev) if cuda_graphs else cfg.train.lr
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr, eps=cfg.train.adam_eps, capturable=cuda_graphs)
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
         optimizer, mode="min", factor=cfg.train.lr_factor, patience=cfg.train.lr_patience, threshold=1e-4, threshold_mode="abs")
     history: list[dict[str, Any]] = []
     best_loss, start_epoch, stopper_state = float("inf"), 1, None
     if resume:
         model.load_state_dict(state["state_dict"])
-        optimizer.load_state_dict(state["optimizer"])
+        saved = state["optimizer"]  # a CPU run's state resumes on a GPU with graphs, and back
+        optimizer.load_state_dict({**saved, "param_groups": [{**g, "capturable": cuda_graphs} for g in saved["param_groups"]]})
+        _set_lr(optimizer, lr, saved["param_groups"][0]["lr"])
         scheduler.load_state_dict(state["scheduler"])
         if ddp.is_main:
             generator.set_state(state["generator"])
@@ -318,13 +431,14 @@ def _train(cfg: Config, out: Path, dev: torch.device, ddp: Distributed, resume: 
     tracker = TensorBoardLogger(out) if tensorboard else None
     if ddp.is_main:
         ckpt_io.atomic_write_text(out / "metrics.jsonl", "".join(json.dumps(h) + "\n" for h in history))
+    graphs: dict[str, CudaGraphStep] | None = {} if cuda_graphs else None
 
     for epoch in range(start_epoch, cfg.train.epochs + 1):
-        lr = optimizer.param_groups[0]["lr"]
+        epoch_lr = float(optimizer.param_groups[0]["lr"])
         epoch_start = time.perf_counter()
         order = epoch_order(data["train"].labels, cfg, epoch, ddp)
         tr = train_one_epoch(net, data["train"], order, cfg, optimizer, generator, progress,
-                             desc=f"epoch {epoch}/{cfg.train.epochs}", class_weights=class_weights)
+                             desc=f"epoch {epoch}/{cfg.train.epochs}", class_weights=class_weights, graphs=graphs)
         if ddp.enabled:
             totals = torch.tensor([tr["loss"] * tr["images"], tr["accuracy"] * tr["images"], tr["images"]], dtype=torch.float64)
             torch.distributed.all_reduce(totals)
@@ -332,8 +446,9 @@ def _train(cfg: Config, out: Path, dev: torch.device, ddp: Distributed, resume: 
                       images=int(totals[2]), images_per_s=float(totals[2]) / tr["seconds"])
         va = validate(model, data["val"], cfg)  # every process scores the whole split: same numbers, same LR steps
         scheduler.step(va["loss"])
+        _set_lr(optimizer, lr, optimizer.param_groups[0]["lr"])
         stop = cfg.train.early_stopping and stopper.step(va["accuracy"])
-        row = {"epoch": epoch, "lr": lr, "train_loss": tr["loss"], "train_accuracy": tr["accuracy"],
+        row = {"epoch": epoch, "lr": epoch_lr, "train_loss": tr["loss"], "train_accuracy": tr["accuracy"],
                "val_loss": va["loss"], "val_bce": va["bce"], "val_accuracy": va["accuracy"], "val_roc_auc": va["roc_auc"],
                "val_recall": va["recall"], "val_specificity": va["specificity"],
                "train_images": tr["images"], "train_seconds": round(tr["seconds"], 2),
@@ -353,7 +468,7 @@ def _train(cfg: Config, out: Path, dev: torch.device, ddp: Distributed, resume: 
                                                      metrics={"val": va, "epoch": epoch}, history=history, epoch=epoch),
                              out / "best.pt")
             last = ckpt_io.make_checkpoint(model, cfg, threshold=cfg.train.threshold, history=history, epoch=epoch)
-            last.update(optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(), generator=generator.get_state(),
+            last.update(optimizer=_portable(optimizer.state_dict()), scheduler=scheduler.state_dict(), generator=generator.get_state(),
                         torch_rng=torch.get_rng_state(), best_loss=best_loss, early_stopping=stopper.state())
             ckpt_io.save(last, out / "last.pt")
         if stop:

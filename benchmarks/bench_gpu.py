@@ -1,0 +1,114 @@
+#!/usr/bin/env python3
+"""GPU training speed: the paper's full recipe end to end, with and without CUDA graphs, and the model alone.
+
+1. End to end: `pneumoscan train` with the paper's recipe (11 epochs over all of train, validation
+   every epoch, checkpoints written) from the JPEG folder, timed from the process start to its exit:
+   interpreter start, imports, CUDA start-up, scanning, decoding every image (empty pixel cache) and training.
+   Then the same with --no-cuda-graphs (eager steps; the pixel cache is warm by then).
+2. The model alone: training steps on in-memory batches already on the GPU (augmentation included),
+   eager vs CUDA graph, at batch 16 and 256.
+
+    python benchmarks/bench_gpu.py --data ../shared/data/chest_xray [--json FILE]
+
+Prints a table and one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def end_to_end(data: str, cache: str, extra: list[str]) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "run"
+        cmd = [sys.executable, "-m", "pneumoscan", "train", "--data", data, "--out", str(out), "--device", "cuda",
+               "--no-eval", "--no-progress", *extra]
+        t0 = time.perf_counter()
+        subprocess.run(cmd, check=True, env={**os.environ, "PNEUMOSCAN_CACHE": cache}, stdout=subprocess.DEVNULL)
+        wall = time.perf_counter() - t0
+        s = json.loads((out / "summary.json").read_text())
+    return {"wall_seconds": round(wall, 1), "setup_seconds": s["setup_seconds"], "epochs": s["epochs"],
+            "train_images_per_s_median": round(s["train_images_per_s_median"], 1),
+            "best_epoch": s["best_epoch"], "val_accuracy": round(s["best_val"]["accuracy"], 4),
+            "val_roc_auc": round(s["best_val"]["roc_auc"], 4)}
+
+
+def model_alone(batch: int, graphs: bool, steps: int, warmup: int = 5) -> float:
+    """Training images/s of the paper's model on random in-memory images on the GPU."""
+    import torch
+
+    from pneumoscan.augment import draw_augmentation
+    from pneumoscan.checkpoint import build_model
+    from pneumoscan.config import Config
+    from pneumoscan.train import CudaGraphStep, DeviceSplit, make_step
+
+    cfg, dev, gen = Config(), torch.device("cuda"), torch.Generator().manual_seed(0)
+    torch.backends.cudnn.benchmark = True
+    torch.manual_seed(0)
+    data = DeviceSplit(torch.randint(0, 256, (2048, 150, 150), dtype=torch.uint8, device=dev),
+                       (torch.rand(2048, device=dev) < 0.74).float())
+    model = build_model(cfg).to(dev).to(memory_format=torch.channels_last).train()
+    lr = torch.tensor(cfg.train.lr, device=dev) if graphs else cfg.train.lr
+    opt = torch.optim.Adam(model.parameters(), lr=lr, eps=cfg.train.adam_eps, capturable=graphs)
+    step = make_step(model, data, cfg, opt)
+    batches = [(torch.randint(0, 2048, (batch,), generator=gen).to(dev),
+                {k: v.to(dev) for k, v in draw_augmentation(batch, cfg.augmentation, gen).items()})
+               for _ in range(warmup + steps)]
+    run = CudaGraphStep(step, model, opt, *batches[0]) if graphs else None
+    for i, (idx, draws) in enumerate(batches):
+        if i == warmup:
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+        if run:
+            run(idx, draws)
+        else:
+            opt.zero_grad(set_to_none=True)
+            step(idx, draws)
+    torch.cuda.synchronize()
+    return round(batch * steps / (time.perf_counter() - t0), 1)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", default=os.environ.get("PNEUMOSCAN_DATA", str(ROOT / ".." / "shared" / "data" / "chest_xray")))
+    ap.add_argument("--json", help="also write the result here")
+    args = ap.parse_args()
+    import torch
+
+    if not torch.cuda.is_available():
+        print("bench_gpu: no CUDA GPU here", file=sys.stderr)
+        return 1
+    result = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d")}
+    with tempfile.TemporaryDirectory() as cache:
+        result["paper_recipe_graphs_cold_cache"] = end_to_end(args.data, cache, [])
+        result["paper_recipe_eager_warm_cache"] = end_to_end(args.data, cache, ["--no-cuda-graphs"])
+    for batch, steps in ((16, 300), (256, 40)):
+        eager, graphed = model_alone(batch, False, steps), model_alone(batch, True, steps)
+        result[f"model_alone_batch{batch}"] = {"eager": eager, "graphs": graphed, "ratio": round(graphed / eager, 2)}
+    g, e = result["paper_recipe_graphs_cold_cache"], result["paper_recipe_eager_warm_cache"]
+    result["ratio_end_to_end_wall"] = round(e["wall_seconds"] / g["wall_seconds"], 2)
+    print(f"GPU: {result['gpu']}, torch {result['torch']}")
+    print(f"paper recipe, 11 epochs end to end: graphs {g['wall_seconds']} s (cold cache, setup {g['setup_seconds']} s), "
+          f"eager {e['wall_seconds']} s (warm cache); {result['ratio_end_to_end_wall']}x")
+    print(f"  training images/s (median epoch): graphs {g['train_images_per_s_median']}, eager {e['train_images_per_s_median']}")
+    for batch in (16, 256):
+        r = result[f"model_alone_batch{batch}"]
+        print(f"model alone, batch {batch}: eager {r['eager']} images/s, graphs {r['graphs']} images/s, {r['ratio']}x")
+    line = json.dumps(result)
+    print(line)
+    if args.json:
+        Path(args.json).write_text(line + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
