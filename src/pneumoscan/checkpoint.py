@@ -87,8 +87,8 @@ def make_checkpoint(model: nn.Module, cfg: Config, *, threshold: float, metrics:
 
 def build_model(cfg: Config) -> nn.Module:
     """The model a config describes, freshly initialised."""
-    return create_model(cfg.model.name, activation=cfg.model.activation,
-                        in_channels=cfg.preprocessing.channels, image_size=cfg.preprocessing.image_size)
+    return create_model(cfg.model.name, activation=cfg.model.activation, in_channels=cfg.preprocessing.channels,
+                        image_size=cfg.preprocessing.image_size, batchnorm_momentum=cfg.model.batchnorm_momentum)
 
 
 @dataclass

@@ -36,6 +36,8 @@ def _add_config_flags(p: argparse.ArgumentParser, activation: bool = True) -> No
     if activation:
         p.add_argument("--activation", choices=ACTIVATIONS, help="the paper's model: one of Table IV's rectifiers")
     p.add_argument("--pretrained", metavar="FILE", help="resnet18 / densenet121: local ImageNet weights (torchvision layout)")
+    p.add_argument("--batchnorm-momentum", type=float,
+                   help="the paper's model: weight of each batch in BatchNorm's running statistics (paper: 0.01)")
     p.add_argument("--epochs", type=int)
     p.add_argument("--batch-size", type=int)
     p.add_argument("--lr", type=float)
@@ -62,7 +64,8 @@ def _add_config_flags(p: argparse.ArgumentParser, activation: bool = True) -> No
 def config_from_args(a: argparse.Namespace) -> Config:
     cfg = recipe(a.recipe)
     cfg = cfg.override("data", root=a.data or default_data_root(), val_fraction=a.val_fraction, split_seed=a.split_seed)
-    cfg = cfg.override("model", name=a.model, activation=getattr(a, "activation", None), pretrained=a.pretrained)
+    cfg = cfg.override("model", name=a.model, activation=getattr(a, "activation", None), pretrained=a.pretrained,
+                       batchnorm_momentum=a.batchnorm_momentum)
     cfg = cfg.override("train", epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, seed=getattr(a, "seed", None),
                        early_stopping=a.early_stopping, threshold_rule=a.threshold_rule,
                        target_sensitivity=a.target_sensitivity, class_weight=a.class_weight, sampling=a.sampling)
@@ -165,7 +168,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_train(a: argparse.Namespace) -> int:
-    from .evaluate import evaluate
     from .train import train
 
     cfg = config_from_args(a)
@@ -174,7 +176,8 @@ def cmd_train(a: argparse.Namespace) -> int:
     if not summary:  # a torchrun worker other than rank 0: rank 0 reports
         return 0
     print(json.dumps({"summary": summary}), flush=True)
-    if not a.no_eval:
+    if not a.no_eval:  # imported here: plotting libraries cost seconds to load, and --no-eval needs none
+        from .evaluate import evaluate
         from .report import write_run_report
 
         result = evaluate(Path(a.out) / "best.pt", "val", Path(a.out) / "eval-val", device=a.device, progress=not a.no_progress)

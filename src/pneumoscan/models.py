@@ -87,9 +87,9 @@ class SeparableConv2d(nn.Sequential):
         )
 
 
-def keras_batchnorm(channels: int) -> nn.BatchNorm2d:
+def keras_batchnorm(channels: int, momentum: float = 0.01) -> nn.BatchNorm2d:
     # Keras momentum 0.99 keeps 99% of the old running value: PyTorch's momentum is the complement.
-    return nn.BatchNorm2d(channels, eps=1e-3, momentum=0.01)
+    return nn.BatchNorm2d(channels, eps=1e-3, momentum=momentum)
 
 
 class SeedCNN(nn.Module):
@@ -100,7 +100,8 @@ class SeedCNN(nn.Module):
     computes on a grey image replicated to three channels (and three times cheaper).
     """
 
-    def __init__(self, activation: str = "prelu", in_channels: int = 3, image_size: int = 150, l2: float = 0.01):
+    def __init__(self, activation: str = "prelu", in_channels: int = 3, image_size: int = 150, l2: float = 0.01,
+                 batchnorm_momentum: float = 0.01):
         super().__init__()
         if activation not in ACTIVATIONS:
             raise ValueError(f"unknown activation {activation!r}; choose one of {', '.join(ACTIVATIONS)}")
@@ -116,7 +117,7 @@ class SeedCNN(nn.Module):
                 make_activation(activation, (cout, size, size)),
                 SeparableConv2d(cout, cout),
                 make_activation(activation, (cout, size, size)),
-                keras_batchnorm(cout),
+                keras_batchnorm(cout, batchnorm_momentum),
                 nn.MaxPool2d(2),
             ]
             if dropout:
@@ -184,8 +185,10 @@ class SeedCNN(nn.Module):
 
 
 @register("seed")
-def seed_cnn(activation: str = "prelu", in_channels: int = 3, image_size: int = 150, **_: object) -> nn.Module:
-    return SeedCNN(activation=activation, in_channels=in_channels, image_size=image_size)
+def seed_cnn(activation: str = "prelu", in_channels: int = 3, image_size: int = 150, batchnorm_momentum: float = 0.01,
+             **_: object) -> nn.Module:
+    return SeedCNN(activation=activation, in_channels=in_channels, image_size=image_size,
+                   batchnorm_momentum=batchnorm_momentum)
 
 
 # --- reference models (the paper compares with an ImageNet ResNet; CheXNet is a DenseNet-121) ---------------

@@ -366,7 +366,7 @@ def _train(cfg: Config, out: Path, dev: torch.device, ddp: Distributed, resume: 
     if ddp.is_main:
         prepare_run_dir(out, resume, overwrite)
     ddp.barrier()
-    wall_start = time.perf_counter()
+    wall_start, started = time.perf_counter(), time.time()
     if resume:
         state = torch.load(out / "last.pt", map_location="cpu", weights_only=True)
         cfg = Config.from_dict(state["config"])
@@ -499,7 +499,7 @@ def _train(cfg: Config, out: Path, dev: torch.device, ddp: Distributed, resume: 
         "threshold": best["threshold"], "threshold_rule": best["threshold_rule"],
         "train_images": len(data["train"]), "val_images": len(data["val"]),
         "unreadable_files": {**cached["train"].errors, **cached["val"].errors},
-        "device": str(dev), "processes": ddp.world_size, "threads": torch.get_num_threads(),
+        "started": round(started, 3), "device": str(dev), "processes": ddp.world_size, "threads": torch.get_num_threads(),
         "wall_seconds": round(time.perf_counter() - wall_start, 1), "setup_seconds": round(setup_seconds, 1),
         "train_images_per_s_median": float(np.median(steady)) if steady else None,
         "peak_memory_mb": round(peak_memory_mb(), 1),
