@@ -81,12 +81,14 @@ def main() -> int:
     ap.add_argument("--bad-share", type=float, default=0.25)
     ap.add_argument("--port", type=int, default=8765)
     ap.add_argument("--no-heatmap", action="store_true", help="ask for probabilities only")
+    ap.add_argument("--max-batch", type=int, default=16, help="the server's --max-batch (1: no batching)")
     args = ap.parse_args()
 
     files = sorted(Path(args.data).rglob("*.jpeg"))
     images = [(p.name, p.read_bytes()) for p in random.Random(0).sample(files, min(64, len(files)))]
     url = f"http://127.0.0.1:{args.port}"
-    server = subprocess.Popen([sys.executable, "-m", "pneumoscan", "serve", args.checkpoint, "--port", str(args.port)],
+    server = subprocess.Popen([sys.executable, "-m", "pneumoscan", "serve", args.checkpoint, "--port", str(args.port),
+                               "--max-batch", str(args.max_batch)],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ})
     try:
         for _ in range(120):  # bounded wait for start-up
@@ -104,7 +106,8 @@ def main() -> int:
     finally:
         server.terminate()
         server.wait(timeout=30)
-    result = {"clients": args.clients, "seconds": args.seconds, "heatmap": heatmap, "good": good, "mixed": mixed,
+    result = {"clients": args.clients, "seconds": args.seconds, "heatmap": heatmap, "max_batch": args.max_batch,
+              "good": good, "mixed": mixed,
               "machine": f"{os.cpu_count()} cores", "date": time.strftime("%Y-%m-%d")}
     for name, r in (("good uploads", good), ("mixed with bad", mixed)):
         print(f"{name:16} {r['requests_per_s']:7.1f} req/s  p50 {r['p50_ms']:6.1f} ms  p99 {r['p99_ms']:6.1f} ms  "

@@ -74,3 +74,14 @@ def test_gradcam_works_for_the_reference_models(name, tmp_path):
     heat, prob = cam_for_pixels(predictor, pixels)
     assert heat.shape == (64, 64) and np.isfinite(heat).all() and 0 <= heat.min() <= heat.max() <= 1
     assert not predictor.model.training
+
+
+def test_batched_maps_equal_one_image_at_a_time(trained):
+    from pneumoscan.explain import cam_for_batch
+
+    predictor = Predictor(trained, device="cpu")
+    pixels = np.random.default_rng(0).integers(0, 256, (3, 48, 48), dtype=np.uint8)
+    heats, probs = cam_for_batch(predictor, pixels)
+    for i in range(3):
+        heat, prob = cam_for_pixels(predictor, pixels[i])
+        assert np.allclose(heat, heats[i], atol=1e-4) and prob == pytest.approx(float(probs[i]), abs=1e-5)

@@ -98,3 +98,32 @@ def test_model_card_reports_confidence_intervals_from_an_evaluation(checkpoint):
         evaluate(checkpoint, "val", checkpoint.parent / "eval-val", device="cpu", progress=False)
         card = model_card(checkpoint, checkpoint.parent / "eval-val" / "metrics.json")
     assert "95% CI" in card and "| roc_auc |" in card
+
+
+def test_concurrent_images_are_batched_and_each_gets_its_own_result(checkpoint):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from pneumoscan.explain import cam_for_pixels
+    from pneumoscan.predict import Predictor
+    from pneumoscan.serve import InferenceBatcher
+
+    predictor = Predictor(checkpoint, device="cpu")
+    batcher = InferenceBatcher(predictor, max_batch=4)
+    pixels = np.random.default_rng(1).integers(0, 256, (10, 48, 48), dtype=np.uint8)
+    with ThreadPoolExecutor(10) as pool:
+        results = list(pool.map(lambda i: batcher.score(pixels[i], heatmap=i % 2 == 0), range(10)))
+    for i, (heat, prob) in enumerate(results):
+        alone_heat, alone_prob = cam_for_pixels(predictor, pixels[i])
+        assert prob == pytest.approx(alone_prob, abs=1e-5)
+        assert (heat is None) if i % 2 else np.allclose(heat, alone_heat, atol=1e-4)
+
+
+def test_an_inference_failure_reaches_the_request_and_the_batcher_lives_on(checkpoint):
+    from pneumoscan.predict import Predictor
+    from pneumoscan.serve import InferenceBatcher
+
+    batcher = InferenceBatcher(Predictor(checkpoint, device="cpu"))
+    with pytest.raises(RuntimeError):
+        batcher.score(np.zeros((48, 48, 5), dtype=np.uint8), heatmap=False)  # not a grey image: the model refuses it
+    _, prob = batcher.score(np.zeros((48, 48), dtype=np.uint8), heatmap=False)
+    assert 0 <= prob <= 1

@@ -133,6 +133,8 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--token", default=os.environ.get("PNEUMOSCAN_TOKEN"),
                    help="require 'Authorization: Bearer TOKEN' on /api (default: $PNEUMOSCAN_TOKEN, else open)")
     p.add_argument("--max-upload-mb", type=float, default=20, help="largest request body (413 above it)")
+    p.add_argument("--max-batch", type=int, default=16,
+                   help="most images of concurrent requests scored together (1: one at a time)")
     p.add_argument("--metrics", help="metrics.json for the model card (default: eval-val/ beside the checkpoint)")
 
 
@@ -239,7 +241,7 @@ def cmd_serve(a: argparse.Namespace) -> int:
     from .serve import serve
 
     serve(a.checkpoint, host=a.host, port=a.port, device=a.device, token=a.token, max_upload_mb=a.max_upload_mb,
-          metrics_json=a.metrics)
+          metrics_json=a.metrics, max_batch=a.max_batch)
     return 0
 
 

@@ -74,9 +74,16 @@ _CAMS: "weakref.WeakKeyDictionary[nn.Module, Any]" = weakref.WeakKeyDictionary()
 
 
 def cam_for_pixels(predictor: Predictor, pixels: np.ndarray) -> tuple[np.ndarray, float]:
-    """(heatmap in [0, 1] at the model's input size, probability) for one (S, S) uint8 image.
+    """(heatmap in [0, 1] at the model's input size, probability) for one (S, S) uint8 image."""
+    heats, probs = cam_for_batch(predictor, np.asarray(pixels)[None])
+    return heats[0], float(probs[0])
 
-    The first call freezes the model's parameters (it is an inference model from here on).
+
+def cam_for_batch(predictor: Predictor, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(heatmaps (N, S, S) in [0, 1], probabilities (N,)) for N (S, S) uint8 images in one pass.
+
+    Each map is that image's own (eval mode: no image affects another). The first call freezes the
+    model's parameters (it is an inference model from here on).
     """
     if predictor.backend != "torch":
         raise ValueError("Grad-CAM needs the torch backend")
@@ -84,16 +91,16 @@ def cam_for_pixels(predictor: Predictor, pixels: np.ndarray) -> tuple[np.ndarray
     if model not in _CAMS:  # hooks are registered once per model, not per image
         _CAMS[model] = _gradcam(model, predictor.cam_layer)
     cam = _CAMS[model]
-    x = torch.as_tensor(np.array(pixels, dtype=np.uint8)).to(predictor.device)[None, None].float()
+    x = torch.as_tensor(np.array(pixels, dtype=np.uint8)).to(predictor.device)[:, None].float()
     x = predictor.prep.normalize(x).contiguous(memory_format=torch.channels_last)
     with torch.enable_grad(), warnings.catch_warnings():
         # expected: the hook fires for the layer's output gradient, which is the one Grad-CAM uses
         warnings.filterwarnings("ignore", message="Full backward hook is firing when gradients are computed")
         heat = cam(x, class_idx=0)  # computed in eval mode
     model.zero_grad(set_to_none=True)
-    heat = heat[0, 0].detach().float().cpu().numpy()
+    heat = heat[:, 0].detach().float().cpu().numpy()
     heat = np.nan_to_num(heat, nan=0.0, posinf=1.0, neginf=0.0).clip(0, 1)
-    return heat, float(torch.sigmoid(cam.logits[0, 0]))
+    return heat, torch.sigmoid(cam.logits[:, 0]).float().cpu().numpy()
 
 
 def resize_heat(heat: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
@@ -115,9 +122,10 @@ def overlay(grey: np.ndarray, heat: np.ndarray, alpha: float = 0.5) -> np.ndarra
     return np.round(255 * ((1 - weight) * base + weight * colour)).astype(np.uint8)
 
 
-def png_bytes(rgb: np.ndarray) -> bytes:
+def png_bytes(rgb: np.ndarray, compress_level: int = 6) -> bytes:
+    """PNG-encode an RGB image; level 1 encodes about 5x faster than 6 for about 10% more bytes."""
     buf = io.BytesIO()
-    Image.fromarray(rgb).save(buf, format="PNG")
+    Image.fromarray(rgb).save(buf, format="PNG", compress_level=compress_level)
     return buf.getvalue()
 
 
