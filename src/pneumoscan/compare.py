@@ -66,9 +66,12 @@ def compare(base: Config, out: str | Path, activations: Sequence[str] = ACTIVATI
     """Train and evaluate every (activation, seed); write compare.json and compare.md into `out`."""
     out = Path(out)
     runs: dict[str, list[dict[str, Any]]] = {}
+    if base.model.name != "seed":  # activations belong to the paper's model: other models get one row, by name
+        activations = [base.model.name]
     for activation in activations:
         for seed in seeds:
-            cfg = base.override("model", activation=activation).override("train", seed=seed)
+            cfg = base.override("model", activation=activation) if base.model.name == "seed" else base
+            cfg = cfg.override("train", seed=seed)
             runs.setdefault(activation, []).append(_run(cfg, out / f"{activation}-s{seed}", split, device, progress, cuda_graphs))
     table = {a: {c: {"mean": float(np.mean([r[c] for r in rs])), "sd": float(np.std([r[c] for r in rs], ddof=1)) if len(rs) > 1 else None}
                  for c in COLUMNS} for a, rs in runs.items()}
@@ -95,7 +98,7 @@ def table_markdown(r: dict[str, Any]) -> list[str]:
     lines = [f"Mean ± sd over seeds {r['seeds']} (recipe `{r['recipe']}`); 'accuracy', 'loss' and ROC AUC on the `{split}` split.",
              "Train figures are at the best epoch (train loss includes the L2 penalty, as Keras reports it); "
              f"{split} loss is the log loss (BCE) of the best checkpoint.",
-             "", f"| activation | train acc | {split} acc | train loss | {split} loss | {split} ROC AUC |", "|---|---|---|---|---|---|"]
+             "", f"| model | train acc | {split} acc | train loss | {split} loss | {split} ROC AUC |", "|---|---|---|---|---|---|"]
     lines += [f"| {a} | " + " | ".join(cell(t[c]) for c in COLUMNS) + " |" for a, t in r["table"].items()]
     lines += ["", "Paper, Table IV (theirs: single runs, test split, checkpoint chosen on test):", "",
               "| activation | train acc | test acc | train loss | test loss |", "|---|---|---|---|---|"]
