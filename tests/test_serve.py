@@ -112,7 +112,8 @@ def test_concurrent_images_are_batched_and_each_gets_its_own_result(checkpoint):
     pixels = np.random.default_rng(1).integers(0, 256, (10, 48, 48), dtype=np.uint8)
     with ThreadPoolExecutor(10) as pool:
         results = list(pool.map(lambda i: batcher.score(pixels[i], heatmap=i % 2 == 0), range(10)))
-    for i, (heat, prob) in enumerate(results):
+    for i, (heat, prob, class_probs) in enumerate(results):
+        assert class_probs is None  # a binary model
         alone_heat, alone_prob = cam_for_pixels(predictor, pixels[i])
         assert prob == pytest.approx(alone_prob, abs=1e-5)
         assert (heat is None) if i % 2 else np.allclose(heat, alone_heat, atol=1e-4)
@@ -125,5 +126,5 @@ def test_an_inference_failure_reaches_the_request_and_the_batcher_lives_on(check
     batcher = InferenceBatcher(Predictor(checkpoint, device="cpu"))
     with pytest.raises(RuntimeError):
         batcher.score(np.zeros((48, 48, 5), dtype=np.uint8), heatmap=False)  # not a grey image: the model refuses it
-    _, prob = batcher.score(np.zeros((48, 48), dtype=np.uint8), heatmap=False)
+    _, prob, _ = batcher.score(np.zeros((48, 48), dtype=np.uint8), heatmap=False)
     assert 0 <= prob <= 1

@@ -21,7 +21,7 @@ from torch import nn
 
 from . import __version__
 from .config import Config
-from .data import CLASS_NAMES
+from .data import class_names
 from .models import create_model
 
 FORMAT = "pneumoscan-checkpoint-1"
@@ -76,7 +76,7 @@ def make_checkpoint(model: nn.Module, cfg: Config, *, threshold: float, metrics:
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
         "config": cfg.to_dict(),
         "preprocessing": cfg.to_dict()["preprocessing"],
-        "class_names": list(CLASS_NAMES),
+        "class_names": list(class_names(cfg.data.task)),
         "threshold": float(threshold),
         "cam_layer": getattr(model, "cam_layer", ""),
         "metrics": metrics or {},
@@ -87,8 +87,10 @@ def make_checkpoint(model: nn.Module, cfg: Config, *, threshold: float, metrics:
 
 def build_model(cfg: Config) -> nn.Module:
     """The model a config describes, freshly initialised."""
+    n = len(class_names(cfg.data.task))
     return create_model(cfg.model.name, activation=cfg.model.activation, in_channels=cfg.preprocessing.channels,
-                        image_size=cfg.preprocessing.image_size, batchnorm_momentum=cfg.model.batchnorm_momentum)
+                        image_size=cfg.preprocessing.image_size, batchnorm_momentum=cfg.model.batchnorm_momentum,
+                        num_outputs=1 if n == 2 else n)
 
 
 @dataclass

@@ -41,6 +41,8 @@ def _add_config_flags(p: argparse.ArgumentParser, activation: bool = True) -> No
     p.add_argument("--epochs", type=int)
     p.add_argument("--batch-size", type=int)
     p.add_argument("--lr", type=float)
+    p.add_argument("--task", choices=["binary", "three-class"],
+                   help="binary: normal / pneumonia (default); three-class: normal / bacterial / viral")
     p.add_argument("--val-fraction", type=float, help="share of train patients carved out for validation")
     p.add_argument("--split-seed", type=int, help="seed of the patient-level validation split")
     p.add_argument("--image-size", type=int)
@@ -63,7 +65,8 @@ def _add_config_flags(p: argparse.ArgumentParser, activation: bool = True) -> No
 
 def config_from_args(a: argparse.Namespace) -> Config:
     cfg = recipe(a.recipe)
-    cfg = cfg.override("data", root=a.data or default_data_root(), val_fraction=a.val_fraction, split_seed=a.split_seed)
+    cfg = cfg.override("data", root=a.data or default_data_root(), val_fraction=a.val_fraction, split_seed=a.split_seed,
+                       task=a.task)
     cfg = cfg.override("model", name=a.model, activation=getattr(a, "activation", None), pretrained=a.pretrained,
                        batchnorm_momentum=a.batchnorm_momentum)
     cfg = cfg.override("train", epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, seed=getattr(a, "seed", None),

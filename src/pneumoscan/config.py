@@ -44,6 +44,9 @@ class DataConfig:
     root: str = "../shared/data/chest_xray"
     val_fraction: float = 0.15
     split_seed: int = 0
+    # binary: NORMAL / PNEUMONIA; three-class: NORMAL / BACTERIAL / VIRAL (from Kermany's file names).
+    # The validation split is the same for both.
+    task: str = "binary"
 
 
 @dataclass(frozen=True)

@@ -30,7 +30,8 @@ from .images import ImageLoadError, is_image_file, load_for_model, resize
 
 log = logging.getLogger(__name__)
 
-CLASS_NAMES = ("NORMAL", "PNEUMONIA")
+CLASS_NAMES = ("NORMAL", "PNEUMONIA")  # the folders of the Kaggle layout
+TASK_CLASSES = {"binary": CLASS_NAMES, "three-class": ("NORMAL", "BACTERIAL", "VIRAL")}
 SPLITS = ("train", "val", "test", "kaggle_val")
 CACHE_VERSION = 1
 
@@ -65,8 +66,27 @@ def pneumonia_type(filename: str) -> str:
 @dataclass(frozen=True)
 class Sample:
     path: str
-    label: int
+    label: int  # 0 NORMAL, 1 PNEUMONIA (the folder)
     patient: str
+    subtype: str = ""  # 'bacteria' / 'virus' for PNEUMONIA images whose file name says so
+
+
+def class_names(task: str) -> tuple[str, ...]:
+    if task not in TASK_CLASSES:
+        raise ValueError(f"unknown task {task!r}; choose one of {', '.join(TASK_CLASSES)}")
+    return TASK_CLASSES[task]
+
+
+def task_labels(samples: list[Sample], task: str) -> np.ndarray:
+    """Class index of each sample for `task` (int64); three-class needs the pneumonia type in every file name."""
+    class_names(task)
+    if task == "binary":
+        return np.array([s.label for s in samples], dtype=np.int64)
+    unknown = [s.path for s in samples if s.label and s.subtype not in ("bacteria", "virus")]
+    if unknown:
+        raise DataError(f"the three-class task needs 'bacteria' or 'virus' in every PNEUMONIA file name; "
+                        f"{len(unknown)} do not, e.g. " + ", ".join(unknown[:3]))
+    return np.array([0 if not s.label else 1 if s.subtype == "bacteria" else 2 for s in samples], dtype=np.int64)
 
 
 def _class_dirs(split_dir: Path) -> dict[int, Path]:
@@ -83,7 +103,7 @@ def scan_folder(split_dir: Path) -> list[Sample]:
     if len(dirs) != len(CLASS_NAMES):
         raise DataError(f"{split_dir}: expected sub-folders {' and '.join(CLASS_NAMES)} (any case), found "
                         f"{sorted(p.name for p in split_dir.iterdir() if p.is_dir()) if split_dir.is_dir() else 'no such folder'}")
-    samples = [Sample(str(p), label, patient_id(p.name))
+    samples = [Sample(str(p), label, patient_id(p.name), pneumonia_type(p.name) if label else "")
                for label, d in sorted(dirs.items()) for p in sorted(d.rglob("*")) if p.is_file() and is_image_file(p)]
     if not samples:
         raise DataError(f"{split_dir}: no JPEG or PNG images found")
@@ -288,5 +308,7 @@ def _write_cache(entry: Path, pixels: np.ndarray, index: dict) -> None:
 
 def split_summary(samples: list[Sample]) -> dict[str, int]:
     labels = [s.label for s in samples]
+    subtypes = [s.subtype for s in samples]
     return {"images": len(samples), "patients": len({s.patient for s in samples}),
-            **{name.lower(): labels.count(i) for i, name in enumerate(CLASS_NAMES)}}
+            **{name.lower(): labels.count(i) for i, name in enumerate(CLASS_NAMES)},
+            "bacterial": subtypes.count("bacteria"), "viral": subtypes.count("virus")}

@@ -16,8 +16,9 @@ import torch
 
 from . import checkpoint as ckpt_io
 from . import plots
-from .data import cache_images, load_split, split_summary
-from .metrics import binary_metrics, bootstrap_ci, calibration, pr_points, roc_points
+from .data import cache_images, load_split, split_summary, task_labels
+from .metrics import binary_metrics, bootstrap_ci, calibration, decide, multiclass_metrics, pr_points, roc_points
+from .models import pneumonia_logit
 from .report import write_eval_report
 from .train import DeviceSplit, predict_logits, select_device
 
@@ -33,9 +34,11 @@ def evaluate(checkpoint: str | Path, split: str, out: str | Path, data_root: str
         cfg = replace(cfg, data=replace(cfg.data, root=str(data_root)))
     samples = load_split(cfg.data, split)
     cached = cache_images(samples, cfg.preprocessing, progress=progress)
-    logits = predict_logits(loaded.model, DeviceSplit.from_cache(cached, dev), cfg)
-    probs = torch.sigmoid(logits).float().cpu().numpy()
-    labels = cached.labels
+    classes = task_labels(cached.samples, cfg.data.task)
+    logits = predict_logits(loaded.model, DeviceSplit.from_cache(cached, dev, cfg.data.task), cfg)
+    probs = torch.sigmoid(pneumonia_logit(logits)).float().cpu().numpy()  # P(pneumonia), for either task
+    class_probs = torch.softmax(logits.float(), 1).cpu().numpy() if logits.dim() == 2 else None
+    labels = (classes > 0).astype(int)
     metrics = binary_metrics(labels, probs, loaded.threshold)
     calib = calibration(labels, probs)
     result = {
@@ -53,12 +56,18 @@ def evaluate(checkpoint: str | Path, split: str, out: str | Path, data_root: str
         "data": split_summary(cached.samples),
         "unreadable_files": cached.errors,
     }
+    if class_probs is not None:  # the figures above are pneumonia vs normal; these are per class
+        result["three_class"] = multiclass_metrics(classes, class_probs, loaded.threshold, loaded.class_names)
     out.mkdir(parents=True, exist_ok=True)
     ckpt_io.write_json(out / "metrics.json", result)
-    _write_predictions(out / "predictions.csv", [s.path for s in cached.samples], labels, probs, loaded.threshold, loaded.class_names)
+    _write_predictions(out / "predictions.csv", [s.path for s in cached.samples], classes, probs, class_probs,
+                       loaded.threshold, loaded.class_names)
     plots.training_curves(loaded.checkpoint.get("history", []), out)
-    cm = metrics["confusion_matrix"]
-    plots.confusion_matrix_plot(cm, loaded.class_names, out / "confusion_matrix.png", loaded.threshold)
+    plots.confusion_matrix_plot(metrics["confusion_matrix"], ["NORMAL", "PNEUMONIA"], out / "confusion_matrix.png",
+                                loaded.threshold)
+    if class_probs is not None:
+        plots.confusion_matrix_plot(result["three_class"]["confusion_matrix"], loaded.class_names,
+                                    out / "confusion_matrix_3class.png", loaded.threshold)
     plots.reliability_plot(calib, out / "reliability.png")
     if metrics["roc_auc"] is not None:
         fpr, tpr = roc_points(labels, probs)
@@ -70,10 +79,15 @@ def evaluate(checkpoint: str | Path, split: str, out: str | Path, data_root: str
     return result
 
 
-def _write_predictions(path: Path, paths: list[str], labels, probs, threshold: float, class_names: list[str]) -> None:
+def _write_predictions(path: Path, paths: list[str], labels, probs, class_probs, threshold: float,
+                       class_names: list[str]) -> None:
+    """One row per image: true and predicted class, P(pneumonia), and each class's probability (three-class)."""
     buf = io.StringIO()
     w = csv.writer(buf)
-    w.writerow(["path", "true_label", "probability", "predicted_label"])
-    for p, y, q in zip(paths, labels, probs):
-        w.writerow([p, class_names[int(y)], f"{q:.6f}", class_names[int(q >= threshold)]])
+    w.writerow(["path", "true_label", "probability", "predicted_label"] +
+               ([f"p_{name}" for name in class_names] if class_probs is not None else []))
+    predicted = decide(probs, threshold, class_probs)
+    for i, (p, y, q) in enumerate(zip(paths, labels, probs)):
+        w.writerow([p, class_names[int(y)], f"{q:.6f}", class_names[int(predicted[i])]] +
+                   ([f"{c:.6f}" for c in class_probs[i]] if class_probs is not None else []))
     ckpt_io.atomic_write_text(path, buf.getvalue())

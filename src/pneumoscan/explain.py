@@ -25,18 +25,22 @@ from torch.nn import functional as F
 
 from .checkpoint import atomic_write_bytes, atomic_write_text
 from .images import ImageLoadError, load_grey, resize
+from .models import pneumonia_logit
 from .predict import Predictor, expand_paths
 
 
 class _TwoDimLogits(nn.Module):
-    """MONAI's CAM expects (B, classes) logits: expose the single pneumonia logit as one class."""
+    """MONAI's CAM expects (B, classes) logits: expose the pneumonia logit as one class (for a three-class
+    model, log(P(bacterial) + P(viral)) - log P(normal)), keeping the model's own outputs."""
 
     def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(x).unsqueeze(1)
+        out = self.model(x)
+        self.outputs = out.detach()
+        return pneumonia_logit(out).unsqueeze(1)
 
 
 def _gradcam(model: nn.Module, cam_layer: str):
@@ -75,12 +79,13 @@ _CAMS: "weakref.WeakKeyDictionary[nn.Module, Any]" = weakref.WeakKeyDictionary()
 
 def cam_for_pixels(predictor: Predictor, pixels: np.ndarray) -> tuple[np.ndarray, float]:
     """(heatmap in [0, 1] at the model's input size, probability) for one (S, S) uint8 image."""
-    heats, probs = cam_for_batch(predictor, np.asarray(pixels)[None])
+    heats, probs, _ = cam_for_batch(predictor, np.asarray(pixels)[None])
     return heats[0], float(probs[0])
 
 
-def cam_for_batch(predictor: Predictor, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(heatmaps (N, S, S) in [0, 1], probabilities (N,)) for N (S, S) uint8 images in one pass.
+def cam_for_batch(predictor: Predictor, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """(heatmaps (N, S, S) in [0, 1], P(pneumonia) (N,), per-class probabilities (N, K) or None for a binary
+    model) for N (S, S) uint8 images in one pass.
 
     Each map is that image's own (eval mode: no image affects another). The first call freezes the
     model's parameters (it is an inference model from here on).
@@ -100,7 +105,9 @@ def cam_for_batch(predictor: Predictor, pixels: np.ndarray) -> tuple[np.ndarray,
     model.zero_grad(set_to_none=True)
     heat = heat[:, 0].detach().float().cpu().numpy()
     heat = np.nan_to_num(heat, nan=0.0, posinf=1.0, neginf=0.0).clip(0, 1)
-    return heat, torch.sigmoid(cam.logits[:, 0]).float().cpu().numpy()
+    outputs = cam.nn_module.model.outputs.float()  # MONAI wraps our module in its ModelWithHooks
+    class_probs = torch.softmax(outputs, 1).cpu().numpy() if outputs.dim() == 2 else None
+    return heat, torch.sigmoid(cam.logits[:, 0]).float().cpu().numpy(), class_probs
 
 
 def resize_heat(heat: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
@@ -131,12 +138,17 @@ def png_bytes(rgb: np.ndarray, compress_level: int = 6) -> bytes:
 
 def explain_image(predictor: Predictor, source: str | os.PathLike | bytes, name: str | None = None
                   ) -> tuple[np.ndarray, np.ndarray, float]:
-    """(overlay RGB at the original size, heatmap at the original size in [0, 1], probability). Raises ImageLoadError."""
+    """(overlay RGB at the original size, heatmap at the original size in [0, 1], P(pneumonia)). Raises ImageLoadError."""
+    rgb, heat, prob, _ = _explain(predictor, source, name)
+    return rgb, heat, prob
+
+
+def _explain(predictor: Predictor, source: str | os.PathLike | bytes, name: str | None = None):
     grey = load_grey(source, name=name)
     pixels = resize(grey, predictor.prep.image_size, predictor.prep.resize_filter)
-    heat, prob = cam_for_pixels(predictor, pixels)
-    heat_full = resize_heat(heat, grey.shape)  # once, for both the overlay and the caller
-    return overlay(grey, heat_full), heat_full, prob
+    heats, probs, class_probs = cam_for_batch(predictor, pixels[None])
+    heat_full = resize_heat(heats[0], grey.shape)  # once, for both the overlay and the caller
+    return overlay(grey, heat_full), heat_full, float(probs[0]), None if class_probs is None else class_probs[0]
 
 
 def explain_paths(checkpoint: str | os.PathLike, inputs: Iterable[str], out_dir: str | os.PathLike,
@@ -148,7 +160,7 @@ def explain_paths(checkpoint: str | os.PathLike, inputs: Iterable[str], out_dir:
     for path in expand_paths(inputs):
         row = {"path": path, "probability": "", "label": "", "heatmap": "", "error": ""}
         try:
-            rgb, _, prob = explain_image(predictor, path)
+            rgb, _, prob, class_probs = _explain(predictor, path)
         except ImageLoadError as e:
             row["error"] = str(e)
         else:
@@ -160,7 +172,7 @@ def explain_paths(checkpoint: str | os.PathLike, inputs: Iterable[str], out_dir:
                 name = f"{stem}_{k}_gradcam.png"
             used.add(name)
             atomic_write_bytes(out / name, png_bytes(rgb))
-            row.update(probability=f"{prob:.6f}", label=predictor.label_of(prob), heatmap=name)
+            row.update(probability=f"{prob:.6f}", label=predictor.label_of(prob, class_probs), heatmap=name)
         rows.append(row)
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=["path", "probability", "label", "heatmap", "error"])

@@ -102,6 +102,8 @@ def export_onnx_bytes(checkpoint_path: str | os.PathLike, opset: int = MIN_OPSET
     from . import checkpoint as ckpt_io
 
     loaded = ckpt_io.load(checkpoint_path, "cpu")
+    if len(loaded.class_names) > 2:
+        raise ValueError(f"{checkpoint_path}: ONNX export covers binary models; this one has classes {loaded.class_names}")
     size = loaded.config.preprocessing.image_size
     wrapper = _with_sigmoid(loaded.model)
     example = torch.rand(2, 1, size, size)  # batch 2: a batch of 1 would be specialised as a constant

@@ -1,4 +1,8 @@
-"""Classification metrics as pure functions of numpy arrays (labels 0/1, probabilities of class 1)."""
+"""Classification metrics as pure functions of numpy arrays (labels 0/1, probabilities of class 1).
+
+The three-class task (normal / bacterial / viral) is scored twice: as pneumonia vs normal with the same
+functions as the binary task (P(pneumonia) = P(bacterial) + P(viral)), and per class (`multiclass_metrics`).
+"""
 
 from __future__ import annotations
 
@@ -35,6 +39,40 @@ def binary_metrics(labels: np.ndarray, probs: np.ndarray, threshold: float = 0.5
         "average_precision": float(skm.average_precision_score(labels, probs)) if both_classes else None,
         "log_loss": float(skm.log_loss(labels, np.clip(probs, 1e-7, 1 - 1e-7), labels=[0, 1])),
         "confusion_matrix": [[int(tn), int(fp)], [int(fn), int(tp)]],
+    }
+
+
+def decide(p_pneumonia: np.ndarray, threshold: float, class_probs: np.ndarray | None = None) -> np.ndarray:
+    """Predicted class: pneumonia when P(pneumonia) >= threshold; for three classes, then the likelier type."""
+    pneumonia = np.asarray(p_pneumonia) >= threshold
+    if class_probs is None:
+        return pneumonia.astype(int)
+    return np.where(pneumonia, 1 + np.argmax(np.asarray(class_probs)[:, 1:], axis=1), 0)
+
+
+def multiclass_metrics(labels: np.ndarray, class_probs: np.ndarray, threshold: float,
+                       class_names: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    """Accuracy, balanced accuracy, confusion matrix (rows true, columns predicted) and per-class figures
+    (precision, recall, F1, one-vs-rest ROC AUC) for the decision rule of `decide`."""
+    labels = np.asarray(labels).astype(int)
+    probs = np.asarray(class_probs, dtype=np.float64)
+    k = probs.shape[1]
+    preds = decide(1 - probs[:, 0], threshold, probs)
+    cm = skm.confusion_matrix(labels, preds, labels=list(range(k)))
+    precision, recall, f1, support = skm.precision_recall_fscore_support(labels, preds, labels=list(range(k)), zero_division=0)
+    aucs = [float(skm.roc_auc_score(labels == c, probs[:, c])) if 0 < (labels == c).sum() < len(labels) else None
+            for c in range(k)]
+    present = [a for a in aucs if a is not None]
+    return {
+        "n": int(len(labels)),
+        "accuracy": float((preds == labels).mean()),
+        "balanced_accuracy": float(skm.balanced_accuracy_score(labels, preds)),
+        "macro_f1": float(np.mean(f1)),
+        "macro_roc_auc": float(np.mean(present)) if present else None,
+        "log_loss": float(skm.log_loss(labels, probs / probs.sum(1, keepdims=True), labels=list(range(k)))),
+        "confusion_matrix": cm.astype(int).tolist(),
+        "per_class": {name: {"precision": float(precision[c]), "recall": float(recall[c]), "f1": float(f1[c]),
+                             "roc_auc": aucs[c], "n": int(support[c])} for c, name in enumerate(class_names)},
     }
 
 

@@ -39,6 +39,19 @@ def create_model(name: str, **kwargs: object) -> nn.Module:
     return _REGISTRY[name](**kwargs)
 
 
+def pneumonia_logit(out: torch.Tensor) -> torch.Tensor:
+    """The logit of pneumonia vs normal from a model's output, for either task.
+
+    Binary models output it directly, shape (N,). Three-class models output (N, 3) logits (normal,
+    bacterial, viral): log(P(bacterial) + P(viral)) - log P(normal), whose sigmoid is P(pneumonia).
+    """
+    return out if out.dim() == 1 else torch.logsumexp(out[:, 1:], 1) - out[:, 0]
+
+
+def _one_logit_or_many(out: torch.Tensor) -> torch.Tensor:
+    return out.squeeze(1) if out.shape[1] == 1 else out
+
+
 def count_parameters(model: nn.Module, include_buffers: bool = True) -> int:
     """Parameters as Keras counts them: trainable weights plus BatchNorm moving statistics."""
     n = sum(p.numel() for p in model.parameters())
@@ -101,7 +114,7 @@ class SeedCNN(nn.Module):
     """
 
     def __init__(self, activation: str = "prelu", in_channels: int = 3, image_size: int = 150, l2: float = 0.01,
-                 batchnorm_momentum: float = 0.01):
+                 batchnorm_momentum: float = 0.01, num_outputs: int = 1):
         super().__init__()
         if activation not in ACTIVATIONS:
             raise ValueError(f"unknown activation {activation!r}; choose one of {', '.join(ACTIVATIONS)}")
@@ -126,7 +139,7 @@ class SeedCNN(nn.Module):
             cin, size = cout, size // 2
         self.features = nn.Sequential(*blocks)
         self.dense = nn.ModuleList(
-            [nn.Linear(cin * size * size, 512), nn.Linear(512, 128), nn.Linear(128, 64), nn.Linear(64, 1)]
+            [nn.Linear(cin * size * size, 512), nn.Linear(512, 128), nn.Linear(128, 64), nn.Linear(64, num_outputs)]
         )
         self.dense_dropout = nn.ModuleList([nn.Dropout(0.6), nn.Dropout(0.4), nn.Dropout(0.25)])
         self.pool = nn.MaxPool2d(2)
@@ -177,7 +190,7 @@ class SeedCNN(nn.Module):
         x = torch.flatten(x, 1)
         for linear, dropout in zip(self.dense[:-1], self.dense_dropout):
             x = dropout(torch.relu(linear(x)))
-        return self.dense[-1](x).squeeze(1)
+        return _one_logit_or_many(self.dense[-1](x))
 
     def regularization_loss(self) -> torch.Tensor:
         """Keras kernel_regularizer=l2(0.01) on every Dense kernel: l2 * sum(w**2), added to the loss."""
@@ -186,9 +199,9 @@ class SeedCNN(nn.Module):
 
 @register("seed")
 def seed_cnn(activation: str = "prelu", in_channels: int = 3, image_size: int = 150, batchnorm_momentum: float = 0.01,
-             **_: object) -> nn.Module:
+             num_outputs: int = 1, **_: object) -> nn.Module:
     return SeedCNN(activation=activation, in_channels=in_channels, image_size=image_size,
-                   batchnorm_momentum=batchnorm_momentum)
+                   batchnorm_momentum=batchnorm_momentum, num_outputs=num_outputs)
 
 
 # --- reference models (the paper compares with an ImageNet ResNet; CheXNet is a DenseNet-121) ---------------
@@ -203,7 +216,7 @@ def _monai_nets():
 
 
 class GreyClassifier(nn.Module):
-    """Wraps a 1-channel-in, 1-logit-out network: accepts grey (B, 1, S, S) or replicated (B, 3, S, S) input."""
+    """Wraps a 1-channel-in network: accepts grey (B, 1, S, S) or replicated (B, 3, S, S) input; one logit -> (B,)."""
 
     def __init__(self, net: nn.Module, cam_layer: str):
         super().__init__()
@@ -213,21 +226,21 @@ class GreyClassifier(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[1] > 1:  # a replicated grey image: the channels are equal
             x = x.mean(1, keepdim=True)
-        return self.net(x).squeeze(1)
+        return _one_logit_or_many(self.net(x))
 
 
 @register("resnet18")
-def resnet18(**_: object) -> nn.Module:
-    """ResNet-18 as in torchvision (7x7 stride-2 stem, 1x1 projection shortcuts), grey input, one logit."""
-    net = _monai_nets().resnet18(spatial_dims=2, n_input_channels=1, num_classes=1, conv1_t_size=7, conv1_t_stride=2,
+def resnet18(num_outputs: int = 1, **_: object) -> nn.Module:
+    """ResNet-18 as in torchvision (7x7 stride-2 stem, 1x1 projection shortcuts), grey input."""
+    net = _monai_nets().resnet18(spatial_dims=2, n_input_channels=1, num_classes=num_outputs, conv1_t_size=7, conv1_t_stride=2,
                                  shortcut_type="B", bias_downsample=False)
     return GreyClassifier(net, cam_layer="net.layer4")
 
 
 @register("densenet121")
-def densenet121(**_: object) -> nn.Module:
-    """DenseNet-121, the CheXNet architecture, grey input, one logit."""
-    net = _monai_nets().DenseNet121(spatial_dims=2, in_channels=1, out_channels=1)
+def densenet121(num_outputs: int = 1, **_: object) -> nn.Module:
+    """DenseNet-121, the CheXNet architecture, grey input."""
+    net = _monai_nets().DenseNet121(spatial_dims=2, in_channels=1, out_channels=num_outputs)
     return GreyClassifier(net, cam_layer="net.features.norm5")
 
 

@@ -18,15 +18,18 @@ import torch
 
 from . import checkpoint as ckpt_io
 from .images import ImageLoadError, is_image_file, load_for_model
+from .metrics import decide
+from .models import pneumonia_logit
 from .train import select_device
 
 
 @dataclass
 class Prediction:
     path: str
-    probability: float | None
+    probability: float | None  # P(pneumonia), for either task
     label: str | None
     error: str | None = None
+    probabilities: dict[str, float] | None = None  # per class, three-class models only
 
 
 class Predictor:
@@ -47,6 +50,8 @@ class Predictor:
         loaded = ckpt_io.load(checkpoint, self.device)
         self.model, self.config, self.threshold = loaded.model, loaded.config, loaded.threshold
         self.class_names = loaded.class_names
+        if backend == "onnx" and len(self.class_names) > 2:
+            raise ValueError("the onnx backend exports P(pneumonia) only; run three-class models with the torch backend")
         self.cam_layer = loaded.checkpoint.get("cam_layer") or getattr(self.model, "cam_layer", "")
         self.prep = self.config.preprocessing
         self.batch_size = batch_size
@@ -60,25 +65,37 @@ class Predictor:
         """File or bytes -> uint8 (S, S) pixels exactly as the model was trained on. Raises ImageLoadError."""
         return load_for_model(source, self.prep.image_size, self.prep.resize_filter, name=name)
 
-    @torch.no_grad()
     def predict_arrays(self, pixels: np.ndarray) -> np.ndarray:
-        """(N, S, S) uint8 -> (N,) probability of the positive class."""
+        """(N, S, S) uint8 -> (N,) probability of pneumonia."""
+        return self.predict_details(pixels)[0]
+
+    @torch.no_grad()
+    def predict_details(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """(N, S, S) uint8 -> (P(pneumonia) (N,), per-class probabilities (N, K) for three-class models, else None)."""
         if self.onnx is not None:
-            return self.onnx.predict_arrays(pixels)
+            return self.onnx.predict_arrays(pixels), None
         x = torch.from_numpy(np.array(pixels, dtype=np.uint8)).to(self.device).unsqueeze(1).float()  # a copy: inputs may be read-only
         x = self.prep.normalize(x).contiguous(memory_format=torch.channels_last)
-        return torch.sigmoid(self.model(x)).float().cpu().numpy()
+        out = self.model(x).float()
+        class_probs = torch.softmax(out, 1).cpu().numpy() if out.dim() == 2 else None
+        return torch.sigmoid(pneumonia_logit(out)).cpu().numpy(), class_probs
 
-    def label_of(self, probability: float) -> str:
-        return self.class_names[int(probability >= self.threshold)]
+    def label_of(self, probability: float, class_probs: np.ndarray | None = None) -> str:
+        """Pneumonia at or above the threshold; for three classes, then the likelier type."""
+        return self.class_names[int(decide(np.array([probability]), self.threshold,
+                                           None if class_probs is None else np.asarray(class_probs)[None])[0])]
+
+    def prediction(self, path: str, probability: float, class_probs: np.ndarray | None = None) -> Prediction:
+        probabilities = None if class_probs is None else {n: float(p) for n, p in zip(self.class_names, class_probs)}
+        return Prediction(path, float(probability), self.label_of(probability, class_probs), probabilities=probabilities)
 
     def predict_file(self, source: str | os.PathLike | bytes, name: str | None = None) -> Prediction:
         label = name or str(source)
         try:
-            p = float(self.predict_arrays(self.load(source, name=name)[None])[0])
+            probs, class_probs = self.predict_details(self.load(source, name=name)[None])
         except ImageLoadError as e:
             return Prediction(label, None, None, str(e))
-        return Prediction(label, p, self.label_of(p))
+        return self.prediction(label, probs[0], None if class_probs is None else class_probs[0])
 
     def predict_files(self, paths: Iterable[str]) -> Iterator[Prediction]:
         """Score files in batches; unreadable files come back with their error, in input order."""
@@ -86,12 +103,12 @@ class Predictor:
         pending: list[Prediction | None] = []
 
         def flush() -> Iterator[Prediction]:
-            probs = self.predict_arrays(np.stack([a for _, a in batch])) if batch else []
-            it = iter(zip(batch, probs))
+            probs, class_probs = self.predict_details(np.stack([a for _, a in batch])) if batch else ([], None)
+            it = iter(enumerate(batch))
             for slot in pending:
                 if slot is None:
-                    (path, _), p = next(it)
-                    yield Prediction(path, float(p), self.label_of(float(p)))
+                    i, (path, _) = next(it)
+                    yield self.prediction(path, probs[i], None if class_probs is None else class_probs[i])
                 else:
                     yield slot
             batch.clear()
@@ -126,8 +143,10 @@ def predict_paths(checkpoint: str | os.PathLike, inputs: Iterable[str], out_csv:
     results = list(predictor.predict_files(expand_paths(inputs)))
     buf = io.StringIO()
     w = csv.writer(buf)
-    w.writerow(["path", "probability", "label", "error"])
+    per_class = len(predictor.class_names) > 2  # three-class models: one more column per class
+    w.writerow(["path", "probability", "label", "error"] + ([f"p_{n}" for n in predictor.class_names] if per_class else []))
     for r in results:
-        w.writerow([r.path, "" if r.probability is None else f"{r.probability:.6f}", r.label or "", r.error or ""])
+        w.writerow([r.path, "" if r.probability is None else f"{r.probability:.6f}", r.label or "", r.error or ""] +
+                   ([f"{r.probabilities[n]:.6f}" if r.probabilities else "" for n in predictor.class_names] if per_class else []))
     ckpt_io.atomic_write_text(out_csv, buf.getvalue())
     return results

@@ -80,7 +80,22 @@ def metrics_section(m: dict[str, Any], eval_dir: Path) -> str:
             + (f"<p>Calibration: expected calibration error {cal['ece']:.3f}, Brier score {cal['brier']:.3f}.</p>" if cal else "")
             + "".join(_img(eval_dir / f, a) for f, a in (("roc.png", "ROC curve"), ("pr.png", "precision-recall curve"),
                                                         ("confusion_matrix.png", "confusion matrix"),
-                                                        ("reliability.png", "reliability diagram"))))
+                                                        ("reliability.png", "reliability diagram")))
+            + _three_class_section(m, eval_dir))
+
+
+def _three_class_section(m: dict[str, Any], eval_dir: Path) -> str:
+    t = m.get("three_class")
+    if not t:
+        return ""
+    rows = [[html.escape(name), _fmt(c["precision"]), _fmt(c["recall"]), _fmt(c["f1"]), _fmt(c["roc_auc"]), str(c["n"])]
+            for name, c in t["per_class"].items()]
+    return ("<h2>Three classes</h2><p>The figures above are pneumonia vs normal (P(pneumonia) = P(bacterial) + "
+            "P(viral)). Per class, an image is called pneumonia at the threshold above, then bacterial or viral by the "
+            f"likelier of the two: accuracy {_fmt(t['accuracy'])}, balanced accuracy {_fmt(t['balanced_accuracy'])}, "
+            f"macro F1 {_fmt(t['macro_f1'])}, macro one-vs-rest ROC AUC {_fmt(t['macro_roc_auc'])}.</p>"
+            + _table(["class", "precision", "recall", "F1", "ROC AUC (one vs rest)", "images"], rows)
+            + _img(eval_dir / "confusion_matrix_3class.png", "three-class confusion matrix"))
 
 
 def _run_sections(run_dir: Path) -> list[str]:

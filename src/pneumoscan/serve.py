@@ -80,8 +80,9 @@ class InferenceBatcher:
         self.jobs: "queue.Queue[tuple[np.ndarray, bool, Future]]" = queue.Queue()
         threading.Thread(target=self._serve, name="pneumoscan-inference", daemon=True).start()
 
-    def score(self, pixels: np.ndarray, heatmap: bool) -> tuple[np.ndarray | None, float]:
-        """(Grad-CAM map or None, probability) for one (S, S) uint8 image; blocks until it is done."""
+    def score(self, pixels: np.ndarray, heatmap: bool) -> tuple[np.ndarray | None, float, np.ndarray | None]:
+        """(Grad-CAM map or None, P(pneumonia), per-class probabilities or None) for one (S, S) uint8 image;
+        blocks until it is done."""
         done: Future = Future()
         self.jobs.put((pixels, heatmap, done))
         return done.result()
@@ -100,11 +101,12 @@ class InferenceBatcher:
         try:
             pixels = np.stack([j[0] for j in group])
             if wants_map:
-                heats, probs = cam_for_batch(self.predictor, pixels)
+                heats, probs, class_probs = cam_for_batch(self.predictor, pixels)
             else:
-                heats, probs = [None] * len(group), self.predictor.predict_arrays(pixels)
-            for (_, _, done), heat, prob in zip(group, heats, probs):
-                done.set_result((heat, float(prob)))
+                heats = [None] * len(group)
+                probs, class_probs = self.predictor.predict_details(pixels)
+            for i, (_, _, done) in enumerate(group):
+                done.set_result((heats[i], float(probs[i]), None if class_probs is None else class_probs[i]))
         except Exception as e:  # the requests get the error; the thread lives on
             for _, _, done in group:
                 done.set_exception(e)
@@ -163,15 +165,16 @@ def create_app(checkpoint: str | os.PathLike, device: str = "cpu", token: str | 
     def score(name: str, data: bytes, heatmap: bool) -> dict[str, Any]:
         result: dict[str, Any] = {"filename": name, "probability": None, "label": None, "threshold": predictor.threshold,
                                   "class_names": predictor.class_names, "model": info["name"], "heatmap_png": None,
-                                  "error": None}
+                                  "probabilities": None, "error": None}
         try:
             grey = load_grey(data, name=name)
         except ImageLoadError as e:
             result["error"] = e.reason
             return result
         pixels = resize(grey, cfg.preprocessing.image_size, cfg.preprocessing.resize_filter)
-        heat, prob = batcher.score(pixels, heatmap)
-        result.update(probability=prob, label=predictor.label_of(prob))
+        heat, prob, class_probs = batcher.score(pixels, heatmap)
+        prediction = predictor.prediction(name, prob, class_probs)
+        result.update(probability=prob, label=prediction.label, probabilities=prediction.probabilities)
         if heatmap:
             shown = resize(grey, 512, "area") if max(grey.shape) > 512 else grey  # enough for a browser
             # fast PNG compression: at the default level encoding took longer than the Grad-CAM itself

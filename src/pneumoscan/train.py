@@ -28,9 +28,9 @@ from torch.utils.data import DistributedSampler
 from . import checkpoint as ckpt_io
 from .augment import augment_batch, draw_augmentation
 from .config import Config
-from .data import CachedImages, DataError, cache_images, split_samples, split_summary
-from .metrics import binary_metrics, choose_threshold
-from .models import load_pretrained
+from .data import CachedImages, DataError, cache_images, class_names, split_samples, split_summary, task_labels
+from .metrics import binary_metrics, choose_threshold, decide
+from .models import load_pretrained, pneumonia_logit
 from .tracking import TensorBoardLogger
 
 log = logging.getLogger(__name__)
@@ -67,11 +67,12 @@ class DeviceSplit:
     """A split's pixels and labels as tensors on the training device."""
 
     pixels: torch.Tensor  # (N, S, S) uint8
-    labels: torch.Tensor  # (N,) float32
+    labels: torch.Tensor  # (N,) float32 class index: 0/1, or 0/1/2 for the three-class task
 
     @classmethod
-    def from_cache(cls, cached: CachedImages, device: torch.device) -> "DeviceSplit":
-        return cls(torch.from_numpy(cached.pixels).to(device), torch.from_numpy(cached.labels).float().to(device))
+    def from_cache(cls, cached: CachedImages, device: torch.device, task: str = "binary") -> "DeviceSplit":
+        labels = torch.from_numpy(task_labels(cached.samples, task))
+        return cls(torch.from_numpy(cached.pixels).to(device), labels.float().to(device))
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -84,20 +85,24 @@ class DeviceSplit:
 
 def model_loss(model: nn.Module, logits: torch.Tensor, targets: torch.Tensor,
                class_weights: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(total loss, BCE) — total adds the model's own penalties (Keras' L2 on Dense kernels).
+    """(total loss, cross-entropy) — total adds the model's own penalties (Keras' L2 on Dense kernels).
 
-    `class_weights` (weight of class 0, weight of class 1) weights each image's BCE by its class.
+    One logit per image: binary cross-entropy; several (three-class): softmax cross-entropy.
+    `class_weights` (one per class) weights each image's loss by its class.
     """
-    weight = class_weights[targets.long()] if class_weights is not None else None
-    bce = F.binary_cross_entropy_with_logits(logits, targets, weight=weight)
+    if logits.dim() == 2:
+        bce = F.cross_entropy(logits, targets.long(), weight=class_weights)
+    else:
+        weight = class_weights[targets.long()] if class_weights is not None else None
+        bce = F.binary_cross_entropy_with_logits(logits, targets, weight=weight)
     penalty = getattr(ckpt_io.unwrap(model), "regularization_loss", None)
     return (bce + penalty() if penalty else bce), bce
 
 
-def balanced_class_weights(labels: torch.Tensor) -> torch.Tensor:
-    """N / (2 * N_c) for c in (0, 1): both classes then carry the same total weight."""
-    counts = torch.bincount(labels.long().cpu(), minlength=2).double().clamp(min=1)
-    return (counts.sum() / (2 * counts)).float().to(labels.device)
+def balanced_class_weights(labels: torch.Tensor, n_classes: int = 2) -> torch.Tensor:
+    """N / (K * N_c) for each class c of K: every class then carries the same total weight."""
+    counts = torch.bincount(labels.long().cpu(), minlength=n_classes).double().clamp(min=1)
+    return (counts.sum() / (n_classes * counts)).float().to(labels.device)
 
 
 def epoch_order(labels: torch.Tensor, cfg: Config, epoch: int, ddp: "Distributed") -> torch.Tensor:
@@ -134,7 +139,8 @@ def make_step(model: nn.Module, data: DeviceSplit, cfg: Config, optimizer: torch
         loss, _ = model_loss(model, logits, y, class_weights)
         loss.backward()
         optimizer.step()
-        return loss.detach() * len(idx), ((logits.detach() >= 0).float() == y).sum()
+        # accuracy of pneumonia vs normal, for either task
+        return loss.detach() * len(idx), ((pneumonia_logit(logits.detach()) >= 0) == (y > 0)).sum()
 
     return step
 
@@ -243,13 +249,19 @@ def predict_logits(model: nn.Module, data: DeviceSplit, cfg: Config) -> torch.Te
 
 
 def validate(model: nn.Module, data: DeviceSplit, cfg: Config) -> dict[str, Any]:
-    """Validation loss as Keras reports it (BCE + L2 penalty), and the threshold metrics."""
+    """Validation loss as Keras reports it (cross-entropy + L2 penalty), and the threshold metrics of
+    pneumonia vs normal (for the three-class task too, plus its own accuracy)."""
     logits = predict_logits(model, data, cfg)
     with torch.no_grad():
         loss, bce = model_loss(model, logits, data.labels)
-    probs = torch.sigmoid(logits).float().cpu().numpy()
-    m = binary_metrics(data.labels.cpu().numpy(), probs, cfg.train.threshold)
-    return {"loss": float(loss), "bce": float(bce), **{k: m[k] for k in ("accuracy", "roc_auc", "recall", "specificity")}}
+    probs = torch.sigmoid(pneumonia_logit(logits)).float().cpu().numpy()
+    labels = data.labels.cpu().numpy()
+    m = binary_metrics(labels > 0, probs, cfg.train.threshold)
+    out = {"loss": float(loss), "bce": float(bce), **{k: m[k] for k in ("accuracy", "roc_auc", "recall", "specificity")}}
+    if logits.dim() == 2:
+        class_probs = torch.softmax(logits.float(), 1).cpu().numpy()
+        out["accuracy_3class"] = float((decide(probs, cfg.train.threshold, class_probs) == labels).mean())
+    return out
 
 
 class EarlyStopping:
@@ -375,6 +387,8 @@ def _train(cfg: Config, out: Path, dev: torch.device, ddp: Distributed, resume: 
         generator.manual_seed(cfg.train.seed + 1000 * ddp.rank)
 
     splits = split_samples(cfg.data)
+    for name in ("train", "val"):
+        task_labels(splits[name], cfg.data.task)  # fail now, not after decoding, if the task cannot be labelled
     if not ddp.is_main:
         ddp.barrier()  # let rank 0 fill the pixel cache first, then read it
     cached = {name: cache_images(splits[name], cfg.preprocessing, progress=progress) for name in ("train", "val")}
@@ -393,7 +407,7 @@ def _train(cfg: Config, out: Path, dev: torch.device, ddp: Distributed, resume: 
     if cfg.train.drop_last and per_process < cfg.train.batch_size:
         raise DataError(f"batch size {cfg.train.batch_size} is larger than the {per_process} training images "
                         f"each process gets: no full batch to train on; use a smaller --batch-size")
-    data = {name: DeviceSplit.from_cache(c, dev) for name, c in cached.items()}
+    data = {name: DeviceSplit.from_cache(c, dev, cfg.data.task) for name, c in cached.items()}
     setup_seconds = time.perf_counter() - wall_start
 
     model = ckpt_io.build_model(cfg)
@@ -427,7 +441,8 @@ def _train(cfg: Config, out: Path, dev: torch.device, ddp: Distributed, resume: 
     net: nn.Module = nn.parallel.DistributedDataParallel(model) if ddp.enabled else model
     if cfg.train.class_weight not in ("none", "balanced"):
         raise ValueError(f"unknown class weight {cfg.train.class_weight!r}; choose none or balanced")
-    class_weights = balanced_class_weights(data["train"].labels) if cfg.train.class_weight == "balanced" else None
+    n_classes = len(class_names(cfg.data.task))
+    class_weights = balanced_class_weights(data["train"].labels, n_classes) if cfg.train.class_weight == "balanced" else None
     tracker = TensorBoardLogger(out) if tensorboard else None
     if ddp.is_main:
         ckpt_io.atomic_write_text(out / "metrics.jsonl", "".join(json.dumps(h) + "\n" for h in history))
@@ -451,6 +466,7 @@ def _train(cfg: Config, out: Path, dev: torch.device, ddp: Distributed, resume: 
         row = {"epoch": epoch, "lr": epoch_lr, "train_loss": tr["loss"], "train_accuracy": tr["accuracy"],
                "val_loss": va["loss"], "val_bce": va["bce"], "val_accuracy": va["accuracy"], "val_roc_auc": va["roc_auc"],
                "val_recall": va["recall"], "val_specificity": va["specificity"],
+               **({"val_accuracy_3class": va["accuracy_3class"]} if "accuracy_3class" in va else {}),
                "train_images": tr["images"], "train_seconds": round(tr["seconds"], 2),
                "train_images_per_s": round(tr["images_per_s"], 1),
                "epoch_seconds": round(time.perf_counter() - epoch_start, 2)}
@@ -485,9 +501,9 @@ def _train(cfg: Config, out: Path, dev: torch.device, ddp: Distributed, resume: 
     # threshold chosen on validation by the configured rule.
     best = torch.load(out / "best.pt", map_location="cpu", weights_only=True)
     model.load_state_dict(best["state_dict"])
-    val_probs = torch.sigmoid(predict_logits(model, data["val"], cfg)).float().cpu().numpy()
+    val_probs = torch.sigmoid(pneumonia_logit(predict_logits(model, data["val"], cfg))).float().cpu().numpy()
     t = cfg.train
-    best["threshold"] = choose_threshold(data["val"].labels.cpu().numpy(), val_probs, t.threshold_rule,
+    best["threshold"] = choose_threshold(data["val"].labels.cpu().numpy() > 0, val_probs, t.threshold_rule,
                                          t.target_sensitivity, t.threshold)
     best["threshold_rule"] = {"rule": t.threshold_rule, "target_sensitivity": t.target_sensitivity, "chosen_on": "val"}
     best["history"] = history
