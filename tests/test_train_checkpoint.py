@@ -152,3 +152,17 @@ def test_graph_warmup_state_is_put_back_exactly():
     _restore(model, opt, saved)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert all(float(v.abs().sum()) == 0 for st in opt.state.values() for v in st.values())
+
+
+def test_every_recipe_round_trips_and_builds_its_model():
+    from pneumoscan.config import RECIPES, recipe
+
+    pytest.importorskip("monai")  # resnet18-224
+    for name in RECIPES:
+        cfg = recipe(name)
+        assert cfg.recipe == name and Config.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+        size = cfg.preprocessing.image_size
+        model = ckpt_io.build_model(cfg).eval()
+        assert model(torch.zeros(2, 1, size, size)).shape == (2,)
+    momenta = {m.momentum for m in ckpt_io.build_model(recipe("large-batch")).modules() if isinstance(m, torch.nn.BatchNorm2d)}
+    assert len(momenta) == 1 and momenta.pop() == pytest.approx(1 - 0.99 ** 16, abs=1e-4)
