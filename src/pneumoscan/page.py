@@ -12,7 +12,7 @@ body{font:15px/1.5 system-ui,sans-serif;max-width:1100px;margin:1.5em auto;paddi
 .card{border:1px solid #ccc;border-radius:6px;padding:.6em;width:320px}
 .card img{width:100%;display:block;border-radius:4px}
 .card .name{font-weight:600;word-break:break-all}
-.PNEUMONIA{color:#b00020;font-weight:700}.NORMAL{color:#1b5e20;font-weight:700}
+.PNEUMONIA,.BACTERIAL,.VIRAL{color:#b00020;font-weight:700}.NORMAL{color:#1b5e20;font-weight:700}
 .error{color:#b00020}
 label.toggle{font-size:.9em}
 #token{width:16em}
@@ -50,9 +50,12 @@ function show(item, objectUrl) {
   const heat = item.heatmap_png ? 'data:image/png;base64,' + item.heatmap_png : null;
   img.src = heat || objectUrl; card.appendChild(img);
   const p = text('p', ''); p.appendChild(text('span', item.label, item.label));
-  p.appendChild(document.createTextNode(' - probability of ' + item.class_names[1] + ': ' +
+  p.appendChild(document.createTextNode(' - probability of PNEUMONIA: ' +
     item.probability.toFixed(3) + ' (threshold ' + item.threshold.toFixed(3) + ')'));
   p.className = 'prob'; card.appendChild(p);
+  if (item.probabilities) {  // a three-class model: each class's probability
+    card.appendChild(text('p', Object.entries(item.probabilities).map(([k, v]) => k + ' ' + v.toFixed(3)).join(' · '), 'classes'));
+  }
   if (heat) {
     const lab = document.createElement('label'); lab.className = 'toggle';
     const box = document.createElement('input'); box.type = 'checkbox'; box.checked = true; box.className = 'heat-toggle';
