@@ -86,3 +86,32 @@ def test_batched_maps_equal_one_image_at_a_time(trained):
     for i in range(3):
         heat, prob = cam_for_pixels(predictor, pixels[i])
         assert np.allclose(heat, heats[i], atol=1e-4) and prob == pytest.approx(float(probs[i]), abs=1e-5)
+
+
+def test_map_equals_grad_cam_computed_by_hand_with_the_strongest_evidence_at_one(trained, tiny_data):
+    """Grad-CAM = ReLU(sum_k mean(dlogit/dA_k) * A_k) at the hooked layer, upsampled, scaled to [0, 1] (not flipped)."""
+    from torch.nn import functional as F
+
+    predictor = Predictor(trained, device="cpu")
+    model = predictor.model
+    torch.manual_seed(0)  # random weights: the one-epoch model's maps are mostly empty
+    for m in model.modules():
+        if hasattr(m, "reset_parameters") and m is not model:
+            m.reset_parameters()
+    saved = {}
+    model.get_submodule(predictor.cam_layer).register_forward_hook(lambda m, i, o: saved.update(a=o))
+    checked = 0
+    for path in sorted((tiny_data / "train").rglob("*.jpeg"))[::4]:
+        pixels = predictor.load(str(path))
+        heat, _ = cam_for_pixels(predictor, pixels)
+        logit = model(torch.as_tensor(pixels.copy(), dtype=torch.float32)[None, None] / 255)
+        grad = torch.autograd.grad(logit.sum(), saved["a"])[0]
+        cam = F.relu((grad.mean((2, 3), keepdim=True) * saved["a"]).sum(1, keepdim=True))
+        cam = F.interpolate(cam, size=pixels.shape, mode="bilinear", align_corners=False)[0, 0].detach().numpy()
+        if cam.max() - cam.min() < 1e-9:
+            assert heat.max() == 0  # no evidence anywhere: an empty map
+            continue
+        assert np.allclose(heat, (cam - cam.min()) / (cam.max() - cam.min()), atol=1e-4)
+        assert heat.flat[cam.argmax()] == pytest.approx(1.0)
+        checked += 1
+    assert checked >= 3

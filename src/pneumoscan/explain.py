@@ -70,8 +70,18 @@ def _gradcam(model: nn.Module, cam_layer: str):
         param.requires_grad_(False)
     for param in target.parameters():
         param.requires_grad_(True)
-    # MONAI puts the module back in the mode it found it in: give it the model's (eval) mode
-    return GradCAMKeepingLogits(nn_module=_TwoDimLogits(model).train(model.training), target_layers=f"model.{cam_layer}")
+    # MONAI puts the module back in the mode it found it in: give it the model's (eval) mode.
+    # MONAI's default post-processing maps each map's (min, max) to (1, 0), flipping it: scale it the right way up.
+    return GradCAMKeepingLogits(nn_module=_TwoDimLogits(model).train(model.training), target_layers=f"model.{cam_layer}",
+                                postprocessing=_min_max)
+
+
+def _min_max(maps: torch.Tensor) -> torch.Tensor:
+    """Scale each map of a (B, 1, H, W) batch to [0, 1], its strongest evidence at 1 (a flat map gives 0)."""
+    flat = maps.flatten(1)
+    lo, hi = flat.min(1).values, flat.max(1).values
+    span = (hi - lo).clamp(min=1e-12)[:, None, None, None]
+    return torch.where(span > 1e-12, (maps - lo[:, None, None, None]) / span, torch.zeros_like(maps))
 
 
 _CAMS: "weakref.WeakKeyDictionary[nn.Module, Any]" = weakref.WeakKeyDictionary()
