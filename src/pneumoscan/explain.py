@@ -21,7 +21,6 @@ import numpy as np
 import torch
 from PIL import Image
 from torch import nn
-from torch.nn import functional as F
 
 from .checkpoint import atomic_write_bytes, atomic_write_text
 from .images import ImageLoadError, load_grey, resize
@@ -31,7 +30,8 @@ from .predict import Predictor, expand_paths
 
 class _TwoDimLogits(nn.Module):
     """MONAI's CAM expects (B, classes) logits: expose the pneumonia logit as one class (for a three-class
-    model, log(P(bacterial) + P(viral)) - log P(normal)), keeping the model's own outputs."""
+    model, log(P(bacterial) + P(viral)) - log P(normal)), keeping the model's own outputs (the probabilities
+    come from the same forward pass as the map)."""
 
     def __init__(self, model: nn.Module):
         super().__init__()
@@ -49,17 +49,6 @@ def _gradcam(model: nn.Module, cam_layer: str):
     except ImportError as e:
         raise ImportError(f"Grad-CAM uses MONAI ({e}); install it with: pip install 'pneumoscan[models]'") from e
 
-    class GradCAMKeepingLogits(GradCAM):
-        """MONAI's GradCAM, keeping the logits of the pass it makes anyway (saves a second forward pass)."""
-
-        def compute_map(self, x, class_idx=None, retain_graph=False, layer_idx=-1, **kwargs):  # type: ignore[override]
-            logits, acti, grad = self.nn_module(x, class_idx=class_idx, retain_graph=retain_graph, **kwargs)
-            self.logits = logits.detach()
-            acti, grad = acti[layer_idx], grad[layer_idx]
-            b, k, *spatial = grad.shape
-            weights = grad.view(b, k, -1).mean(2).view(b, k, *[1] * len(spatial))
-            return F.relu((weights * acti).sum(1, keepdim=True))
-
     for m in model.modules():  # an in-place op after the hooked layer would break its backward hook
         if hasattr(m, "inplace"):
             m.inplace = False
@@ -72,16 +61,15 @@ def _gradcam(model: nn.Module, cam_layer: str):
         param.requires_grad_(True)
     # MONAI puts the module back in the mode it found it in: give it the model's (eval) mode.
     # MONAI's default post-processing maps each map's (min, max) to (1, 0), flipping it: scale it the right way up.
-    return GradCAMKeepingLogits(nn_module=_TwoDimLogits(model).train(model.training), target_layers=f"model.{cam_layer}",
-                                postprocessing=_min_max)
+    return GradCAM(nn_module=_TwoDimLogits(model).train(model.training), target_layers=f"model.{cam_layer}",
+                   postprocessing=_min_max)
 
 
 def _min_max(maps: torch.Tensor) -> torch.Tensor:
     """Scale each map of a (B, 1, H, W) batch to [0, 1], its strongest evidence at 1 (a flat map gives 0)."""
-    flat = maps.flatten(1)
-    lo, hi = flat.min(1).values, flat.max(1).values
-    span = (hi - lo).clamp(min=1e-12)[:, None, None, None]
-    return torch.where(span > 1e-12, (maps - lo[:, None, None, None]) / span, torch.zeros_like(maps))
+    lo = maps.amin((1, 2, 3), keepdim=True)
+    span = maps.amax((1, 2, 3), keepdim=True) - lo
+    return torch.where(span > 0, (maps - lo) / span.clamp(min=1e-12), torch.zeros_like(maps))
 
 
 _CAMS: "weakref.WeakKeyDictionary[nn.Module, Any]" = weakref.WeakKeyDictionary()
@@ -117,7 +105,7 @@ def cam_for_batch(predictor: Predictor, pixels: np.ndarray) -> tuple[np.ndarray,
     heat = np.nan_to_num(heat, nan=0.0, posinf=1.0, neginf=0.0).clip(0, 1)
     outputs = cam.nn_module.model.outputs.float()  # MONAI wraps our module in its ModelWithHooks
     class_probs = torch.softmax(outputs, 1).cpu().numpy() if outputs.dim() == 2 else None
-    return heat, torch.sigmoid(cam.logits[:, 0]).float().cpu().numpy(), class_probs
+    return heat, torch.sigmoid(pneumonia_logit(outputs)).cpu().numpy(), class_probs
 
 
 def resize_heat(heat: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
