@@ -7,12 +7,13 @@
 # call stopped at its limit still returns what had finished. `pneumoscan compare` on the unpacked
 # folders then rebuilds each table from those files.
 #
-#   bash benchmarks/gpu_session.sh DATA_ROOT OUT [BUDGET_SECONDS] [DEVICE]
+#   [PARTS="speed experiments"] bash benchmarks/gpu_session.sh DATA_ROOT OUT [BUDGET_SECONDS] [DEVICE]
 #
+# PARTS: `speed` is the GPU tests, bench_gpu.py and bench_setup.py; `experiments` the comparisons.
 # DEVICE defaults to cuda; `cpu` with a tiny data set and SESSION_FLAGS="--epochs 1 --seeds 0 --batch-size 8"
 # (appended to every comparison) checks the script itself on a machine without a GPU.
 set -u
-DATA=$1 OUT=$2 BUDGET=${3:-480} DEVICE=${4:-cuda}
+DATA=$1 OUT=$2 BUDGET=${3:-480} DEVICE=${4:-cuda} PARTS=${PARTS:-speed experiments}
 WORK=$(mktemp -d) START=$SECONDS
 export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 PNEUMOSCAN_CACHE=$WORK/cache
 mkdir -p "$OUT" "$WORK/logs"
@@ -41,10 +42,12 @@ experiments() {  # experiments NAME COMPARE_ARGS [; COMPARE_ARGS ...]: one backg
 }
 
 run info bash -c 'nvidia-smi; python3 -c "import torch, sys; print(sys.version, torch.__version__, torch.cuda.is_available())"'
-if [ "$DEVICE" = cuda ]; then
+if [[ $PARTS == *speed* && $DEVICE == cuda ]]; then
   run gpu-tests python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py
   run bench-gpu python3 benchmarks/bench_gpu.py --full --data "$DATA" --json "$WORK/bench_gpu.json"
 fi
+[[ $PARTS == *speed* ]] && run bench-setup python3 benchmarks/bench_setup.py --data "$DATA"
+[[ $PARTS == *experiments* ]] || { echo "== done after $((SECONDS - START)) s"; exit 0; }
 python3 -c "import sys; sys.path.insert(0, 'src'); from pneumoscan.data import *" || exit 1
 # Table IV over three seeds, the large-batch recipe (against table-iv's prelu runs), class imbalance
 # (unweighted = table-iv's prelu), the recipes chosen on validation. Everything on the validation split.

@@ -1,5 +1,6 @@
 import os
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -137,3 +138,30 @@ def test_npz_without_labels_is_a_clear_error(tmp_path):
     np.savez(tmp_path / "x.npz", train_images=np.zeros((3, 8, 8), np.uint8))
     with pytest.raises(DataError, match="MedMNIST"):
         split_samples(DataConfig(root=str(tmp_path / "x.npz")))
+
+
+def test_split_is_remembered_and_recomputed_when_files_or_settings_change(tmp_path, monkeypatch):
+    from pneumoscan import data
+
+    root = make_dataset(tmp_path / "d", patients_per_class=10)
+    cfg = DataConfig(root=str(root), val_fraction=0.2)
+    first = split_samples(cfg)
+    calls = []
+    monkeypatch.setattr(data, "carve_validation", lambda *a: calls.append(a) or carve_validation(*a))
+    again = split_samples(cfg)
+    assert calls == [] and again == {"train": first["train"], "val": first["val"]}
+    split_samples(DataConfig(root=str(root), val_fraction=0.2, split_seed=cfg.split_seed + 1))
+    assert len(calls) == 1
+    os.utime(first["val"][0].path, ns=(0, 0))  # a changed file: its patient group may have changed
+    assert split_samples(cfg) == again and len(calls) == 2
+
+
+def test_worker_processes_decode_the_same_pixels_and_report_bad_files(tmp_path):
+    root = make_dataset(tmp_path / "d", patients_per_class=4)
+    samples = scan_folder(root / "train")
+    Path(samples[3].path).write_bytes(b"not an image")
+    prep = Preprocessing(image_size=32)
+    threads = cache_images(samples, prep, cache_dir=tmp_path / "a", processes=False)
+    procs = cache_images(samples, prep, cache_dir=tmp_path / "b", processes=True)
+    assert np.array_equal(threads.pixels, procs.pixels) and threads.samples == procs.samples
+    assert list(procs.errors) == [samples[3].path] and "not a recognised image" in procs.errors[samples[3].path]

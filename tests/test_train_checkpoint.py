@@ -36,6 +36,9 @@ def test_training_writes_a_self_describing_checkpoint(tiny_data, tmp_path):
     loaded = ckpt_io.load(out / "best.pt")
     assert loaded.config.preprocessing.image_size == 48 and not loaded.model.training
     assert summary["epochs"] == 2 and summary["peak_memory_mb"] > 0
+    phases = summary["timings"]
+    assert list(phases) == [f"{p}_seconds" for p in ("split", "decode", "to_device", "model", "epochs", "after_epochs")]
+    assert abs(sum(phases.values()) - summary["wall_seconds"]) < 0.5
 
 
 def test_resume_continues_exactly_where_it_stopped(tiny_data, tmp_path):

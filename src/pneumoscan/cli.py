@@ -86,6 +86,8 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-eval", action="store_true", help="skip evaluating best.pt on the validation split at the end")
     p.add_argument("--tensorboard", action="store_true", help="also log scalars and plots to RUN_DIR/tensorboard")
     p.add_argument("--strict", action="store_true", help="stop before training if any image is unreadable (default: list and skip)")
+    p.add_argument("--no-cudnn-benchmark", dest="cudnn_benchmark", action="store_false",
+                   help="on CUDA, use cuDNN's heuristic algorithm choice instead of timing the candidates for each new shape")
 
 
 def _add_compare(sub: argparse._SubParsersAction) -> None:
@@ -177,7 +179,8 @@ def cmd_train(a: argparse.Namespace) -> int:
 
     cfg = config_from_args(a)
     summary = train(cfg, a.out, device=a.device, resume=a.resume, overwrite=a.overwrite, progress=not a.no_progress,
-                    tensorboard=a.tensorboard, strict=a.strict, cuda_graphs=a.cuda_graphs)
+                    tensorboard=a.tensorboard, strict=a.strict, cuda_graphs=a.cuda_graphs,
+                    cudnn_benchmark=a.cudnn_benchmark)
     if not summary:  # a torchrun worker other than rank 0: rank 0 reports
         return 0
     print(json.dumps({"summary": summary}), flush=True)

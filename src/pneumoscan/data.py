@@ -14,11 +14,12 @@ import functools
 import hashlib
 import json
 import logging
+import multiprocessing
 import os
 import re
 import shutil
 import tempfile
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,6 +35,7 @@ CLASS_NAMES = ("NORMAL", "PNEUMONIA")  # the folders of the Kaggle layout
 TASK_CLASSES = {"binary": CLASS_NAMES, "three-class": ("NORMAL", "BACTERIAL", "VIRAL")}
 SPLITS = ("train", "val", "test", "kaggle_val")
 CACHE_VERSION = 1
+PROCESS_DECODE_MIN = 256  # fewer images are decoded in threads: starting worker processes would cost more
 
 _PATIENT_PATTERNS = (
     re.compile(r"^(person\d+)_", re.IGNORECASE),
@@ -155,6 +157,30 @@ def carve_validation(samples: list[Sample], fraction: float, seed: int) -> tuple
     return [samples[i] for i in sorted(train_idx)], [samples[i] for i in sorted(val_idx)]
 
 
+def _remembered_carve(samples: list[Sample], fraction: float, seed: int) -> tuple[list[Sample], list[Sample]]:
+    """carve_validation, remembered in the cache folder: grouping reads every file and the fold search
+    takes seconds. Keyed like the pixel cache, plus the fraction, the seed and scikit-learn's version."""
+    from importlib.metadata import version
+
+    settings = f"split|{fraction}|{seed}|scikit-learn {version('scikit-learn')}"
+    path = default_cache_dir() / "splits" / f"{_files_key(samples, settings)}.json"
+    try:
+        val_paths = set(json.loads(path.read_text())["val"])
+    except (OSError, ValueError, KeyError, TypeError):
+        val_paths = None
+    if val_paths is not None and val_paths <= {s.path for s in samples}:
+        return [s for s in samples if s.path not in val_paths], [s for s in samples if s.path in val_paths]
+    train, val = carve_validation(samples, fraction, seed)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({"val": [s.path for s in val]}))
+        os.replace(tmp, path)  # atomic for readers
+    except OSError as e:
+        log.warning("could not remember the validation split in %s (%s)", path.parent, e)
+    return train, val
+
+
 NPZ_SEPARATOR = "#"  # a MedMNIST image is addressed as FILE.npz#split/index
 
 
@@ -210,7 +236,7 @@ def split_samples(cfg: DataConfig) -> dict[str, list[Sample]]:
         raise DataError(f"{root}: data folder not found (pass --data or set PNEUMOSCAN_DATA)")
     if not (root / "train").is_dir():
         raise DataError(f"{root}: expected a train/ folder (Kaggle layout ROOT/train/{{NORMAL,PNEUMONIA}})")
-    train, val = carve_validation(scan_folder(root / "train"), cfg.val_fraction, cfg.split_seed)
+    train, val = _remembered_carve(scan_folder(root / "train"), cfg.val_fraction, cfg.split_seed)
     splits = {"train": train, "val": val}
     for name, folder in (("test", "test"), ("kaggle_val", "val")):
         if (root / folder).is_dir():
@@ -240,8 +266,9 @@ def default_cache_dir() -> Path:
     return Path(base)
 
 
-def _cache_key(samples: list[Sample], prep: Preprocessing) -> str:
-    h = hashlib.sha256(f"v{CACHE_VERSION}|{prep.image_size}|{prep.resize_filter}".encode())
+def _files_key(samples: list[Sample], settings: str) -> str:
+    """Hash of the files' paths, sizes and modification times, and of the settings that shaped a result."""
+    h = hashlib.sha256(f"v{CACHE_VERSION}|{settings}".encode())
     for s in samples:
         st = os.stat(s.path.partition(NPZ_SEPARATOR)[0] if NPZ_SEPARATOR in s.path else s.path)
         h.update(f"|{os.path.abspath(s.path)}|{st.st_size}|{st.st_mtime_ns}".encode())
@@ -257,10 +284,28 @@ def _decode(path: str, prep: Preprocessing) -> np.ndarray | str:
         return e.reason
 
 
-def cache_images(samples: list[Sample], prep: Preprocessing, cache_dir: Path | None = None, progress: bool = False) -> CachedImages:
-    """Decode every sample once (in threads) into a uint8 array, reusing the on-disk cache when still valid."""
+def _decoder_pool(n_images: int, processes: bool | None) -> tuple[Executor, dict[str, int]]:
+    """Worker processes for large sets, threads otherwise (`processes` None: choose by size and platform).
+
+    Reading a JPEG is mostly Python (PIL parses the headers) and holds the GIL, so threads stop scaling
+    beyond about two cores. Processes are forked: they need only PIL and numpy, already imported here,
+    where spawning them would import PyTorch again in each.
+    """
+    workers = os.cpu_count() or 1
+    if processes is None:
+        processes = workers > 1 and n_images >= PROCESS_DECODE_MIN and "fork" in multiprocessing.get_all_start_methods()
+    if processes:
+        return (ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")),
+                {"chunksize": max(1, min(64, n_images // (4 * workers)))})
+    return ThreadPoolExecutor(workers), {}
+
+
+def cache_images(samples: list[Sample], prep: Preprocessing, cache_dir: Path | None = None, progress: bool = False,
+                 processes: bool | None = None) -> CachedImages:
+    """Decode every sample once (in parallel, see `_decoder_pool`) into a uint8 array, reusing the
+    on-disk cache when still valid."""
     cache_dir = cache_dir or default_cache_dir()
-    entry = cache_dir / _cache_key(samples, prep)
+    entry = cache_dir / _files_key(samples, f"{prep.image_size}|{prep.resize_filter}")
     if (entry / "index.json").is_file():
         index = json.loads((entry / "index.json").read_text())
         pixels = np.load(entry / "pixels.npy")
@@ -272,8 +317,9 @@ def cache_images(samples: list[Sample], prep: Preprocessing, cache_dir: Path | N
     pixels = np.empty((len(samples), size, size), dtype=np.uint8)
     errors: dict[str, str] = {}
     keep = np.ones(len(samples), dtype=bool)
-    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
-        results = pool.map(lambda s: _decode(s.path, prep), samples)
+    pool, options = _decoder_pool(len(samples), processes)
+    with pool:
+        results = pool.map(functools.partial(_decode, prep=prep), [s.path for s in samples], **options)
         if progress:
             from tqdm import tqdm
 

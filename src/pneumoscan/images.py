@@ -83,7 +83,7 @@ def load_grey(source: str | os.PathLike | bytes, name: str | None = None, max_me
                 if w * h > limit:
                     raise ImageLoadError(label, f"image is {w}x{h} = {w * h / 1e6:.1f} megapixels, over the {max_megapixels:g} MP limit")
                 img.load()
-                img = ImageOps.exif_transpose(img)
+                ImageOps.exif_transpose(img, in_place=True)  # in place: no copy when there is nothing to turn
                 grey = _to_grey(img)
     except ImageLoadError:
         raise

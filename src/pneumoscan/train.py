@@ -298,6 +298,14 @@ def _portable(state: dict[str, Any]) -> dict[str, Any]:
     return {**state, "param_groups": [{**g, "lr": float(g["lr"])} for g in state["param_groups"]]}
 
 
+def _phase_seconds(marks: dict[str, float]) -> dict[str, float]:
+    """Seconds per phase of `_train`, from the time each one ended (the dict's order); `after_epochs` runs
+    until now: reloading best.pt, choosing the threshold, saving."""
+    names, times = list(marks), list(marks.values()) + [time.perf_counter()]
+    return {f"{name}_seconds": round(times[i + 1] - times[i], 2)
+            for i, name in enumerate(names[1:] + ["after_epochs"])}
+
+
 def prepare_run_dir(out: Path, resume: bool, overwrite: bool) -> None:
     if resume:
         if not (out / "last.pt").is_file():
@@ -350,10 +358,11 @@ def init_distributed(device: str) -> tuple[Distributed, torch.device]:
 
 def train(cfg: Config, out: str | Path, device: str = "auto", resume: bool = False, overwrite: bool = False,
           progress: bool = True, tensorboard: bool = False, strict: bool = False,
-          cuda_graphs: bool | None = None) -> dict[str, Any]:
+          cuda_graphs: bool | None = None, cudnn_benchmark: bool = True) -> dict[str, Any]:
     """Train `cfg` into run folder `out`; returns the run summary (also written to summary.json).
 
     `cuda_graphs` (default: on for single-process CUDA training) replays each full-batch step as a CUDA graph.
+    `cudnn_benchmark`: on CUDA, let cuDNN time its algorithms for each new input shape and keep the fastest.
 
     Under torchrun each process trains on its share of every epoch (DistributedSampler) with
     DistributedDataParallel; only rank 0 writes checkpoints and logs. `batch_size` is per process.
@@ -366,6 +375,8 @@ def train(cfg: Config, out: str | Path, device: str = "auto", resume: bool = Fal
             cuda_graphs = dev.type == "cuda" and not ddp.enabled
         if cuda_graphs and (dev.type != "cuda" or ddp.enabled):
             raise ValueError("CUDA graphs need a single-process CUDA run")
+        if dev.type == "cuda":
+            torch.backends.cudnn.benchmark = cudnn_benchmark
         return _train(cfg, out, dev, ddp, resume, overwrite, progress and ddp.is_main, tensorboard and ddp.is_main, strict,
                       cuda_graphs)
     finally:
@@ -386,7 +397,9 @@ def _train(cfg: Config, out: Path, dev: torch.device, ddp: Distributed, resume: 
     if ddp.rank:  # different augmentation draws on each process; same initial weights
         generator.manual_seed(cfg.train.seed + 1000 * ddp.rank)
 
+    marks = {"start": time.perf_counter()}  # phase ends, for the timings in summary.json
     splits = split_samples(cfg.data)
+    marks["split"] = time.perf_counter()
     for name in ("train", "val"):
         task_labels(splits[name], cfg.data.task)  # fail now, not after decoding, if the task cannot be labelled
     if not ddp.is_main:
@@ -394,6 +407,7 @@ def _train(cfg: Config, out: Path, dev: torch.device, ddp: Distributed, resume: 
     cached = {name: cache_images(splits[name], cfg.preprocessing, progress=progress) for name in ("train", "val")}
     if ddp.is_main:
         ddp.barrier()
+    marks["decode"] = time.perf_counter()
     bad = {path: reason for c in cached.values() for path, reason in c.errors.items()}
     if strict and bad:  # every process sees the same files, so all of them stop here
         raise DataError(f"{len(bad)} unreadable image(s) and --strict was given:\n" +
@@ -408,6 +422,7 @@ def _train(cfg: Config, out: Path, dev: torch.device, ddp: Distributed, resume: 
         raise DataError(f"batch size {cfg.train.batch_size} is larger than the {per_process} training images "
                         f"each process gets: no full batch to train on; use a smaller --batch-size")
     data = {name: DeviceSplit.from_cache(c, dev, cfg.data.task) for name, c in cached.items()}
+    marks["to_device"] = time.perf_counter()  # on a GPU this includes starting CUDA
     setup_seconds = time.perf_counter() - wall_start
 
     model = ckpt_io.build_model(cfg)
@@ -416,8 +431,6 @@ def _train(cfg: Config, out: Path, dev: torch.device, ddp: Distributed, resume: 
         log.info("loaded %d pretrained tensors from %s (%d left at their initialisation: %s)", len(loaded["loaded"]),
                  cfg.model.pretrained, len(loaded["missing"]), ", ".join(loaded["missing"][:4]))
     model = model.to(dev).to(memory_format=torch.channels_last)
-    if dev.type == "cuda":
-        torch.backends.cudnn.benchmark = True  # fixed shapes: pick the fastest kernels once
     # a captured Adam reads its step count and learning rate from device tensors (the LR schedule still applies)
     lr = torch.tensor(cfg.train.lr, device=dev) if cuda_graphs else cfg.train.lr
     optimizer = torch.optim.Adam(model.parameters(), lr=lr, eps=cfg.train.adam_eps, capturable=cuda_graphs)
@@ -447,6 +460,7 @@ def _train(cfg: Config, out: Path, dev: torch.device, ddp: Distributed, resume: 
     if ddp.is_main:
         ckpt_io.atomic_write_text(out / "metrics.jsonl", "".join(json.dumps(h) + "\n" for h in history))
     graphs: dict[str, CudaGraphStep] | None = {} if cuda_graphs else None
+    marks["model"] = time.perf_counter()
 
     for epoch in range(start_epoch, cfg.train.epochs + 1):
         epoch_lr = float(optimizer.param_groups[0]["lr"])
@@ -459,7 +473,9 @@ def _train(cfg: Config, out: Path, dev: torch.device, ddp: Distributed, resume: 
             torch.distributed.all_reduce(totals)
             tr.update(loss=float(totals[0] / totals[2]), accuracy=float(totals[1] / totals[2]),
                       images=int(totals[2]), images_per_s=float(totals[2]) / tr["seconds"])
+        val_start = time.perf_counter()
         va = validate(model, data["val"], cfg)  # every process scores the whole split: same numbers, same LR steps
+        val_seconds = time.perf_counter() - val_start
         scheduler.step(va["loss"])
         _set_lr(optimizer, lr, optimizer.param_groups[0]["lr"])
         stop = cfg.train.early_stopping and stopper.step(va["accuracy"])
@@ -468,7 +484,7 @@ def _train(cfg: Config, out: Path, dev: torch.device, ddp: Distributed, resume: 
                "val_recall": va["recall"], "val_specificity": va["specificity"],
                **({"val_accuracy_3class": va["accuracy_3class"]} if "accuracy_3class" in va else {}),
                "train_images": tr["images"], "train_seconds": round(tr["seconds"], 2),
-               "train_images_per_s": round(tr["images_per_s"], 1),
+               "train_images_per_s": round(tr["images_per_s"], 1), "val_seconds": round(val_seconds, 2),
                "epoch_seconds": round(time.perf_counter() - epoch_start, 2)}
         history.append(row)
         improved = va["loss"] < best_loss
@@ -492,6 +508,7 @@ def _train(cfg: Config, out: Path, dev: torch.device, ddp: Distributed, resume: 
                      epoch, cfg.train.early_stopping_min_delta, cfg.train.early_stopping_patience)
             break
     ddp.barrier()
+    marks["epochs"] = time.perf_counter()
     if tracker:
         tracker.close()
     if not ddp.is_main:
@@ -517,6 +534,7 @@ def _train(cfg: Config, out: Path, dev: torch.device, ddp: Distributed, resume: 
         "unreadable_files": {**cached["train"].errors, **cached["val"].errors},
         "started": round(started, 3), "device": str(dev), "processes": ddp.world_size, "threads": torch.get_num_threads(),
         "wall_seconds": round(time.perf_counter() - wall_start, 1), "setup_seconds": round(setup_seconds, 1),
+        "timings": _phase_seconds(marks),
         "train_images_per_s_median": float(np.median(steady)) if steady else None,
         "peak_memory_mb": round(peak_memory_mb(), 1),
         "resumed": resume,
