@@ -5,7 +5,8 @@ validation split is carved out of `train` by patient (and byte-identical copies 
 no patient is on both sides. The paper's tiny `ROOT/val` folder is exposed as the split `kaggle_val`
 and never used to choose anything. Decoded, resized pixels are cached as one uint8 array per split
 under the user's cache folder, keyed by the file list, sizes, modification times and preprocessing,
-so later epochs and later runs never decode an image again.
+so later epochs and later runs never decode an image again; the carved validation split is
+remembered there too.
 """
 
 from __future__ import annotations
