@@ -133,7 +133,7 @@ def main() -> int:
         k = keras[key] if keras else float("nan")
         ratio = (ours[key] / k if better_high else k / ours[key]) if keras else float("nan")
         result[f"ratio_{key}"] = round(ratio, 2)
-        print(f"{label:24}{ours[key]:>14}{k:>14}{ratio:>7.2f}x")
+        print(f"{label:24}{ours[key]:>14.1f}{k:>14.1f}{ratio:>7.2f}x")
     print(json.dumps(result))
     return 0
 
