@@ -19,6 +19,7 @@ import multiprocessing
 import os
 import re
 import shutil
+import sys
 import tempfile
 from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -290,11 +291,12 @@ def _decoder_pool(n_images: int, processes: bool | None) -> tuple[Executor, dict
 
     Reading a JPEG is mostly Python (PIL parses the headers) and holds the GIL, so threads stop scaling
     beyond about two cores. Processes are forked: they need only PIL and numpy, already imported here,
-    where spawning them would import PyTorch again in each.
+    where spawning them would import PyTorch again in each. Linux only: forking a process that has
+    loaded macOS system frameworks is unsafe.
     """
     workers = os.cpu_count() or 1
     if processes is None:
-        processes = workers > 1 and n_images >= PROCESS_DECODE_MIN and "fork" in multiprocessing.get_all_start_methods()
+        processes = workers > 1 and n_images >= PROCESS_DECODE_MIN and sys.platform.startswith("linux")
     if processes:
         return (ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")),
                 {"chunksize": max(1, min(64, n_images // (4 * workers)))})
