@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from pneumoscan import data as data_module
 from pneumoscan.config import DataConfig, Preprocessing
 from pneumoscan.data import (DataError, cache_images, carve_validation, patient_id, pneumonia_type, scan_folder,
                              split_samples)
@@ -141,13 +142,11 @@ def test_npz_without_labels_is_a_clear_error(tmp_path):
 
 
 def test_split_is_remembered_and_recomputed_when_files_or_settings_change(tmp_path, monkeypatch):
-    from pneumoscan import data
-
     root = make_dataset(tmp_path / "d", patients_per_class=10)
     cfg = DataConfig(root=str(root), val_fraction=0.2)
     first = split_samples(cfg)
     calls = []
-    monkeypatch.setattr(data, "carve_validation", lambda *a: calls.append(a) or carve_validation(*a))
+    monkeypatch.setattr(data_module, "carve_validation", lambda *a: calls.append(a) or carve_validation(*a))
     again = split_samples(cfg)
     assert calls == [] and again == {"train": first["train"], "val": first["val"]}
     split_samples(DataConfig(root=str(root), val_fraction=0.2, split_seed=cfg.split_seed + 1))
@@ -165,3 +164,24 @@ def test_worker_processes_decode_the_same_pixels_and_report_bad_files(tmp_path):
     procs = cache_images(samples, prep, cache_dir=tmp_path / "b", processes=True)
     assert np.array_equal(threads.pixels, procs.pixels) and threads.samples == procs.samples
     assert list(procs.errors) == [samples[3].path] and "not a recognised image" in procs.errors[samples[3].path]
+
+
+_PARENT = os.getpid()
+_real_decode = data_module._decode
+
+
+def _die_in_worker(path, prep):
+    if os.getpid() != _PARENT:
+        os._exit(1)  # as if the worker were killed
+    return _real_decode(path, prep)
+
+
+def test_a_dead_decoding_worker_falls_back_to_threads(tmp_path, monkeypatch, caplog):
+    root = make_dataset(tmp_path / "d", patients_per_class=3)
+    samples = scan_folder(root / "train")
+    prep = Preprocessing(image_size=32)
+    expected = cache_images(samples, prep, cache_dir=tmp_path / "a", processes=False)
+    monkeypatch.setattr(data_module, "_decode", _die_in_worker)
+    got = cache_images(samples, prep, cache_dir=tmp_path / "b", processes=True)
+    assert np.array_equal(got.pixels, expected.pixels) and not got.errors
+    assert "decoding them again in threads" in caplog.text

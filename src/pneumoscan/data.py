@@ -22,6 +22,7 @@ import shutil
 import sys
 import tempfile
 from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -303,6 +304,26 @@ def _decoder_pool(n_images: int, processes: bool | None) -> tuple[Executor, dict
     return ThreadPoolExecutor(workers), {}
 
 
+def _decode_all(samples: list[Sample], prep: Preprocessing, progress: bool,
+                processes: bool | None) -> tuple[np.ndarray, dict[str, str]]:
+    """Pixels of every sample (rows of unreadable ones left unset) and {path: reason} for those."""
+    pixels = np.empty((len(samples), prep.image_size, prep.image_size), dtype=np.uint8)
+    errors: dict[str, str] = {}
+    pool, options = _decoder_pool(len(samples), processes)
+    with pool:
+        results = pool.map(functools.partial(_decode, prep=prep), [s.path for s in samples], **options)
+        if progress:
+            from tqdm import tqdm
+
+            results = tqdm(results, total=len(samples), desc="decoding images", unit="img", leave=False)
+        for i, (s, r) in enumerate(zip(samples, results)):
+            if isinstance(r, str):
+                errors[s.path] = r
+            else:
+                pixels[i] = r
+    return pixels, errors
+
+
 def cache_images(samples: list[Sample], prep: Preprocessing, cache_dir: Path | None = None, progress: bool = False,
                  processes: bool | None = None) -> CachedImages:
     """Decode every sample once (in parallel, see `_decoder_pool`) into a uint8 array, reusing the
@@ -316,22 +337,12 @@ def cache_images(samples: list[Sample], prep: Preprocessing, cache_dir: Path | N
         good = [s for s in samples if s.path in kept]
         return CachedImages(good, pixels, np.array([s.label for s in good], dtype=np.int64), index["errors"])
 
-    size = prep.image_size
-    pixels = np.empty((len(samples), size, size), dtype=np.uint8)
-    errors: dict[str, str] = {}
-    keep = np.ones(len(samples), dtype=bool)
-    pool, options = _decoder_pool(len(samples), processes)
-    with pool:
-        results = pool.map(functools.partial(_decode, prep=prep), [s.path for s in samples], **options)
-        if progress:
-            from tqdm import tqdm
-
-            results = tqdm(results, total=len(samples), desc="decoding images", unit="img", leave=False)
-        for i, (s, r) in enumerate(zip(samples, results)):
-            if isinstance(r, str):
-                errors[s.path], keep[i] = r, False
-            else:
-                pixels[i] = r
+    try:
+        pixels, errors = _decode_all(samples, prep, progress, processes)
+    except BrokenProcessPool as e:  # a worker was killed (out of memory?) or crashed
+        log.warning("a process decoding images died (%s); decoding them again in threads", e)
+        pixels, errors = _decode_all(samples, prep, progress, processes=False)
+    keep = np.array([s.path not in errors for s in samples], dtype=bool)
     for path, reason in errors.items():
         log.warning("skipping unreadable image %s: %s", path, reason)
     good = [s for s, k in zip(samples, keep) if k]
