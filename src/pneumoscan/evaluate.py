@@ -12,13 +12,11 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from . import checkpoint as ckpt_io
 from . import plots
 from .data import cache_images, load_split, split_summary, task_labels
 from .metrics import binary_metrics, bootstrap_ci, calibration, decide, multiclass_metrics, pr_points, roc_points
-from .models import pneumonia_logit
+from .models import probabilities
 from .report import write_eval_report
 from .train import DeviceSplit, predict_logits, select_device
 
@@ -36,8 +34,7 @@ def evaluate(checkpoint: str | Path, split: str, out: str | Path, data_root: str
     cached = cache_images(samples, cfg.preprocessing, progress=progress)
     classes = task_labels(cached.samples, cfg.data.task)
     logits = predict_logits(loaded.model, DeviceSplit.from_cache(cached, dev, cfg.data.task), cfg)
-    probs = torch.sigmoid(pneumonia_logit(logits)).float().cpu().numpy()  # P(pneumonia), for either task
-    class_probs = torch.softmax(logits.float(), 1).cpu().numpy() if logits.dim() == 2 else None
+    probs, class_probs = probabilities(logits)  # P(pneumonia) for either task; per class for three classes
     labels = (classes > 0).astype(int)
     metrics = binary_metrics(labels, probs, loaded.threshold)
     calib = calibration(labels, probs)

@@ -24,7 +24,7 @@ from torch import nn
 
 from .checkpoint import atomic_write_bytes, atomic_write_text
 from .images import ImageLoadError, load_grey, resize
-from .models import pneumonia_logit
+from .models import pneumonia_logit, probabilities
 from .predict import Predictor, expand_paths
 
 
@@ -103,9 +103,7 @@ def cam_for_batch(predictor: Predictor, pixels: np.ndarray) -> tuple[np.ndarray,
     model.zero_grad(set_to_none=True)
     heat = heat[:, 0].detach().float().cpu().numpy()
     heat = np.nan_to_num(heat, nan=0.0, posinf=1.0, neginf=0.0).clip(0, 1)
-    outputs = cam.nn_module.model.outputs.float()  # MONAI wraps our module in its ModelWithHooks
-    class_probs = torch.softmax(outputs, 1).cpu().numpy() if outputs.dim() == 2 else None
-    return heat, torch.sigmoid(pneumonia_logit(outputs)).cpu().numpy(), class_probs
+    return (heat, *probabilities(cam.nn_module.model.outputs))  # MONAI wraps our module in its ModelWithHooks
 
 
 def resize_heat(heat: np.ndarray, shape: tuple[int, int]) -> np.ndarray:

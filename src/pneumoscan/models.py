@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 from typing import Callable
 
+import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -46,6 +47,14 @@ def pneumonia_logit(out: torch.Tensor) -> torch.Tensor:
     bacterial, viral): log(P(bacterial) + P(viral)) - log P(normal), whose sigmoid is P(pneumonia).
     """
     return out if out.dim() == 1 else torch.logsumexp(out[:, 1:], 1) - out[:, 0]
+
+
+def probabilities(out: torch.Tensor) -> tuple[np.ndarray, np.ndarray | None]:
+    """A model's outputs -> (P(pneumonia) (N,), per-class probabilities (N, K) for three-class models,
+    else None), as numpy arrays."""
+    out = out.detach().float()
+    class_probs = torch.softmax(out, 1).cpu().numpy() if out.dim() == 2 else None
+    return torch.sigmoid(pneumonia_logit(out)).cpu().numpy(), class_probs
 
 
 def _one_logit_or_many(out: torch.Tensor) -> torch.Tensor:

@@ -19,7 +19,7 @@ import torch
 from . import checkpoint as ckpt_io
 from .images import ImageLoadError, is_image_file, load_for_model
 from .metrics import decide
-from .models import pneumonia_logit
+from .models import probabilities
 from .train import select_device
 
 
@@ -76,9 +76,7 @@ class Predictor:
             return self.onnx.predict_arrays(pixels), None
         x = torch.from_numpy(np.array(pixels, dtype=np.uint8)).to(self.device).unsqueeze(1).float()  # a copy: inputs may be read-only
         x = self.prep.normalize(x).contiguous(memory_format=torch.channels_last)
-        out = self.model(x).float()
-        class_probs = torch.softmax(out, 1).cpu().numpy() if out.dim() == 2 else None
-        return torch.sigmoid(pneumonia_logit(out)).cpu().numpy(), class_probs
+        return probabilities(self.model(x))
 
     def label_of(self, probability: float, class_probs: np.ndarray | None = None) -> str:
         """Pneumonia at or above the threshold; for three classes, then the likelier type."""

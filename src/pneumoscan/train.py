@@ -31,7 +31,7 @@ from .augment import augment_batch, draw_augmentation
 from .config import Config
 from .data import CachedImages, DataError, cache_images, class_names, split_samples, split_summary, task_labels
 from .metrics import binary_metrics, choose_threshold, decide
-from .models import load_pretrained, pneumonia_logit
+from .models import load_pretrained, pneumonia_logit, probabilities
 from .tracking import TensorBoardLogger
 
 log = logging.getLogger(__name__)
@@ -272,12 +272,11 @@ def validate(model: nn.Module, data: DeviceSplit, cfg: Config) -> dict[str, Any]
     logits = predict_logits(model, data, cfg)
     with torch.no_grad():
         loss, bce = model_loss(model, logits, data.labels)
-    probs = torch.sigmoid(pneumonia_logit(logits)).float().cpu().numpy()
+    probs, class_probs = probabilities(logits)
     labels = data.labels.cpu().numpy()
     m = binary_metrics(labels > 0, probs, cfg.train.threshold)
     out = {"loss": float(loss), "bce": float(bce), **{k: m[k] for k in ("accuracy", "roc_auc", "recall", "specificity")}}
-    if logits.dim() == 2:
-        class_probs = torch.softmax(logits.float(), 1).cpu().numpy()
+    if class_probs is not None:
         out["accuracy_3class"] = float((decide(probs, cfg.train.threshold, class_probs) == labels).mean())
     return out
 
@@ -537,7 +536,7 @@ def _train(cfg: Config, out: Path, dev: torch.device, ddp: Distributed, resume: 
     # threshold chosen on validation by the configured rule.
     best = torch.load(out / "best.pt", map_location="cpu", weights_only=True)
     model.load_state_dict(best["state_dict"])
-    val_probs = torch.sigmoid(pneumonia_logit(predict_logits(model, data["val"], cfg))).float().cpu().numpy()
+    val_probs = probabilities(predict_logits(model, data["val"], cfg))[0]
     t = cfg.train
     best["threshold"] = choose_threshold(data["val"].labels.cpu().numpy() > 0, val_probs, t.threshold_rule,
                                          t.target_sensitivity, t.threshold)
