@@ -1,6 +1,9 @@
 #!/usr/bin/env python3
-"""What `pneumoscan train` does before its first step: the validation split and decoding every image.
+"""What `pneumoscan train` does before its first step: start-up, the validation split and decoding every image.
 
+0. Start-up, each a fresh interpreter (median of `--repeats`): `pneumoscan --help` (loads neither PyTorch nor
+   scikit-learn), importing `pneumoscan.train`, and for reference importing PyTorch alone and scikit-learn's
+   metrics (which training imports in a background thread during the first epoch).
 1. Split: `split_samples` on the train folder with nothing remembered (scikit-learn's
    StratifiedGroupKFold over patient groups, each file read once for its digest) vs the remembered
    split. Each in a fresh process that has already imported `pneumoscan.train`, as a training run has.
@@ -37,6 +40,24 @@ print(time.perf_counter() - t)
 """
 
 
+STARTUP = {
+    "pneumoscan --help": ["-m", "pneumoscan", "--help"],
+    "import pneumoscan.train": ["-c", "import pneumoscan.train"],
+    "import torch (reference)": ["-c", "import torch"],
+    "import sklearn.metrics (reference)": ["-c", "import sklearn.metrics"],
+}
+
+
+def startup_seconds(argv: list[str], repeats: int) -> float:
+    """Median wall time of a fresh interpreter running `argv`, from launch to exit."""
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        subprocess.run([sys.executable, *argv], check=True, capture_output=True)
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
 def split_seconds(data: str, cache: str) -> float:
     out = subprocess.run([sys.executable, "-c", SPLIT_TIMER, data], check=True, capture_output=True, text=True,
                          env={**os.environ, "PNEUMOSCAN_CACHE": cache})
@@ -53,7 +74,10 @@ def main() -> int:
     from pneumoscan.config import Config, DataConfig
     from pneumoscan.data import cache_images, split_samples
 
-    result = {"cpus": os.cpu_count(), "date": time.strftime("%Y-%m-%d")}
+    result = {"cpus": os.cpu_count(), "date": time.strftime("%Y-%m-%d"), "startup": {}}
+    for name, argv in STARTUP.items():
+        result["startup"][name] = round(startup_seconds(argv, args.repeats), 2)
+        print(f"start-up: {name}: {result['startup'][name]:.2f} s (median of {args.repeats}, launch to exit)", flush=True)
     with tempfile.TemporaryDirectory() as cache:
         cold = split_seconds(args.data, cache)
         warm = split_seconds(args.data, cache)

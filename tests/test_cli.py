@@ -107,3 +107,14 @@ def test_training_lists_bad_files_and_goes_on_or_stops_with_strict(tiny_data, tm
     assert main(["train", "--out", str(tmp_path / "b"), "--strict", *common]) == 2
     err = capsys.readouterr().err
     assert "--strict" in err and str(bad) in err and "Traceback" not in err
+
+
+def test_help_does_not_load_pytorch_or_scikit_learn():
+    """`pneumoscan --help` and argument errors answer at once: the heavy libraries load when a command runs."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from pneumoscan.cli import build_parser; build_parser(); "
+            "print(sorted(m for m in ('torch', 'sklearn', 'matplotlib') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

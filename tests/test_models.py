@@ -25,6 +25,12 @@ def test_unknown_names_list_the_valid_ones():
     assert "seed" in model_names()
 
 
+def test_the_command_line_offers_exactly_the_registered_models():
+    from pneumoscan.config import MODEL_NAMES
+
+    assert model_names() == sorted(MODEL_NAMES)
+
+
 def test_prelu_is_per_element_and_starts_as_relu():
     act = ElementwisePReLU((2, 3, 3))
     x = torch.randn(4, 2, 3, 3)

@@ -1,6 +1,7 @@
 """Command line: `pneumoscan train | compare | evaluate | predict | explain | serve | export | audit`. `main(argv) -> int` so tests call it directly.
 
-Flags map onto fields of the run `Config`; a flag left out keeps the recipe's value.
+Flags map onto fields of the run `Config`; a flag left out keeps the recipe's value. Each command imports
+what it needs when it runs (PyTorch alone takes seconds to load), so `--help` and argument errors are quick.
 """
 
 from __future__ import annotations
@@ -14,12 +15,10 @@ from pathlib import Path
 from typing import Sequence
 
 from . import __version__
-from .config import RECIPES, Config, recipe
+from .config import ACTIVATIONS, MODEL_NAMES, RECIPES, Config, recipe
 from .data import DataError
 from .images import ImageLoadError
 from .metrics import THRESHOLD_RULES
-from .models import ACTIVATIONS, model_names
-from .train import RunDirError
 
 DEFAULT_DATA = "../shared/data/chest_xray"
 
@@ -32,7 +31,7 @@ def _add_config_flags(p: argparse.ArgumentParser, activation: bool = True) -> No
     """Flags that override fields of the recipe's Config (left out: the recipe's value)."""
     p.add_argument("--data", default=None, help=f"data root in Kaggle layout (default: $PNEUMOSCAN_DATA or {DEFAULT_DATA})")
     p.add_argument("--recipe", default="paper", choices=sorted(RECIPES), help="starting configuration (default: paper)")
-    p.add_argument("--model", choices=model_names(), help="registered model name")
+    p.add_argument("--model", choices=MODEL_NAMES, help="registered model name")
     if activation:
         p.add_argument("--activation", choices=ACTIVATIONS, help="the paper's model: one of Table IV's rectifiers")
     p.add_argument("--pretrained", metavar="FILE", help="resnet18 / densenet121: local ImageNet weights (torchvision layout)")
@@ -274,7 +273,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "audit": cmd_audit}
     try:
         return commands[args.command](args)
-    except (DataError, ImageLoadError, RunDirError, ImportError, OSError, ValueError, RuntimeError) as e:
+    except (DataError, ImageLoadError, ImportError, OSError, ValueError, RuntimeError) as e:  # OSError: also RunDirError
         print(f"pneumoscan {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

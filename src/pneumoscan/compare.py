@@ -18,9 +18,8 @@ from typing import Any, Sequence
 import numpy as np
 
 from .checkpoint import atomic_write_text, write_json
-from .config import Config
+from .config import ACTIVATIONS, Config
 from .evaluate import evaluate
-from .models import ACTIVATIONS
 from .report import write_compare_report
 from .train import train
 

@@ -49,6 +49,11 @@ class DataConfig:
     task: str = "binary"
 
 
+# Named here rather than in models.py, so the command line can offer them without importing PyTorch.
+MODEL_NAMES = ("densenet121", "resnet18", "seed")  # the builders registered in models.py
+ACTIVATIONS = ("relu", "leaky_relu", "leaky_relu_30", "prelu")  # Table IV's rectifiers, for the paper's model
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     name: str = "seed"

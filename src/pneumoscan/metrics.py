@@ -2,6 +2,9 @@
 
 The three-class task (normal / bacterial / viral) is scored twice: as pneumonia vs normal with the same
 functions as the binary task (P(pneumonia) = P(bacterial) + P(viral)), and per class (`multiclass_metrics`).
+
+scikit-learn is imported inside the functions that use it: it takes 1-2 s to load, which `pneumoscan --help`,
+`predict` and a training run until its first validation need not wait for.
 """
 
 from __future__ import annotations
@@ -9,7 +12,6 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-from sklearn import metrics as skm
 
 
 def binary_metrics(labels: np.ndarray, probs: np.ndarray, threshold: float = 0.5) -> dict[str, Any]:
@@ -17,6 +19,8 @@ def binary_metrics(labels: np.ndarray, probs: np.ndarray, threshold: float = 0.5
 
     Rates with an empty denominator are reported as None rather than a misleading 0.
     """
+    from sklearn import metrics as skm
+
     labels = np.asarray(labels).astype(int)
     probs = np.asarray(probs, dtype=np.float64)
     preds = (probs >= threshold).astype(int)
@@ -54,6 +58,8 @@ def multiclass_metrics(labels: np.ndarray, class_probs: np.ndarray, threshold: f
                        class_names: list[str] | tuple[str, ...]) -> dict[str, Any]:
     """Accuracy, balanced accuracy, confusion matrix (rows true, columns predicted) and per-class figures
     (precision, recall, F1, one-vs-rest ROC AUC) for the decision rule of `decide`."""
+    from sklearn import metrics as skm
+
     labels = np.asarray(labels).astype(int)
     probs = np.asarray(class_probs, dtype=np.float64)
     k = probs.shape[1]
@@ -77,12 +83,16 @@ def multiclass_metrics(labels: np.ndarray, class_probs: np.ndarray, threshold: f
 
 
 def roc_points(labels: np.ndarray, probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    from sklearn import metrics as skm
+
     fpr, tpr, _ = skm.roc_curve(np.asarray(labels).astype(int), np.asarray(probs))
     return fpr, tpr
 
 
 def pr_points(labels: np.ndarray, probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(recall, precision) along the precision-recall curve."""
+    from sklearn import metrics as skm
+
     precision, recall, _ = skm.precision_recall_curve(np.asarray(labels).astype(int), np.asarray(probs))
     return recall, precision
 
@@ -100,6 +110,8 @@ def choose_threshold(labels: np.ndarray, probs: np.ndarray, rule: str = "youden"
     """
     if rule == "fixed":
         return float(fixed)
+    from sklearn import metrics as skm
+
     labels = np.asarray(labels).astype(int)
     if len(np.unique(labels)) < 2:
         raise ValueError("choosing a threshold needs both classes in the validation labels")
@@ -138,6 +150,8 @@ CI_METRICS = ("accuracy", "precision", "recall", "specificity", "f1", "roc_auc",
 def bootstrap_ci(labels: np.ndarray, probs: np.ndarray, threshold: float, n_boot: int = 1000, level: float = 0.95,
                  seed: int = 0) -> dict[str, list[float] | None]:
     """Percentile bootstrap confidence intervals (resampling images) for each metric at `threshold`."""
+    from sklearn import metrics as skm
+
     labels = np.asarray(labels).astype(int)
     probs = np.asarray(probs, dtype=np.float64)
     rng = np.random.default_rng(seed)

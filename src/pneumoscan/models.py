@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-ACTIVATIONS = ("relu", "leaky_relu", "leaky_relu_30", "prelu")
+from .config import ACTIVATIONS
 
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {}
 

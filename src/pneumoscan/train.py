@@ -9,12 +9,14 @@ as tensors, so no image is decoded after the first run. Each epoch appends one J
 from __future__ import annotations
 
 import ctypes
+import importlib
 import json
 import logging
 import os
 import random
 import resource
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,8 +39,8 @@ from .tracking import TensorBoardLogger
 log = logging.getLogger(__name__)
 
 
-class RunDirError(Exception):
-    pass
+class RunDirError(OSError):
+    """The run folder cannot be used as asked (exists without --resume / --overwrite, or has nothing to resume)."""
 
 
 def select_device(name: str = "auto") -> torch.device:
@@ -315,6 +317,14 @@ def _portable(state: dict[str, Any]) -> dict[str, Any]:
     return {**state, "param_groups": [{**g, "lr": float(g["lr"])} for g in state["param_groups"]]}
 
 
+def _import_quietly(module: str) -> None:
+    """Import `module` ahead of use; a failure is left for the real import to report."""
+    try:
+        importlib.import_module(module)
+    except ImportError:
+        pass
+
+
 def _phase_seconds(marks: dict[str, float]) -> dict[str, float]:
     """Seconds per phase of `_train`, from the time each one ended (the dict's order); `after_epochs` runs
     until now: reloading best.pt, choosing the threshold, saving."""
@@ -479,6 +489,9 @@ def _train(cfg: Config, out: Path, dev: torch.device, ddp: Distributed, resume: 
         ckpt_io.atomic_write_text(out / "metrics.jsonl", "".join(json.dumps(h) + "\n" for h in history))
     graphs: dict[str, CudaGraphStep] | None = {} if cuda_graphs else None
     marks["model"] = time.perf_counter()
+    # scikit-learn takes 1-2 s to import and is first needed by the first validation: import it while the
+    # first epoch trains (PyTorch releases the GIL inside its kernels, and waits for a GPU without it)
+    threading.Thread(target=_import_quietly, args=("sklearn.metrics",), daemon=True).start()
 
     for epoch in range(start_epoch, cfg.train.epochs + 1):
         epoch_lr = float(optimizer.param_groups[0]["lr"])
