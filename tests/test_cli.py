@@ -109,8 +109,9 @@ def test_training_lists_bad_files_and_goes_on_or_stops_with_strict(tiny_data, tm
     assert "--strict" in err and str(bad) in err and "Traceback" not in err
 
 
-def test_help_does_not_load_pytorch_or_scikit_learn():
-    """`pneumoscan --help` and argument errors answer at once: the heavy libraries load when a command runs."""
+def test_help_does_not_load_pytorch_or_scikit_learn(tmp_path):
+    """`pneumoscan --help` and argument errors answer at once: the heavy libraries load when a command runs.
+    The command's exit status survives `run`'s quick exit."""
     import subprocess
     import sys
 
@@ -118,3 +119,7 @@ def test_help_does_not_load_pytorch_or_scikit_learn():
             "print(sorted(m for m in ('torch', 'sklearn', 'matplotlib') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+    missing = tmp_path / "missing"
+    proc = subprocess.run([sys.executable, "-m", "pneumoscan", "audit", "--data", str(missing), "--out", str(tmp_path / "a")],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [f"pneumoscan audit: error: {missing}: data folder not found (pass --data or set PNEUMOSCAN_DATA)"]

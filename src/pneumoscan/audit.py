@@ -60,6 +60,8 @@ def audit(root: str | os.PathLike, near_distance: int = 2, max_mad: float = 4.0)
     difference of at most `max_mad` grey levels between 32x32 thumbnails.
     """
     root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"{root}: data folder not found (pass --data or set PNEUMOSCAN_DATA)")
     samples: dict[str, list[Sample]] = {}
     for split in FOLDER_SPLITS:
         if (root / split).is_dir():
