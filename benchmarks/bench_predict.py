@@ -8,6 +8,8 @@ One run measures, on the same N images (a seeded sample across NORMAL/ and PNEUM
 (c) the paper's Keras pipeline: ``.venv-tf/bin/python benchmarks/keras_baseline.py predict`` in a
     subprocess (its LAST stdout line is JSON; ``images_per_s`` is read), skipped when ``.venv-tf`` is
     missing (``bash benchmarks/setup_tf.sh`` creates it);
+(a)-(c) run `--rounds` times, alternated, and each reports its median (the Keras figure swings between
+about 45 and 100 images/s from one run to the next on the 2-core machine);
 (d) single-image latency, p50 / p99 of ``Predictor.predict_file(jpeg_bytes)`` over ``--repeats`` calls
     after a warm-up, for both backends.
 
@@ -126,6 +128,10 @@ def run_keras(folder: Path, n: int, python: Path) -> dict:
     return result
 
 
+def rounded(values: list[float]) -> list[float]:
+    return [round(v, 1) for v in values]
+
+
 def cpu_model() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -145,6 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=200, help="single-image latency repetitions (default 200)")
     ap.add_argument("--batch-size", type=int, default=32, help="pneumoscan batch size (Keras predicts in 32s)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--rounds", type=int, default=3, help="folder timings per pipeline, alternated; medians (default 3)")
     ap.add_argument("--keras-python", type=Path, default=ROOT / ".venv-tf" / "bin" / "python")
     args = ap.parse_args(argv)
 
@@ -158,20 +165,26 @@ def main(argv: list[str] | None = None) -> int:
             f.read_bytes()
         checkpoint = args.checkpoint or fresh_checkpoint(tmp)
 
-        results: dict[str, dict] = {}
-        probs = {}
+        predictors, results, probs = {}, {}, {}
         for backend in ("torch", "onnx"):
             t0 = time.perf_counter()
-            predictor = Predictor(checkpoint, device="cpu", batch_size=args.batch_size, backend=backend)
-            startup = time.perf_counter() - t0
-            folder_result, probs[backend] = time_folder(predictor, paths)
-            results[backend] = {**folder_result, "startup_s": startup,
-                                **{f"latency_{k}": v for k, v in time_latency(predictor, files[0].read_bytes(),
-                                                                              args.repeats).items()}}
-            if backend == "onnx":
-                onnx_threads = predictor.onnx.threads
-            del predictor
-        keras = run_keras(folder, n, args.keras_python)
+            predictors[backend] = Predictor(checkpoint, device="cpu", batch_size=args.batch_size, backend=backend)
+            results[backend] = {"startup_s": time.perf_counter() - t0, "rounds_images_per_s": []}
+        keras_rounds: list[dict] = []
+        for _ in range(args.rounds):  # alternated, so a noisy minute does not land on one pipeline only
+            for backend, predictor in predictors.items():
+                folder_result, probs[backend] = time_folder(predictor, paths)
+                results[backend]["rounds_images_per_s"].append(folder_result["images_per_s"])
+            keras_rounds.append(run_keras(folder, n, args.keras_python))
+        for backend, predictor in predictors.items():
+            results[backend]["images_per_s"] = float(np.median(results[backend]["rounds_images_per_s"]))
+            results[backend].update({f"latency_{k}": v for k, v in time_latency(predictor, files[0].read_bytes(),
+                                                                                 args.repeats).items()})
+        onnx_threads = predictors["onnx"].onnx.threads
+        del predictors
+        keras = next((k for k in keras_rounds if "skipped" in k), None) or {
+            **keras_rounds[0], "rounds_images_per_s": [k["images_per_s"] for k in keras_rounds],
+            "images_per_s": float(np.median([k["images_per_s"] for k in keras_rounds]))}
         cfg = ckpt_io.load(checkpoint).config
 
     keras_ips = keras.get("images_per_s")
@@ -185,8 +198,9 @@ def main(argv: list[str] | None = None) -> int:
         "batch_size": args.batch_size,
         "torch": results["torch"],
         "onnx": results["onnx"],
-        "keras": {k: keras[k] for k in ("images_per_s", "seconds", "load_images_per_s", "predict_images_per_s",
-                                        "tf_version", "keras_version") if k in keras} or keras,
+        "rounds": args.rounds,
+        "keras": {k: keras[k] for k in ("images_per_s", "rounds_images_per_s", "tf_version", "keras_version") if k in keras}
+        if "skipped" not in keras else keras,
         "ratio_torch_to_keras": results["torch"]["images_per_s"] / keras_ips if keras_ips else None,
         "ratio_onnx_to_keras": results["onnx"]["images_per_s"] / keras_ips if keras_ips else None,
         "ratio_onnx_to_torch": results["onnx"]["images_per_s"] / results["torch"]["images_per_s"],
@@ -202,14 +216,15 @@ def main(argv: list[str] | None = None) -> int:
     print(f"prediction benchmark: {n} images, {summary['image_size']} px, {summary['activation']}, "
           f"{summary['env']['cpu']} ({summary['env']['cpu_count']} CPUs, load {summary['env']['loadavg_1m']:.2f}; "
           f"threads: torch {summary['env']['torch_threads']}, onnx {onnx_threads})")
-    print(f"{'pipeline':<22}{'images/s':>10}{'vs Keras':>10}{'p50 ms':>9}{'p99 ms':>9}{'startup s':>11}")
+    print(f"folder images/s: median of {args.rounds} alternated rounds (each round's figure in brackets)")
+    print(f"{'pipeline':<22}{'images/s':>10}{'vs Keras':>10}{'p50 ms':>9}{'p99 ms':>9}{'startup s':>11}  rounds")
     for name, key in (("pneumoscan torch", "torch"), ("pneumoscan onnx", "onnx")):
         r = results[key]
         ratio = f"{r['images_per_s'] / keras_ips:.2f}x" if keras_ips else "-"
         print(f"{name:<22}{r['images_per_s']:>10.1f}{ratio:>10}{r['latency_p50_ms']:>9.2f}{r['latency_p99_ms']:>9.2f}"
-              f"{r['startup_s']:>11.2f}")
+              f"{r['startup_s']:>11.2f}  {rounded(r['rounds_images_per_s'])}")
     if keras_ips:
-        print(f"{'keras (paper)':<22}{keras_ips:>10.1f}{'1.00x':>10}{'-':>9}{'-':>9}{'-':>11}")
+        print(f"{'keras (paper)':<22}{keras_ips:>10.1f}{'1.00x':>10}{'-':>9}{'-':>9}{'-':>11}  {rounded(keras['rounds_images_per_s'])}")
     else:
         print(f"keras (paper): skipped: {keras['skipped']}")
     print(f"max |p_torch - p_onnx| on these images: {summary['max_abs_prob_diff_torch_onnx']:.2g}"

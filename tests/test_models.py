@@ -47,8 +47,8 @@ def test_fused_stem_equals_the_two_literal_convolutions(shape):
     literal = model.pool(model.conv2(model.conv1(x.expand(-1, 3, -1, -1))))
     fused = model.stem(x)
     assert torch.allclose(fused, literal, atol=1e-12)
-    with torch.no_grad():  # inference assembles the border differently (see SeedCNN.stem)
-        assert torch.equal(model.stem(x), fused.detach())
+    with torch.no_grad():  # inference computes it differently (phases, concatenated border; see SeedCNN.stem)
+        assert torch.allclose(model.stem(x), literal, atol=1e-12)
     params = [model.conv1.weight, model.conv1.bias, model.conv2.weight, model.conv2.bias]
     g_fused = torch.autograd.grad(fused.square().sum(), params)
     g_literal = torch.autograd.grad(literal.square().sum(), params)

@@ -18,13 +18,14 @@ from .data import cache_images, load_split, split_summary, task_labels
 from .metrics import binary_metrics, bootstrap_ci, calibration, decide, multiclass_metrics, pr_points, roc_points
 from .models import probabilities
 from .report import write_eval_report
-from .train import DeviceSplit, predict_logits, select_device
+from .train import DeviceSplit, keep_freed_memory, predict_logits, select_device
 
 
 def evaluate(checkpoint: str | Path, split: str, out: str | Path, data_root: str | None = None, device: str = "auto",
              progress: bool = True) -> dict[str, Any]:
     """Score `checkpoint` on `split` of the data; writes metrics.json, predictions.csv and PNG plots into `out`."""
     out = Path(out)
+    keep_freed_memory()
     dev = select_device(device)
     loaded = ckpt_io.load(checkpoint, dev)
     cfg = loaded.config

@@ -20,7 +20,7 @@ from . import checkpoint as ckpt_io
 from .images import ImageLoadError, is_image_file, load_for_model
 from .metrics import decide
 from .models import probabilities
-from .train import select_device
+from .train import keep_freed_memory, select_device
 
 
 @dataclass
@@ -46,6 +46,7 @@ class Predictor:
         if backend == "onnx" and device not in ("auto", "cpu"):
             raise ValueError(f"the onnx backend runs on the CPU only (device {device!r} was asked for)")
         self.backend = backend
+        keep_freed_memory()
         self.device = select_device("cpu" if backend == "onnx" else device)
         loaded = ckpt_io.load(checkpoint, self.device)
         self.model, self.config, self.threshold = loaded.model, loaded.config, loaded.threshold
