@@ -58,8 +58,8 @@ def keep_freed_memory() -> None:
     By default glibc maps large blocks fresh and unmaps them when freed, so every CPU training step
     page-faults its activations and gradients back in: for the paper's model at batch 16, 37,000 faults
     and a fifth of the step's CPU time; inference at batch 32 took twice as long (measured on this
-    project's 2-core machine). Costs about 60 MB of peak memory. Called by train, evaluate and Predictor. The same as MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=1073741824.
-    Does nothing without glibc.
+    project's 2-core machine). Costs about 60 MB of peak memory. Called by train, evaluate and Predictor.
+    The same as MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=1073741824. Does nothing without glibc.
     """
     try:
         libc = ctypes.CDLL("libc.so.6")
