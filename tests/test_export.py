@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -141,6 +143,24 @@ def test_predictor_onnx_backend_matches_torch_on_files(tiny_data, tmp_path):
     assert [r.label for r in onnx_rows[:-1]] == [r.label for r in torch_rows[:-1]]
     one = onnx_pred.predict_file((tiny_data / "train" / "NORMAL" / "IM-0001-0001.jpeg").read_bytes(), name="x.jpeg")
     assert one.error is None and abs(one.probability - a[0]) < 1e-4
+
+
+def test_onnx_backend_remembers_its_export(tmp_path, monkeypatch):
+    """The second Predictor reads the export back from the cache folder; a damaged entry is exported again."""
+    import pneumoscan.export as export_module
+
+    ckpt = build_checkpoint(tmp_path / "model.pt", "prelu", 40)
+    x = structured_images(np.random.default_rng(0), 4, 40)
+    first = Predictor(ckpt, backend="onnx").predict_arrays(x)
+    entries = list((Path(os.environ["PNEUMOSCAN_CACHE"]) / "onnx").glob("*.onnx"))
+    assert len(entries) == 1
+    real_export = export_module.export_onnx_bytes
+    monkeypatch.setattr(export_module, "export_onnx_bytes", lambda *a, **k: pytest.fail("exported again"))
+    assert np.array_equal(Predictor(ckpt, backend="onnx").predict_arrays(x), first)
+    entries[0].write_bytes(b"not an onnx model")
+    monkeypatch.setattr(export_module, "export_onnx_bytes", real_export)
+    assert np.array_equal(Predictor(ckpt, backend="onnx").predict_arrays(x), first)
+    assert entries[0].read_bytes() != b"not an onnx model"
 
 
 def test_clear_errors(tmp_path):

@@ -21,6 +21,7 @@ ONNX packages are optional: ``pip install 'pneumoscan[onnx]'``.
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import importlib.util
 import json
@@ -41,6 +42,8 @@ from .config import Preprocessing
 FORMAT = "pneumoscan-onnx-1"
 INPUT_NAME = "pixels"
 OUTPUT_NAME = "probability"
+log = logging.getLogger(__name__)
+
 MIN_OPSET = 18  # the torch.export-based exporter implements opset 18 and later only
 INSTALL_HINT = "pip install 'pneumoscan[onnx]'"
 
@@ -120,6 +123,32 @@ def export_onnx_bytes(checkpoint_path: str | os.PathLike, opset: int = MIN_OPSET
     data = model.SerializeToString()
     if check and importlib.util.find_spec("onnxruntime") is not None:
         _check_parity(wrapper, data, size)
+    return data
+
+
+def remembered_onnx_bytes(checkpoint_path: str | os.PathLike, forget: bool = False) -> bytes:
+    """`export_onnx_bytes`, remembered in the cache folder (`PNEUMOSCAN_CACHE`): an export takes about 10 s,
+    reading it back milliseconds. Keyed by the checkpoint's bytes and by what shapes the graph (pneumoscan's
+    model and export code, PyTorch's version, the opset). `forget` exports afresh. A cache folder that cannot
+    be written only costs the time."""
+    import torch
+
+    from .checkpoint import atomic_write_bytes
+    from .data import default_cache_dir
+
+    key = hashlib.sha256(Path(checkpoint_path).read_bytes())
+    for module in ("models", "export"):
+        key.update((Path(__file__).parent / f"{module}.py").read_bytes())
+    key.update(f"{__version__}|torch {torch.__version__}|opset {MIN_OPSET}".encode())
+    path = default_cache_dir() / "onnx" / f"{key.hexdigest()[:32]}.onnx"
+    if path.is_file() and not forget:
+        return path.read_bytes()
+    data = export_onnx_bytes(checkpoint_path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(path, data)
+    except OSError as e:
+        log.warning("could not remember the ONNX export in %s (%s); the next run exports again", path, e)
     return data
 
 

@@ -35,8 +35,9 @@ class Prediction:
 class Predictor:
     """A loaded checkpoint ready to score images: `predict_arrays`, `predict_file`, `predict_files`.
 
-    `backend="onnx"` exports the model in memory (nothing is written; it takes seconds) and runs it
-    with ONNX Runtime on the CPU (`pip install 'pneumoscan[onnx]'`); `"torch"` runs PyTorch on `device`.
+    `backend="onnx"` exports the model (about 10 s the first time; the export is remembered in the cache
+    folder, never beside the checkpoint) and runs it with ONNX Runtime on the CPU
+    (`pip install 'pneumoscan[onnx]'`); `"torch"` runs PyTorch on `device`.
     """
 
     def __init__(self, checkpoint: str | os.PathLike, device: str = "auto", batch_size: int = 32,
@@ -58,9 +59,12 @@ class Predictor:
         self.batch_size = batch_size
         self.onnx = None
         if backend == "onnx":
-            from .export import OnnxPredictor, export_onnx_bytes
+            from .export import OnnxPredictor, remembered_onnx_bytes
 
-            self.onnx = OnnxPredictor(export_onnx_bytes(checkpoint))
+            try:
+                self.onnx = OnnxPredictor(remembered_onnx_bytes(checkpoint))
+            except ValueError:  # a damaged cache entry: export again
+                self.onnx = OnnxPredictor(remembered_onnx_bytes(checkpoint, forget=True))
 
     def load(self, source: str | os.PathLike | bytes, name: str | None = None) -> np.ndarray:
         """File or bytes -> uint8 (S, S) pixels exactly as the model was trained on. Raises ImageLoadError."""
