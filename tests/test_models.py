@@ -54,6 +54,9 @@ def test_fused_stem_equals_the_two_literal_convolutions(shape):
     g_literal = torch.autograd.grad(literal.square().sum(), params)
     for a, b in zip(g_fused, g_literal):
         assert torch.allclose(a, b, rtol=1e-9, atol=1e-9)
+    for p in params:  # Grad-CAM's case: gradients recorded, none through the stem (its weights frozen)
+        p.requires_grad_(False)
+    assert torch.allclose(model.stem(x), literal, atol=1e-12)
 
 
 def test_forward_shape_and_keras_batchnorm_settings():

@@ -117,7 +117,7 @@ _PHASE_TAPS = _phase_taps()
 def _conv5x5_pool2_by_phases(x: torch.Tensor, kernel: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     """max_pool2d(conv2d(x, kernel, bias, padding=2), 2) for even H and W, computed on the 2x2-phase grid.
 
-    Inference only (the gradient of ties would differ from max pooling's). The input is split into its
+    Used when no gradient flows through it (the gradient of ties would differ from max pooling's). The input is split into its
     four pixel phases (pixel_unshuffle) and one 3x3 convolution with 4 x Cout outputs computes the
     5x5 convolution at all four positions of every pooling window; the pool is then the largest of the
     four output groups. A 5x5 convolution of a grey image has one input channel, which PyTorch's CPU
@@ -219,7 +219,9 @@ class SeedCNN(nn.Module):
         kernel = F.conv2d(F.pad(w2, (2, 2, 2, 2)), w1.flip(2, 3).transpose(0, 1))
         bias = b2 + (w2.sum((2, 3)) * b1).sum(1)
         exporting = torch.onnx.is_in_onnx_export()
-        if torch.is_grad_enabled() or exporting:  # (ONNX Runtime runs the plain form faster)
+        # gradients through the stem: training, or saliency on the input (Grad-CAM freezes these weights)
+        recording = torch.is_grad_enabled() and any(t.requires_grad for t in (x, w1, b1, w2, b2))
+        if recording or exporting:  # (ONNX Runtime runs the plain form faster)
             pooled = self.pool(F.conv2d(x, kernel, bias, padding=2))
         else:
             pooled = _conv5x5_pool2_by_phases(x, kernel, bias)
@@ -231,7 +233,7 @@ class SeedCNN(nn.Module):
             return torch.cat([top, middle, bottom], dim=2).contiguous(memory_format=torch.channels_last)
         # training writes the border into a copy, so the gradient keeps the channels-last layout and max
         # pooling's backward pass is more than twice as fast on the CPU; inference writes it in place
-        out = pooled.clone(memory_format=torch.channels_last) if torch.is_grad_enabled() else pooled
+        out = pooled.clone(memory_format=torch.channels_last) if recording else pooled
         out[:, :, :1], out[:, :, -1:] = top, bottom
         out[:, :, 1:-1, :1], out[:, :, 1:-1, -1:] = left, right
         return out
