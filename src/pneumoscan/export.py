@@ -12,7 +12,8 @@ backends). The model's metadata_props make the file self-describing like a check
 ``pneumoscan_version``, ``model``, ``activation``, ``class_names`` (JSON), ``threshold``,
 ``preprocessing`` (JSON, as in the checkpoint), ``input`` and ``output`` (descriptions).
 
-`export_onnx` writes a .onnx file atomically; `export_onnx_bytes` gives the same bytes in memory;
+`export_onnx` writes a .onnx file atomically; `export_onnx_bytes` gives the same bytes in memory, and
+`remembered_onnx_bytes` keeps them in the cache folder for the next run;
 `OnnxPredictor` scores uint8 arrays with ONNX Runtime and needs neither torch nor the checkpoint.
 The export uses PyTorch's torch.export-based exporter (it needs ``onnxscript``): the legacy
 TorchScript exporter cannot export the model's stem, whose 5x5 kernel is computed at every forward.
@@ -42,10 +43,10 @@ from .config import Preprocessing
 FORMAT = "pneumoscan-onnx-1"
 INPUT_NAME = "pixels"
 OUTPUT_NAME = "probability"
-log = logging.getLogger(__name__)
-
 MIN_OPSET = 18  # the torch.export-based exporter implements opset 18 and later only
 INSTALL_HINT = "pip install 'pneumoscan[onnx]'"
+
+log = logging.getLogger(__name__)
 
 
 def _require(module: str, purpose: str) -> ModuleType:
