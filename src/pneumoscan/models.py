@@ -8,6 +8,7 @@ are exposed through `regularization_loss()` so the training loop adds them exact
 
 from __future__ import annotations
 
+import functools
 import itertools
 import re
 from typing import Callable
@@ -100,18 +101,17 @@ def make_activation(kind: str, shape: tuple[int, int, int]) -> nn.Module:
     raise ValueError(f"unknown activation {kind!r}; choose one of {', '.join(ACTIVATIONS)}")
 
 
-def _phase_taps() -> torch.Tensor:
+@functools.cache
+def _phase_taps(device: torch.device) -> torch.Tensor:
     """Which tap of a 5x5 kernel (0-24; 25: none) links input phase (py, px) at cell offset (oy - 1, ox - 1)
-    to output phase (dy, dx) when a stride-1 5x5 convolution (padding 2) is computed on the 2x2-phase grid."""
+    to output phase (dy, dx) when a stride-1 5x5 convolution (padding 2) is computed on the 2x2-phase grid.
+    One copy per device, so a GPU forward pass does not copy it from the host each time."""
     taps = torch.full((4, 4, 3, 3), 25, dtype=torch.long)
     for dy, dx, py, px, oy, ox in itertools.product(range(2), range(2), range(2), range(2), range(3), range(3)):
         i, j = 2 * oy + py - dy, 2 * ox + px - dx
         if 0 <= i < 5 and 0 <= j < 5:
             taps[2 * dy + dx, 2 * py + px, oy, ox] = 5 * i + j
-    return taps
-
-
-_PHASE_TAPS = _phase_taps()
+    return taps.to(device)
 
 
 def _conv5x5_pool2_by_phases(x: torch.Tensor, kernel: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
@@ -124,7 +124,7 @@ def _conv5x5_pool2_by_phases(x: torch.Tensor, kernel: torch.Tensor, bias: torch.
     kernels run slowly; this form has four inputs and four times the outputs, and is about 4x faster.
     """
     cout, cin = kernel.shape[:2]
-    taps = torch.cat([kernel.reshape(cout, cin, 25), kernel.new_zeros(cout, cin, 1)], 2)[:, :, _PHASE_TAPS.to(x.device)]
+    taps = torch.cat([kernel.reshape(cout, cin, 25), kernel.new_zeros(cout, cin, 1)], 2)[:, :, _phase_taps(x.device)]
     # (Cout, Cin, out phase, in phase, 3, 3) -> (out phase x Cout, Cin x in phase, 3, 3): pixel_unshuffle's channel order
     weight = taps.permute(2, 0, 1, 3, 4, 5).reshape(4 * cout, 4 * cin, 3, 3).contiguous(memory_format=torch.channels_last)
     phases = F.pixel_unshuffle(x, 2).contiguous(memory_format=torch.channels_last)
