@@ -5,15 +5,18 @@
    written) from the JPEG folder, timed from the process start to its exit: interpreter start,
    imports, CUDA start-up, scanning, decoding every image (when the pixel cache is cold) and training.
    Runs, in this order: the paper's recipe with CUDA graphs on a cold cache (pixels and split), the
-   same on the warm cache, the same with cuDNN's heuristic algorithm choice (--no-cudnn-benchmark),
-   the `large-batch` recipe (warm), and with --full the paper's recipe with eager steps (warm).
+   same on the warm cache, with --baseline-src the same again with an earlier version's source, the
+   same with cuDNN timing its algorithms (--cudnn-benchmark), and with --full the `large-batch`
+   recipe and the paper's recipe with eager steps (warm).
    Each run's time is split into start-up (process start to the training function), the phases of
    the training function (summary.json's `timings`: split, decode, to GPU, model, epochs, after the
    epochs) and exit; the first epoch's training and validation are shown apart from the later ones'.
-2. With --full, the model alone: training steps on in-memory batches already on the GPU
+2. First uses (benchmarks/gpu_first_use.py in a fresh interpreter; with --full also with cuDNN's search):
+   starting CUDA, the first training steps, capturing the graph, the first validation, the first checkpoint.
+3. With --full, the model alone: training steps on in-memory batches already on the GPU
    (augmentation included), eager vs CUDA graph, at batch 16 and 256.
 
-    python benchmarks/bench_gpu.py --data ../shared/data/chest_xray [--full] [--json FILE]
+    python benchmarks/bench_gpu.py --data ../shared/data/chest_xray [--full] [--json FILE] [--baseline-src DIR]
 
 Prints a table and one JSON line.
 """
@@ -32,13 +35,15 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def end_to_end(data: str, cache: str, extra: list[str]) -> dict:
+def end_to_end(data: str, cache: str, extra: list[str], src: str | None = None) -> dict:
+    """One `pneumoscan train` process, timed; `src`: run the pneumoscan source in that folder instead."""
+    env = {**os.environ, "PNEUMOSCAN_CACHE": cache, **({"PYTHONPATH": src} if src else {})}
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "run"
         cmd = [sys.executable, "-m", "pneumoscan", "train", "--data", data, "--out", str(out), "--device", "cuda",
                "--no-eval", "--no-progress", *extra]
         t0, t0_unix = time.perf_counter(), time.time()
-        subprocess.run(cmd, check=True, env={**os.environ, "PNEUMOSCAN_CACHE": cache}, stdout=subprocess.DEVNULL)
+        subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL)
         wall, end_unix = time.perf_counter() - t0, time.time()
         s = json.loads((out / "summary.json").read_text())
         exit_s = end_unix - (out / "summary.json").stat().st_mtime
@@ -71,16 +76,14 @@ def model_alone(batch: int, graphs: bool, steps: int, warmup: int = 5) -> float:
     from pneumoscan.augment import draw_augmentation
     from pneumoscan.checkpoint import build_model
     from pneumoscan.config import Config
-    from pneumoscan.train import CudaGraphStep, DeviceSplit, make_step
+    from pneumoscan.train import CudaGraphStep, DeviceSplit, make_optimizer, make_step
 
     cfg, dev, gen = Config(), torch.device("cuda"), torch.Generator().manual_seed(0)
-    torch.backends.cudnn.benchmark = True
     torch.manual_seed(0)
     data = DeviceSplit(torch.randint(0, 256, (2048, 150, 150), dtype=torch.uint8, device=dev),
                        (torch.rand(2048, device=dev) < 0.74).float())
     model = build_model(cfg).to(dev).to(memory_format=torch.channels_last).train()
-    lr = torch.tensor(cfg.train.lr, device=dev) if graphs else cfg.train.lr
-    opt = torch.optim.Adam(model.parameters(), lr=lr, eps=cfg.train.adam_eps, capturable=graphs)
+    opt = make_optimizer(model, cfg, dev, graphs)[0]
     step = make_step(model, data, cfg, opt)
     batches = [(torch.randint(0, 2048, (batch,), generator=gen).to(dev),
                 {k: v.to(dev) for k, v in draw_augmentation(batch, cfg.augmentation, gen).items()})
@@ -104,6 +107,8 @@ def main() -> int:
     ap.add_argument("--data", default=os.environ.get("PNEUMOSCAN_DATA", str(ROOT / ".." / "shared" / "data" / "chest_xray")))
     ap.add_argument("--full", action="store_true", help="also the eager end-to-end baseline and the model alone")
     ap.add_argument("--json", help="also write the result here")
+    ap.add_argument("--baseline-src", help="a `src` folder of an earlier version: its warm-cache run is timed "
+                                           "right after this version's, for a before/after in one call")
     args = ap.parse_args()
     import torch
 
@@ -114,17 +119,28 @@ def main() -> int:
     t0 = time.perf_counter()
     subprocess.run([sys.executable, "-c", "import pneumoscan.cli, pneumoscan.train"], check=True)
     result["import_seconds"] = round(time.perf_counter() - t0, 2)
-    runs = {"paper_graphs_cold_cache": [], "paper_graphs_warm_cache": [],
-            "paper_graphs_warm_cache_no_cudnn_benchmark": ["--no-cudnn-benchmark"],
-            "large_batch_graphs_warm_cache": ["--recipe", "large-batch"]}
+    runs = {"paper_graphs_cold_cache": ([], None), "paper_graphs_warm_cache": ([], None)}
+    if args.baseline_src:
+        runs["baseline_paper_graphs_warm_cache"] = ([], args.baseline_src)
+    runs["paper_graphs_warm_cache_cudnn_benchmark"] = (["--cudnn-benchmark"], None)
     if args.full:
-        runs["paper_eager_warm_cache"] = ["--no-cuda-graphs"]
+        runs["large_batch_graphs_warm_cache"] = (["--recipe", "large-batch"], None)
+        runs["paper_eager_warm_cache"] = (["--no-cuda-graphs"], None)
     # each figure is printed as soon as it is measured: a run stopped at a time limit still reports what it did
     print(f"GPU: {result['gpu']}, torch {result['torch']}; importing pneumoscan takes {result['import_seconds']} s", flush=True)
+    for flags in ([], ["--cudnn-benchmark"]) if args.full else ([],):
+        done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_first_use.py"), *flags],
+                              capture_output=True, text=True)
+        if done.returncode:  # a diagnostic: report it and go on to the end-to-end runs
+            print(f"gpu_first_use.py {' '.join(flags)} failed:\n{done.stderr[-2000:]}", flush=True)
+            continue
+        r = json.loads(done.stdout.splitlines()[-1])
+        result["first_use_cudnn_benchmark" if flags else "first_use"] = r
+        print("first uses, seconds: " + ", ".join(f"{k} {v}" for k, v in r.items()), flush=True)
     print(f"{'end to end, seconds':44}" + "".join(f"{c:>10}" for c in COLUMNS), flush=True)
     with tempfile.TemporaryDirectory() as cache:
-        for name, extra in runs.items():
-            r = result[name] = end_to_end(args.data, cache, extra)
+        for name, (extra, src) in runs.items():
+            r = result[name] = end_to_end(args.data, cache, extra, src)
             print(f"{name:44}" + "".join(f"{r[k]:>10}" for k in COLUMNS.values()), flush=True)
     if args.full:
         for batch, steps in ((16, 300), (256, 40)):
