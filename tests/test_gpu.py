@@ -52,7 +52,7 @@ def test_replayed_graph_steps_equal_eager_steps_and_follow_the_learning_rate():
     runs = {}
     for name, net in (("eager", eager), ("graphed", graphed)):
         lr = torch.tensor(1e-2, device="cuda")
-        opt = torch.optim.Adam(net.parameters(), lr=lr, capturable=True)
+        opt = torch.optim.Adam(net.parameters(), lr=lr, capturable=True, fused=True)  # as make_optimizer builds it
         step = make_step(net, data, cfg, opt)
         graph = CudaGraphStep(step, net, opt, *batches[0]) if name == "graphed" else None
         losses = []
@@ -68,3 +68,37 @@ def test_replayed_graph_steps_equal_eager_steps_and_follow_the_learning_rate():
     assert runs["eager"] == pytest.approx(runs["graphed"], rel=1e-4)
     for a, b in zip(eager.state_dict().values(), graphed.state_dict().values()):
         assert torch.allclose(a.float(), b.float(), atol=1e-5)
+
+
+def test_validation_on_the_gpu_matches_the_cpu_eager_and_replayed_also_after_the_weights_change():
+    """Padded training-size batches, eager and as a CUDA graph; the graph must read the weights in place."""
+    from pneumoscan.checkpoint import build_model
+    from pneumoscan.config import TrainConfig
+    from pneumoscan.train import predict_logits
+
+    cfg = Config(train=TrainConfig(batch_size=8, eval_batch_size=16))
+    torch.manual_seed(0)
+    pixels, labels = torch.randint(0, 256, (21, 150, 150), dtype=torch.uint8), torch.zeros(21)
+    cpu_split, gpu_split, graphs = DeviceSplit(pixels, labels), DeviceSplit(pixels.cuda(), labels.cuda()), {}
+
+    def varied_model() -> nn.Module:  # a freshly built model answers the same for every image
+        model = build_model(cfg)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p) * 0.05)
+            for m in model.modules():
+                if isinstance(m, nn.BatchNorm2d):
+                    m.momentum = 1.0
+            model.train()(cpu_split.inputs(slice(None), cfg))  # BatchNorm statistics of these images
+        return model.eval()
+
+    first, second = varied_model(), varied_model()
+    model = build_model(cfg).cuda()  # stays on the GPU: load_state_dict copies into its tensors, as training does
+    for weights in (first, second):
+        model.load_state_dict(weights.state_dict())
+        cpu = torch.sigmoid(predict_logits(weights, cpu_split, cfg))
+        eager = torch.sigmoid(predict_logits(model, gpu_split, cfg).cpu())
+        replayed = torch.sigmoid(predict_logits(model, gpu_split, cfg, graphs).cpu())
+        assert eager.shape == replayed.shape == cpu.shape == (21,)
+        assert cpu.std() > 0.003 and torch.allclose(eager, cpu, atol=1e-3) and torch.allclose(replayed, eager, atol=1e-6)
+    assert "validation" in graphs

@@ -86,8 +86,9 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-eval", action="store_true", help="skip evaluating best.pt on the validation split at the end")
     p.add_argument("--tensorboard", action="store_true", help="also log scalars and plots to RUN_DIR/tensorboard")
     p.add_argument("--strict", action="store_true", help="stop before training if any image is unreadable (default: list and skip)")
-    p.add_argument("--no-cudnn-benchmark", dest="cudnn_benchmark", action="store_false",
-                   help="on CUDA, use cuDNN's heuristic algorithm choice instead of timing the candidates for each new shape")
+    p.add_argument("--cudnn-benchmark", action="store_true",
+                   help="on CUDA, let cuDNN time the candidate algorithms for each new shape instead of choosing by its "
+                        "heuristics (slower start; for the paper's model no faster afterwards)")
 
 
 def _add_compare(sub: argparse._SubParsersAction) -> None:
