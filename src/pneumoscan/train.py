@@ -172,8 +172,8 @@ def make_optimizer(model: nn.Module, cfg: Config, device: torch.device,
     A captured Adam reads its step count and learning rate from device tensors (the LR schedule still
     applies), so the learning rate is then a tensor. One fused kernel updates every parameter: on the CPU
     4.9 instead of 15.6 ms per step for the paper's model; on an H200 a replayed step took 2.40 ms
-    against 2.62 ms with PyTorch's default multi-tensor update (and 3.95 ms with the one-parameter-at-a-time
-    loop that fused=False selects there).
+    against 2.62 ms with PyTorch's default multi-tensor update (and about 4.0 ms with the
+    one-parameter-at-a-time loop that fused=False selects there).
     """
     lr = torch.tensor(cfg.train.lr, device=device) if cuda_graphs else cfg.train.lr
     modes = {"capturable": cuda_graphs, "fused": True}
@@ -308,8 +308,8 @@ def predict_logits(model: nn.Module, data: DeviceSplit, cfg: Config,
     """The model's outputs for every row, in eval mode, in batches of cfg.train.eval_batch_size.
 
     On a GPU, in batches of the training batch size instead, the last one padded: every batch then has
-    the shape the training step already ran, whose cuDNN plans and kernels are loaded. A new shape
-    costs its first use 1-2 s there (measured on an H200: the first validation took 2.3-4.3 s).
+    the shape the training step already ran, whose cuDNN plans and kernels are loaded; with a new shape
+    the first validation took 2.3-4.3 s on an H200, and 0.05 s without.
     With `graphs` (a dict kept across calls on the same `data`), on a GPU each batch is a replayed CUDA graph.
     """
     model.eval()
@@ -452,7 +452,7 @@ def train(cfg: Config, out: str | Path, device: str = "auto", resume: bool = Fal
     `cuda_graphs` (default: on for single-process CUDA training) replays each full-batch step as a CUDA graph.
     `cudnn_benchmark`: on CUDA, let cuDNN time its algorithms for each new input shape and keep the fastest.
     Off by default: for the paper's model on an H200 the later epochs were no faster, and the first
-    epoch and validation took 3.6 s longer.
+    epoch and validation took 3.6-11 s longer.
 
     Under torchrun each process trains on its share of every epoch (DistributedSampler) with
     DistributedDataParallel; only rank 0 writes checkpoints and logs. `batch_size` is per process.
