@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """What each first use costs in a fresh process on a CUDA GPU: imports, starting CUDA, the first
-training steps, capturing the CUDA graph, the first validation batches (a full one and a short one),
-the first checkpoint. Later uses are timed beside the first, so the difference is the one-off cost.
+optimizer, the first training steps, capturing the CUDA graph, the first validation (520 rows, as
+`train` runs it), the first checkpoint. Later uses are timed beside the first, so the difference is the
+one-off cost. For comparison, replays of the same step with Adam's fused update built by hand.
 
     python benchmarks/gpu_first_use.py [--cudnn-benchmark] [--device cpu] [--profile]
 
