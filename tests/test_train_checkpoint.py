@@ -157,6 +157,20 @@ def test_graph_warmup_state_is_put_back_exactly():
     assert all(float(v.abs().sum()) == 0 for st in opt.state.values() for v in st.values())
 
 
+def test_the_spare_first_step_leaves_the_model_and_the_random_streams_untouched():
+    """What overlap_first_uses promises (train calls it on a GPU only; checked here on the CPU)."""
+    from pneumoscan.train import DeviceSplit, overlap_first_uses
+
+    cfg = Config()
+    model = ckpt_io.build_model(cfg).train()
+    before, rng = {k: v.clone() for k, v in model.state_dict().items()}, torch.get_rng_state()
+    data = DeviceSplit(torch.randint(0, 256, (5, 150, 150), dtype=torch.uint8), torch.tensor([0.0, 1, 1, 0, 1]))
+    overlap_first_uses(model, data, cfg)
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert all(p.grad is None for p in model.parameters())
+
+
 def test_every_recipe_round_trips_and_builds_its_model():
     from pneumoscan.config import RECIPES, recipe
 
