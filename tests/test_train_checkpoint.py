@@ -163,8 +163,8 @@ def test_the_spare_first_step_leaves_the_model_and_the_random_streams_untouched(
 
     cfg = Config()
     model = ckpt_io.build_model(cfg).train()
-    before, rng = {k: v.clone() for k, v in model.state_dict().items()}, torch.get_rng_state()
     data = DeviceSplit(torch.randint(0, 256, (5, 150, 150), dtype=torch.uint8), torch.tensor([0.0, 1, 1, 0, 1]))
+    before, rng = {k: v.clone() for k, v in model.state_dict().items()}, torch.get_rng_state()
     overlap_first_uses(model, data, cfg)
     assert torch.equal(torch.get_rng_state(), rng)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
