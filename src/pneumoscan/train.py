@@ -393,7 +393,8 @@ def overlap_first_uses(model: nn.Module, data: DeviceSplit, cfg: Config) -> None
     The first step loads cuDNN, cuBLAS and its kernels, which PyTorch's operators do without holding
     the interpreter lock; the first optimizer imports `torch._dynamo`, which needs it. So the import
     runs in a thread while one training-mode forward and backward pass runs on a throwaway copy of the
-    model, outside the run's random streams: the run itself is unchanged.
+    model, outside the run's random streams: the run itself is unchanged. `train` calls it on a GPU
+    only: on a 2-core CPU the spare step computes on both cores, and overlapping was no faster.
     """
     importer = threading.Thread(target=_import_quietly, args=("torch._dynamo",), daemon=True)
     importer.start()
