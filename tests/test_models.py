@@ -96,3 +96,35 @@ def test_elementwise_prelu_matches_its_definition_with_gradients(channels_last):
     gx, ga = torch.autograd.grad(y, [x, act.alpha], g)
     ex, ea = torch.autograd.grad(expected, [x, act.alpha], g)
     assert torch.allclose(gx, ex) and torch.allclose(ga, ea)
+
+
+def test_weights_kept_for_inference_follow_every_change_to_the_parameters():
+    """Inference keeps the stem's phase weights and the PReLU slopes in channels-last order between calls:
+    an optimizer step, load_state_dict and a change of dtype must each be seen."""
+    torch.manual_seed(0)
+    model, other = SeedCNN(image_size=32).eval(), SeedCNN(image_size=32).eval()
+    with torch.no_grad():
+        for p in (*model.parameters(), *other.parameters()):
+            p.add_(torch.randn_like(p) * 0.1)  # PReLU slopes away from 0
+    x = torch.rand(2, 1, 32, 32).contiguous(memory_format=torch.channels_last)
+
+    @torch.no_grad()
+    def fresh(weights: SeedCNN) -> torch.Tensor:  # the same weights in a model that has kept nothing yet
+        reference = SeedCNN(image_size=32).to(next(weights.parameters()).dtype).eval()
+        reference.load_state_dict(weights.state_dict())
+        return reference(x.to(reference.conv1.weight.dtype))
+
+    with torch.no_grad():
+        first = model(x)  # keeps the derived weights
+    model.train()
+    model(x).sum().backward()
+    torch.optim.SGD(model.parameters(), lr=0.5).step()  # writes the parameters in place
+    model.eval()
+    with torch.no_grad():
+        after_step = model(x)
+    assert not torch.allclose(after_step, first) and torch.allclose(after_step, fresh(model), atol=1e-6)
+    model.load_state_dict(other.state_dict())
+    with torch.no_grad():
+        assert torch.allclose(model(x), fresh(other), atol=1e-6)
+        model.double()
+        assert torch.allclose(model(x.double()), fresh(model), atol=1e-12)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import functools
 import itertools
 import re
-from typing import Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -71,19 +71,45 @@ def count_parameters(model: nn.Module, include_buffers: bool = True) -> int:
     return n
 
 
+class DerivedWeights:
+    """A value computed from some parameters for inference, rebuilt only when one of them has changed
+    (other storage, or written in place: every in-place write bumps a tensor's version)."""
+
+    def __init__(self) -> None:
+        self.key: tuple | None = None
+
+    def get(self, params: Sequence[torch.Tensor], build: Callable[[], Any], *key: object) -> Any:
+        full_key = (*key, *((t.data_ptr(), t._version) for t in params))
+        if full_key != self.key:
+            # holding the parameters keeps their storage alive, so no new tensor can take their address
+            self.key, self.params, self.value = full_key, [t.detach() for t in params], build()
+        return self.value
+
+
+def _keeps_weights(*params: torch.Tensor) -> bool:
+    """True when a forward pass may use DerivedWeights: no gradient to these parameters, no ONNX export."""
+    return not (torch.is_grad_enabled() and any(t.requires_grad for t in params)) and not torch.onnx.is_in_onnx_export()
+
+
 class ElementwisePReLU(nn.Module):
     """Keras PReLU: one learned slope per element (C x H x W), initialised at 0 (alpha_initializer='zero')."""
 
     def __init__(self, shape: tuple[int, int, int]):
         super().__init__()
         self.alpha = nn.Parameter(torch.zeros(shape))
+        self._kept_slopes = DerivedWeights()  # for inference on channels-last input
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # torch's fused PReLU kernel takes one slope per channel of a 2-D input: flatten each image
         # (in its memory order) so that every element is a "channel" with its own slope.
         b, c, h, w = x.shape
         if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
-            y = F.prelu(x.permute(0, 2, 3, 1).reshape(b, -1), self.alpha.permute(1, 2, 0).reshape(-1))
+            def slopes_channels_last() -> torch.Tensor:
+                return self.alpha.permute(1, 2, 0).reshape(-1)  # a copy of all slopes
+
+            slopes = (self._kept_slopes.get([self.alpha], slopes_channels_last) if _keeps_weights(self.alpha)
+                      else slopes_channels_last())
+            y = F.prelu(x.permute(0, 2, 3, 1).reshape(b, -1), slopes)
             return y.view(b, h, w, c).permute(0, 3, 1, 2)
         return F.prelu(x.reshape(b, -1), self.alpha.reshape(-1)).view(b, c, h, w)
 
@@ -104,8 +130,7 @@ def make_activation(kind: str, shape: tuple[int, int, int]) -> nn.Module:
 @functools.cache
 def _phase_taps(device: torch.device) -> torch.Tensor:
     """Which tap of a 5x5 kernel (0-24; 25: none) links input phase (py, px) at cell offset (oy - 1, ox - 1)
-    to output phase (dy, dx) when a stride-1 5x5 convolution (padding 2) is computed on the 2x2-phase grid.
-    One copy per device, so a GPU forward pass does not copy it from the host each time."""
+    to output phase (dy, dx) when a stride-1 5x5 convolution (padding 2) is computed on the 2x2-phase grid."""
     taps = torch.full((4, 4, 3, 3), 25, dtype=torch.long)
     for dy, dx, py, px, oy, ox in itertools.product(range(2), range(2), range(2), range(2), range(3), range(3)):
         i, j = 2 * oy + py - dy, 2 * ox + px - dx
@@ -114,8 +139,19 @@ def _phase_taps(device: torch.device) -> torch.Tensor:
     return taps.to(device)
 
 
-def _conv5x5_pool2_by_phases(x: torch.Tensor, kernel: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """max_pool2d(conv2d(x, kernel, bias, padding=2), 2) for even H and W, computed on the 2x2-phase grid.
+def _phase_weights(kernel: torch.Tensor, bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The 3x3 convolution on the 2x2-phase grid that computes a 5x5 one (`kernel`, `bias`) at the four
+    positions of every 2x2 window: weight (4 x Cout, 4 x Cin, 3, 3) and bias (4 x Cout,)."""
+    cout, cin = kernel.shape[:2]
+    taps = torch.cat([kernel.reshape(cout, cin, 25), kernel.new_zeros(cout, cin, 1)], 2)[:, :, _phase_taps(kernel.device)]
+    # (Cout, Cin, out phase, in phase, 3, 3) -> (out phase x Cout, Cin x in phase, 3, 3): pixel_unshuffle's channel order
+    weight = taps.permute(2, 0, 1, 3, 4, 5).reshape(4 * cout, 4 * cin, 3, 3).contiguous(memory_format=torch.channels_last)
+    return weight, bias.repeat(4)
+
+
+def _conv5x5_pool2_by_phases(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """max_pool2d(conv2d(x, kernel, bias, padding=2), 2) for even H and W, computed on the 2x2-phase grid
+    with `_phase_weights(kernel, bias)`.
 
     Used when no gradient flows through it (the gradient of ties would differ from max pooling's). The input is split into its
     four pixel phases (pixel_unshuffle) and one 3x3 convolution with 4 x Cout outputs computes the
@@ -123,12 +159,9 @@ def _conv5x5_pool2_by_phases(x: torch.Tensor, kernel: torch.Tensor, bias: torch.
     four output groups. A 5x5 convolution of a grey image has one input channel, which PyTorch's CPU
     kernels run slowly; this form has four inputs and four times the outputs, and is about 4x faster.
     """
-    cout, cin = kernel.shape[:2]
-    taps = torch.cat([kernel.reshape(cout, cin, 25), kernel.new_zeros(cout, cin, 1)], 2)[:, :, _phase_taps(x.device)]
-    # (Cout, Cin, out phase, in phase, 3, 3) -> (out phase x Cout, Cin x in phase, 3, 3): pixel_unshuffle's channel order
-    weight = taps.permute(2, 0, 1, 3, 4, 5).reshape(4 * cout, 4 * cin, 3, 3).contiguous(memory_format=torch.channels_last)
+    cout = weight.shape[0] // 4
     phases = F.pixel_unshuffle(x, 2).contiguous(memory_format=torch.channels_last)
-    y = F.conv2d(phases, weight, bias.repeat(4), padding=1)
+    y = F.conv2d(phases, weight, bias, padding=1)
     return torch.maximum(torch.maximum(y[:, :cout], y[:, cout:2 * cout]), torch.maximum(y[:, 2 * cout:3 * cout], y[:, 3 * cout:]))
 
 
@@ -186,6 +219,7 @@ class SeedCNN(nn.Module):
         self.dense_dropout = nn.ModuleList([nn.Dropout(0.6), nn.Dropout(0.4), nn.Dropout(0.25)])
         self.pool = nn.MaxPool2d(2)
         self.cam_layer = "features.3.3"  # last activation before the final BatchNorm/pool
+        self._kept_phase_weights = DerivedWeights()  # see stem()
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -216,17 +250,20 @@ class SeedCNN(nn.Module):
 
         if min(x.shape[2:]) < 8 or x.shape[2] % 2 or x.shape[3] % 2:
             return literal(x)  # tiny or odd sizes: not worth the bookkeeping
-        kernel = F.conv2d(F.pad(w2, (2, 2, 2, 2)), w1.flip(2, 3).transpose(0, 1))
-        bias = b2 + (w2.sum((2, 3)) * b1).sum(1)
+        def composed() -> tuple[torch.Tensor, torch.Tensor]:
+            return F.conv2d(F.pad(w2, (2, 2, 2, 2)), w1.flip(2, 3).transpose(0, 1)), b2 + (w2.sum((2, 3)) * b1).sum(1)
+
         exporting = torch.onnx.is_in_onnx_export()
         # gradients through the stem: training, or saliency on the input (Grad-CAM freezes these weights)
         recording = torch.is_grad_enabled() and any(t.requires_grad for t in (x, w1, b1, w2, b2))
         # the phase form pays off on a CPU; ONNX Runtime runs the plain form faster, and on a GPU the plain
         # form reuses what the training step already set up (cuDNN's plans, loaded kernels)
         if recording or exporting or x.device.type != "cpu":
-            pooled = self.pool(F.conv2d(x, kernel, bias, padding=2))
-        else:
-            pooled = _conv5x5_pool2_by_phases(x, kernel, bias)
+            pooled = self.pool(F.conv2d(x, *composed(), padding=2))
+        else:  # kept while conv1 and conv2 are unchanged: building them took a sixth of a single image's forward pass
+            params = (self.conv1.weight, self.conv1.bias, self.conv2.weight, self.conv2.bias)
+            phase_weights = self._kept_phase_weights.get(params, lambda: _phase_weights(*composed()), tuple(w1.shape))
+            pooled = _conv5x5_pool2_by_phases(x, *phase_weights)
         # border pooling windows cover input rows/columns 0-1 (or the last two), which need input 0-3
         top, bottom = literal(x[:, :, :4])[:, :, :1], literal(x[:, :, -4:])[:, :, -1:]
         left, right = literal(x[..., :4])[..., 1:-1, :1], literal(x[..., -4:])[..., 1:-1, -1:]
