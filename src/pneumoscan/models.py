@@ -87,8 +87,10 @@ class DerivedWeights:
 
 
 def _keeps_weights(*params: torch.Tensor) -> bool:
-    """True when a forward pass may use DerivedWeights: no gradient to these parameters, no ONNX export."""
-    return not (torch.is_grad_enabled() and any(t.requires_grad for t in params)) and not torch.onnx.is_in_onnx_export()
+    """True when a forward pass may use DerivedWeights: parameters on the CPU (a CUDA graph captured with a
+    kept value would go on reading it after the parameters change), no gradient to them, no ONNX export."""
+    return (all(t.device.type == "cpu" for t in params) and not torch.onnx.is_in_onnx_export()
+            and not (torch.is_grad_enabled() and any(t.requires_grad for t in params)))
 
 
 class ElementwisePReLU(nn.Module):
