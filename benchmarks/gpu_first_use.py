@@ -55,7 +55,7 @@ def main() -> int:
     pixels = torch.randint(0, 256, (2048 + 520, 150, 150), dtype=torch.uint8, generator=gen)
     labels = (torch.rand(2048 + 520, generator=gen) < 0.74).float()
     train_split = DeviceSplit(pixels[:2048].to(dev), labels[:2048].to(dev))
-    val_split = DeviceSplit(pixels[2048:].to(dev), labels[2048:].to(dev))  # 520 rows: 8 batches of 64 and one of 8
+    val_split = DeviceSplit(pixels[2048:].to(dev), labels[2048:].to(dev))  # 520 rows, in batches as predict_logits makes them (no graph)
     lap("data_to_gpu")
     model = ckpt_io.build_model(cfg).to(dev).to(memory_format=torch.channels_last).train()
     lap("build_model")
