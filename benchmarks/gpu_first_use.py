@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """What each first use costs in a fresh process on a CUDA GPU: imports, starting CUDA, the first
-optimizer, the first training steps, capturing the CUDA graph, the first validation (520 rows, as
-`train` runs it), the first checkpoint. Later uses are timed beside the first, so the difference is the
+optimizer, the first training steps, capturing the CUDA graph, the first validation (520 rows in
+`train`'s batches, run eagerly: `train` replays them as a graph), the first checkpoint. Later uses are timed beside the first, so the difference is the
 one-off cost. For comparison: the same replays with PyTorch's default (multi-tensor) Adam update.
 
     python benchmarks/gpu_first_use.py [--cudnn-benchmark] [--device cpu] [--profile]
