@@ -252,18 +252,19 @@ class SeedCNN(nn.Module):
 
         if min(x.shape[2:]) < 8 or x.shape[2] % 2 or x.shape[3] % 2:
             return literal(x)  # tiny or odd sizes: not worth the bookkeeping
+
         def composed() -> tuple[torch.Tensor, torch.Tensor]:
             return F.conv2d(F.pad(w2, (2, 2, 2, 2)), w1.flip(2, 3).transpose(0, 1)), b2 + (w2.sum((2, 3)) * b1).sum(1)
 
         exporting = torch.onnx.is_in_onnx_export()
         # gradients through the stem: training, or saliency on the input (Grad-CAM freezes these weights)
         recording = torch.is_grad_enabled() and any(t.requires_grad for t in (x, w1, b1, w2, b2))
+        params = (self.conv1.weight, self.conv1.bias, self.conv2.weight, self.conv2.bias)
         # the phase form pays off on a CPU; ONNX Runtime runs the plain form faster, and on a GPU the plain
         # form reuses what the training step already set up (cuDNN's plans, loaded kernels)
-        if recording or exporting or x.device.type != "cpu":
+        if recording or not _keeps_weights(*params):
             pooled = self.pool(F.conv2d(x, *composed(), padding=2))
         else:  # kept while conv1 and conv2 are unchanged: building them took a sixth of a single image's forward pass
-            params = (self.conv1.weight, self.conv1.bias, self.conv2.weight, self.conv2.bias)
             phase_weights = self._kept_phase_weights.get(params, lambda: _phase_weights(*composed()), tuple(w1.shape))
             pooled = _conv5x5_pool2_by_phases(x, *phase_weights)
         # border pooling windows cover input rows/columns 0-1 (or the last two), which need input 0-3
