@@ -5,9 +5,9 @@
    written) from the JPEG folder, timed from the process start to its exit: interpreter start,
    imports, CUDA start-up, scanning, decoding every image (when the pixel cache is cold) and training.
    Runs, in this order: the paper's recipe with CUDA graphs on a cold cache (pixels and split), the
-   same on the warm cache, with --baseline-src the same again with an earlier version's source, the
-   same with cuDNN timing its algorithms (--cudnn-benchmark), and with --full the `large-batch`
-   recipe and the paper's recipe with eager steps (warm).
+   same on the warm cache and, with --baseline-src (repeatable), the same again with each earlier
+   version's source, alternating --rounds times; with --full also cuDNN timing its algorithms
+   (--cudnn-benchmark), the `large-batch` recipe and the paper's recipe with eager steps (warm).
    Each run's time is split into start-up (process start to the training function), the phases of
    the training function (summary.json's `timings`: split, decode, to GPU, model, epochs, after the
    epochs) and exit; the first epoch's training and validation are shown apart from the later ones'.
@@ -16,7 +16,7 @@
 3. With --full, the model alone: training steps on in-memory batches already on the GPU
    (augmentation included), eager vs CUDA graph, at batch 16 and 256.
 
-    python benchmarks/bench_gpu.py --data ../shared/data/chest_xray [--full] [--json FILE] [--baseline-src DIR]
+    python benchmarks/bench_gpu.py --data ../shared/data/chest_xray [--full] [--json FILE] [--baseline-src DIR ...] [--rounds N]
 
 Prints a table and one JSON line.
 """
@@ -62,7 +62,7 @@ def end_to_end(data: str, cache: str, extra: list[str], src: str | None = None) 
 
 COLUMNS = {  # printed name: result key
     "wall": "wall_seconds", "start-up": "startup_seconds", "split": "split_seconds", "decode": "decode_seconds",
-    "to GPU": "to_device_seconds", "model": "model_seconds", "epochs": "epochs_seconds", "after": "after_epochs_seconds",
+    "to GPU": "to_device_seconds", "model": "model_seconds", "wait": "warm_up_wait_seconds", "epochs": "epochs_seconds", "after": "after_epochs_seconds",
     "exit": "exit_seconds", "ep1 train": "first_epoch_train_seconds", "ep1 val": "first_epoch_val_seconds",
     "epN train": "later_epoch_train_seconds_median", "epN val": "later_epoch_val_seconds_median",
     "images/s": "train_images_per_s_median", "val acc": "val_accuracy", "val AUC": "val_roc_auc",
@@ -108,8 +108,10 @@ def main() -> int:
     ap.add_argument("--full", action="store_true", help="also the large-batch recipe, the eager end-to-end baseline, first uses "
                                                         "with cuDNN's search, and the model alone")
     ap.add_argument("--json", help="also write the result here")
-    ap.add_argument("--baseline-src", help="a `src` folder of an earlier version: its warm-cache run is timed "
-                                           "right after this version's, for a before/after in one call")
+    ap.add_argument("--baseline-src", action="append", default=[],
+                    help="a `src` folder of an earlier version (repeatable): its warm-cache run is timed right "
+                         "after this version's, for a before/after in one call; named after the folder above it")
+    ap.add_argument("--rounds", type=int, default=1, help="warm-cache runs of this version and the baselines, alternated")
     args = ap.parse_args()
     import torch
 
@@ -120,11 +122,14 @@ def main() -> int:
     t0 = time.perf_counter()
     subprocess.run([sys.executable, "-c", "import pneumoscan.cli, pneumoscan.train"], check=True)
     result["import_seconds"] = round(time.perf_counter() - t0, 2)
-    runs = {"paper_graphs_cold_cache": ([], None), "paper_graphs_warm_cache": ([], None)}
-    if args.baseline_src:
-        runs["baseline_paper_graphs_warm_cache"] = ([], args.baseline_src)
-    runs["paper_graphs_warm_cache_cudnn_benchmark"] = (["--cudnn-benchmark"], None)
+    runs = {"paper_graphs_cold_cache": ([], None)}
+    for i in range(1, args.rounds + 1):
+        suffix = f"_round{i}" if args.rounds > 1 else ""
+        runs["paper_graphs_warm_cache" + suffix] = ([], None)
+        for src in args.baseline_src:
+            runs[f"baseline_{Path(src).resolve().parent.name}_paper_graphs_warm_cache{suffix}"] = ([], src)
     if args.full:
+        runs["paper_graphs_warm_cache_cudnn_benchmark"] = (["--cudnn-benchmark"], None)
         runs["large_batch_graphs_warm_cache"] = (["--recipe", "large-batch"], None)
         runs["paper_eager_warm_cache"] = (["--no-cuda-graphs"], None)
     # each figure is printed as soon as it is measured: a run stopped at a time limit still reports what it did
@@ -138,11 +143,11 @@ def main() -> int:
         r = json.loads(done.stdout.splitlines()[-1])
         result["first_use_cudnn_benchmark" if flags else "first_use"] = r
         print("first uses, seconds: " + ", ".join(f"{k} {v}" for k, v in r.items()), flush=True)
-    print(f"{'end to end, seconds':44}" + "".join(f"{c:>10}" for c in COLUMNS), flush=True)
+    print(f"{'end to end, seconds':58}" + "".join(f"{c:>10}" for c in COLUMNS), flush=True)
     with tempfile.TemporaryDirectory() as cache:
         for name, (extra, src) in runs.items():
             r = result[name] = end_to_end(args.data, cache, extra, src)
-            print(f"{name:44}" + "".join(f"{r[k]:>10}" for k in COLUMNS.values()), flush=True)
+            print(f"{name:58}" + "".join(f"{r.get(k, '-'):>10}" for k in COLUMNS.values()), flush=True)
     if args.full:
         for batch, steps in ((16, 300), (256, 40)):
             eager, graphed = model_alone(batch, False, steps), model_alone(batch, True, steps)

@@ -1,4 +1,5 @@
 import json
+import logging
 
 import pytest
 import torch
@@ -157,18 +158,16 @@ def test_graph_warmup_state_is_put_back_exactly():
     assert all(float(v.abs().sum()) == 0 for st in opt.state.values() for v in st.values())
 
 
-def test_the_spare_first_step_leaves_the_model_and_the_random_streams_untouched():
-    """What overlap_first_uses promises (train calls it on a GPU only; checked here on the CPU)."""
-    from pneumoscan.train import DeviceSplit, overlap_first_uses
+def test_the_warm_up_completes_and_draws_from_no_random_stream(caplog):
+    """What start_warm_up promises (train starts it on a GPU only; checked here on the CPU)."""
+    from pneumoscan.train import start_warm_up
 
-    cfg = Config()
-    model = ckpt_io.build_model(cfg).train()
-    data = DeviceSplit(torch.randint(0, 256, (5, 150, 150), dtype=torch.uint8), torch.tensor([0.0, 1, 1, 0, 1]))
-    before, rng = {k: v.clone() for k, v in model.state_dict().items()}, torch.get_rng_state()
-    overlap_first_uses(model, data, cfg)
+    torch.manual_seed(0)
+    rng = torch.get_rng_state()
+    with caplog.at_level(logging.DEBUG, logger="pneumoscan.train"):
+        start_warm_up(Config(), torch.device("cpu")).join()
+    assert "failed" not in caplog.text
     assert torch.equal(torch.get_rng_state(), rng)
-    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
-    assert all(p.grad is None for p in model.parameters())
 
 
 def test_every_recipe_round_trips_and_builds_its_model():

@@ -8,7 +8,6 @@ as tensors, so no image is decoded after the first run. Each epoch appends one J
 
 from __future__ import annotations
 
-import copy
 import ctypes
 import importlib
 import json
@@ -387,27 +386,43 @@ def _import_quietly(module: str) -> None:
         pass
 
 
-def overlap_first_uses(model: nn.Module, data: DeviceSplit, cfg: Config) -> None:
-    """Pay two one-off costs of the first training step at once (on an H200: 2.9-4.5 s and 3.7-6.2 s).
+def start_warm_up(cfg: Config, dev: torch.device) -> threading.Thread:
+    """Start paying a GPU run's one-off first-use costs in a background thread; join it before training.
 
-    The first step loads cuDNN, cuBLAS and its kernels, which PyTorch's operators do without holding
-    the interpreter lock; the first optimizer imports `torch._dynamo`, which needs it. So the import
-    runs in a thread while one training-mode forward and backward pass runs on a throwaway copy of the
-    model, outside the run's random streams: the run itself is unchanged. `train` calls it on a GPU
-    only: on a 2-core CPU the spare step computes on both cores, and overlapping was no faster.
+    A fresh process's first training step starts CUDA and loads cuDNN, cuBLAS and its kernels (on an
+    H200: 2.9-4.5 s). PyTorch's operators do that without holding the interpreter lock, so one forward
+    and backward pass of a throwaway copy of the model, at the run's batch shape, runs here while the
+    main thread reads the images and imports `torch._dynamo` for the first optimizer (3.7-6.2 s), which
+    both need the lock. The copy is built on the meta device and filled with zeros, and its dropout is
+    off: it draws from no random stream, so the run is the same with or without it. Best effort: a
+    failure here is logged, and the real step reports any real problem.
     """
-    importer = threading.Thread(target=_import_quietly, args=("torch._dynamo",), daemon=True)
-    importer.start()
-    dev = data.pixels.device
-    spare = copy.deepcopy(model).train()
-    rows = torch.arange(cfg.train.batch_size, device=dev) % len(data)
-    draws = draw_augmentation(len(rows), cfg.augmentation, torch.Generator().manual_seed(0))
-    with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
-        x = augment_batch(data.inputs(rows, cfg), cfg.augmentation, draws={k: v.to(dev) for k, v in draws.items()})
-        model_loss(spare, spare(x), data.labels[rows])[0].backward()
-        if dev.type == "cuda":
-            torch.cuda.synchronize(dev)
-    importer.join()
+    def warm_up() -> None:
+        try:
+            with torch.device("meta"):
+                spare = ckpt_io.build_model(cfg)
+            spare = spare.to_empty(device=dev).to(memory_format=torch.channels_last).train()
+            with torch.no_grad():
+                for t in [*spare.parameters(), *spare.buffers()]:
+                    t.zero_()
+            for m in spare.modules():
+                if isinstance(m, nn.Dropout):
+                    m.eval()
+            batch, size = cfg.train.batch_size, cfg.preprocessing.image_size
+            x = torch.zeros(batch, 1, size, size, device=dev).contiguous(memory_format=torch.channels_last)
+            draws = draw_augmentation(batch, cfg.augmentation, torch.Generator().manual_seed(0))
+            x = augment_batch(x, cfg.augmentation, draws={k: v.to(dev) for k, v in draws.items()})
+            model_loss(spare, spare(x), torch.zeros(batch, device=dev))[0].backward()
+            with torch.no_grad():  # validation's kernels: BatchNorm with its running statistics
+                spare.eval()(x)
+            if dev.type == "cuda":
+                torch.cuda.synchronize(dev)
+        except Exception as e:  # noqa: BLE001 - only a lost head start
+            log.debug("warming up %s failed: %s", dev, e)
+
+    thread = threading.Thread(target=warm_up, name="pneumoscan-warm-up", daemon=True)
+    thread.start()
+    return thread
 
 
 def _phase_seconds(marks: dict[str, float]) -> dict[str, float]:
@@ -512,6 +527,7 @@ def _train(cfg: Config, out: Path, dev: torch.device, ddp: Distributed, resume: 
     if ddp.rank:  # different augmentation draws on each process; same initial weights
         generator.manual_seed(cfg.train.seed + 1000 * ddp.rank)
 
+    warm_up = start_warm_up(cfg, dev) if dev.type == "cuda" else None
     marks = {"start": time.perf_counter()}  # phase ends, for the timings in summary.json
     splits = split_samples(cfg.data)
     marks["split"] = time.perf_counter()
@@ -546,8 +562,6 @@ def _train(cfg: Config, out: Path, dev: torch.device, ddp: Distributed, resume: 
         log.info("loaded %d pretrained tensors from %s (%d left at their initialisation: %s)", len(loaded["loaded"]),
                  cfg.model.pretrained, len(loaded["missing"]), ", ".join(loaded["missing"][:4]))
     model = model.to(dev).to(memory_format=torch.channels_last)
-    if dev.type == "cuda":
-        overlap_first_uses(model, data["train"], cfg)
     optimizer, lr, modes = make_optimizer(model, cfg, dev, cuda_graphs)
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
         optimizer, mode="min", factor=cfg.train.lr_factor, patience=cfg.train.lr_patience, threshold=1e-4, threshold_mode="abs")
@@ -577,6 +591,9 @@ def _train(cfg: Config, out: Path, dev: torch.device, ddp: Distributed, resume: 
     graphs: dict[str, CudaGraphStep] | None = {} if cuda_graphs else None
     val_graphs: dict[str, CudaGraphForward] | None = {} if cuda_graphs else None
     marks["model"] = time.perf_counter()
+    if warm_up:
+        warm_up.join()
+        marks["warm_up_wait"] = time.perf_counter()  # how long the warm-up outlasted everything before
     # scikit-learn takes 1-2 s to import and is first needed by the first validation: import it while the
     # first epoch trains (PyTorch releases the GIL inside its kernels, and waits for a GPU without it)
     threading.Thread(target=_import_quietly, args=("sklearn.metrics",), daemon=True).start()
