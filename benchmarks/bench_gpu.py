@@ -76,13 +76,14 @@ def model_alone(batch: int, graphs: bool, steps: int, warmup: int = 5) -> float:
     from pneumoscan.augment import draw_augmentation
     from pneumoscan.checkpoint import build_model
     from pneumoscan.config import Config
+    from pneumoscan.models import memory_format
     from pneumoscan.train import CudaGraphStep, DeviceSplit, make_optimizer, make_step
 
     cfg, dev, gen = Config(), torch.device("cuda"), torch.Generator().manual_seed(0)
     torch.manual_seed(0)
     data = DeviceSplit(torch.randint(0, 256, (2048, 150, 150), dtype=torch.uint8, device=dev),
                        (torch.rand(2048, device=dev) < 0.74).float())
-    model = build_model(cfg).to(dev).to(memory_format=torch.channels_last).train()
+    model = build_model(cfg).to(dev).to(memory_format=memory_format(dev)).train()
     opt = make_optimizer(model, cfg, dev, graphs)[0]
     step = make_step(model, data, cfg, opt)
     batches = [(torch.randint(0, 2048, (batch,), generator=gen).to(dev),

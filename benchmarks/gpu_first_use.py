@@ -49,6 +49,7 @@ def main() -> int:
     from pneumoscan import checkpoint as ckpt_io
     from pneumoscan.augment import draw_augmentation
     from pneumoscan.config import Config
+    from pneumoscan.models import memory_format
     from pneumoscan.train import CudaGraphStep, DeviceSplit, make_optimizer, make_step, predict_logits
     lap("import_pneumoscan_train")
     cfg, dev, gen = Config(), torch.device(args.device), torch.Generator().manual_seed(0)
@@ -57,7 +58,7 @@ def main() -> int:
     train_split = DeviceSplit(pixels[:2048].to(dev), labels[:2048].to(dev))
     val_split = DeviceSplit(pixels[2048:].to(dev), labels[2048:].to(dev))  # 520 rows, in batches as predict_logits makes them (no graph)
     lap("data_to_gpu")
-    model = ckpt_io.build_model(cfg).to(dev).to(memory_format=torch.channels_last).train()
+    model = ckpt_io.build_model(cfg).to(dev).to(memory_format=memory_format(dev)).train()
     lap("build_model")
     graphs = dev.type == "cuda"
     opt = make_optimizer(model, cfg, dev, graphs)[0]
@@ -99,7 +100,7 @@ def main() -> int:
     importlib.import_module("sklearn.metrics")
     lap("import_sklearn_metrics", sync=False)
     if graphs:  # for comparison: PyTorch's default Adam update (multi-tensor) instead of the fused one
-        model = ckpt_io.build_model(cfg).to(dev).to(memory_format=torch.channels_last).train()
+        model = ckpt_io.build_model(cfg).to(dev).to(memory_format=memory_format(dev)).train()
         opt = torch.optim.Adam(model.parameters(), lr=torch.tensor(cfg.train.lr, device=dev), eps=cfg.train.adam_eps,
                                capturable=True)
         graph = CudaGraphStep(make_step(model, train_split, cfg, opt), model, opt, *batches[3])

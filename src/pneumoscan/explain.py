@@ -24,7 +24,7 @@ from torch import nn
 
 from .checkpoint import atomic_write_bytes, atomic_write_text
 from .images import ImageLoadError, load_grey, resize
-from .models import pneumonia_logit, probabilities
+from .models import memory_format, pneumonia_logit, probabilities
 from .predict import Predictor, expand_paths
 
 
@@ -95,7 +95,7 @@ def cam_for_batch(predictor: Predictor, pixels: np.ndarray) -> tuple[np.ndarray,
         _CAMS[model] = _gradcam(model, predictor.cam_layer)
     cam = _CAMS[model]
     x = torch.as_tensor(np.array(pixels, dtype=np.uint8)).to(predictor.device)[:, None].float()
-    x = predictor.prep.normalize(x).contiguous(memory_format=torch.channels_last)
+    x = predictor.prep.normalize(x).contiguous(memory_format=memory_format(x.device))
     with torch.enable_grad(), warnings.catch_warnings():
         # expected: the hook fires for the layer's output gradient, which is the one Grad-CAM uses
         warnings.filterwarnings("ignore", message="Full backward hook is firing when gradients are computed")

@@ -19,7 +19,7 @@ import torch
 from . import checkpoint as ckpt_io
 from .images import ImageLoadError, is_image_file, load_for_model
 from .metrics import decide
-from .models import probabilities
+from .models import memory_format, probabilities
 from .train import keep_freed_memory, select_device
 
 
@@ -80,7 +80,7 @@ class Predictor:
         if self.onnx is not None:
             return self.onnx.predict_arrays(pixels), None
         x = torch.from_numpy(np.array(pixels, dtype=np.uint8)).to(self.device).unsqueeze(1).float()  # a copy: inputs may be read-only
-        x = self.prep.normalize(x).contiguous(memory_format=torch.channels_last)
+        x = self.prep.normalize(x).contiguous(memory_format=memory_format(x.device))
         return probabilities(self.model(x))
 
     def label_of(self, probability: float, class_probs: np.ndarray | None = None) -> str:

@@ -33,7 +33,7 @@ from .augment import augment_batch, draw_augmentation
 from .config import Config
 from .data import CachedImages, DataError, cache_images, class_names, split_samples, split_summary, task_labels
 from .metrics import binary_metrics, choose_threshold, decide
-from .models import load_pretrained, pneumonia_logit, probabilities
+from .models import load_pretrained, memory_format, pneumonia_logit, probabilities
 from .tracking import TensorBoardLogger
 
 log = logging.getLogger(__name__)
@@ -98,9 +98,9 @@ class DeviceSplit:
         return len(self.labels)
 
     def inputs(self, idx: torch.Tensor | slice, cfg: Config) -> torch.Tensor:
-        """Model input for the given rows: (B, 1, S, S) float, channels-last (the model replicates grey)."""
+        """Model input for the given rows: (B, 1, S, S) float in the device's layout (the model replicates grey)."""
         x = cfg.preprocessing.normalize(self.pixels[idx].unsqueeze(1).float())
-        return x.contiguous(memory_format=torch.channels_last)
+        return x.contiguous(memory_format=memory_format(x.device))
 
 
 def model_loss(model: nn.Module, logits: torch.Tensor, targets: torch.Tensor,
@@ -401,7 +401,7 @@ def start_warm_up(cfg: Config, dev: torch.device) -> threading.Thread:
         try:
             with torch.device("meta"):
                 spare = ckpt_io.build_model(cfg)
-            spare = spare.to_empty(device=dev).to(memory_format=torch.channels_last).train()
+            spare = spare.to_empty(device=dev).to(memory_format=memory_format(dev)).train()
             with torch.no_grad():
                 for t in [*spare.parameters(), *spare.buffers()]:
                     t.zero_()
@@ -409,7 +409,7 @@ def start_warm_up(cfg: Config, dev: torch.device) -> threading.Thread:
                 if isinstance(m, nn.Dropout):
                     m.eval()
             batch, size = cfg.train.batch_size, cfg.preprocessing.image_size
-            x = torch.zeros(batch, 1, size, size, device=dev).contiguous(memory_format=torch.channels_last)
+            x = torch.zeros(batch, 1, size, size, device=dev).contiguous(memory_format=memory_format(dev))
             draws = draw_augmentation(batch, cfg.augmentation, torch.Generator().manual_seed(0))
             x = augment_batch(x, cfg.augmentation, draws={k: v.to(dev) for k, v in draws.items()})
             model_loss(spare, spare(x), torch.zeros(batch, device=dev))[0].backward()
@@ -561,7 +561,7 @@ def _train(cfg: Config, out: Path, dev: torch.device, ddp: Distributed, resume: 
         loaded = load_pretrained(model, cfg.model.pretrained)
         log.info("loaded %d pretrained tensors from %s (%d left at their initialisation: %s)", len(loaded["loaded"]),
                  cfg.model.pretrained, len(loaded["missing"]), ", ".join(loaded["missing"][:4]))
-    model = model.to(dev).to(memory_format=torch.channels_last)
+    model = model.to(dev).to(memory_format=memory_format(dev))
     optimizer, lr, modes = make_optimizer(model, cfg, dev, cuda_graphs)
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
         optimizer, mode="min", factor=cfg.train.lr_factor, patience=cfg.train.lr_patience, threshold=1e-4, threshold_mode="abs")
