@@ -158,6 +158,28 @@ def test_graph_warmup_state_is_put_back_exactly():
     assert all(float(v.abs().sum()) == 0 for st in opt.state.values() for v in st.values())
 
 
+def test_adam_state_resumes_in_its_parameters_layout():
+    """A CPU run's channels-last state must fit a GPU run's default-layout weights (and back)."""
+    from pneumoscan.train import _state_in_parameter_layouts
+
+    for saved_format, param_format in ((torch.channels_last, torch.contiguous_format),
+                                       (torch.contiguous_format, torch.channels_last)):
+        conv = torch.nn.Conv2d(3, 4, 3).to(memory_format=saved_format)
+        opt = torch.optim.Adam(conv.parameters(), fused=True)
+        conv(torch.rand(1, 3, 5, 5)).sum().backward()
+        opt.step()
+        saved = opt.state_dict()
+        conv = conv.to(memory_format=param_format)
+        opt = torch.optim.Adam(conv.parameters(), fused=True)
+        opt.load_state_dict(saved)
+        assert opt.state[conv.weight]["exp_avg"].stride() != conv.weight.stride()
+        _state_in_parameter_layouts(opt)
+        for p in conv.parameters():
+            for key in ("exp_avg", "exp_avg_sq"):
+                assert opt.state[p][key].stride() == p.stride()
+                assert torch.equal(opt.state[p][key], saved["state"][0 if p is conv.weight else 1][key])
+
+
 def test_the_warm_up_completes_and_draws_from_no_random_stream(caplog):
     """What start_warm_up promises (train starts it on a GPU only; checked here on the CPU)."""
     from pneumoscan.train import start_warm_up

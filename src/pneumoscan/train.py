@@ -378,6 +378,15 @@ def _portable(state: dict[str, Any]) -> dict[str, Any]:
     return {**state, "param_groups": [{**g, "lr": float(g["lr"])} for g in state["param_groups"]]}
 
 
+def _state_in_parameter_layouts(optimizer: torch.optim.Optimizer) -> None:
+    """Put each of Adam's state tensors in its parameter's memory layout: a CPU run keeps its weights
+    channels-last and a GPU run does not, and the fused update needs one layout for both."""
+    for param, state in optimizer.state.items():
+        for key, value in state.items():
+            if torch.is_tensor(value) and value.shape == param.shape and value.stride() != param.stride():
+                state[key] = torch.empty_like(param).copy_(value)
+
+
 def _import_quietly(module: str) -> None:
     """Import `module` ahead of use; a failure is left for the real import to report."""
     try:
@@ -571,6 +580,7 @@ def _train(cfg: Config, out: Path, dev: torch.device, ddp: Distributed, resume: 
         model.load_state_dict(state["state_dict"])
         saved = state["optimizer"]  # a CPU run's state resumes on a GPU with graphs, and back
         optimizer.load_state_dict({**saved, "param_groups": [{**g, **modes} for g in saved["param_groups"]]})
+        _state_in_parameter_layouts(optimizer)
         _set_lr(optimizer, lr, saved["param_groups"][0]["lr"])
         scheduler.load_state_dict(state["scheduler"])
         if ddp.is_main:
