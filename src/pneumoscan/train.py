@@ -398,13 +398,13 @@ def _import_quietly(module: str) -> None:
 def start_warm_up(cfg: Config, dev: torch.device) -> threading.Thread:
     """Start paying a GPU run's one-off first-use costs in a background thread; join it before training.
 
-    A fresh process's first training step starts CUDA and loads cuDNN, cuBLAS and its kernels (on an
-    H200: 2.9-4.5 s). PyTorch's operators do that without holding the interpreter lock, so one forward
-    and backward pass of a throwaway copy of the model, at the run's batch shape, runs here while the
-    main thread reads the images and imports `torch._dynamo` for the first optimizer (3.7-6.2 s), which
-    both need the lock. The copy is built on the meta device and filled with zeros, and its dropout is
-    off: it draws from no random stream, so the run is the same with or without it. Best effort: a
-    failure here is logged, and the real step reports any real problem.
+    A fresh process's first training step starts CUDA and sets up cuDNN, cuBLAS and its kernels.
+    PyTorch's operators do most of that without holding the interpreter lock, so one forward and
+    backward pass of a throwaway copy of the model, at the run's batch shape, runs here while the main
+    thread reads the images and imports `torch._dynamo` for the first optimizer. On an H100 the paper's
+    recipe took 0.3-0.8 s less with it (README, "On a GPU"). The copy is built on the meta device and
+    filled with zeros, and its dropout is off: it draws from no random stream, so the run is the same
+    with or without it. Best effort: a failure here is logged, and the real step reports any real problem.
     """
     def warm_up() -> None:
         try:
