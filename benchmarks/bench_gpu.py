@@ -106,8 +106,8 @@ def model_alone(batch: int, graphs: bool, steps: int, warmup: int = 5) -> float:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", default=os.environ.get("PNEUMOSCAN_DATA", str(ROOT / ".." / "shared" / "data" / "chest_xray")))
-    ap.add_argument("--full", action="store_true", help="also the large-batch recipe, the eager end-to-end baseline, first uses "
-                                                        "with cuDNN's search, and the model alone")
+    ap.add_argument("--full", action="store_true", help="also cuDNN's search (end to end and first uses), the large-batch "
+                                                        "recipe, the eager end-to-end baseline and the model alone")
     ap.add_argument("--json", help="also write the result here")
     ap.add_argument("--baseline-src", action="append", default=[],
                     help="a `src` folder of an earlier version (repeatable): its warm-cache run is timed right "
