@@ -76,8 +76,9 @@ def model_alone(batch: int, graphs: bool, steps: int, warmup: int = 5) -> float:
     from pneumoscan.augment import draw_augmentation
     from pneumoscan.checkpoint import build_model
     from pneumoscan.config import Config
-    from pneumoscan.models import memory_format
-    from pneumoscan.train import CudaGraphStep, DeviceSplit, make_optimizer, make_step
+    from pneumoscan.cuda_graphs import CudaGraphStep
+    from pneumoscan.runtime import memory_format
+    from pneumoscan.train import DeviceSplit, make_optimizer, make_step
 
     cfg, dev, gen = Config(), torch.device("cuda"), torch.Generator().manual_seed(0)
     torch.manual_seed(0)

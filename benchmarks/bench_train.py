@@ -72,16 +72,19 @@ def run_keras(data: str, epochs: int) -> dict | None:
 
 
 def pneumoscan_model_alone(steps: int, warmup: int = 10) -> dict:
-    """The paper's model alone: Adam steps on in-memory batches of 16 (no data pipeline), like train-arrays."""
+    """The paper's model alone, as CPU training runs it (composed stem, channels-last, fused Adam): steps on
+    in-memory batches of 16 (no data pipeline), like train-arrays."""
     import torch
 
     from pneumoscan.checkpoint import build_model
     from pneumoscan.config import Config
-    from pneumoscan.train import model_loss
+    from pneumoscan.cpu_kernels import for_cpu_training
+    from pneumoscan.train import make_optimizer, model_loss
 
     torch.manual_seed(0)
-    model = build_model(Config()).to(memory_format=torch.channels_last).train()
-    opt = torch.optim.Adam(model.parameters(), 1e-3, eps=1e-7)
+    cfg = Config()
+    model = for_cpu_training(build_model(cfg)).to(memory_format=torch.channels_last).train()
+    opt = make_optimizer(model, cfg, torch.device("cpu"), cuda_graphs=False)[0]
     x = torch.rand(16, 1, 150, 150).contiguous(memory_format=torch.channels_last)
     y = (torch.rand(16) < 0.74).float()
     for i in range(warmup + steps):

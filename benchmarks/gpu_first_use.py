@@ -49,8 +49,10 @@ def main() -> int:
     from pneumoscan import checkpoint as ckpt_io
     from pneumoscan.augment import draw_augmentation
     from pneumoscan.config import Config
-    from pneumoscan.models import memory_format
-    from pneumoscan.train import CudaGraphStep, DeviceSplit, make_optimizer, make_step, predict_logits
+    from pneumoscan.cuda_graphs import CudaGraphStep
+    from pneumoscan.runtime import memory_format
+    from pneumoscan.train import DeviceSplit, make_optimizer, make_step
+    from pneumoscan.train import validation_logits as predict_logits
     lap("import_pneumoscan_train")
     cfg, dev, gen = Config(), torch.device(args.device), torch.Generator().manual_seed(0)
     pixels = torch.randint(0, 256, (2048 + 520, 150, 150), dtype=torch.uint8, generator=gen)

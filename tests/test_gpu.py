@@ -7,7 +7,8 @@ from torch import nn
 from pneumoscan.augment import draw_augmentation
 from pneumoscan.config import Augmentation, Config
 from pneumoscan.predict import Predictor
-from pneumoscan.train import CudaGraphStep, DeviceSplit, _set_lr, make_step, train
+from pneumoscan.cuda_graphs import CudaGraphStep
+from pneumoscan.train import DeviceSplit, make_step, train
 
 from .test_train_checkpoint import tiny_config
 
@@ -58,7 +59,7 @@ def test_replayed_graph_steps_equal_eager_steps_and_follow_the_learning_rate():
         losses = []
         for i, (idx, draws) in enumerate(batches):
             if i == 3:
-                _set_lr(opt, lr, 1e-3)
+                lr.fill_(1e-3)  # as Run.set_lr does for a captured optimizer
             if graph:
                 losses.append(float(graph(idx, draws)[0]))
             else:
@@ -74,7 +75,7 @@ def test_validation_on_the_gpu_matches_the_cpu_eager_and_replayed_also_after_the
     """Padded training-size batches, eager and as a CUDA graph; the graph must read the weights in place."""
     from pneumoscan.checkpoint import build_model
     from pneumoscan.config import TrainConfig
-    from pneumoscan.train import predict_logits
+    from pneumoscan.train import validation_logits as predict_logits
 
     cfg = Config(train=TrainConfig(batch_size=8, eval_batch_size=16))
     torch.manual_seed(0)

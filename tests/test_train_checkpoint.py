@@ -91,7 +91,7 @@ def test_early_stopping_follows_keras_semantics():
 
 
 def test_cuda_request_without_gpu_is_an_error():
-    from pneumoscan.train import select_device
+    from pneumoscan.runtime import select_device
 
     if torch.cuda.is_available():
         pytest.skip("a GPU is present")
@@ -111,7 +111,8 @@ def test_bad_checkpoint_file_is_a_clear_error(tmp_path):
 
 
 def test_balanced_sampling_draws_both_classes_equally_often():
-    from pneumoscan.train import Distributed, epoch_order
+    from pneumoscan.runtime import Distributed
+    from pneumoscan.train import epoch_order
 
     labels = torch.tensor([0] * 100 + [1] * 300)
     cfg = Config().override("train", sampling="balanced")
@@ -142,7 +143,7 @@ def test_balanced_class_weights_equalise_the_classes():
 
 def test_graph_warmup_state_is_put_back_exactly():
     """What CudaGraphStep relies on, checked on the CPU: warm-up steps leave no trace in weights or Adam state."""
-    from pneumoscan.train import _restore, _snapshot
+    from pneumoscan.cuda_graphs import _restore, _snapshot
 
     model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8), torch.nn.Linear(8, 1))
     opt = torch.optim.Adam(model.parameters(), lr=0.1)
@@ -160,7 +161,7 @@ def test_graph_warmup_state_is_put_back_exactly():
 
 def test_adam_state_resumes_in_its_parameters_layout():
     """A CPU run's channels-last state must fit a GPU run's default-layout weights (and back)."""
-    from pneumoscan.train import _state_in_parameter_layouts
+    from pneumoscan.train import state_in_parameter_layouts
 
     for saved_format, param_format in ((torch.channels_last, torch.contiguous_format),
                                        (torch.contiguous_format, torch.channels_last)):
@@ -173,7 +174,7 @@ def test_adam_state_resumes_in_its_parameters_layout():
         opt = torch.optim.Adam(conv.parameters(), fused=True)
         opt.load_state_dict(saved)
         assert opt.state[conv.weight]["exp_avg"].stride() != conv.weight.stride()
-        _state_in_parameter_layouts(opt)
+        state_in_parameter_layouts(opt)
         for p in conv.parameters():
             for key in ("exp_avg", "exp_avg_sq"):
                 assert opt.state[p][key].stride() == p.stride()
@@ -182,12 +183,13 @@ def test_adam_state_resumes_in_its_parameters_layout():
 
 def test_the_warm_up_completes_and_draws_from_no_random_stream(caplog):
     """What start_warm_up promises (train starts it on a GPU only; checked here on the CPU)."""
-    from pneumoscan.train import start_warm_up
+    from pneumoscan.cuda_graphs import start_warm_up
+    from pneumoscan.train import total_loss
 
     torch.manual_seed(0)
     rng = torch.get_rng_state()
-    with caplog.at_level(logging.DEBUG, logger="pneumoscan.train"):
-        start_warm_up(Config(), torch.device("cpu")).join()
+    with caplog.at_level(logging.DEBUG, logger="pneumoscan.cuda_graphs"):
+        start_warm_up(Config(), torch.device("cpu"), total_loss).join()
     assert "failed" not in caplog.text
     assert torch.equal(torch.get_rng_state(), rng)
 
@@ -210,7 +212,7 @@ def test_freed_training_memory_is_reused_without_page_faults():
     import ctypes
     import resource
 
-    from pneumoscan.train import keep_freed_memory
+    from pneumoscan.runtime import keep_freed_memory
 
     try:
         ctypes.CDLL("libc.so.6")

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from .checkpoint import write_json
+from .fileio import write_json
 from .data import CLASS_NAMES, DataError, Sample, scan_folder
 from .images import ImageLoadError, load_grey
 

@@ -1,17 +1,14 @@
-"""Self-describing checkpoints and atomic file writes.
+"""Self-describing checkpoints.
 
 A checkpoint is a dict of plain types that loads with `torch.load(path, weights_only=True)`: the
 unwrapped model's state_dict, the run's config, preprocessing, class names, decision threshold, the
-Grad-CAM layer, metrics, training history and the pneumoscan version. Every file is written to a
-temporary name in the same folder and renamed into place, so a crash never leaves a half-written file.
+Grad-CAM layer, metrics, training history and the pneumoscan version. Checkpoints are written atomically
+(`fileio.save_torch`), so a crash never leaves a half-written file.
 """
 
 from __future__ import annotations
 
-import io
-import json
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,39 +19,13 @@ from torch import nn
 from . import __version__
 from .config import Config
 from .data import class_names
+from .fileio import save_torch
 from .models import create_model
 
 FORMAT = "pneumoscan-checkpoint-1"
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; results are meant to be shared like any other file
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
-
-
-def write_json(path: str | os.PathLike, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
-
-
-def save(obj: dict[str, Any], path: str | os.PathLike) -> None:
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    atomic_write_bytes(path, buf.getvalue())
+save = save_torch  # written atomically
 
 
 def unwrap(model: nn.Module) -> nn.Module:

@@ -17,7 +17,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .checkpoint import atomic_write_text, write_json
+from .fileio import atomic_write_text, write_json
 from .config import ACTIVATIONS, Config
 from .evaluate import evaluate
 from .report import write_compare_report

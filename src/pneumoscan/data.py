@@ -30,6 +30,7 @@ import numpy as np
 from PIL import Image
 
 from .config import DataConfig, Preprocessing
+from .fileio import atomic_write_text
 from .images import ImageLoadError, is_image_file, load_for_model, resize
 
 log = logging.getLogger(__name__)
@@ -175,10 +176,7 @@ def _remembered_carve(samples: list[Sample], fraction: float, seed: int) -> tupl
         return [s for s in samples if s.path not in val_paths], [s for s in samples if s.path in val_paths]
     train, val = carve_validation(samples, fraction, seed)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps({"val": [s.path for s in val]}))
-        os.replace(tmp, path)  # atomic for readers
+        atomic_write_text(path, json.dumps({"val": [s.path for s in val]}))
     except OSError as e:
         log.warning("could not remember the validation split in %s (%s)", path.parent, e)
     return train, val

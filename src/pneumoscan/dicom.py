@@ -19,6 +19,8 @@ from typing import Any
 
 import numpy as np
 
+from .fileio import optional_import
+
 SUPPORTED_PHOTOMETRIC = ("MONOCHROME1", "MONOCHROME2", "RGB", "YBR_FULL", "YBR_FULL_422", "PALETTE COLOR")
 DICOM_SUFFIXES = (".dcm", ".dicom")
 
@@ -34,10 +36,9 @@ def is_dicom(data: bytes) -> bool:
 
 def _pydicom() -> Any:
     try:
-        import pydicom
+        return optional_import("pydicom", "dicom", "reading DICOM")
     except ImportError as e:
-        raise DicomError(f"reading DICOM needs pydicom ({e}); install it with: pip install 'pneumoscan[dicom]'") from None
-    return pydicom
+        raise DicomError(str(e)) from None
 
 
 def _first(value: Any) -> float:

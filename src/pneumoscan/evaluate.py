@@ -12,13 +12,17 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from . import checkpoint as ckpt_io
 from . import plots
 from .data import cache_images, load_split, split_summary, task_labels
 from .metrics import binary_metrics, bootstrap_ci, calibration, decide, multiclass_metrics, pr_points, roc_points
+from .fileio import atomic_write_text, write_json
+from .inference import freeze, predict_logits
 from .models import probabilities
 from .report import write_eval_report
-from .train import DeviceSplit, keep_freed_memory, predict_logits, select_device
+from .runtime import keep_freed_memory, select_device
 
 
 def evaluate(checkpoint: str | Path, split: str, out: str | Path, data_root: str | None = None, device: str = "auto",
@@ -34,7 +38,8 @@ def evaluate(checkpoint: str | Path, split: str, out: str | Path, data_root: str
     samples = load_split(cfg.data, split)
     cached = cache_images(samples, cfg.preprocessing, progress=progress)
     classes = task_labels(cached.samples, cfg.data.task)
-    logits = predict_logits(loaded.model, DeviceSplit.from_cache(cached, dev, cfg.data.task), cfg)
+    pixels = torch.from_numpy(cached.pixels).to(dev)
+    logits = predict_logits(freeze(loaded.model), pixels, cfg.preprocessing, cfg.train.eval_batch_size)
     probs, class_probs = probabilities(logits)  # P(pneumonia) for either task; per class for three classes
     labels = (classes > 0).astype(int)
     metrics = binary_metrics(labels, probs, loaded.threshold)
@@ -57,7 +62,7 @@ def evaluate(checkpoint: str | Path, split: str, out: str | Path, data_root: str
     if class_probs is not None:  # the figures above are pneumonia vs normal; these are per class
         result["three_class"] = multiclass_metrics(classes, class_probs, loaded.threshold, loaded.class_names)
     out.mkdir(parents=True, exist_ok=True)
-    ckpt_io.write_json(out / "metrics.json", result)
+    write_json(out / "metrics.json", result)
     _write_predictions(out / "predictions.csv", [s.path for s in cached.samples], classes, probs, class_probs,
                        loaded.threshold, loaded.class_names)
     plots.training_curves(loaded.checkpoint.get("history", []), out)
@@ -88,4 +93,4 @@ def _write_predictions(path: Path, paths: list[str], labels, probs, class_probs,
     for i, (p, y, q) in enumerate(zip(paths, labels, probs)):
         w.writerow([p, class_names[int(y)], f"{q:.6f}", class_names[int(predicted[i])]] +
                    ([f"{c:.6f}" for c in class_probs[i]] if class_probs is not None else []))
-    ckpt_io.atomic_write_text(path, buf.getvalue())
+    atomic_write_text(path, buf.getvalue())

@@ -22,9 +22,10 @@ import torch
 from PIL import Image
 from torch import nn
 
-from .checkpoint import atomic_write_bytes, atomic_write_text
+from .fileio import atomic_write_bytes, atomic_write_text, optional_import
+from .inference import model_input
 from .images import ImageLoadError, load_grey, resize
-from .models import memory_format, pneumonia_logit, probabilities
+from .models import pneumonia_logit, probabilities
 from .predict import Predictor, expand_paths
 
 
@@ -44,10 +45,7 @@ class _TwoDimLogits(nn.Module):
 
 
 def _gradcam(model: nn.Module, cam_layer: str):
-    try:
-        from monai.visualize import GradCAM
-    except ImportError as e:
-        raise ImportError(f"Grad-CAM uses MONAI ({e}); install it with: pip install 'pneumoscan[models]'") from e
+    GradCAM = optional_import("monai.visualize", "models", "Grad-CAM").GradCAM
 
     for m in model.modules():  # an in-place op after the hooked layer would break its backward hook
         if hasattr(m, "inplace"):
@@ -94,8 +92,7 @@ def cam_for_batch(predictor: Predictor, pixels: np.ndarray) -> tuple[np.ndarray,
     if model not in _CAMS:  # hooks are registered once per model, not per image
         _CAMS[model] = _gradcam(model, predictor.cam_layer)
     cam = _CAMS[model]
-    x = torch.as_tensor(np.array(pixels, dtype=np.uint8)).to(predictor.device)[:, None].float()
-    x = predictor.prep.normalize(x).contiguous(memory_format=memory_format(x.device))
+    x = model_input(np.array(pixels, dtype=np.uint8), predictor.prep, predictor.device)
     with torch.enable_grad(), warnings.catch_warnings():
         # expected: the hook fires for the layer's output gradient, which is the one Grad-CAM uses
         warnings.filterwarnings("ignore", message="Full backward hook is firing when gradients are computed")

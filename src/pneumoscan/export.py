@@ -15,15 +15,14 @@ backends). The model's metadata_props make the file self-describing like a check
 `export_onnx` writes a .onnx file atomically; `export_onnx_bytes` gives the same bytes in memory, and
 `remembered_onnx_bytes` keeps them in the cache folder for the next run;
 `OnnxPredictor` scores uint8 arrays with ONNX Runtime and needs neither torch nor the checkpoint.
-The export uses PyTorch's torch.export-based exporter (it needs ``onnxscript``): the legacy
-TorchScript exporter cannot export the model's stem, whose 5x5 kernel is computed at every forward.
+The exported graph is the frozen inference form (`inference.freeze(model, for_onnx=True)`), through
+PyTorch's torch.export-based exporter (it needs ``onnxscript``).
 ONNX packages are optional: ``pip install 'pneumoscan[onnx]'``.
 """
 
 from __future__ import annotations
 
 import hashlib
-import importlib
 import importlib.util
 import json
 import logging
@@ -39,22 +38,18 @@ import numpy as np
 
 from . import __version__
 from .config import Preprocessing
+from .fileio import atomic_write_bytes, optional_import
 
 FORMAT = "pneumoscan-onnx-1"
 INPUT_NAME = "pixels"
 OUTPUT_NAME = "probability"
 MIN_OPSET = 18  # the torch.export-based exporter implements opset 18 and later only
-INSTALL_HINT = "pip install 'pneumoscan[onnx]'"
 
 log = logging.getLogger(__name__)
 
 
 def _require(module: str, purpose: str) -> ModuleType:
-    """Import an optional dependency, or fail with a message that says what to install."""
-    try:
-        return importlib.import_module(module)
-    except ImportError as e:
-        raise ImportError(f"{purpose} needs the optional package {module!r} ({e}); install it with: {INSTALL_HINT}") from e
+    return optional_import(module, "onnx", purpose)
 
 
 @contextmanager
@@ -104,12 +99,13 @@ def export_onnx_bytes(checkpoint_path: str | os.PathLike, opset: int = MIN_OPSET
     import torch
 
     from . import checkpoint as ckpt_io
+    from .inference import freeze
 
     loaded = ckpt_io.load(checkpoint_path, "cpu")
     if len(loaded.class_names) > 2:
         raise ValueError(f"{checkpoint_path}: ONNX export covers binary models; this one has classes {loaded.class_names}")
     size = loaded.config.preprocessing.image_size
-    wrapper = _with_sigmoid(loaded.model)
+    wrapper = _with_sigmoid(freeze(loaded.model, for_onnx=True))
     example = torch.rand(2, 1, size, size)  # batch 2: a batch of 1 would be specialised as a constant
     with _quiet_exporter(), torch.no_grad():
         program = torch.onnx.export(
@@ -134,11 +130,10 @@ def remembered_onnx_bytes(checkpoint_path: str | os.PathLike, forget: bool = Fal
     be written only costs the time."""
     import torch
 
-    from .checkpoint import atomic_write_bytes
     from .data import default_cache_dir
 
     key = hashlib.sha256(Path(checkpoint_path).read_bytes())
-    for module in ("models", "export"):
+    for module in ("models", "cpu_kernels", "inference", "export"):
         key.update((Path(__file__).parent / f"{module}.py").read_bytes())
     key.update(f"{__version__}|torch {torch.__version__}|opset {MIN_OPSET}".encode())
     path = default_cache_dir() / "onnx" / f"{key.hexdigest()[:32]}.onnx"
@@ -156,8 +151,6 @@ def remembered_onnx_bytes(checkpoint_path: str | os.PathLike, forget: bool = Fal
 def export_onnx(checkpoint_path: str | os.PathLike, out_path: str | os.PathLike, opset: int = MIN_OPSET,
                 check: bool = True) -> Path:
     """Export a checkpoint to `out_path` (written atomically) and return that path."""
-    from .checkpoint import atomic_write_bytes
-
     data = export_onnx_bytes(checkpoint_path, opset=opset, check=check)
     atomic_write_bytes(out_path, data)
     return Path(out_path)

@@ -11,7 +11,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from .checkpoint import atomic_write_bytes  # noqa: E402
+from .fileio import atomic_write_bytes  # noqa: E402
 
 
 def _save(fig: Any, path: Path) -> Path:

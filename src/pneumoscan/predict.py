@@ -19,8 +19,10 @@ import torch
 from . import checkpoint as ckpt_io
 from .images import ImageLoadError, is_image_file, load_for_model
 from .metrics import decide
-from .models import memory_format, probabilities
-from .train import keep_freed_memory, select_device
+from .fileio import atomic_write_text
+from .inference import freeze, model_input
+from .models import probabilities
+from .runtime import keep_freed_memory, select_device
 
 
 @dataclass
@@ -50,7 +52,8 @@ class Predictor:
         keep_freed_memory()
         self.device = select_device("cpu" if backend == "onnx" else device)
         loaded = ckpt_io.load(checkpoint, self.device)
-        self.model, self.config, self.threshold = loaded.model, loaded.config, loaded.threshold
+        self.model = freeze(loaded.model)  # the frozen inference form: derived weights computed once, here
+        self.config, self.threshold = loaded.config, loaded.threshold
         self.class_names = loaded.class_names
         if backend == "onnx" and len(self.class_names) > 2:
             raise ValueError("the onnx backend exports P(pneumonia) only; run three-class models with the torch backend")
@@ -79,8 +82,7 @@ class Predictor:
         """(N, S, S) uint8 -> (P(pneumonia) (N,), per-class probabilities (N, K) for three-class models, else None)."""
         if self.onnx is not None:
             return self.onnx.predict_arrays(pixels), None
-        x = torch.from_numpy(np.array(pixels, dtype=np.uint8)).to(self.device).unsqueeze(1).float()  # a copy: inputs may be read-only
-        x = self.prep.normalize(x).contiguous(memory_format=memory_format(x.device))
+        x = model_input(np.array(pixels, dtype=np.uint8), self.prep, self.device)  # a copy: inputs may be read-only
         return probabilities(self.model(x))
 
     def label_of(self, probability: float, class_probs: np.ndarray | None = None) -> str:
@@ -151,5 +153,5 @@ def predict_paths(checkpoint: str | os.PathLike, inputs: Iterable[str], out_csv:
     for r in results:
         w.writerow([r.path, "" if r.probability is None else f"{r.probability:.6f}", r.label or "", r.error or ""] +
                    ([f"{r.probabilities[n]:.6f}" if r.probabilities else "" for n in predictor.class_names] if per_class else []))
-    ckpt_io.atomic_write_text(out_csv, buf.getvalue())
+    atomic_write_text(out_csv, buf.getvalue())
     return results

@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 from typing import Any, Iterable
 
-from .checkpoint import atomic_write_text
+from .fileio import atomic_write_text
 from .config import Config
 
 # Soric, Pongrac, Inza: PReLU model on the official 624-image test split, checkpoint chosen on that split.

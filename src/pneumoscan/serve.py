@@ -25,6 +25,7 @@ import numpy as np
 
 from . import __version__
 from .explain import cam_for_batch, overlay, png_bytes
+from .fileio import optional_import
 from .images import ImageLoadError, load_grey, resize
 from .modelcard import model_card
 from .page import PAGE_HTML
@@ -114,13 +115,11 @@ class InferenceBatcher:
 
 def create_app(checkpoint: str | os.PathLike, device: str = "cpu", token: str | None = None, max_upload_mb: float = 20,
                max_files: int = 16, metrics_json: str | os.PathLike | None = None, max_batch: int = 16) -> Any:
-    try:
-        from fastapi import Depends, FastAPI, HTTPException, Request
-        from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
-        from starlette.concurrency import run_in_threadpool
-        from starlette.formparsers import MultiPartParser
-    except ImportError as e:
-        raise ImportError(f"serving needs FastAPI ({e}); install it with: pip install 'pneumoscan[serve]'") from e
+    optional_import("fastapi", "serve", "serving")
+    from fastapi import Depends, FastAPI, HTTPException, Request
+    from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
+    from starlette.concurrency import run_in_threadpool
+    from starlette.formparsers import MultiPartParser
 
     limit = int(max_upload_mb * 1024 * 1024)
     # keep every upload in memory: the spool only rolls over to a temporary file above this size

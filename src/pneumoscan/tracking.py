@@ -11,6 +11,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from .fileio import optional_import
+
 SCALARS = {"loss/train": "train_loss", "loss/val": "val_loss", "accuracy/train": "train_accuracy",
            "accuracy/val": "val_accuracy", "roc_auc/val": "val_roc_auc", "sensitivity/val": "val_recall",
            "specificity/val": "val_specificity", "lr": "lr", "speed/train_images_per_s": "train_images_per_s"}
@@ -20,11 +22,8 @@ class TensorBoardLogger:
     """Writes into RUN_DIR/tensorboard; safe to use from rank 0 only."""
 
     def __init__(self, run_dir: str | Path):
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError as e:
-            raise ImportError(f"--tensorboard needs the tensorboard package ({e}); install it with: "
-                              "pip install 'pneumoscan[tensorboard]'") from e
+        optional_import("tensorboard", "tensorboard", "--tensorboard")
+        from torch.utils.tensorboard import SummaryWriter
         self.writer = SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard"))
 
     def log_epoch(self, row: dict[str, Any]) -> None:

@@ -1,0 +1,100 @@
+"""The frozen inference form of a model, and scoring pixels with it.
+
+`freeze(model)` is an explicit step, like RepVGG's `switch_to_deploy`: it copies a trained model into
+eval mode, stops its gradients, and on a CPU rewrites the paper network into its fast inference
+form, whose derived weights are computed once, from the weights as they are at that moment. Later
+changes to the original model never reach the frozen copy. evaluate, predict, explain, serve and
+export work on a frozen model; the training loop never does (it validates the model it trains).
+
+`model_input` is the one place that turns cached or decoded uint8 pixels into model input.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from .config import Preprocessing
+from .cpu_kernels import (conv5x5_pool2_by_phases, composed_kernel, fits_composed_stem, grey_kernel, phase_weights,
+                          pooled_border, with_border)
+from .models import ElementwisePReLU, SeedCNN
+from .runtime import memory_format
+
+
+def model_input(pixels: torch.Tensor | np.ndarray, prep: Preprocessing, device: torch.device | None = None) -> torch.Tensor:
+    """(N, S, S) uint8 pixels -> (N, 1, S, S) float model input on `device`, in that device's layout
+    (the model replicates the grey channel itself)."""
+    x = torch.as_tensor(pixels)
+    x = prep.normalize(x.to(device or x.device).unsqueeze(1).float())
+    return x.contiguous(memory_format=memory_format(x.device))
+
+
+class FrozenPReLU(nn.Module):
+    """ElementwisePReLU with its slopes also stored in channels-last order, for channels-last input.
+
+    The slopes are parameters that do not require gradients, so that Grad-CAM can still ask for the
+    gradient of this layer's output by switching them on."""
+
+    def __init__(self, alpha: torch.Tensor):
+        super().__init__()
+        self.alpha = nn.Parameter(alpha.detach().clone(), requires_grad=False)
+        self.alpha_channels_last = nn.Parameter(alpha.detach().permute(1, 2, 0).reshape(-1).clone(), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+            y = F.prelu(x.permute(0, 2, 3, 1).reshape(b, -1), self.alpha_channels_last)
+            return y.view(b, h, w, c).permute(0, 3, 1, 2)
+        return F.prelu(x.reshape(b, -1), self.alpha.reshape(-1)).view(b, c, h, w)
+
+
+class FrozenSeedCNN(SeedCNN):
+    """The paper network's CPU inference form: the stem as one 5x5 convolution, computed on the 2x2-phase
+    grid (`for_onnx`: as a plain 5x5 convolution with a concatenated border, which ONNX Runtime runs
+    faster), from kernels derived once by `freeze`; PReLU slopes kept in channels-last order too."""
+
+    def derive(self, for_onnx: bool) -> None:
+        """Compute the stem's derived weights from conv1 and conv2 as they are now."""
+        self.for_onnx = for_onnx
+        with torch.no_grad():
+            grey_w1 = self.conv1.weight.sum(1, keepdim=True)
+            kernel, bias = composed_kernel(grey_w1, self.conv1.bias, self.conv2.weight, self.conv2.bias)
+            w, b = (kernel, bias) if for_onnx else phase_weights(kernel, bias)
+        self.register_buffer("stem_weight", w, persistent=False)
+        self.register_buffer("stem_bias", b, persistent=False)
+
+    def stem(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[1] != 1 or not fits_composed_stem(x):
+            return super().stem(x)
+        w1 = grey_kernel(self.conv1.weight, x)
+        border = pooled_border(x, w1, self.conv1.bias, self.conv2.weight, self.conv2.bias)
+        if self.for_onnx:
+            pooled = F.max_pool2d(F.conv2d(x, self.stem_weight, self.stem_bias, padding=2), 2)
+            return with_border(pooled, border, in_place=False)
+        return with_border(conv5x5_pool2_by_phases(x, self.stem_weight, self.stem_bias), border, in_place=True)
+
+
+def freeze(model: nn.Module, for_onnx: bool = False) -> nn.Module:
+    """A frozen copy of `model` for inference: eval mode, no gradients, and for the paper network on a
+    CPU its fast inference form (`FrozenSeedCNN`). `model` itself is left as it is."""
+    frozen = copy.deepcopy(model).eval().requires_grad_(False)
+    device = next(frozen.parameters()).device
+    if isinstance(frozen, SeedCNN) and device.type == "cpu":
+        frozen.__class__ = FrozenSeedCNN
+        frozen.derive(for_onnx)
+        for block in frozen.features:
+            for i, layer in enumerate(block):
+                if isinstance(layer, ElementwisePReLU):
+                    block[i] = FrozenPReLU(layer.alpha)
+        frozen = frozen.to(memory_format=torch.channels_last)
+    return frozen
+
+
+@torch.no_grad()
+def predict_logits(model: nn.Module, pixels: torch.Tensor, prep: Preprocessing, batch_size: int = 64) -> torch.Tensor:
+    """The model's outputs for (N, S, S) uint8 pixels (on the model's device), in batches."""
+    return torch.cat([model(model_input(pixels[i:i + batch_size], prep)) for i in range(0, len(pixels), batch_size)])

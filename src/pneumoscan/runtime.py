@@ -1,0 +1,104 @@
+"""The process's runtime: which device, which memory layout, the allocator, seeding and torchrun.
+
+Chosen once per command and passed down; nothing here changes what a model computes.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import random
+import resource
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+
+def select_device(name: str = "auto") -> torch.device:
+    """'auto' picks CUDA when available, else CPU; 'cuda' without a GPU is an error, not a silent fallback."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda was asked for but no CUDA GPU is available")
+    return torch.device(name)
+
+
+def memory_format(device: torch.device) -> torch.memory_format:
+    """The layout of images and activations on `device`: channels-last on a CPU, where oneDNN's kernels
+    for it are the fast ones; PyTorch's default on a GPU, where cuDNN sets up its first channels-last
+    step much more slowly (docs/gpu.md)."""
+    return torch.channels_last if device.type == "cpu" else torch.contiguous_format
+
+
+def keep_freed_memory() -> None:
+    """Let glibc keep freed blocks of up to 32 MiB for reuse instead of handing them back to the OS.
+
+    By default glibc maps large blocks fresh and unmaps them when freed, so every CPU step page-faults
+    its activations and gradients back in. The same as MALLOC_MMAP_THRESHOLD_=33554432
+    MALLOC_TRIM_THRESHOLD_=1073741824; costs some peak memory. Does nothing without glibc.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    libc.mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD: blocks up to 32 MiB come from the heap
+    libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD: up to 1 GiB of free heap is kept
+
+
+def peak_memory_mb() -> float:
+    """Peak resident memory of this process so far (Linux reports ru_maxrss in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def seed_everything(seed: int) -> torch.Generator:
+    """Seed Python, numpy and torch; returns the generator that drives shuffling and augmentation."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    return torch.Generator().manual_seed(seed)
+
+
+@dataclass(frozen=True)
+class Distributed:
+    """This process's place in a torchrun job (rank 0 of 1 when not launched by torchrun)."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    def barrier(self) -> None:
+        if self.enabled:
+            torch.distributed.barrier()
+
+    def sum(self, *values: float) -> list[float]:
+        """Each value summed over the processes (the values themselves in a single process)."""
+        if not self.enabled:
+            return list(values)
+        totals = torch.tensor(values, dtype=torch.float64)
+        torch.distributed.all_reduce(totals)
+        return totals.tolist()
+
+
+def init_distributed(device: str) -> tuple[Distributed, torch.device]:
+    """Join the torchrun job described by the environment (gloo on CPU, NCCL on CUDA), if any."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Distributed(), select_device(device)
+    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    dev = select_device(device)
+    if dev.type == "cuda":
+        dev = torch.device("cuda", local)
+        torch.cuda.set_device(dev)
+    else:  # share the cores between the processes on this machine
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", world))))
+    torch.distributed.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+    return Distributed(rank, world, local), dev
