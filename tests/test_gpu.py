@@ -103,3 +103,25 @@ def test_validation_on_the_gpu_matches_the_cpu_eager_and_replayed_also_after_the
         assert eager.shape == replayed.shape == cpu.shape == (21,)
         assert cpu.std() > 0.003 and torch.allclose(eager, cpu, atol=1e-3) and torch.allclose(replayed, eager, atol=1e-6)
     assert "validation" in graphs
+
+
+@pytest.mark.parametrize("graphs", [False, True])
+def test_the_best_epochs_logged_validation_equals_evaluate_of_best_pt_on_the_gpu(tmp_path, graphs):
+    """The CPU invariant of test_invariants.py, on the GPU: replayed steps and validation, then evaluate."""
+    import json
+
+    from pneumoscan.cli import main
+
+    from .conftest import make_dataset
+    from .test_invariants import paper_run_args
+
+    data = make_dataset(tmp_path / "data", patients_per_class=30, images_per_patient=2)
+    args = [*paper_run_args(data, tmp_path / "run", epochs=6, image_size=48), "--batchnorm-momentum", "0.1"]
+    args[args.index("--device") + 1] = "cuda"
+    assert main(args + ([] if graphs else ["--no-cuda-graphs"])) == 0
+    logged = json.loads((tmp_path / "run" / "summary.json").read_text())["best_val"]
+    evaluated = json.loads((tmp_path / "run" / "eval-val" / "metrics.json").read_text())
+    assert logged["roc_auc"] > 0.8
+    for key in ("accuracy", "roc_auc", "recall", "specificity"):
+        assert logged[key] == pytest.approx(evaluated[key], abs=1e-5), key
+    assert logged["bce"] == pytest.approx(evaluated["log_loss"], abs=1e-5)
