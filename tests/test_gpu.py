@@ -107,7 +107,11 @@ def test_validation_on_the_gpu_matches_the_cpu_eager_and_replayed_also_after_the
 
 @pytest.mark.parametrize("graphs", [False, True])
 def test_the_best_epochs_logged_validation_equals_evaluate_of_best_pt_on_the_gpu(tmp_path, graphs):
-    """The CPU invariant of test_invariants.py, on the GPU: replayed steps and validation, then evaluate."""
+    """The CPU invariant of test_invariants.py, on the GPU: replayed steps and validation, then evaluate.
+
+    cuDNN runs convolutions in TF32 by default and chooses its algorithms per batch shape (validation
+    batches are padded to the training batch size, evaluate's are not): the loss agrees to TF32's
+    precision, the decisions and the ranking exactly."""
     import json
 
     from pneumoscan.cli import main
@@ -124,4 +128,4 @@ def test_the_best_epochs_logged_validation_equals_evaluate_of_best_pt_on_the_gpu
     assert logged["roc_auc"] > 0.8
     for key in ("accuracy", "roc_auc", "recall", "specificity"):
         assert logged[key] == pytest.approx(evaluated[key], abs=1e-5), key
-    assert logged["bce"] == pytest.approx(evaluated["log_loss"], abs=1e-5)
+    assert logged["bce"] == pytest.approx(evaluated["log_loss"], rel=2e-3)
