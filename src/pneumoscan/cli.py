@@ -287,7 +287,7 @@ def run() -> None:
     """The `pneumoscan` command and `python -m pneumoscan`: `main`, then a quick exit.
 
     At exit Python's garbage collector walks every object still alive, and PyTorch makes hundreds of
-    thousands: about 0.5 s on a 2-core machine. Freezing them first skips the walk; by then every file the
+    thousands, which takes a noticeable part of a second. Freezing them first skips the walk; by then every file the
     command writes is written and closed.
     """
     code = main()

@@ -139,7 +139,7 @@ RECIPES: dict[str, Config] = {
     "large-batch": Config(model=ModelConfig(batchnorm_momentum=round(1 - 0.99 ** 16, 4)),
                           train=TrainConfig(batch_size=256, lr=4e-3, epochs=30, eval_batch_size=256),
                           recipe="large-batch"),
-    # Chosen on validation (README, "Experiments"). Both keep the chest upright (no vertical flip), zoom
+    # Chosen on validation (docs/experiments.md). Both keep the chest upright (no vertical flip), zoom
     # less, resize with area averaging, and pick the threshold by Youden's J on validation.
     "tuned": Config(preprocessing=Preprocessing(resize_filter="area"),
                     augmentation=Augmentation(zoom=0.2, vertical_flip=False),

@@ -37,7 +37,7 @@ class Prediction:
 class Predictor:
     """A loaded checkpoint ready to score images: `predict_arrays`, `predict_file`, `predict_files`.
 
-    `backend="onnx"` exports the model (about 10 s the first time; the export is remembered in the cache
+    `backend="onnx"` exports the model (seconds, the first time; the export is remembered in the cache
     folder, never beside the checkpoint) and runs it with ONNX Runtime on the CPU
     (`pip install 'pneumoscan[onnx]'`); `"torch"` runs PyTorch on `device`.
     """

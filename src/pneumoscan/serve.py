@@ -113,6 +113,27 @@ class InferenceBatcher:
                 done.set_exception(e)
 
 
+def score_upload(predictor: Predictor, batcher: InferenceBatcher, name: str, data: bytes, heatmap: bool) -> dict[str, Any]:
+    """One uploaded file's result: probability, label, per-class probabilities, overlay (base64 PNG), or its error."""
+    result: dict[str, Any] = {"filename": name, "probability": None, "label": None, "threshold": predictor.threshold,
+                              "class_names": predictor.class_names, "model": predictor.config.model.name,
+                              "heatmap_png": None, "probabilities": None, "error": None}
+    try:
+        grey = load_grey(data, name=name)
+    except ImageLoadError as e:
+        result["error"] = e.reason
+        return result
+    prep = predictor.config.preprocessing
+    heat, prob, class_probs = batcher.score(resize(grey, prep.image_size, prep.resize_filter), heatmap)
+    prediction = predictor.prediction(name, prob, class_probs)
+    result.update(probability=prob, label=prediction.label, probabilities=prediction.probabilities)
+    if heatmap:
+        shown = resize(grey, 512, "area") if max(grey.shape) > 512 else grey  # enough for a browser
+        # fast PNG compression: at the default level encoding took longer than the Grad-CAM itself
+        result["heatmap_png"] = base64.b64encode(png_bytes(overlay(shown, heat), compress_level=1)).decode("ascii")
+    return result
+
+
 def create_app(checkpoint: str | os.PathLike, device: str = "cpu", token: str | None = None, max_upload_mb: float = 20,
                max_files: int = 16, metrics_json: str | os.PathLike | None = None, max_batch: int = 16) -> Any:
     optional_import("fastapi", "serve", "serving")
@@ -161,25 +182,6 @@ def create_app(checkpoint: str | os.PathLike, device: str = "cpu", token: str | 
     def model_card_md() -> str:
         return card
 
-    def score(name: str, data: bytes, heatmap: bool) -> dict[str, Any]:
-        result: dict[str, Any] = {"filename": name, "probability": None, "label": None, "threshold": predictor.threshold,
-                                  "class_names": predictor.class_names, "model": info["name"], "heatmap_png": None,
-                                  "probabilities": None, "error": None}
-        try:
-            grey = load_grey(data, name=name)
-        except ImageLoadError as e:
-            result["error"] = e.reason
-            return result
-        pixels = resize(grey, cfg.preprocessing.image_size, cfg.preprocessing.resize_filter)
-        heat, prob, class_probs = batcher.score(pixels, heatmap)
-        prediction = predictor.prediction(name, prob, class_probs)
-        result.update(probability=prob, label=prediction.label, probabilities=prediction.probabilities)
-        if heatmap:
-            shown = resize(grey, 512, "area") if max(grey.shape) > 512 else grey  # enough for a browser
-            # fast PNG compression: at the default level encoding took longer than the Grad-CAM itself
-            result["heatmap_png"] = base64.b64encode(png_bytes(overlay(shown, heat), compress_level=1)).decode("ascii")
-        return result
-
     @app.post("/api/predict", dependencies=[Depends(check_token)])
     async def predict(request: Request, heatmap: bool = True) -> Any:
         """Score one or several uploaded images (multipart field `files`): JPEG, PNG or DICOM."""
@@ -198,7 +200,7 @@ def create_app(checkpoint: str | os.PathLike, device: str = "cpu", token: str | 
         for i, up in enumerate(uploads):
             name = os.path.basename(up.filename or "") or f"upload-{i + 1}"  # shown only, never a path
             data = await up.read()
-            results.append(await run_in_threadpool(score, name, data, heatmap))
+            results.append(await run_in_threadpool(score_upload, predictor, batcher, name, data, heatmap))
         status = 422 if all(r["error"] for r in results) else 200
         return JSONResponse({"results": results, "model": info}, status_code=status)
 

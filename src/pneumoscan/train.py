@@ -425,25 +425,12 @@ def _train(cfg: Config, out: Path, dev: torch.device, ddp: Distributed, resume: 
     if warm_up:
         warm_up.join()
         marks["warm_up_wait"] = time.perf_counter()  # how long the warm-up outlasted everything before
-    # scikit-learn takes 1-2 s to import and is first needed by the first validation: import it while the
-    # first epoch trains (PyTorch releases the GIL inside its kernels)
+    # scikit-learn is slow to import and first needed by the first validation: import it while the first
+    # epoch trains (PyTorch releases the GIL inside its kernels)
     threading.Thread(target=_import_quietly, args=("sklearn.metrics",), daemon=True).start()
 
     for epoch in range(run.start_epoch, cfg.train.epochs + 1):
-        epoch_start, epoch_lr = time.perf_counter(), float(run.optimizer.param_groups[0]["lr"])
-        order = epoch_order(data["train"].labels, cfg, epoch, ddp)
-        tr = train_one_epoch(net, data["train"], order, cfg, run.optimizer, generator, progress,
-                             desc=f"epoch {epoch}/{cfg.train.epochs}", class_weights=class_weights, graphs=graphs)
-        loss_sum, right, images = ddp.sum(tr["loss"] * tr["images"], tr["accuracy"] * tr["images"], tr["images"])
-        tr.update(loss=loss_sum / images, accuracy=right / images, images=int(images), images_per_s=images / tr["seconds"])
-        val_start = time.perf_counter()
-        va = validate(run.model, data["val"], cfg, val_graphs)  # every process scores the whole split: same LR steps
-        val_seconds = time.perf_counter() - val_start
-        run.scheduler.step(va["loss"])
-        run.set_lr(run.optimizer.param_groups[0]["lr"])
-        stop = cfg.train.early_stopping and run.stopper.step(va["accuracy"])
-        row = _epoch_row(epoch, epoch_lr, tr, va, val_seconds, time.perf_counter() - epoch_start)
-        run.history.append(row)
+        row, va, stop = run_epoch(run, net, data, epoch, ddp, progress, class_weights, graphs, val_graphs)
         improved, run.best_loss = va["loss"] < run.best_loss, min(run.best_loss, va["loss"])
         if ddp.is_main:
             _log_epoch(out, row, tracker)
@@ -470,6 +457,29 @@ def _train(cfg: Config, out: Path, dev: torch.device, ddp: Distributed, resume: 
                    peak_memory_mb=round(peak_memory_mb(), 1), resumed=resume)
     write_json(out / "summary.json", summary)
     return summary
+
+
+def run_epoch(run: Run, net: nn.Module, data: dict[str, DeviceSplit], epoch: int, ddp: Distributed, progress: bool,
+              class_weights: torch.Tensor | None, graphs: dict[str, CudaGraphStep] | None,
+              val_graphs: dict[str, CudaGraphForward] | None) -> tuple[dict[str, Any], dict[str, Any], bool]:
+    """Train one epoch, validate, step the LR schedule and early stopping: (metrics.jsonl row, validation
+    figures, whether to stop). The row is appended to the run's history."""
+    cfg = run.cfg
+    epoch_start, epoch_lr = time.perf_counter(), float(run.optimizer.param_groups[0]["lr"])
+    order = epoch_order(data["train"].labels, cfg, epoch, ddp)
+    tr = train_one_epoch(net, data["train"], order, cfg, run.optimizer, run.generator, progress,
+                         desc=f"epoch {epoch}/{cfg.train.epochs}", class_weights=class_weights, graphs=graphs)
+    loss_sum, right, images = ddp.sum(tr["loss"] * tr["images"], tr["accuracy"] * tr["images"], tr["images"])
+    tr.update(loss=loss_sum / images, accuracy=right / images, images=int(images), images_per_s=images / tr["seconds"])
+    val_start = time.perf_counter()
+    va = validate(run.model, data["val"], cfg, val_graphs)  # every process scores the whole split: same LR steps
+    val_seconds = time.perf_counter() - val_start
+    run.scheduler.step(va["loss"])
+    run.set_lr(run.optimizer.param_groups[0]["lr"])
+    stop = cfg.train.early_stopping and run.stopper.step(va["accuracy"])
+    row = _epoch_row(epoch, epoch_lr, tr, va, val_seconds, time.perf_counter() - epoch_start)
+    run.history.append(row)
+    return row, va, stop
 
 
 def finish(out: Path, run: Run, data: dict[str, DeviceSplit], val_graphs: dict[str, CudaGraphForward] | None) -> dict[str, Any]:
