@@ -134,6 +134,14 @@ def score_upload(predictor: Predictor, batcher: InferenceBatcher, name: str, dat
     return result
 
 
+def describe_model(predictor: Predictor, checkpoint_name: str) -> dict[str, Any]:
+    """What /api/model and every prediction response say about the model."""
+    cfg = predictor.config
+    return {"name": cfg.model.name, "activation": cfg.model.activation, "recipe": cfg.recipe,
+            "checkpoint": checkpoint_name, "pneumoscan_version": __version__, "class_names": predictor.class_names,
+            "threshold": predictor.threshold, "image_size": cfg.preprocessing.image_size, "disclaimer": DISCLAIMER}
+
+
 def create_app(checkpoint: str | os.PathLike, device: str = "cpu", token: str | None = None, max_upload_mb: float = 20,
                max_files: int = 16, metrics_json: str | os.PathLike | None = None, max_batch: int = 16) -> Any:
     optional_import("fastapi", "serve", "serving")
@@ -147,15 +155,9 @@ def create_app(checkpoint: str | os.PathLike, device: str = "cpu", token: str | 
     MultiPartParser.spool_max_size = max(MultiPartParser.spool_max_size, limit + 1)
     predictor = Predictor(checkpoint, device=device)
     batcher = InferenceBatcher(predictor, max_batch)
-    ckpt = Path(checkpoint)
-    metrics_path = Path(metrics_json) if metrics_json else ckpt.parent / "eval-val" / "metrics.json"
+    metrics_path = Path(metrics_json) if metrics_json else Path(checkpoint).parent / "eval-val" / "metrics.json"
     card = model_card(checkpoint, metrics_path if metrics_path.is_file() else None)
-    cfg = predictor.config
-    info = {
-        "name": cfg.model.name, "activation": cfg.model.activation, "recipe": cfg.recipe,
-        "checkpoint": ckpt.name, "pneumoscan_version": __version__, "class_names": predictor.class_names,
-        "threshold": predictor.threshold, "image_size": cfg.preprocessing.image_size, "disclaimer": DISCLAIMER,
-    }
+    info = describe_model(predictor, Path(checkpoint).name)
 
     def check_token(request: Request) -> None:
         if token is None:
