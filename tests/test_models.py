@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from pneumoscan.models import ACTIVATIONS, ElementwisePReLU, SeedCNN, count_parameters, create_model, model_names
+from pneumoscan.models import ACTIVATIONS, ElementwisePReLU, count_parameters, create_model, model_names
 
 
 def test_prelu_model_has_the_keras_parameter_count():
