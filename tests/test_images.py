@@ -100,3 +100,54 @@ def test_decompression_bomb_is_refused_from_the_header_alone():
         + chunk(b"IDAT", zlib.compress(b"\x00" * 100)) + chunk(b"IEND", b"")
     with pytest.raises(ImageLoadError, match="bomb.png: .*(megapixels|decompression bomb)"):
         load_grey(png, name="bomb.png")
+
+
+def _saved(fmt: str) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray((np.arange(64 * 48) % 251).astype(np.uint8).reshape(48, 64)).save(buf, format=fmt)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("fmt", ["BMP", "TIFF", "GIF", "WEBP", "PPM", "ICO", "EPS", "TGA", "PCX", "JPEG2000", "SGI", "DDS"])
+def test_only_the_accepted_formats_are_decoded_whatever_the_name(fmt):
+    with pytest.raises(ImageLoadError, match="accepted.*JPEG, PNG, DICOM") as e:
+        load_grey(_saved(fmt), name="scan.png")
+    assert str(e.value).startswith("scan.png: ")
+
+
+def test_refused_formats_are_named():
+    with pytest.raises(ImageLoadError, match="GIF is not an accepted format"):
+        load_grey(_saved("GIF"), name="scan.png")
+
+
+def test_megapixel_limit_applies_above_pillows_own_bomb_limit(monkeypatch, recwarn):
+    # Pillow warns above MAX_IMAGE_PIXELS and refuses above twice that; the loader's limit is the one that counts
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    data = _png(Image.new("L", (2000, 1000)))
+    assert load_grey(data, max_megapixels=3).shape == (1000, 2000)
+    with pytest.raises(ImageLoadError, match="over the 1 MP limit"):
+        load_grey(data, max_megapixels=1)
+    assert Image.MAX_IMAGE_PIXELS == 1000 and not [w for w in recwarn if issubclass(w.category, Image.DecompressionBombWarning)]
+
+
+def test_sixteen_bit_png_costs_a_few_bytes_a_pixel():
+    import tracemalloc
+
+    a = (np.arange(2000 * 1500, dtype=np.int64) * 7 % 65536).astype(np.uint16).reshape(1500, 2000)
+    data = _png(Image.fromarray(a))
+    tracemalloc.start()
+    try:
+        grey = load_grey(data)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert grey.shape == (1500, 2000) and grey.min() == 0 and grey.max() == 255
+    assert peak / a.size < 6, f"{peak / a.size:.1f} bytes a pixel"
+
+
+def test_sixteen_bit_stretch_matches_the_float_formula():
+    rng = np.random.default_rng(3)
+    a = rng.integers(1200, 40000, (37, 53)).astype(np.uint16)
+    lo, hi = float(a.min()), float(a.max())
+    expected = np.round((a.astype(np.float64) - lo) / (hi - lo) * 255.0).astype(np.uint8)
+    assert np.array_equal(load_grey(_png(Image.fromarray(a))), expected)

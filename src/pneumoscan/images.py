@@ -1,22 +1,23 @@
 """The one image loader: every path (train, evaluate, predict) turns a file into grey uint8 pixels here.
 
 Errors are raised as `ImageLoadError`, whose message names the file and the reason, so batch jobs can
-record it and carry on.
+record it and carry on. Only the formats in `ACCEPTED_FORMATS` are decoded: the bytes pick the format
+(whatever the file is called), and anything else is refused before a decoder sees it.
 """
 
 from __future__ import annotations
 
 import io
 import os
-import warnings
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageFile, ImageOps, JpegImagePlugin, PngImagePlugin
 
 from .dicom import DICOM_SUFFIXES, DicomError, dicom_to_grey, is_dicom
 
 IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png", *DICOM_SUFFIXES)
+ACCEPTED_FORMATS = ("JPEG", "PNG", "DICOM")
 # decompression-bomb guard for every command; PNEUMOSCAN_MAX_MEGAPIXELS overrides it
 DEFAULT_MAX_MEGAPIXELS = float(os.environ.get("PNEUMOSCAN_MAX_MEGAPIXELS", "100"))
 _FILTERS = {
@@ -26,6 +27,23 @@ _FILTERS = {
     "area": Image.Resampling.BOX,
     "lanczos": Image.Resampling.LANCZOS,
 }
+# Pillow's decoders for the accepted raster formats, chosen by signature. Calling them directly skips
+# Image.open's search over every registered format and Pillow's global MAX_IMAGE_PIXELS check: the
+# megapixel limit below is the one that applies.
+_DECODERS: tuple[tuple[bytes, type[ImageFile.ImageFile]], ...] = (
+    (b"\x89PNG\r\n\x1a\n", PngImagePlugin.PngImageFile),
+    (b"\xff\xd8\xff", JpegImagePlugin.JpegImageFile),
+)
+# signatures of formats Pillow could read but the loader refuses, to name them in the error
+_REFUSED = ((b"II*\x00", "TIFF"), (b"MM\x00*", "TIFF"), (b"II+\x00", "TIFF"), (b"MM\x00+", "TIFF"),
+            (b"GIF8", "GIF"), (b"BM", "BMP"), (b"RIFF", "WEBP"), (b"%!PS", "PostScript/EPS"),
+            (b"\xc5\xd0\xd3\xc6", "EPS"), (b"\x00\x00\x01\x00", "ICO"), (b"\x00\x00\x00\x0cjP  ", "JPEG 2000"),
+            (b"\xffO\xffQ", "JPEG 2000"), (b"P1", "PNM"), (b"P2", "PNM"), (b"P3", "PNM"), (b"P4", "PNM"),
+            (b"P5", "PNM"), (b"P6", "PNM"), (b"P7", "PAM"), (b"qoif", "QOI"), (b"\x00\x00\x00\x1cftyp", "HEIF/AVIF"))
+
+
+class _Refused(Exception):
+    """Bytes that are not one of the accepted raster formats; the message says what is accepted."""
 
 
 class ImageLoadError(Exception):
@@ -41,26 +59,81 @@ def is_image_file(path: Path) -> bool:
     return path.suffix.lower() in IMAGE_SUFFIXES and not path.name.startswith(".")
 
 
+def _accepted() -> str:
+    return ", ".join(ACCEPTED_FORMATS)
+
+
+def _stretch(a: np.ndarray) -> np.ndarray:
+    """Integer or float pixels -> uint8, their own range stretched to 0..255 (rounded)."""
+    lo, hi = a.min(), a.max()
+    if not hi > lo:  # one value, or NaN
+        return np.zeros(a.shape, np.uint8)
+    lo, hi = float(lo), float(hi)
+    if a.dtype.kind == "u" and a.dtype.itemsize <= 2:
+        # a lookup table indexed by the pixel values: 1 byte a pixel, the rounding of the float formula
+        levels = np.arange(2 ** (8 * a.dtype.itemsize), dtype=np.float64)
+        lut = np.round(np.clip((levels - lo) / (hi - lo), 0.0, 1.0) * 255.0).astype(np.uint8)
+        return lut[a]
+    out = a.astype(np.float32)  # wider integers and floats: one float32 copy, scaled in place
+    np.subtract(out, np.float32(lo), out=out)
+    np.multiply(out, np.float32(255.0 / (hi - lo)), out=out)
+    np.nan_to_num(out, copy=False)
+    np.clip(np.rint(out, out=out), 0, 255, out=out)
+    return out.astype(np.uint8)
+
+
 def _to_grey(img: Image.Image) -> np.ndarray:
     """Any PIL mode -> 2-D uint8 grey. 16-bit and float images are stretched to their own range."""
     if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        a = np.asarray(img, dtype=np.float64)
-        lo, hi = float(a.min()), float(a.max())
-        a = (a - lo) / (hi - lo) * 255.0 if hi > lo else np.zeros_like(a)
-        return np.round(a).astype(np.uint8)
+        return _stretch(np.asarray(img))
     if img.mode in ("LA", "RGBA", "PA") or (img.mode == "P" and "transparency" in img.info):
         img = img.convert("RGBA")
         background = Image.new("RGBA", img.size, (0, 0, 0, 255))
         img = Image.alpha_composite(background, img)
-    return np.asarray(img.convert("L"), dtype=np.uint8)
+    return np.asarray(img if img.mode == "L" else img.convert("L"), dtype=np.uint8)
+
+
+def _open(data: bytes) -> ImageFile.ImageFile:
+    """The decoder of an accepted format, or _Refused naming what the bytes are and what is accepted."""
+    for signature, decoder in _DECODERS:
+        if data.startswith(signature):
+            return decoder(io.BytesIO(data))
+    known = next((name for signature, name in _REFUSED if data.startswith(signature)), None)
+    if known:
+        raise _Refused(f"{known} is not an accepted format (accepted: {_accepted()})")
+    raise _Refused(f"not a recognised image (accepted formats: {_accepted()})")
+
+
+def _decode_raster(data: bytes, label: str, max_megapixels: float) -> np.ndarray:
+    """JPEG or PNG bytes -> grey uint8, refusing images over the megapixel limit before decoding."""
+    try:
+        with _open(data) as img:
+            w, h = img.size
+            if w * h > max_megapixels * 1_000_000:
+                raise ImageLoadError(label, f"image is {w}x{h} = {w * h / 1e6:.1f} megapixels, over the {max_megapixels:g} MP limit")
+            img.load()
+            ImageOps.exif_transpose(img, in_place=True)  # in place: no copy when there is nothing to turn
+            return _to_grey(img)
+    except ImageLoadError:
+        raise
+    except _Refused as e:
+        raise ImageLoadError(label, str(e)) from None
+    except MemoryError:
+        raise ImageLoadError(label, "not enough memory to decode the image") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as e:
+        raise ImageLoadError(label, f"corrupt or truncated image ({e})") from None
+    except Exception as e:  # a decoder's unexpected failure on hostile bytes is still one file's error
+        raise ImageLoadError(label, f"cannot decode the image ({type(e).__name__}: {e})") from None
 
 
 def load_grey(source: str | os.PathLike | bytes, name: str | None = None, max_megapixels: float = DEFAULT_MAX_MEGAPIXELS) -> np.ndarray:
     """Decode a JPEG, PNG or DICOM file (a path or its bytes) into a 2-D uint8 grey array.
 
     JPEG/PNG: EXIF orientation applied; 16-bit images stretched to their own range. DICOM: see `dicom`.
+    Other formats are refused, whatever the file is called.
 
-    `name` is what error messages call the file (defaults to the path). Raises ImageLoadError.
+    `name` is what error messages call the file (defaults to the path). Raises ImageLoadError, and
+    nothing else, for any bytes.
     """
     label = name or (str(source) if not isinstance(source, bytes) else "<upload>")
     try:
@@ -69,30 +142,17 @@ def load_grey(source: str | os.PathLike | bytes, name: str | None = None, max_me
         raise ImageLoadError(label, f"cannot read file ({e.strerror or e})") from None
     if not data:
         raise ImageLoadError(label, "file is empty (0 bytes)")
-    limit = int(max_megapixels * 1_000_000)
     if is_dicom(data) or label.lower().endswith(DICOM_SUFFIXES):
         try:
-            return dicom_to_grey(data, limit)
+            grey = dicom_to_grey(data, int(max_megapixels * 1_000_000))
         except DicomError as e:
             raise ImageLoadError(label, str(e)) from None
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as img:
-                w, h = img.size
-                if w * h > limit:
-                    raise ImageLoadError(label, f"image is {w}x{h} = {w * h / 1e6:.1f} megapixels, over the {max_megapixels:g} MP limit")
-                img.load()
-                ImageOps.exif_transpose(img, in_place=True)  # in place: no copy when there is nothing to turn
-                grey = _to_grey(img)
-    except ImageLoadError:
-        raise
-    except UnidentifiedImageError:
-        raise ImageLoadError(label, "not a recognised image (expected JPEG, PNG or DICOM)") from None
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise ImageLoadError(label, f"decompression bomb refused ({e})") from None
-    except (OSError, SyntaxError, ValueError, EOFError) as e:
-        raise ImageLoadError(label, f"corrupt or truncated image ({e})") from None
+        except MemoryError:
+            raise ImageLoadError(label, "not enough memory to decode the DICOM pixel data") from None
+        except Exception as e:  # dicom_to_grey names its failures; anything else is still this file's error
+            raise ImageLoadError(label, f"malformed DICOM ({type(e).__name__}: {e})") from None
+    else:
+        grey = _decode_raster(data, label, max_megapixels)
     if grey.ndim != 2 or min(grey.shape) < 1:
         raise ImageLoadError(label, f"unexpected pixel array of shape {grey.shape}")
     return grey
