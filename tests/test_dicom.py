@@ -10,7 +10,7 @@ from pneumoscan.images import ImageLoadError, load_grey
 pydicom = pytest.importorskip("pydicom")
 from pydicom.dataset import Dataset, FileMetaDataset  # noqa: E402
 from pydicom.encaps import encapsulate  # noqa: E402
-from pydicom.uid import (ExplicitVRLittleEndian, JPEGBaseline8Bit, JPEGLSLossless,  # noqa: E402
+from pydicom.uid import (DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, JPEGBaseline8Bit, JPEGLSLossless, RLELossless,  # noqa: E402
                          SecondaryCaptureImageStorage, generate_uid)
 from PIL import Image  # noqa: E402
 
@@ -105,3 +105,117 @@ def test_jpeg_baseline_dicom_decodes_through_pillow():
     grey = load_grey(make_dicom(img, syntax=JPEGBaseline8Bit, frame=buf.getvalue()), name="j.dcm")
     assert grey.shape == (40, 30)
     assert np.corrcoef(grey.ravel().astype(float), img.ravel().astype(float))[0, 1] > 0.98
+
+
+def _meta_end(data: bytes) -> int:
+    """Where a Part 10 file's dataset starts: after the (0002,0000) group length's group."""
+    return 132 + 12 + int.from_bytes(data[140:144], "little")
+
+
+def _deflated(pixels: np.ndarray, extra: bytes = b"", before_pixels: bool = False, **kw) -> bytes:
+    """A deflated DICOM file; `extra` (explicit VR LE elements) goes before the pixel data or after it."""
+    import zlib
+
+    plain = make_dicom(pixels, **kw)
+    dataset = plain[_meta_end(plain):]
+    at = dataset.index(b"\xe0\x7f\x10\x00")  # (7FE0,0010) Pixel Data
+    dataset = dataset[:at] + extra + dataset[at:] if before_pixels else dataset + extra
+    deflated = make_dicom(pixels, syntax=DeflatedExplicitVRLittleEndian, **kw)
+    packer = zlib.compressobj(6, zlib.DEFLATED, -zlib.MAX_WBITS)
+    return deflated[:_meta_end(deflated)] + packer.compress(dataset) + packer.flush()
+
+
+def _zeros_element(tag: bytes, n: int) -> bytes:
+    """An explicit VR LE OB element of n zero bytes."""
+    return tag + b"OB\x00\x00" + n.to_bytes(4, "little") + bytes(n)
+
+
+def test_deflated_dicom_decodes_like_the_uncompressed_one():
+    data = make_dicom(RAMP, syntax=DeflatedExplicitVRLittleEndian, WindowCenter=1000, WindowWidth=1500)
+    assert DeflatedExplicitVRLittleEndian.encode() in data[:_meta_end(data)]
+    assert np.array_equal(load_grey(data, name="z.dcm"), load_grey(make_dicom(RAMP, WindowCenter=1000, WindowWidth=1500)))
+
+
+@pytest.mark.parametrize("before_pixels", [False, True])
+def test_deflate_bomb_is_refused_in_bounded_memory(before_pixels):
+    import tracemalloc
+
+    # a 1 x 1 image with 64 MiB of zeros (about 64 KB deflated): trailing padding, or a private element before the pixels
+    tag = b"\x09\x00\x10\x10" if before_pixels else b"\xfc\xff\xfc\xff"
+    bomb = _deflated(np.ones((1, 1), np.uint16), _zeros_element(tag, 64 * 2**20), before_pixels=before_pixels)
+    assert len(bomb) < 2**20
+    tracemalloc.start()
+    try:
+        with pytest.raises(ImageLoadError, match="bomb.dcm: .*decompression bomb"):
+            load_grey(bomb, name="bomb.dcm", max_megapixels=1)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 24 * 2**20, f"{peak / 2**20:.0f} MiB"
+
+
+def test_deflated_dicom_with_a_small_trailer_still_decodes():
+    data = _deflated(RAMP, _zeros_element(b"\xfc\xff\xfc\xff", 1000))
+    assert np.array_equal(load_grey(data, name="t.dcm"), load_grey(make_dicom(RAMP)))
+
+
+def test_pixel_data_size_is_checked_before_decoding():
+    # 30 x 40 pixels are within 0.0015 MP, but 3 samples of 64 bits each are not within its bytes
+    with pytest.raises(ImageLoadError, match="over what the 0.0015 MP limit allows"):
+        load_grey(make_dicom(RAMP, SamplesPerPixel=3, BitsAllocated=64), name="wide.dcm", max_megapixels=0.0015)
+
+
+@pytest.mark.parametrize("keyword", ["NumberOfFrames", "Rows", "WindowCenter"])
+def test_malformed_header_values_are_a_per_file_error(keyword):
+    if keyword == "Rows":  # Rows is binary (US): declare 2 values where one belongs
+        data = make_dicom(RAMP)
+        at = data.index(b"\x28\x00\x10\x00US\x02\x00")
+        data = data[:at] + b"\x28\x00\x10\x00US\x04\x00" + data[at + 8:at + 10] + b"\x01\x00" + data[at + 10:]
+    else:  # a number written as text that is not one
+        data = make_dicom(RAMP, **{keyword: "12345"}, WindowWidth=100).replace(b"12345 ", b"1x579 ")
+    with pytest.raises(ImageLoadError, match=keyword) as e:
+        load_grey(data, name="odd.dcm")
+    assert str(e.value).startswith("odd.dcm: ")
+
+
+def _peak_of(fn) -> int:
+    """The largest traced allocation total (numpy included) while fn runs."""
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        fn()
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def test_rle_dicom_decodes_like_the_uncompressed_one():
+    ds = pydicom.dcmread(io.BytesIO(make_dicom(RAMP)))
+    ds.compress(RLELossless)
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    assert np.array_equal(load_grey(buf.getvalue(), name="r.dcm"), load_grey(make_dicom(RAMP)))
+
+
+def test_rle_bomb_is_refused_before_decoding():
+    # a 1 x 1 image whose one RLE segment repeats a byte 128 times every 2 bytes: 1 MiB decodes to 64 MiB
+    segment = b"\x81\x07" * 2**19
+    frame = (1).to_bytes(4, "little") + (64).to_bytes(4, "little") + bytes(56) + segment
+    bomb = make_dicom(np.ones((1, 1), np.uint8), syntax=RLELossless, frame=frame)
+
+    def load():
+        with pytest.raises(ImageLoadError, match="rle.dcm: .*decompression bomb"):
+            load_grey(bomb, name="rle.dcm")
+    assert _peak_of(load) < 8 * 2**20
+
+
+def test_jpeg_frame_larger_than_the_header_is_refused_before_decoding():
+    buf = io.BytesIO()
+    Image.new("L", (3000, 3000), 9).save(buf, format="JPEG", quality=10)
+    data = make_dicom(np.ones((1, 1), np.uint8), syntax=JPEGBaseline8Bit, frame=buf.getvalue())
+
+    def load():
+        with pytest.raises(ImageLoadError, match="j.dcm: compressed frame is 3000x3000, larger than the 1x1 image"):
+            load_grey(data, name="j.dcm")
+    assert _peak_of(load) < 4 * 2**20
