@@ -17,14 +17,14 @@ pytest.importorskip("monai")
 
 from pneumoscan.serve import create_app  # noqa: E402
 
-from .test_serve import checkpoint  # noqa: E402,F401  (module-scoped trained checkpoint fixture)
+from .test_serve import checkpoint, undefined_metrics_checkpoint  # noqa: E402,F401  (module-scoped fixtures)
 
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 
 
-@pytest.fixture
-def server(checkpoint):  # noqa: F811
+def start(checkpoint):  # noqa: F811
+    """A live server for `checkpoint` on a free loopback port, in a thread: (URL, server, thread)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -35,7 +35,13 @@ def server(checkpoint):  # noqa: F811
         if srv.started:
             break
         time.sleep(0.1)
-    yield f"http://127.0.0.1:{port}"
+    return f"http://127.0.0.1:{port}", srv, thread
+
+
+@pytest.fixture
+def server(checkpoint):  # noqa: F811
+    url, srv, thread = start(checkpoint)
+    yield url
     srv.should_exit = True
     thread.join(timeout=10)
 
@@ -65,3 +71,19 @@ def test_upload_shows_probability_heatmap_toggle_and_per_file_error(server, tmp_
         page.screenshot(path=str(tmp_path / "page.png"), full_page=True)
         browser.close()
     assert (tmp_path / "page.png").stat().st_size > 10_000
+
+
+def test_undefined_validation_metrics_read_na_on_the_page(undefined_metrics_checkpoint):  # noqa: F811
+    url, srv, thread = start(undefined_metrics_checkpoint)
+    try:
+        with playwright_api.sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+            page = browser.new_page()
+            page.goto(url)
+            page.wait_for_function("document.getElementById('validation').textContent.startsWith('Validation')")
+            shown = page.inner_text("#validation")
+            browser.close()
+    finally:
+        srv.should_exit = True
+        thread.join(timeout=10)
+    assert "precision n/a" in shown and "f1 n/a" in shown and "accuracy 0.500" in shown

@@ -27,6 +27,28 @@ def checkpoint(tmp_path_factory):
     return root / "run" / "best.pt"
 
 
+@pytest.fixture(scope="module")
+def undefined_metrics_checkpoint(checkpoint, tmp_path_factory):
+    """A copy of the run whose model calls nothing pneumonia (last layer zeroed, bias -30), evaluated on
+    validation: its precision and F1 are undefined (None in metrics.json)."""
+    import shutil
+
+    import torch
+
+    from pneumoscan.evaluate import evaluate
+
+    run = tmp_path_factory.mktemp("undefined-metrics")
+    for f in ("split.json", "config.json", "summary.json", "metrics.jsonl"):
+        shutil.copy(checkpoint.parent / f, run / f)
+    ckpt = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    last = [k for k in ckpt["state_dict"] if k.endswith(".weight")][-1].removesuffix(".weight")  # the output layer
+    ckpt["state_dict"][f"{last}.weight"].zero_()
+    ckpt["state_dict"][f"{last}.bias"].fill_(-30.0)
+    torch.save(ckpt, run / "best.pt")
+    evaluate(run / "best.pt", "val", run / "eval-val", device="cpu", progress=False)
+    return run / "best.pt"
+
+
 def png(size=(64, 64), seed=0) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(np.random.default_rng(seed).integers(0, 255, size[::-1], dtype=np.uint8)).save(buf, format="PNG")

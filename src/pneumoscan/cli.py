@@ -142,6 +142,15 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-batch", type=int, default=16,
                    help="most images of concurrent requests scored together (1: one at a time)")
     p.add_argument("--metrics", help="metrics.json for the model card (default: eval-val/ beside the checkpoint)")
+    p.add_argument("--allow-host", action="append", default=[], metavar="NAME",
+                   help="also answer requests for this host name (repeatable; '*': any). Loopback names and the "
+                        "--host address are always answered; other Host headers get 400")
+    p.add_argument("--max-connections", type=int, default=64, help="open connections beyond this get 503")
+    p.add_argument("--decode-slots", type=int, default=None,
+                   help="most images decoded at once (default: one per core); a request that waits too long gets 503")
+    p.add_argument("--body-timeout", type=float, default=60, help="seconds a client may take to send its upload (408)")
+    p.add_argument("--inference-timeout", type=float, default=120,
+                   help="seconds a request may wait for the model before it gets 503")
 
 
 def _add_export(sub: argparse._SubParsersAction) -> None:
@@ -248,7 +257,8 @@ def cmd_serve(a: argparse.Namespace) -> int:
     from .serve import serve
 
     serve(a.checkpoint, host=a.host, port=a.port, device=a.device, token=a.token, max_upload_mb=a.max_upload_mb,
-          metrics_json=a.metrics, max_batch=a.max_batch)
+          metrics_json=a.metrics, max_batch=a.max_batch, allow_hosts=a.allow_host, max_connections=a.max_connections,
+          decode_slots=a.decode_slots, body_timeout_s=a.body_timeout, inference_timeout_s=a.inference_timeout)
     return 0
 
 

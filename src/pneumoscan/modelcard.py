@@ -1,16 +1,39 @@
-"""Model card (Markdown) generated from a checkpoint and, when given, its evaluation's metrics.json."""
+"""Model card (Markdown) generated from a checkpoint and, when given, its evaluation's metrics.json.
+
+The card is served to anyone who can reach the server, so it names no local path; a metric that is
+undefined on the data (precision when nothing was called pneumonia) reads "n/a".
+"""
 
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from .config import Config
 
 METRICS = ("accuracy", "precision", "recall", "specificity", "f1", "roc_auc")
+
+
+def fmt(value: Any, spec: str = ".4f") -> str:
+    """A metric as text: "n/a" when it is undefined (None or NaN)."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "n/a"
+    return format(value, spec) if isinstance(value, (int, float)) else str(value)
+
+
+def validation_metrics(checkpoint: str | os.PathLike, metrics_json: str | os.PathLike | None = None) -> dict[str, Any]:
+    """{"split", "n", metric: value or None}: from the evaluation's metrics.json when given, else the checkpoint's
+    validation at its best epoch (then "n" is None)."""
+    if metrics_json and Path(metrics_json).is_file():
+        m = json.loads(Path(metrics_json).read_text())
+        return {"split": m.get("split", "val"), "n": m.get("n"), **{k: m.get(k) for k in METRICS}}
+    val = torch.load(checkpoint, map_location="cpu", weights_only=True).get("metrics", {}).get("val", {})
+    return {"split": "val", "n": None, **{k: val.get(k) for k in METRICS if k in val}}
 
 
 def model_card(checkpoint: str | os.PathLike, metrics_json: str | os.PathLike | None = None) -> str:
@@ -38,7 +61,7 @@ def model_card(checkpoint: str | os.PathLike, metrics_json: str | os.PathLike | 
         "  images without local validation.",
         "",
         "## Data",
-        f"- Trained on `{cfg.data.root}`: the pediatric chest X-ray set of Kermany et al. (2018), children aged 1-5,",
+        "- Trained on the pediatric chest X-ray set of Kermany et al. (2018), children aged 1-5,",
         "  one centre (Guangzhou Women and Children's Medical Center), labels NORMAL / PNEUMONIA (bacterial or viral).",
         f"- Validation: {cfg.data.val_fraction:.0%} of the training patients, split by patient (seed {cfg.data.split_seed}).",
         "",
@@ -47,18 +70,18 @@ def model_card(checkpoint: str | os.PathLike, metrics_json: str | os.PathLike | 
     if metrics_json and Path(metrics_json).is_file():
         m = json.loads(Path(metrics_json).read_text())
         ci = m.get("ci95", {})
-        lines += [f"On the `{m['split']}` split ({m['n']} images), threshold {m['threshold']:.3f}; 95% CI by "
+        lines += [f"On the `{m['split']}` split ({m['n']} images), threshold {fmt(m['threshold'], '.3f')}; 95% CI by "
                   f"{m.get('ci_method', 'bootstrap')}:", "", "| metric | value | 95% CI |", "|---|---|---|"]
         for k in METRICS:
             c = ci.get(k)
-            lines.append(f"| {k} | {m[k]:.4f} | " + (f"{c[0]:.4f} - {c[1]:.4f}" if c else "n/a") + " |")
+            lines.append(f"| {k} | {fmt(m.get(k))} | " + (f"{fmt(c[0])} - {fmt(c[1])}" if c else "n/a") + " |")
         lines.append(f"| confusion matrix [[tn, fp], [fn, tp]] | {m['confusion_matrix']} | |")
         if m.get("calibration"):
-            lines.append(f"\nExpected calibration error {m['calibration']['ece']:.3f}.")
+            lines.append(f"\nExpected calibration error {fmt(m['calibration'].get('ece'), '.3f')}.")
     else:
         val = ckpt.get("metrics", {}).get("val", {})
         lines.append("Validation at the best epoch (no evaluation file given, so no confidence intervals): " +
-                     ", ".join(f"{k} {v:.4f}" for k, v in val.items() if isinstance(v, float)))
+                     ", ".join(f"{k} {fmt(v)}" for k, v in val.items() if v is None or isinstance(v, (int, float))))
     lines += [
         "",
         "## Limitations",

@@ -1,4 +1,6 @@
-"""The web page served at `/`: plain HTML and JavaScript, no build step, talking to /api/predict."""
+"""The web page served at `/`: plain HTML and JavaScript, no build step, talking to /api/predict.
+
+Every figure goes through `num`, so an undefined one (null) reads "n/a"."""
 
 PAGE_HTML = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
@@ -14,6 +16,7 @@ body{font:15px/1.5 system-ui,sans-serif;max-width:1100px;margin:1.5em auto;paddi
 .card .name{font-weight:600;word-break:break-all}
 .PNEUMONIA,.BACTERIAL,.VIRAL{color:#b00020;font-weight:700}.NORMAL{color:#1b5e20;font-weight:700}
 .error{color:#b00020}
+.note{color:#8a6d00;font-size:.9em}
 label.toggle{font-size:.9em}
 #token{width:16em}
 </style></head><body>
@@ -21,6 +24,7 @@ label.toggle{font-size:.9em}
 <p class="warn"><strong>Research tool, not a medical device.</strong> It tells pneumonia from normal on pediatric
 chest X-rays as a research model; it must not be used for diagnosis or treatment decisions.</p>
 <p id="model">Loading model information...</p>
+<p id="validation"></p>
 <div id="drop" tabindex="0">Drop chest X-rays here (JPEG, PNG or DICOM), or click to choose files.
 <input id="files" type="file" multiple accept=".jpg,.jpeg,.png,.dcm,.dicom,image/*,application/dicom" hidden></div>
 <p><label>API token (only if the server asks for one): <input id="token" type="password" autocomplete="off"></label></p>
@@ -33,6 +37,7 @@ function headers() {
   const t = document.getElementById('token').value.trim();
   return t ? {'Authorization': 'Bearer ' + t} : {};
 }
+function num(v, digits) { return (typeof v === 'number' && isFinite(v)) ? v.toFixed(digits) : 'n/a'; }
 function text(tag, value, cls) { const e = document.createElement(tag); e.textContent = value; if (cls) e.className = cls; return e; }
 async function loadModel() {
   const r = await fetch('api/model', {headers: headers()});
@@ -40,7 +45,13 @@ async function loadModel() {
   if (!r.ok) { el.textContent = 'Model information unavailable (' + r.status + ').'; return; }
   const m = await r.json();
   el.textContent = 'Model: ' + m.name + (m.name === 'seed' ? ' (' + m.activation + ')' : '') + ', recipe ' + m.recipe +
-    ', threshold ' + m.threshold.toFixed(3) + ', classes ' + m.class_names.join(' / ') + '.';
+    ', threshold ' + num(m.threshold, 3) + ', classes ' + m.class_names.join(' / ') + '.';
+  const v = m.validation;
+  if (v) {
+    const names = ['accuracy', 'precision', 'recall', 'specificity', 'f1', 'roc_auc'].filter(k => k in v);
+    document.getElementById('validation').textContent = 'Validation (' + v.split + ' split' +
+      (v.n ? ', ' + v.n + ' images' : '') + '): ' + names.map(k => k + ' ' + num(v[k], 3)).join(' · ') + '.';
+  }
 }
 function show(item, objectUrl) {
   const card = document.createElement('div'); card.className = 'card'; card.dataset.filename = item.filename;
@@ -51,10 +62,11 @@ function show(item, objectUrl) {
   img.src = heat || objectUrl; card.appendChild(img);
   const p = text('p', ''); p.appendChild(text('span', item.label, item.label));
   p.appendChild(document.createTextNode(' - probability of PNEUMONIA: ' +
-    item.probability.toFixed(3) + ' (threshold ' + item.threshold.toFixed(3) + ')'));
+    num(item.probability, 3) + ' (threshold ' + num(item.threshold, 3) + ')'));
   p.className = 'prob'; card.appendChild(p);
+  (item.warnings || []).forEach(w => card.appendChild(text('p', 'Note: ' + w, 'note')));
   if (item.probabilities) {  // a three-class model: each class's probability
-    card.appendChild(text('p', Object.entries(item.probabilities).map(([k, v]) => k + ' ' + v.toFixed(3)).join(' · '), 'classes'));
+    card.appendChild(text('p', Object.entries(item.probabilities).map(([k, v]) => k + ' ' + num(v, 3)).join(' · '), 'classes'));
   }
   if (heat) {
     const lab = document.createElement('label'); lab.className = 'toggle';

@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import html
 import json
+import math
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -31,13 +32,14 @@ code{background:#f4f4f4;padding:0 .2em}"""
 
 
 def _fmt(v: Any, digits: int = 4) -> str:
-    if v is None:
+    """A figure as HTML text; an undefined metric (None or NaN) reads "n/a"."""
+    if v is None or (isinstance(v, float) and math.isnan(v)):
         return "n/a"
     return f"{v:.{digits}f}" if isinstance(v, float) else html.escape(str(v))
 
 
-def _ci(ci: list[float] | None) -> str:
-    return f" <small>[{ci[0]:.4f}, {ci[1]:.4f}]</small>" if ci else ""
+def _ci(ci: list[float | None] | None) -> str:
+    return f" <small>[{_fmt(ci[0])}, {_fmt(ci[1])}]</small>" if ci else ""
 
 
 def _img(path: Path, alt: str) -> str:
@@ -70,14 +72,15 @@ def metrics_section(m: dict[str, Any], eval_dir: Path) -> str:
     rows.append(["images", str(m["n"]), f"<span class='theirs'>{PAPER_TEST['n']}</span>"])
     cal = m.get("calibration", {})
     return (f"<h2>Results on the {html.escape(split)} split</h2>"
-            f"<p>Decision threshold {m['threshold']:.3f} (rule: <code>{html.escape(rule)}</code>, chosen on validation). "
+            f"<p>Decision threshold {_fmt(m['threshold'], 3)} (rule: <code>{html.escape(rule)}</code>, chosen on validation). "
             f"Intervals: {html.escape(m.get('ci_method', 'none'))}, 95%.</p>"
             + _table(["metric", f"pneumoscan, {html.escape(split)} split [95% CI]",
                       "paper, official test split (<i>theirs</i>)"], rows)
             + "<p class='theirs'>The paper's figures are theirs: one run, measured on the official test split with the "
               "checkpoint chosen on that same split, so they are optimistic and not directly comparable with a "
               "validation score.</p>"
-            + (f"<p>Calibration: expected calibration error {cal['ece']:.3f}, Brier score {cal['brier']:.3f}.</p>" if cal else "")
+            + (f"<p>Calibration: expected calibration error {_fmt(cal.get('ece'), 3)}, Brier score {_fmt(cal.get('brier'), 3)}.</p>"
+               if cal else "")
             + "".join(_img(eval_dir / f, a) for f, a in (("roc.png", "ROC curve"), ("pr.png", "precision-recall curve"),
                                                         ("confusion_matrix.png", "confusion matrix"),
                                                         ("reliability.png", "reliability diagram")))

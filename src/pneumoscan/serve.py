@@ -3,23 +3,29 @@
 `create_app(checkpoint)` loads the model once; every request reuses it. Images of concurrent requests
 are scored together: one inference thread takes every image waiting (`InferenceBatcher`), which on a
 CPU costs less per image than one at a time, and never runs two inferences at once (concurrent OpenMP
-regions stall each other on few cores). Uploads are read into memory
-(never written to disk), capped in size (413), and each file is decoded by the same loader as every
-other command, so a bad file gets its own error while the others are scored. User file names are only
-echoed back, never used as paths. An optional bearer token protects the /api routes.
-(`pip install 'pneumoscan[serve]'`)
+regions stall each other on few cores). Uploads are read into memory (never written to disk), capped in
+size (413) and in the time the client may take to send them (408); at most one decode per core runs at
+once (`DecodeSlots`), and a request that finds them all busy for too long gets 503 with Retry-After.
+Each file is decoded by the same loader as every other command, so a bad file gets its own error while
+the others are scored. User file names are only echoed back, never used as paths. Requests naming a
+host the server does not serve (DNS rebinding) and cross-site form posts are refused. An optional bearer
+token protects the /api routes. (`pip install 'pneumoscan[serve]'`)
 """
 
 # no `from __future__ import annotations`: FastAPI must see the real types of the route parameters
 
+import asyncio
 import base64
+import functools
 import hmac
+import json
 import os
 import queue
 import threading
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
+from urllib.parse import urlsplit
 
 import numpy as np
 
@@ -27,76 +33,175 @@ from . import __version__
 from .explain import cam_for_batch, overlay, png_bytes
 from .fileio import optional_import
 from .images import ImageLoadError, load_grey, resize
-from .modelcard import model_card
+from .modelcard import model_card, validation_metrics
 from .page import PAGE_HTML
 from .predict import Predictor
 
 DISCLAIMER = "Research tool, not a medical device: not for diagnosis or treatment decisions."
+# the names a server on loopback answers to; "testserver" is the name Starlette's in-process test client sends
+LOCAL_HOSTS = ("localhost", "127.0.0.1", "::1", "testserver")
+RETRY_AFTER_S = 2
 
 
-class BodyLimit:
-    """ASGI middleware: refuse request bodies over `limit` bytes with 413, before they are read."""
+class Refused(Exception):
+    """A request the server declines with `status` and a one-line `detail` (and optional headers)."""
 
-    def __init__(self, app: Any, limit: int):
-        self.app, self.limit = app, limit
+    def __init__(self, status: int, detail: str, headers: dict[str, str] | None = None):
+        super().__init__(detail)
+        self.status, self.detail, self.headers = status, detail, headers or {}
+
+
+def host_name(host_header: str) -> str:
+    """The host name of a Host header or URL authority, without port, brackets or trailing dot, lower case."""
+    host = host_header.strip().lower()
+    if host.startswith("["):
+        return host[1:host.find("]")] if "]" in host else host[1:]
+    return (host.rsplit(":", 1)[0] if host.count(":") == 1 else host).rstrip(".")
+
+
+class Guard:
+    """ASGI middleware in front of the app: refuses foreign Host headers (400), cross-site posts (403),
+    bodies over `limit` bytes (413, announced or chunked) and bodies not received within `body_timeout_s` (408)."""
+
+    def __init__(self, app: Any, limit: int, allowed_hosts: Iterable[str] = LOCAL_HOSTS, body_timeout_s: float = 60):
+        self.app, self.limit, self.body_timeout_s = app, limit, body_timeout_s
+        self.allowed = {host_name(h) for h in allowed_hosts}
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        length = dict(scope.get("headers") or []).get(b"content-length")
-        if length is not None and length.isdigit() and int(length) > self.limit:
-            return await self._too_large(send)
-        seen = 0
+        try:
+            self.check_headers(scope)
+        except Refused as e:
+            return await send_problem(send, e)
+        started = False
 
-        async def counted() -> dict:
-            nonlocal seen
-            message = await receive()
-            seen += len(message.get("body", b""))
-            if seen > self.limit:
-                raise _TooLarge()
-            return message
+        async def tracked_send(message: dict) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
 
         try:
-            await self.app(scope, counted, send)
-        except _TooLarge:
-            await self._too_large(send)
+            await self.app(scope, self.guarded_receive(receive), tracked_send)
+        except Refused as e:  # raised while the body was read, by a route that did not answer it itself
+            if not started:
+                await send_problem(send, e)
 
-    async def _too_large(self, send: Any) -> None:
-        body = f'{{"detail": "upload too large: the limit is {self.limit // (1024 * 1024)} MB per request"}}'.encode()
-        await send({"type": "http.response.start", "status": 413,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
-        await send({"type": "http.response.body", "body": body})
+    def check_headers(self, scope: dict) -> None:
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers") or []}
+        host = headers.get("host", "")
+        if "*" not in self.allowed and host_name(host) not in self.allowed:
+            raise Refused(400, f"host {host_name(host)!r} is not served here (start the server with --allow-host NAME)")
+        if scope["method"] not in ("GET", "HEAD", "OPTIONS"):
+            site = headers.get("sec-fetch-site")
+            origin = headers.get("origin")
+            if (site is not None and site not in ("same-origin", "none")) or (
+                    origin is not None and (origin == "null" or urlsplit(origin).netloc.lower() != host.lower())):
+                raise Refused(403, "cross-site request refused: post from the server's own page or a non-browser client")
+        length = headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > self.limit:
+            raise Refused(413, self.too_large())
+
+    def too_large(self) -> str:
+        return f"upload too large: the limit is {self.limit / (1024 * 1024):g} MB per request"
+
+    def guarded_receive(self, receive: Any) -> Any:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.body_timeout_s
+        seen = 0
+
+        async def guarded() -> dict:
+            nonlocal seen
+            try:
+                message = await asyncio.wait_for(receive(), max(deadline - loop.time(), 0.001))
+            except TimeoutError:
+                raise Refused(408, f"the request body did not arrive within {self.body_timeout_s:g} s") from None
+            seen += len(message.get("body", b""))
+            if seen > self.limit:
+                raise Refused(413, self.too_large())
+            return message
+
+        return guarded
 
 
-class _TooLarge(Exception):
-    pass
+async def send_problem(send: Any, e: Refused) -> None:
+    body = json.dumps({"detail": e.detail}).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    headers += [(k.lower().encode(), v.encode()) for k, v in e.headers.items()]
+    await send({"type": "http.response.start", "status": e.status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+class WorkerStopped(RuntimeError):
+    """The inference thread has stopped: no image can be scored until the server restarts."""
 
 
 class InferenceBatcher:
     """One inference thread for the whole server: each request queues its image and waits; the thread
-    takes everything queued (up to `max_batch`), runs it as one batch and hands each result back."""
+    takes everything queued (up to `max_batch`), runs it as one batch and hands each result back. If the
+    thread dies, every waiting and later request gets `WorkerStopped`, and `stopped` says why."""
 
     def __init__(self, predictor: Predictor, max_batch: int = 16):
         self.predictor, self.max_batch = predictor, max_batch
         self.jobs: "queue.Queue[tuple[np.ndarray, bool, Future]]" = queue.Queue()
-        threading.Thread(target=self._serve, name="pneumoscan-inference", daemon=True).start()
+        self.stopped: str | None = None
+        self._current: list = []
+        self.thread = threading.Thread(target=self._serve_until_stopped, name="pneumoscan-inference", daemon=True)
+        self.thread.start()
 
-    def score(self, pixels: np.ndarray, heatmap: bool) -> tuple[np.ndarray | None, float, np.ndarray | None]:
-        """(Grad-CAM map or None, P(pneumonia), per-class probabilities or None) for one (S, S) uint8 image;
-        blocks until it is done."""
+    @property
+    def alive(self) -> bool:
+        return self.stopped is None and self.thread.is_alive()
+
+    def submit(self, pixels: np.ndarray, heatmap: bool) -> Future:
+        """Queue one (S, S) uint8 image; the future gives (Grad-CAM map or None, P(pneumonia), per-class
+        probabilities or None)."""
+        if not self.alive:
+            raise WorkerStopped(f"the inference worker has stopped ({self.stopped or 'thread ended'})")
         done: Future = Future()
         self.jobs.put((pixels, heatmap, done))
-        return done.result()
+        if not self.alive:  # stopped while this job was queued: nobody will take it
+            self._fail_pending()
+        return done
+
+    def score(self, pixels: np.ndarray, heatmap: bool, timeout: float | None = None) -> tuple:
+        """`submit`, then wait (at most `timeout` seconds) for the result."""
+        return self.submit(pixels, heatmap).result(timeout)
+
+    def _serve_until_stopped(self) -> None:
+        try:
+            self._serve()
+        except BaseException as e:  # noqa: B036  (the thread must record any way it ends)
+            self.stopped = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+        finally:
+            self.stopped = self.stopped or "thread ended"
+            self._fail_pending()
+
+    def _fail_pending(self) -> None:
+        pending = list(self._current)
+        while True:
+            try:
+                pending.append(self.jobs.get_nowait())
+            except queue.Empty:
+                break
+        for _, _, done in pending:
+            try:
+                done.set_exception(WorkerStopped(f"the inference worker has stopped ({self.stopped})"))
+            except InvalidStateError:  # already answered, or its request gave up
+                pass
 
     def _serve(self) -> None:
         while True:
             jobs = [self.jobs.get()]
             while len(jobs) < self.max_batch and not self.jobs.empty():
                 jobs.append(self.jobs.get_nowait())
+            jobs = [j for j in jobs if j[2].set_running_or_notify_cancel()]  # drop those whose request gave up
+            self._current = jobs
             for wants_map in (True, False):
                 group = [j for j in jobs if j[1] == wants_map]
                 if group:
                     self._run(group, wants_map)
+            self._current = []
 
     def _run(self, group: list, wants_map: bool) -> None:
         try:
@@ -110,89 +215,239 @@ class InferenceBatcher:
                 done.set_result((heats[i], float(probs[i]), None if class_probs is None else class_probs[i]))
         except Exception as e:  # the requests get the error; the thread lives on
             for _, _, done in group:
-                done.set_exception(e)
+                if not done.done():
+                    done.set_exception(e)
 
 
-def score_upload(predictor: Predictor, batcher: InferenceBatcher, name: str, data: bytes, heatmap: bool) -> dict[str, Any]:
-    """One uploaded file's result: probability, label, per-class probabilities, overlay (base64 PNG), or its error."""
-    result: dict[str, Any] = {"filename": name, "probability": None, "label": None, "threshold": predictor.threshold,
-                              "class_names": predictor.class_names, "model": predictor.config.model.name,
-                              "heatmap_png": None, "probabilities": None, "error": None}
-    try:
-        grey = load_grey(data, name=name)
-    except ImageLoadError as e:
-        result["error"] = e.reason
-        return result
+class DecodeSlots:
+    """At most `slots` decodes at once (one per core by default); at most `max_waiting` more wait, each for
+    at most `wait_s` seconds; any other request is refused with 503 and Retry-After at once."""
+
+    def __init__(self, slots: int | None = None, max_waiting: int | None = None, wait_s: float = 10):
+        self.slots = slots or os.cpu_count() or 1
+        self.max_waiting = 4 * self.slots if max_waiting is None else max_waiting
+        self.wait_s = wait_s
+        self._free = threading.Semaphore(self.slots)
+        self._lock = threading.Lock()
+        self._waiting = 0
+
+    def run(self, fn: Any, *args: Any) -> Any:
+        """fn(*args) in a free slot (blocking: call it from a worker thread), or `Refused` 503."""
+        if not self._free.acquire(blocking=False):
+            with self._lock:
+                if self._waiting >= self.max_waiting:
+                    raise self.busy()
+                self._waiting += 1
+            try:
+                if not self._free.acquire(timeout=self.wait_s):
+                    raise self.busy()
+            finally:
+                with self._lock:
+                    self._waiting -= 1
+        try:
+            return fn(*args)
+        finally:
+            self._free.release()
+
+    def busy(self) -> Refused:
+        return Refused(503, f"busy: all {self.slots} decoding slots are taken; retry in {RETRY_AFTER_S} s",
+                       {"Retry-After": str(RETRY_AFTER_S)})
+
+
+def new_result(predictor: Predictor, name: str) -> dict[str, Any]:
+    return {"filename": name, "probability": None, "label": None, "threshold": predictor.threshold,
+            "class_names": predictor.class_names, "model": predictor.config.model.name, "heatmap_png": None,
+            "probabilities": None, "warnings": [], "error": None}
+
+
+def prepare_upload(predictor: Predictor, name: str, data: bytes) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Decode one upload (in a decoding slot): the model's input, the image to draw an overlay on (at most
+    512 px, enough for a browser), and warnings about the image. Raises `ImageLoadError`."""
+    grey = load_grey(data, name=name)
     prep = predictor.config.preprocessing
-    heat, prob, class_probs = batcher.score(resize(grey, prep.image_size, prep.resize_filter), heatmap)
-    prediction = predictor.prediction(name, prob, class_probs)
-    result.update(probability=prob, label=prediction.label, probabilities=prediction.probabilities)
-    if heatmap:
-        shown = resize(grey, 512, "area") if max(grey.shape) > 512 else grey  # enough for a browser
-        # fast PNG compression: at the default level encoding took longer than the Grad-CAM itself
-        result["heatmap_png"] = base64.b64encode(png_bytes(overlay(shown, heat), compress_level=1)).decode("ascii")
-    return result
+    h, w = grey.shape
+    warnings = []
+    if max(h, w) < prep.image_size:
+        warnings.append(f"image is {w}x{h} px, smaller than the model's {prep.image_size}x{prep.image_size} input: enlarged")
+    if max(h, w) > 2 * min(h, w):
+        warnings.append(f"image is {w}x{h} px: squeezed into a square, which distorts it")
+    shown = resize(grey, 512, "area") if max(grey.shape) > 512 else grey
+    return resize(grey, prep.image_size, prep.resize_filter), shown, warnings
 
 
-def describe_model(predictor: Predictor, checkpoint_name: str) -> dict[str, Any]:
-    """What /api/model and every prediction response say about the model."""
+def encode_overlay(shown: np.ndarray, heat: np.ndarray) -> str:
+    # fast PNG compression: at the default level encoding took longer than the Grad-CAM itself
+    return base64.b64encode(png_bytes(overlay(shown, heat), compress_level=1)).decode("ascii")
+
+
+def describe_model(predictor: Predictor, checkpoint_name: str, validation: dict[str, Any] | None = None) -> dict[str, Any]:
+    """What /api/model and every prediction response say about the model (a file name, never a local path)."""
     cfg = predictor.config
     return {"name": cfg.model.name, "activation": cfg.model.activation, "recipe": cfg.recipe,
-            "checkpoint": checkpoint_name, "pneumoscan_version": __version__, "class_names": predictor.class_names,
-            "threshold": predictor.threshold, "image_size": cfg.preprocessing.image_size, "disclaimer": DISCLAIMER}
+            "checkpoint": os.path.basename(checkpoint_name), "pneumoscan_version": __version__,
+            "class_names": predictor.class_names, "threshold": predictor.threshold,
+            "image_size": cfg.preprocessing.image_size, "validation": validation, "disclaimer": DISCLAIMER}
+
+
+@functools.cache
+def api_models() -> Any:
+    """The pydantic models that the OpenAPI document gives for each answer."""
+    from types import SimpleNamespace
+
+    from pydantic import BaseModel, Field
+
+    class Validation(BaseModel):
+        split: str
+        n: int | None = Field(description="images scored, or null for the checkpoint's own validation record")
+        accuracy: float | None = None
+        precision: float | None = Field(None, description="null when the model called nothing pneumonia")
+        recall: float | None = None
+        specificity: float | None = None
+        f1: float | None = None
+        roc_auc: float | None = None
+
+    class ModelInfo(BaseModel):
+        name: str
+        activation: str
+        recipe: str
+        checkpoint: str = Field(description="the checkpoint's file name")
+        pneumoscan_version: str
+        class_names: list[str]
+        threshold: float = Field(description="label the image pneumonia at or above this probability")
+        image_size: int
+        validation: Validation | None = Field(description="validation figures; an undefined one is null")
+        disclaimer: str
+
+    class FileResult(BaseModel):
+        filename: str = Field(description="the uploaded file's name, shown only")
+        probability: float | None = Field(ge=0, le=1, description="P(pneumonia); null when the file could not be read")
+        label: str | None
+        threshold: float
+        class_names: list[str]
+        model: str
+        heatmap_png: str | None = Field(description="the Grad-CAM overlay as a base64 PNG (at most 512 px), or null")
+        probabilities: dict[str, float] | None = Field(description="per class (three-class models), else null")
+        warnings: list[str] = Field(description="what about the image may make the answer less reliable")
+        error: str | None = Field(description="why the file could not be read, or null")
+
+    class PredictResponse(BaseModel):
+        results: list[FileResult]
+        model: ModelInfo
+
+    class Problem(BaseModel):
+        detail: str
+
+    class ValidationProblem(BaseModel):
+        detail: list[dict[str, Any]]
+
+    class Health(BaseModel):
+        status: str = Field(description="'ok', or why the inference worker stopped")
+
+    return SimpleNamespace(ModelInfo=ModelInfo, FileResult=FileResult, PredictResponse=PredictResponse, Problem=Problem,
+                           ValidationProblem=ValidationProblem, Health=Health)
+
+
+def predict_openapi(max_files: int) -> tuple[dict, dict]:
+    """The request body and the answers of POST /api/predict, for the OpenAPI document."""
+    m = api_models()
+    body = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
+        "type": "object", "required": ["files"], "properties": {"files": {
+            "type": "array", "minItems": 1, "maxItems": max_files, "items": {"type": "string", "format": "binary"},
+            "description": "the images: JPEG, PNG or DICOM, one part each"}}}}}}}
+    retry = {"Retry-After": {"description": "seconds to wait before retrying", "schema": {"type": "integer"}}}
+    answers = {
+        400: {"model": m.Problem, "description": "a malformed multipart body, no file in `files`, or too many files"},
+        401: {"model": m.Problem, "description": "a token is set and the request does not carry it"},
+        403: {"model": m.Problem, "description": "a cross-site request from a browser"},
+        408: {"model": m.Problem, "description": "the body did not arrive in time"},
+        413: {"model": m.Problem, "description": "the body is over the upload limit"},
+        415: {"model": m.Problem, "description": "the body is not multipart/form-data"},
+        422: {"model": m.PredictResponse | m.ValidationProblem,
+              "description": "every file was unreadable (each result gives its reason), or a bad query parameter"},
+        503: {"model": m.Problem, "headers": retry,
+              "description": "busy (all decoding slots taken) or the inference worker stopped; retry later"},
+    }
+    return body, answers
 
 
 def create_app(checkpoint: str | os.PathLike, device: str = "cpu", token: str | None = None, max_upload_mb: float = 20,
-               max_files: int = 16, metrics_json: str | os.PathLike | None = None, max_batch: int = 16) -> Any:
+               max_files: int = 16, metrics_json: str | os.PathLike | None = None, max_batch: int = 16,
+               allowed_hosts: Iterable[str] = LOCAL_HOSTS, decode_slots: int | None = None,
+               max_waiting: int | None = None, decode_wait_s: float = 10, body_timeout_s: float = 60,
+               inference_timeout_s: float = 120) -> Any:
+    """The ASGI app (`Guard` around the FastAPI app, which is its `.app`; the batcher is `.app.state.batcher`)."""
     optional_import("fastapi", "serve", "serving")
-    from fastapi import Depends, FastAPI, HTTPException, Request
-    from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
-    from starlette.concurrency import run_in_threadpool
+    from fastapi import FastAPI
     from starlette.formparsers import MultiPartParser
 
     limit = int(max_upload_mb * 1024 * 1024)
     # keep every upload in memory: the spool only rolls over to a temporary file above this size
     MultiPartParser.spool_max_size = max(MultiPartParser.spool_max_size, limit + 1)
     predictor = Predictor(checkpoint, device=device)
-    batcher = InferenceBatcher(predictor, max_batch)
     metrics_path = Path(metrics_json) if metrics_json else Path(checkpoint).parent / "eval-val" / "metrics.json"
-    card = model_card(checkpoint, metrics_path if metrics_path.is_file() else None)
-    info = describe_model(predictor, Path(checkpoint).name)
+    app = FastAPI(title="pneumoscan", version=__version__, description=f"Pneumonia vs normal on chest X-rays. {DISCLAIMER}")
+    app.state.predictor = predictor
+    app.state.batcher = InferenceBatcher(predictor, max_batch)
+    app.state.slots = DecodeSlots(decode_slots, max_waiting, decode_wait_s)
+    metrics = metrics_path if metrics_path.is_file() else None
+    app.state.card = model_card(checkpoint, metrics)
+    app.state.info = describe_model(predictor, Path(checkpoint).name, validation_metrics(checkpoint, metrics))
+    app.state.inference_timeout_s = inference_timeout_s
+    _add_routes(app, token, limit, max_files)
+    return Guard(app, limit, allowed_hosts, body_timeout_s)
 
-    def check_token(request: Request) -> None:
+
+def _add_routes(app: Any, token: str | None, limit: int, max_files: int) -> None:
+    from fastapi import Depends, HTTPException, Request
+    from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
+
+    m = api_models()
+    state = app.state
+
+    async def check_token(request: Request) -> None:
         if token is None:
             return
         given = request.headers.get("authorization", "")
         if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
             raise HTTPException(401, "missing or wrong API token (send 'Authorization: Bearer <token>')")
 
-    app = FastAPI(title="pneumoscan", version=__version__, description=f"Pneumonia vs normal on chest X-rays. {DISCLAIMER}")
+    @app.exception_handler(Refused)
+    async def refused(request: Request, e: Refused) -> Any:
+        return JSONResponse({"detail": e.detail}, status_code=e.status, headers=e.headers)
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
-    def page() -> str:
+    async def page() -> str:
         return PAGE_HTML
 
-    @app.get("/health")
-    def health() -> dict[str, str]:
-        return {"status": "ok"}
+    @app.get("/health", response_model=m.Health, responses={503: {"model": m.Health, "description": "the inference worker stopped"}})
+    async def health() -> Any:
+        """Whether the inference worker is alive (200) or stopped (503); needs no token and never waits."""
+        if state.batcher.alive:
+            return {"status": "ok"}
+        return JSONResponse({"status": f"inference worker stopped: {state.batcher.stopped}"}, status_code=503)
 
-    @app.get("/api/model", dependencies=[Depends(check_token)])
-    def model_info() -> dict[str, Any]:
-        return info
+    @app.get("/api/model", response_model=m.ModelInfo, dependencies=[Depends(check_token)],
+             responses={401: {"model": m.Problem}})
+    async def model_info() -> Any:
+        return state.info
 
-    @app.get("/api/model-card", response_class=PlainTextResponse, dependencies=[Depends(check_token)])
-    def model_card_md() -> str:
-        return card
+    @app.get("/api/model-card", response_class=PlainTextResponse, dependencies=[Depends(check_token)],
+             responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}}, 401: {"model": m.Problem}})
+    async def model_card_md() -> str:
+        return state.card
 
-    @app.post("/api/predict", dependencies=[Depends(check_token)])
+    body, answers = predict_openapi(max_files)
+
+    @app.post("/api/predict", dependencies=[Depends(check_token)], response_model=m.PredictResponse,
+              responses=answers, openapi_extra=body)
     async def predict(request: Request, heatmap: bool = True) -> Any:
         """Score one or several uploaded images (multipart field `files`): JPEG, PNG or DICOM."""
         if not request.headers.get("content-type", "").startswith("multipart/form-data"):
             raise HTTPException(415, "send the images as multipart/form-data in the field 'files'")
         try:
             form = await request.form(max_files=max_files, max_part_size=limit)
-        except _TooLarge:
-            raise  # BodyLimit answers 413
+        except (Refused, HTTPException):
+            raise
         except Exception as e:  # malformed multipart bodies raise several types
             raise HTTPException(400, f"malformed multipart upload ({e})") from None
         uploads = [f for f in form.getlist("files") if hasattr(f, "read")]
@@ -201,15 +456,43 @@ def create_app(checkpoint: str | os.PathLike, device: str = "cpu", token: str | 
         results = []
         for i, up in enumerate(uploads):
             name = os.path.basename(up.filename or "") or f"upload-{i + 1}"  # shown only, never a path
-            data = await up.read()
-            results.append(await run_in_threadpool(score_upload, predictor, batcher, name, data, heatmap))
+            results.append(await score_file(state, name, await up.read(), heatmap))
         status = 422 if all(r["error"] for r in results) else 200
-        return JSONResponse({"results": results, "model": info}, status_code=status)
-
-    return BodyLimit(app, limit)
+        return JSONResponse({"results": results, "model": state.info}, status_code=status)
 
 
-def serve(checkpoint: str, host: str = "127.0.0.1", port: int = 8000, **kwargs: Any) -> None:
+async def score_file(state: Any, name: str, data: bytes, heatmap: bool) -> dict[str, Any]:
+    """One uploaded file's result: decoded in a slot, scored by the inference thread within the time limit."""
+    from starlette.concurrency import run_in_threadpool
+
+    predictor, batcher = state.predictor, state.batcher
+    result = new_result(predictor, name)
+    try:
+        pixels, shown, warnings = await run_in_threadpool(state.slots.run, prepare_upload, predictor, name, data)
+    except ImageLoadError as e:
+        result["error"] = e.reason
+        return result
+    retry = {"Retry-After": str(RETRY_AFTER_S)}
+    try:
+        waiting = asyncio.wrap_future(batcher.submit(pixels, heatmap))
+        heat, prob, class_probs = await asyncio.wait_for(waiting, state.inference_timeout_s)
+    except WorkerStopped as e:
+        raise Refused(503, f"{e}; restart the server", retry) from None
+    except TimeoutError:
+        raise Refused(503, f"busy: inference did not finish within {state.inference_timeout_s:g} s", retry) from None
+    prediction = predictor.prediction(name, prob, class_probs)
+    result.update(probability=prob, label=prediction.label, probabilities=prediction.probabilities, warnings=warnings)
+    if heatmap:
+        result["heatmap_png"] = await run_in_threadpool(encode_overlay, shown, heat)
+    return result
+
+
+def serve(checkpoint: str, host: str = "127.0.0.1", port: int = 8000, allow_hosts: Iterable[str] = (),
+          max_connections: int = 64, **kwargs: Any) -> None:
+    """Run the app under uvicorn: answers 503 beyond `max_connections`; idle keep-alive connections close after 5 s.
+    The server answers to loopback names, the address it listens on and `allow_hosts` ("*": any)."""
     import uvicorn
 
-    uvicorn.run(create_app(checkpoint, **kwargs), host=host, port=port, log_level="info")
+    hosts = [*LOCAL_HOSTS, *([host] if host not in ("0.0.0.0", "::") else []), *allow_hosts]
+    uvicorn.run(create_app(checkpoint, allowed_hosts=hosts, **kwargs), host=host, port=port, log_level="info",
+                limit_concurrency=max_connections, timeout_keep_alive=5)
