@@ -64,6 +64,14 @@ def build_model(cfg: Config) -> nn.Module:
                         num_outputs=1 if n == 2 else n)
 
 
+def config_of(ckpt: dict[str, Any], path: str | os.PathLike) -> Config:
+    """The checkpoint's config, range-checked before any model is built from it (ValueError naming `path`)."""
+    try:
+        return Config.from_dict(ckpt["config"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"{path}: the checkpoint's config cannot be used ({e})") from None
+
+
 @dataclass
 class LoadedModel:
     model: nn.Module
@@ -84,7 +92,7 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu") -> LoadedM
         raise ValueError(f"{path}: not a readable pneumoscan checkpoint ({type(e).__name__}: {e})") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise ValueError(f"{path}: not a pneumoscan checkpoint (format {ckpt.get('format') if isinstance(ckpt, dict) else type(ckpt).__name__})")
-    cfg = Config.from_dict(ckpt["config"])
+    cfg = config_of(ckpt, path)
     model = build_model(cfg)
     model.load_state_dict(ckpt["state_dict"])
     model.to(device).eval()

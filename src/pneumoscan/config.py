@@ -102,8 +102,22 @@ class Config:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Config":
-        """Rebuild from `to_dict()` output; unknown keys are an error, missing ones take defaults."""
-        return _from_dict(cls, d)
+        """Rebuild from `to_dict()` output; unknown keys are an error, missing ones take defaults, and
+        every value is checked (`check`) before anything is built from it."""
+        return _from_dict(cls, d).check()
+
+    def check(self) -> "Config":
+        """This config, or ValueError naming every setting of the wrong type or outside its range
+        (`LIMITS`): a file that asks for an absurd model or loop fails here, not when memory runs out."""
+        problems = []
+        for (section, name), rule in LIMITS.items():
+            value = getattr(getattr(self, section), name)
+            problem = _check_value(value, rule)
+            if problem:
+                problems.append(f"{section}.{name} = {value!r} ({problem})")
+        if problems:
+            raise ValueError("invalid settings: " + "; ".join(problems))
+        return self
 
     def override(self, section: str, **values: Any) -> "Config":
         """A copy with fields of one section replaced; values that are None are left as they were."""
@@ -114,6 +128,8 @@ class Config:
 
 
 def _from_dict(cls: type, d: dict[str, Any]) -> Any:
+    if not isinstance(d, dict):
+        raise ValueError(f"{cls.__name__} settings must be a mapping, not {type(d).__name__}")
     known = {f.name: f for f in fields(cls)}
     unknown = set(d) - set(known)
     if unknown:
@@ -132,6 +148,57 @@ _SECTIONS = {
     "model": ModelConfig,
     "train": TrainConfig,
 }
+
+_INT, _FLOAT, _BOOL = "int", "float", "bool"
+# (section, field) -> (type, minimum, maximum) with both ends included, or a tuple of the allowed values
+LIMITS: dict[tuple[str, str], tuple[Any, ...]] = {
+    ("data", "val_fraction"): (_FLOAT, 1e-6, 0.5 - 1e-6),
+    ("data", "split_seed"): (_INT, 0, 2**32 - 1),
+    ("data", "task"): ("binary", "three-class"),
+    ("preprocessing", "image_size"): (_INT, 8, 1024),
+    ("preprocessing", "channels"): (1, 3),
+    ("preprocessing", "scale"): (_FLOAT, 1e-12, 1.0),
+    ("augmentation", "zoom"): (_FLOAT, 0.0, 0.99),
+    ("augmentation", "vertical_flip"): (_BOOL,),
+    ("augmentation", "horizontal_flip"): (_BOOL,),
+    ("model", "name"): MODEL_NAMES,
+    ("model", "activation"): ACTIVATIONS,
+    ("model", "batchnorm_momentum"): (_FLOAT, 0.0, 1.0),
+    ("train", "epochs"): (_INT, 1, 100_000),
+    ("train", "batch_size"): (_INT, 1, 65_536),
+    ("train", "eval_batch_size"): (_INT, 1, 65_536),
+    ("train", "lr"): (_FLOAT, 1e-12, 10.0),
+    ("train", "adam_eps"): (_FLOAT, 1e-30, 1.0),
+    ("train", "lr_factor"): (_FLOAT, 1e-6, 1.0),
+    ("train", "lr_patience"): (_INT, 0, 100_000),
+    ("train", "early_stopping"): (_BOOL,),
+    ("train", "early_stopping_patience"): (_INT, 1, 100_000),
+    ("train", "early_stopping_min_delta"): (_FLOAT, 0.0, 1.0),
+    ("train", "drop_last"): (_BOOL,),
+    ("train", "class_weight"): ("none", "balanced"),
+    ("train", "sampling"): ("shuffle", "balanced"),
+    ("train", "seed"): (_INT, 0, 2**31 - 1),
+    ("train", "threshold"): (_FLOAT, 0.0, 1.0),
+    ("train", "threshold_rule"): ("fixed", "youden", "sensitivity"),
+    ("train", "target_sensitivity"): (_FLOAT, 1e-6, 1.0),
+}
+
+
+def _check_value(value: Any, rule: tuple[Any, ...]) -> str:
+    """'' when `value` obeys `rule` (see LIMITS), else what is wrong with it."""
+    kind = rule[0]
+    if kind not in (_INT, _FLOAT, _BOOL):
+        ok = not isinstance(value, bool) and value in rule
+        return "" if ok else "choose one of " + ", ".join(map(str, rule))
+    if kind == _BOOL:
+        return "" if isinstance(value, bool) else "must be true or false"
+    numeric = (int,) if kind == _INT else (int, float)
+    if isinstance(value, bool) or not isinstance(value, numeric):
+        return f"must be {'an integer' if kind == _INT else 'a number'}"
+    if not rule[1] <= value <= rule[2]:  # NaN fails this too
+        return f"must be between {rule[1]:g} and {rule[2]:g}"
+    return ""
+
 
 RECIPES: dict[str, Config] = {
     "paper": Config(),
