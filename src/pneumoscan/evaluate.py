@@ -84,7 +84,8 @@ def evaluate(checkpoint: str | Path, split: str, out: str | Path, data_root: str
 
 def _write_predictions(path: Path, paths: list[str], labels, probs, class_probs, threshold: float,
                        class_names: list[str]) -> None:
-    """One row per image: true and predicted class, P(pneumonia), and each class's probability (three-class)."""
+    """One row per image: true and predicted class, P(pneumonia), and each class's probability (three-class).
+    Bytes of a file name that are not UTF-8 are written as backslash escapes (`fileio.printable`)."""
     buf = io.StringIO()
     w = csv.writer(buf)
     w.writerow(["path", "true_label", "probability", "predicted_label"] +

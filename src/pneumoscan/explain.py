@@ -146,7 +146,8 @@ def _explain(predictor: Predictor, source: str | os.PathLike | bytes, name: str 
 
 def explain_paths(checkpoint: str | os.PathLike, inputs: Iterable[str], out_dir: str | os.PathLike,
                   device: str = "auto") -> list[dict[str, str]]:
-    """Write OUT/<name>_gradcam.png per image and OUT/explanations.csv (path, probability, label, heatmap, error)."""
+    """Write OUT/<name>_gradcam.png per image and OUT/explanations.csv (path, probability, label, heatmap, error);
+    bytes of a file name that are not UTF-8 are written in the CSV as backslash escapes (`fileio.printable`)."""
     out = Path(out_dir)
     predictor = Predictor(checkpoint, device=device)
     rows, used = [], set()

@@ -1,7 +1,8 @@
 """File and package helpers shared by every stage: atomic writes and optional imports.
 
 Every file pneumoscan writes goes through `atomic_write_bytes` (a temporary file in the same folder,
-flushed to disk, then renamed into place), so a crash never leaves a half-written file. Optional
+flushed to disk, then renamed into place), so a crash never leaves a half-written file; written files get
+the permissions the umask allows, like any file a program creates. Optional
 dependencies are imported through `optional_import`, which fails with the extra to install.
 """
 
@@ -36,15 +37,42 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; results are meant to be shared like any other file
+        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp creates 0600; honour the umask as open() would
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
 
 
+def current_umask() -> int:
+    """This process's umask, read without changing it (Linux: /proc; elsewhere a quick set and restore)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def printable(text: str) -> str:
+    """`text` as valid Unicode: bytes a file name carried that are not UTF-8 (held by Python as
+    surrogate escapes, e.g. the byte 0xFF as U+DCFF) are written as backslash escapes (`\\xff`)."""
+    try:
+        raw = text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:  # a lone surrogate that no file name produced
+        raw = text.encode("utf-8", "backslashreplace")
+    return raw.decode("utf-8", "backslashreplace")
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
+    """Write `text` as UTF-8, atomically. File names that are not valid UTF-8 are written with
+    backslash escapes (see `printable`), so the file stays valid UTF-8 for other tools instead of
+    failing after all the work that produced it."""
+    atomic_write_bytes(path, printable(text).encode("utf-8"))
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:

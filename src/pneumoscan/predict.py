@@ -144,6 +144,8 @@ def expand_paths(inputs: Iterable[str]) -> list[str]:
 
 def predict_paths(checkpoint: str | os.PathLike, inputs: Iterable[str], out_csv: str | os.PathLike,
                   device: str = "auto", batch_size: int = 32, backend: str = "torch") -> list[Prediction]:
+    """Score every image under `inputs` and write `out_csv` (path, probability, label, error), valid UTF-8:
+    bytes of a file name that are not UTF-8 are written as backslash escapes (`fileio.printable`)."""
     predictor = Predictor(checkpoint, device=device, batch_size=batch_size, backend=backend)
     results = list(predictor.predict_files(expand_paths(inputs)))
     buf = io.StringIO()
