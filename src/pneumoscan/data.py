@@ -30,7 +30,7 @@ import numpy as np
 from PIL import Image
 
 from .config import DataConfig, Preprocessing
-from .fileio import atomic_write_text
+from .fileio import atomic_write_text, current_umask
 from .images import ImageLoadError, is_image_file, load_for_model, resize
 
 log = logging.getLogger(__name__)
@@ -272,7 +272,8 @@ def _files_key(samples: list[Sample], settings: str) -> str:
     h = hashlib.sha256(f"v{CACHE_VERSION}|{settings}".encode())
     for s in samples:
         st = os.stat(s.path.partition(NPZ_SEPARATOR)[0] if NPZ_SEPARATOR in s.path else s.path)
-        h.update(f"|{os.path.abspath(s.path)}|{st.st_size}|{st.st_mtime_ns}".encode())
+        # a path's bytes as the file system holds them: names that are not UTF-8 hash too
+        h.update(b"|" + os.fsencode(os.path.abspath(s.path)) + f"|{st.st_size}|{st.st_mtime_ns}".encode())
     return h.hexdigest()[:32]
 
 
@@ -325,15 +326,18 @@ def _decode_all(samples: list[Sample], prep: Preprocessing, progress: bool,
 def cache_images(samples: list[Sample], prep: Preprocessing, cache_dir: Path | None = None, progress: bool = False,
                  processes: bool | None = None) -> CachedImages:
     """Decode every sample once (in parallel, see `_decoder_pool`) into a uint8 array, reusing the
-    on-disk cache when still valid."""
+    on-disk cache when still valid. An entry that cannot be read back whole (truncated, corrupt, or not
+    matching its index) counts as a miss: it is removed and rebuilt."""
     cache_dir = cache_dir or default_cache_dir()
     entry = cache_dir / _files_key(samples, f"{prep.image_size}|{prep.resize_filter}")
-    if (entry / "index.json").is_file():
-        index = json.loads((entry / "index.json").read_text())
-        pixels = np.load(entry / "pixels.npy")
-        kept = set(index["kept"])
-        good = [s for s in samples if s.path in kept]
-        return CachedImages(good, pixels, np.array([s.label for s in good], dtype=np.int64), index["errors"])
+    if entry.exists():
+        try:
+            return _read_cache(entry, samples, prep)
+        except MemoryError:
+            raise  # a sound entry too large for this machine now: keep it
+        except Exception as e:  # numpy and json raise many types for a damaged file; all mean "rebuild"
+            log.warning("image cache entry %s is damaged (%s: %s); decoding the images again", entry, type(e).__name__, e)
+            _remove_entry(entry)
 
     try:
         pixels, errors = _decode_all(samples, prep, progress, processes)
@@ -349,19 +353,80 @@ def cache_images(samples: list[Sample], prep: Preprocessing, cache_dir: Path | N
     return CachedImages(good, pixels, np.array([s.label for s in good], dtype=np.int64), errors)
 
 
+def _read_cache(entry: Path, samples: list[Sample], prep: Preprocessing) -> CachedImages:
+    """A cache entry, checked against the samples: ValueError unless the pixels are (kept, S, S) uint8
+    and every kept or failed path is one of the samples."""
+    index = json.loads((entry / "index.json").read_text())
+    kept, errors = index["kept"], index["errors"]
+    pixels = np.load(entry / "pixels.npy", allow_pickle=False)
+    size = prep.image_size
+    paths = {s.path for s in samples}
+    if not isinstance(errors, dict) or not isinstance(kept, list) or len(set(kept)) != len(kept):
+        raise ValueError("malformed index.json")
+    if pixels.dtype != np.uint8 or pixels.shape != (len(kept), size, size):
+        raise ValueError(f"pixels {pixels.dtype} {pixels.shape}, index lists {len(kept)} images of {size}x{size}")
+    if not set(kept) <= paths or not set(errors) <= paths or len(kept) + len(errors) != len(samples):
+        raise ValueError("index.json does not list these files")
+    kept_set = set(kept)
+    good = [s for s in samples if s.path in kept_set]
+    if [s.path for s in good] != kept:
+        raise ValueError("index.json lists the files in another order")
+    return CachedImages(good, pixels, np.array([s.label for s in good], dtype=np.int64), errors)
+
+
+def _remove_entry(entry: Path) -> None:
+    """Move a damaged entry out of the way (one rename, so readers see it or nothing), then delete it."""
+    trash = entry.with_name(f".trash-{entry.name}-{os.getpid()}")
+    try:
+        os.rename(entry, trash)
+    except OSError:
+        return  # another process removed or replaced it
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def _write_synced(path: Path, write) -> None:
+    with open(path, "wb") as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
 def _write_cache(entry: Path, pixels: np.ndarray, index: dict) -> None:
-    """Write the cache entry into a temporary folder and rename it into place (atomic for readers)."""
+    """Write the cache entry into a temporary folder, its files flushed to disk, and rename it into place
+    (atomic for readers). On any failure (a full disk) the temporary folder is removed."""
+    tmp = None
     try:
         entry.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=entry.parent, prefix=".tmp-"))
-        np.save(tmp / "pixels.npy", pixels)
-        (tmp / "index.json").write_text(json.dumps(index))
+        _write_synced(tmp / "pixels.npy", lambda f: np.save(f, pixels, allow_pickle=False))
+        _write_synced(tmp / "index.json", lambda f: f.write(json.dumps(index).encode()))
+        os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp creates 0700
         try:
             os.rename(tmp, entry)
         except OSError:  # another process wrote the same entry first
             shutil.rmtree(tmp, ignore_errors=True)
-    except OSError as e:
+            return
+        _fsync_dir(entry.parent)
+    except BaseException as e:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if not isinstance(e, OSError):
+            raise
         log.warning("could not write the image cache in %s (%s); images will be decoded again next time", entry.parent, e)
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Flush a folder's entries (a rename) to disk; not possible on every platform, where it is skipped."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def split_summary(samples: list[Sample]) -> dict[str, int]:
