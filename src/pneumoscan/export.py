@@ -126,8 +126,30 @@ def export_onnx_bytes(checkpoint_path: str | os.PathLike, opset: int = MIN_OPSET
 def remembered_onnx_bytes(checkpoint_path: str | os.PathLike, forget: bool = False) -> bytes:
     """`export_onnx_bytes`, remembered in the cache folder (`PNEUMOSCAN_CACHE`): an export takes about 10 s,
     reading it back milliseconds. Keyed by the checkpoint's bytes and by what shapes the graph (pneumoscan's
-    model and export code, PyTorch's version, the opset). `forget` exports afresh. A cache folder that cannot
-    be written only costs the time."""
+    model and export code, PyTorch's version, the opset). An entry is used only when it parses as an ONNX
+    model whose metadata matches the checkpoint (`_matches`); anything else is exported again. `forget`
+    exports afresh. A cache folder that cannot be written only costs the time."""
+    path = _cache_path(checkpoint_path)
+    if path.is_file() and not forget:
+        try:
+            data = path.read_bytes()
+            problem = _matches(data, checkpoint_path)
+        except Exception as e:  # onnx, protobuf and the file system raise many types; all mean "export again"
+            problem = f"{type(e).__name__}: {e}"
+        if not problem:
+            return data
+        log.warning("ignoring the remembered ONNX export %s (%s); exporting again", path, problem)
+    data = export_onnx_bytes(checkpoint_path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(path, data)
+    except OSError as e:
+        log.warning("could not remember the ONNX export in %s (%s); the next run exports again", path, e)
+    return data
+
+
+def _cache_path(checkpoint_path: str | os.PathLike) -> Path:
+    """Where `remembered_onnx_bytes` keeps the export of this checkpoint."""
     import torch
 
     from .data import default_cache_dir
@@ -136,16 +158,28 @@ def remembered_onnx_bytes(checkpoint_path: str | os.PathLike, forget: bool = Fal
     for module in ("models", "cpu_kernels", "inference", "export"):
         key.update((Path(__file__).parent / f"{module}.py").read_bytes())
     key.update(f"{__version__}|torch {torch.__version__}|opset {MIN_OPSET}".encode())
-    path = default_cache_dir() / "onnx" / f"{key.hexdigest()[:32]}.onnx"
-    if path.is_file() and not forget:
-        return path.read_bytes()
-    data = export_onnx_bytes(checkpoint_path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(path, data)
-    except OSError as e:
-        log.warning("could not remember the ONNX export in %s (%s); the next run exports again", path, e)
-    return data
+    return default_cache_dir() / "onnx" / f"{key.hexdigest()[:32]}.onnx"
+
+
+CHECKED_METADATA = ("format", "pneumoscan_version", "model", "activation", "class_names", "threshold", "preprocessing")
+
+
+def _matches(data: bytes, checkpoint_path: str | os.PathLike) -> str:
+    """'' when `data` is an ONNX model with this checkpoint's metadata (format, version, model, class
+    names, threshold, preprocessing) and its input and output, else what differs."""
+    onnx = _require("onnx", "ONNX export")
+    from . import checkpoint as ckpt_io
+
+    model = onnx.load_model_from_string(data)
+    onnx.checker.check_model(model)
+    found = {p.key: p.value for p in model.metadata_props}
+    expected = _metadata(ckpt_io.load(checkpoint_path, "cpu"))
+    differ = [k for k in CHECKED_METADATA if found.get(k) != expected[k]]
+    if differ:
+        return "metadata differs from the checkpoint: " + ", ".join(differ)
+    if [i.name for i in model.graph.input] != [INPUT_NAME] or [o.name for o in model.graph.output] != [OUTPUT_NAME]:
+        return f"inputs and outputs are not {INPUT_NAME} -> {OUTPUT_NAME}"
+    return ""
 
 
 def export_onnx(checkpoint_path: str | os.PathLike, out_path: str | os.PathLike, opset: int = MIN_OPSET,
@@ -226,10 +260,13 @@ class OnnxPredictor:
         if self.metadata.get("format") != FORMAT:
             raise ValueError(f"{label}: not an ONNX model exported by pneumoscan (metadata format "
                              f"{self.metadata.get('format')!r}, expected {FORMAT!r})")
-        self.class_names: list[str] = json.loads(self.metadata["class_names"])
-        self.threshold = float(self.metadata["threshold"])
-        self.prep = Preprocessing(**json.loads(self.metadata["preprocessing"]))
-        self.version = self.metadata["pneumoscan_version"]
+        try:
+            self.class_names: list[str] = list(json.loads(self.metadata["class_names"]))
+            self.threshold = float(self.metadata["threshold"])
+            self.prep = Preprocessing(**json.loads(self.metadata["preprocessing"]))
+            self.version = self.metadata["pneumoscan_version"]
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"{label}: incomplete pneumoscan metadata ({type(e).__name__}: {e})") from None
         self.threads = opts.intra_op_num_threads
 
     def run(self, x: np.ndarray) -> np.ndarray:
