@@ -14,6 +14,8 @@ from __future__ import annotations
 import importlib
 import json
 import logging
+import os
+import shutil
 import sys
 import threading
 import time
@@ -245,7 +247,47 @@ class EarlyStopping:
         return {"best": self.best, "wait": self.wait}
 
 
+REPLACED = ".replaced"  # a run folder's earlier files while a run started with --overwrite has no checkpoint yet
+RUN_FILES = ("best.pt", "last.pt", "metrics.jsonl", "config.json", "split.json", "summary.json", "report.html",
+             "tensorboard")
+
+
+def _run_files(out: Path) -> list[Path]:
+    """What a run and its evaluations write into the run folder (other files are left alone)."""
+    return [p for p in sorted(out.iterdir()) if p.name in RUN_FILES or (p.is_dir() and p.name.startswith("eval-"))]
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def settle_replaced(out: Path) -> None:
+    """Finish a replacement: once the new run has a checkpoint (last.pt), the earlier run's files set aside
+    in `.replaced/` are deleted; if it has none (it failed or was killed first), its files are removed
+    and the earlier run's are put back."""
+    kept = out / REPLACED
+    if not kept.is_dir():
+        return
+    if (out / "last.pt").is_file():
+        shutil.rmtree(kept)
+        return
+    for path in _run_files(out):
+        _remove(path)
+    for path in sorted(kept.iterdir()):
+        os.replace(path, out / path.name)
+    kept.rmdir()
+    log.info("%s: the new run wrote no checkpoint; the earlier run's files are back in place", out)
+
+
 def prepare_run_dir(out: Path, resume: bool, overwrite: bool) -> None:
+    """Check the run folder can be used as asked. With `overwrite`, the earlier run's files (checkpoints,
+    metrics, summary, evaluations, report) are moved into `.replaced/`, deleted only when the new run
+    has written its first checkpoint and put back if it fails before (see `settle_replaced`)."""
+    if out.is_dir():
+        settle_replaced(out)  # a run killed while replacing another
     if resume:
         if not (out / "last.pt").is_file():
             raise RunDirError(f"{out}: nothing to resume (no last.pt)")
@@ -253,9 +295,25 @@ def prepare_run_dir(out: Path, resume: bool, overwrite: bool) -> None:
     if out.exists() and any(out.iterdir()):
         if not overwrite:
             raise RunDirError(f"{out}: run folder exists and is not empty; pass --resume to continue it or --overwrite to replace it")
-        for name in ("best.pt", "last.pt", "metrics.jsonl", "config.json", "split.json", "summary.json"):
-            (out / name).unlink(missing_ok=True)
+        earlier = _run_files(out)
+        if earlier:
+            (out / REPLACED).mkdir()
+            for path in earlier:
+                os.replace(path, out / REPLACED / path.name)
     out.mkdir(parents=True, exist_ok=True)
+
+
+def check_classes(splits: dict[str, list[Any]], task: str, root: str) -> None:
+    """DataError unless the training and validation splits each hold NORMAL and PNEUMONIA images: the
+    model needs both to learn, and validation needs both for its ROC AUC, sensitivity and specificity
+    and for every threshold rule."""
+    for name in ("train", "val"):
+        labels = task_labels(splits[name], task) > 0
+        n_pneumonia = int(labels.sum())
+        if n_pneumonia in (0, len(labels)):
+            missing = "PNEUMONIA" if n_pneumonia == 0 else "NORMAL"
+            raise DataError(f"{root}: the {'training' if name == 'train' else 'validation'} split has no {missing} "
+                            f"images (of {len(labels)}); training and validation need both NORMAL and PNEUMONIA images")
 
 
 @dataclass
@@ -323,8 +381,7 @@ def load_data(cfg: Config, out: Path, dev: torch.device, ddp: Distributed, progr
     each phase ended in `marks`."""
     splits = split_samples(cfg.data)
     marks["split"] = time.perf_counter()
-    for name in ("train", "val"):
-        task_labels(splits[name], cfg.data.task)  # fail now, not after decoding, if the task cannot be labelled
+    check_classes(splits, cfg.data.task, cfg.data.root)  # fail now, not after decoding or after the epochs
     if not ddp.is_main:
         ddp.barrier()  # let rank 0 fill the pixel cache first, then read it
     cached = {name: cache_images(splits[name], cfg.preprocessing, progress=progress) for name in ("train", "val")}
@@ -382,6 +439,7 @@ def train(cfg: Config, out: str | Path, device: str = "auto", resume: bool = Fal
     DistributedDataParallel; only rank 0 writes checkpoints and logs. `batch_size` is per process.
     """
     out = Path(out)
+    cfg.check()
     keep_freed_memory()
     ddp, dev = init_distributed(device)
     try:
@@ -394,7 +452,16 @@ def train(cfg: Config, out: str | Path, device: str = "auto", resume: bool = Fal
         if ddp.is_main:
             prepare_run_dir(out, resume, overwrite)
         ddp.barrier()
-        return _train(cfg, out, dev, ddp, resume, progress and ddp.is_main, tensorboard and ddp.is_main, strict, cuda_graphs)
+        try:
+            return _train(cfg, out, dev, ddp, resume, progress and ddp.is_main, tensorboard and ddp.is_main, strict,
+                          cuda_graphs)
+        except BaseException:
+            if ddp.is_main:
+                try:
+                    settle_replaced(out)
+                except OSError as e:
+                    log.error("%s: could not put the earlier run's files back from %s/ (%s)", out, REPLACED, e)
+            raise
     finally:
         if ddp.enabled:
             torch.distributed.destroy_process_group()
@@ -405,7 +472,7 @@ def _train(cfg: Config, out: Path, dev: torch.device, ddp: Distributed, resume: 
     marks = {"start": time.perf_counter()}  # when each phase ended, for the timings in summary.json
     started = time.time()
     state = torch.load(out / "last.pt", map_location="cpu", weights_only=True) if resume else None
-    cfg = Config.from_dict(state["config"]) if state else cfg
+    cfg = ckpt_io.config_of(state, out / "last.pt") if state else cfg
     generator = seed_everything(cfg.train.seed)
     if ddp.rank:  # different augmentation draws on each process; same initial weights
         generator.manual_seed(cfg.train.seed + 1000 * ddp.rank)
@@ -439,6 +506,7 @@ def _train(cfg: Config, out: Path, dev: torch.device, ddp: Distributed, resume: 
                                                      metrics={"val": va, "epoch": epoch}, history=run.history, epoch=epoch),
                              out / "best.pt")
             ckpt_io.save(run.resumable_state(epoch), out / "last.pt")
+            settle_replaced(out)  # the new run has a checkpoint: an earlier run's files go now
         if stop:
             log.info("early stopping after epoch %d (validation accuracy did not improve by %g for %d epochs)",
                      epoch, cfg.train.early_stopping_min_delta, cfg.train.early_stopping_patience)
