@@ -2,7 +2,9 @@
 
 Each (activation, seed) run is an ordinary run folder under the comparison folder; a run that already
 finished is reused (with its evaluation, when that is newer than the training) and an interrupted one is
-resumed, so a long comparison can be stopped and restarted, or its runs made by several processes at once.
+resumed, so a long comparison can be stopped and restarted, or its runs made by several processes at once:
+each run is trained and evaluated under a lock (`run_lock`), and a process skips a run another one holds,
+coming back to it, waiting, once it has done the others.
 The table gives mean +- sd over seeds of train accuracy and loss (at the best epoch), the evaluated
 split's accuracy, loss and ROC AUC; pairs of activations are compared with Welch's t-test on each
 metric across seeds.
@@ -12,8 +14,9 @@ from __future__ import annotations
 
 import itertools
 import json
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 
@@ -31,6 +34,26 @@ PAPER_TABLE_IV = {
     "prelu": {"train_accuracy": 0.9445, "accuracy": 0.9038, "train_loss": 0.2088, "loss": 0.3339},
 }
 COLUMNS = ("train_accuracy", "accuracy", "train_loss", "loss", "roc_auc")
+
+
+@contextmanager
+def run_lock(run_dir: Path, wait: bool) -> Iterator[bool]:
+    """Hold the lock of one run folder (`.NAME.lock` beside it, an flock; released when the process
+    ends, however it ends). Yields whether it is held: with `wait`, once no other process holds it;
+    without, at once, False when another process holds it."""
+    import fcntl
+
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    with open(run_dir.parent / f".{run_dir.name}.lock", "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def _run(cfg: Config, run_dir: Path, split: str, device: str, progress: bool, cuda_graphs: bool | None) -> dict[str, Any]:
@@ -66,11 +89,21 @@ def compare(base: Config, out: str | Path, activations: Sequence[str] = ACTIVATI
     runs: dict[str, list[dict[str, Any]]] = {}
     if base.model.name != "seed":  # activations belong to the paper's model: other models get one row, by name
         activations = [base.model.name]
+    todo = {}
     for activation in activations:
         for seed in seeds:
             cfg = base.override("model", activation=activation) if base.model.name == "seed" else base
-            cfg = cfg.override("train", seed=seed)
-            runs.setdefault(activation, []).append(_run(cfg, out / f"{activation}-s{seed}", split, device, progress, cuda_graphs))
+            todo[activation, seed] = cfg.override("train", seed=seed)
+    results: dict[tuple[str, int], dict[str, Any]] = {}
+    for wait in (False, True):  # first the runs no other process holds, then wait for the others
+        for (activation, seed), cfg in todo.items():
+            run_dir = out / f"{activation}-s{seed}"
+            if (activation, seed) not in results:
+                with run_lock(run_dir, wait) as held:
+                    if held:
+                        results[activation, seed] = _run(cfg, run_dir, split, device, progress, cuda_graphs)
+    for activation, seed in todo:
+        runs.setdefault(activation, []).append(results[activation, seed])
     table = {a: {c: {"mean": float(np.mean([r[c] for r in rs])), "sd": float(np.std([r[c] for r in rs], ddof=1)) if len(rs) > 1 else None}
                  for c in COLUMNS} for a, rs in runs.items()}
     tests = []
