@@ -59,6 +59,7 @@ def _first(ds: Any, keyword: str) -> float:
 # Rows x Columns x frames x samples x bits declare, plus this much after it (trailing elements)
 _INFLATE_HEADER_BYTES = 8 * 2**20
 _INFLATE_TRAILER_BYTES = 2**20
+_PIXEL_TAGS = (0x7FE00008, 0x7FE00009, 0x7FE00010)  # Float, Double Float and Pixel Data
 # the widest pixel data accepted, in bytes a pixel (16-bit RGB, 64-bit grey)
 _MAX_BYTES_PER_PIXEL = 8
 
@@ -90,12 +91,10 @@ def _inflate(data: bytes, max_pixels: int) -> tuple[Any, bytes] | None:
         reached: list[bool] = []
 
         def at_pixels(tag: Any, vr: Any, length: int) -> bool:
-            reached.append(tag == 0x7FE00010)
+            reached.append(tag in _PIXEL_TAGS)
             return reached[-1]
 
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # the head may end inside an element
-            header = read_dataset(io.BytesIO(head), is_implicit_VR=False, is_little_endian=True, stop_when=at_pixels)
+        header = read_dataset(io.BytesIO(head), is_implicit_VR=False, is_little_endian=True, stop_when=at_pixels)
         if inflater.eof:
             return meta, head
         if not any(reached):
