@@ -71,6 +71,8 @@ def test_truncated_jpeg_is_reported(tmp_path):
 def test_missing_file_is_reported(tmp_path):
     with pytest.raises(ImageLoadError, match="cannot read"):
         load_grey(tmp_path / "nope.png")
+    with pytest.raises(ImageLoadError, match="cannot read"):
+        load_grey(str(tmp_path / "nul\0.png"))
 
 
 def test_megapixel_limit_refuses_large_images():

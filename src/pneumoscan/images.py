@@ -138,8 +138,8 @@ def load_grey(source: str | os.PathLike | bytes, name: str | None = None, max_me
     label = name or (str(source) if not isinstance(source, bytes) else "<upload>")
     try:
         data = source if isinstance(source, bytes) else Path(source).read_bytes()
-    except OSError as e:
-        raise ImageLoadError(label, f"cannot read file ({e.strerror or e})") from None
+    except (OSError, ValueError) as e:  # ValueError: a path with a NUL character
+        raise ImageLoadError(label, f"cannot read file ({getattr(e, 'strerror', None) or e})") from None
     if not data:
         raise ImageLoadError(label, "file is empty (0 bytes)")
     if is_dicom(data) or label.lower().endswith(DICOM_SUFFIXES):
