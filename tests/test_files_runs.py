@@ -98,29 +98,6 @@ def test_compare_skips_a_run_another_process_holds_and_comes_back_to_it(tiny_dat
     assert started[1] < started[0]
 
 
-def test_two_compare_processes_share_the_runs(tiny_data, tmp_path):
-    """Two comparisons of the same folder at once: each run is trained once, and both see the same results."""
-    out = tmp_path / "cmp"
-    outcomes: list[object] = []
-
-    def run() -> None:
-        try:
-            outcomes.append(compare(tiny_config(tiny_data, epochs=1), out, activations=["relu"], seeds=[0, 1],
-                                    device="cpu", progress=False))
-        except BaseException as e:
-            outcomes.append(e)
-
-    workers = [threading.Thread(target=run) for _ in range(2)]
-    for w in workers:
-        w.start()
-    for w in workers:
-        w.join(300)
-    assert len(outcomes) == 2 and all(isinstance(o, dict) for o in outcomes), outcomes
-    assert outcomes[0]["runs"] == outcomes[1]["runs"]
-    for seed in (0, 1):
-        assert len((out / f"relu-s{seed}" / "metrics.jsonl").read_text().splitlines()) == 1
-
-
 @pytest.mark.parametrize("section, name, value", [
     ("preprocessing", "image_size", 4), ("preprocessing", "channels", 2), ("train", "eval_batch_size", 0),
     ("train", "epochs", -1), ("train", "threshold", float("nan")), ("model", "activation", "tanh")])
