@@ -1,10 +1,14 @@
 #!/usr/bin/env python3
 """Load test of `pneumoscan serve` on loopback: concurrent clients posting X-rays for a bounded time.
 
-Starts the server as a subprocess on 127.0.0.1, then runs two phases of `--seconds` each with
+Starts the server as a subprocess on 127.0.0.1, then runs three phases of `--seconds` each with
 `--clients` threads: (1) good uploads only; (2) good uploads mixed with bad ones (empty, truncated,
-text, random bytes) at `--bad-share`. Reports requests/s, p50/p99 latency, status codes, and whether the
-server answered /health after each phase. Traffic goes to 127.0.0.1 only, and every loop is bounded.
+text, random bytes) at `--bad-share`; (3) hostile: good uploads mixed at `--bad-share` with
+decompression bombs (a PNG that claims 900 MP, a 98 MP one of zeros) and 16-bit giants (49 MP), while
+two more clients send their bodies a byte a second and one more streams oversize chunked uploads.
+Reports requests/s, p50/p99 latency, status codes per kind of upload, whether the server answered
+/health after each phase, and the server's peak resident memory (VmHWM) after each phase. Traffic goes
+to 127.0.0.1 only, and every loop is bounded.
 
     .venv/bin/python benchmarks/bench_serve.py --checkpoint runs/x/best.pt [--clients 8 --seconds 30] [--no-heatmap]
 """
@@ -14,7 +18,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import io
+import zlib
 import random
+import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -23,6 +31,7 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -33,18 +42,88 @@ def bad_payloads(good: bytes) -> list[tuple[str, bytes]]:
             ("noise.png", bytes(rng.getrandbits(8) for _ in range(4096)))]
 
 
+def png(pixels: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def hostile_payloads() -> list[tuple[str, bytes]]:
+    """Decompression bombs and 16-bit giants, each small on the wire."""
+    header = png(np.zeros((8, 8), np.uint8))
+    ihdr = b"IHDR" + struct.pack(">IIBBBBB", 30000, 30000, 8, 0, 0, 0, 0)
+    liar = header[:8] + struct.pack(">I", 13) + ihdr + struct.pack(">I", zlib.crc32(ihdr)) + header[33:]
+    ramp = (np.arange(7000, dtype=np.uint32)[None, :] * 9 + np.arange(7000, dtype=np.uint32)[:, None]).astype(np.uint16)
+    return [("bomb-900mp-header.png", liar), ("bomb-98mp-zeros.png", png(np.zeros((9900, 9900), np.uint8))),
+            ("giant-16bit-49mp.png", png(ramp))]
+
+
+def slow_sender(port: int, deadline: float, codes: dict, lock: threading.Lock) -> None:
+    """Send the head of an upload, then one byte a second, until the server answers (or the phase ends)."""
+    while time.perf_counter() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=2) as s:
+                s.sendall(b"POST /api/predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 1000000\r\n"
+                          b"Content-Type: multipart/form-data; boundary=b\r\n\r\n--b\r\n")
+                answer = b""
+                while not answer and time.perf_counter() < deadline + 60:
+                    try:
+                        answer = s.recv(64)
+                    except TimeoutError:
+                        s.sendall(b"x")
+                code = answer.split(b" ")[1].decode() if answer.startswith(b"HTTP/") else "no answer"
+        except OSError as e:
+            code = f"transport error: {type(e).__name__}"
+        with lock:
+            codes[f"slow sender {code}"] = codes.get(f"slow sender {code}", 0) + 1
+
+
+def chunked_oversize(url: str, deadline: float, codes: dict, lock: threading.Lock) -> None:
+    """Stream uploads over the limit without a Content-Length (chunked), one after another."""
+    def body():
+        yield b'--b\r\nContent-Disposition: form-data; name="files"; filename="huge.png"\r\n\r\n'
+        for _ in range(400):  # 25 MB, over the default 20 MB limit
+            yield b"\0" * 65536
+        yield b"\r\n--b--\r\n"
+
+    with httpx.Client(timeout=30) as client:
+        while time.perf_counter() < deadline:
+            try:
+                code = str(client.post(f"{url}/api/predict", content=body(),
+                                       headers={"content-type": "multipart/form-data; boundary=b"}).status_code)
+            except httpx.HTTPError as e:
+                code = f"transport error: {type(e).__name__}"
+            with lock:
+                codes[f"chunked oversize {code}"] = codes.get(f"chunked oversize {code}", 0) + 1
+
+
+def peak_rss_mb(pid: int) -> float | None:
+    """The process's peak resident memory so far (Linux VmHWM), in MB."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        pass
+    return None
+
+
 def phase(url: str, images: list[tuple[str, bytes]], bad: list[tuple[str, bytes]], clients: int, seconds: float,
-          bad_share: float, heatmap: bool) -> dict:
+          bad_share: float, heatmap: bool, extra: tuple = ()) -> dict:
+    """`clients` threads posting for `seconds`; `extra` names more client loops, called as f(deadline, codes, lock).
+    Status codes are counted per kind of upload ("good", the bad file's name, or the extra loop's kind)."""
     deadline = time.perf_counter() + seconds
     lat: list[float] = []
     codes: dict[str, int] = {}
+    good_lat: list[float] = []
     lock = threading.Lock()
 
     def worker(k: int) -> None:
         rng = random.Random(k)
         with httpx.Client(timeout=30) as client:
             while time.perf_counter() < deadline:
-                name, data = rng.choice(bad) if bad and rng.random() < bad_share else rng.choice(images)
+                is_bad = bool(bad) and rng.random() < bad_share
+                name, data = rng.choice(bad) if is_bad else rng.choice(images)
                 t0 = time.perf_counter()
                 try:
                     r = client.post(f"{url}/api/predict", params={"heatmap": str(heatmap).lower()},
@@ -53,22 +132,35 @@ def phase(url: str, images: list[tuple[str, bytes]], bad: list[tuple[str, bytes]
                 except httpx.HTTPError as e:
                     code = f"transport error: {type(e).__name__}"
                 dt = time.perf_counter() - t0
+                key = f"{name if is_bad else 'good'} {code}"
                 with lock:
                     lat.append(dt)
-                    codes[code] = codes.get(code, 0) + 1
+                    codes[key] = codes.get(key, 0) + 1
+                    if not is_bad:
+                        good_lat.append(dt)
 
     threads = [threading.Thread(target=worker, args=(k,)) for k in range(clients)]
+    threads += [threading.Thread(target=f, args=(deadline, codes, lock)) for f in extra]
     t0 = time.perf_counter()
     for t in threads:
         t.start()
     for t in threads:
         t.join()
     wall = time.perf_counter() - t0
+    return summary(lat, good_lat, codes, wall, httpx.get(f"{url}/health", timeout=10).status_code == 200)
+
+
+def summary(lat: list[float], good_lat: list[float], codes: dict[str, int], wall: float, healthy: bool) -> dict:
+    """Rates, latencies, codes per kind; server errors are 5xx other than 503 (busy) and transport errors."""
     ms = np.array(lat) * 1000
-    healthy = httpx.get(f"{url}/health", timeout=10).status_code == 200
-    server_errors = sum(n for c, n in codes.items() if not c.isdigit() or c.startswith("5"))
+    code_of = {key: key.rsplit(" ", 1)[-1] for key in codes}
+    server_errors = sum(n for k, n in codes.items() if not code_of[k].isdigit() or (code_of[k].startswith("5") and code_of[k] != "503"))
+    good_answered = sum(n for k, n in codes.items() if k.startswith("good ") and code_of[k] == "200")
     return {"requests": len(lat), "requests_per_s": round(len(lat) / wall, 1), "p50_ms": round(float(np.percentile(ms, 50)), 1),
-            "p99_ms": round(float(np.percentile(ms, 99)), 1), "status_codes": codes, "server_errors": server_errors,
+            "p99_ms": round(float(np.percentile(ms, 99)), 1), "status_codes": dict(sorted(codes.items())),
+            "server_errors": server_errors, "busy_503": sum(n for k, n in codes.items() if code_of[k] == "503"),
+            "good_scored": good_answered, "good_requests": len(good_lat),
+            "good_p99_ms": round(float(np.percentile(np.array(good_lat) * 1000, 99)), 1) if good_lat else None,
             "healthy_after": healthy}
 
 
@@ -82,13 +174,14 @@ def main() -> int:
     ap.add_argument("--port", type=int, default=8765)
     ap.add_argument("--no-heatmap", action="store_true", help="ask for probabilities only")
     ap.add_argument("--max-batch", type=int, default=16, help="the server's --max-batch (1: no batching)")
+    ap.add_argument("--body-timeout", type=float, default=10, help="the server's --body-timeout (slow senders get 408)")
     args = ap.parse_args()
 
     files = sorted(Path(args.data).rglob("*.jpeg"))
     images = [(p.name, p.read_bytes()) for p in random.Random(0).sample(files, min(64, len(files)))]
     url = f"http://127.0.0.1:{args.port}"
     server = subprocess.Popen([sys.executable, "-m", "pneumoscan", "serve", args.checkpoint, "--port", str(args.port),
-                               "--max-batch", str(args.max_batch)],
+                               "--max-batch", str(args.max_batch), "--body-timeout", str(args.body_timeout)],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ})
     try:
         for _ in range(120):  # bounded wait for start-up
@@ -101,17 +194,28 @@ def main() -> int:
             raise SystemExit("server did not start")
         heatmap = not args.no_heatmap
         phase(url, images, [], 2, 3, 0, heatmap)  # warm-up
+        rss = {"after start": peak_rss_mb(server.pid)}
         good = phase(url, images, [], args.clients, args.seconds, 0, heatmap)
+        rss["good"] = peak_rss_mb(server.pid)
         mixed = phase(url, images, bad_payloads(images[0][1]), args.clients, args.seconds, args.bad_share, heatmap)
+        rss["mixed"] = peak_rss_mb(server.pid)
+        extra = (lambda d, c, lock: slow_sender(args.port, d, c, lock),) * 2 + (
+            lambda d, c, lock: chunked_oversize(url, d, c, lock),)
+        hostile = phase(url, images, hostile_payloads(), args.clients, args.seconds, args.bad_share, heatmap, extra)
+        rss["hostile"] = peak_rss_mb(server.pid)
+        alive = server.poll() is None
     finally:
         server.terminate()
         server.wait(timeout=30)
     result = {"clients": args.clients, "seconds": args.seconds, "heatmap": heatmap, "max_batch": args.max_batch,
-              "good": good, "mixed": mixed,
+              "good": good, "mixed": mixed, "hostile": hostile, "server_alive_after": alive, "peak_rss_mb": rss,
               "machine": f"{os.cpu_count()} cores", "date": time.strftime("%Y-%m-%d")}
-    for name, r in (("good uploads", good), ("mixed with bad", mixed)):
+    for name, r in (("good uploads", good), ("mixed with bad", mixed), ("hostile", hostile)):
         print(f"{name:16} {r['requests_per_s']:7.1f} req/s  p50 {r['p50_ms']:6.1f} ms  p99 {r['p99_ms']:6.1f} ms  "
-              f"codes {r['status_codes']}  server errors {r['server_errors']}  healthy after: {r['healthy_after']}")
+              f"good scored {r['good_scored']}/{r['good_requests']}  server errors {r['server_errors']}  "
+              f"503 busy {r['busy_503']}  healthy after: {r['healthy_after']}  peak RSS {rss[name.split()[0]]} MB")
+        print(f"{'':16} codes {r['status_codes']}")
+    print(f"server alive after all phases: {alive}")
     print(json.dumps(result))
     return 0
 
