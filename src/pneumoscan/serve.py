@@ -108,10 +108,12 @@ class Guard:
     def guarded_receive(self, receive: Any) -> Any:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.body_timeout_s
-        seen = 0
+        seen, complete = 0, False
 
         async def guarded() -> dict:
-            nonlocal seen
+            nonlocal seen, complete
+            if complete:  # after the body, only the disconnect remains: no deadline on waiting for it
+                return await receive()
             try:
                 message = await asyncio.wait_for(receive(), max(deadline - loop.time(), 0.001))
             except TimeoutError:
@@ -119,6 +121,7 @@ class Guard:
             seen += len(message.get("body", b""))
             if seen > self.limit:
                 raise Refused(413, self.too_large())
+            complete = message["type"] != "http.request" or not message.get("more_body", False)
             return message
 
         return guarded
@@ -219,12 +222,20 @@ class InferenceBatcher:
                     done.set_exception(e)
 
 
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity where the OS says, else all of them)."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except AttributeError:  # no sched_getaffinity on this OS
+        return os.cpu_count() or 1
+
+
 class DecodeSlots:
     """At most `slots` decodes at once (one per core by default); at most `max_waiting` more wait, each for
     at most `wait_s` seconds; any other request is refused with 503 and Retry-After at once."""
 
     def __init__(self, slots: int | None = None, max_waiting: int | None = None, wait_s: float = 10):
-        self.slots = slots or os.cpu_count() or 1
+        self.slots = slots or usable_cores()
         self.max_waiting = 4 * self.slots if max_waiting is None else max_waiting
         self.wait_s = wait_s
         self._free = threading.Semaphore(self.slots)
