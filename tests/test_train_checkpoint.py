@@ -6,7 +6,8 @@ import torch
 
 from pneumoscan import checkpoint as ckpt_io
 from pneumoscan.config import Config, DataConfig, Preprocessing, TrainConfig
-from pneumoscan.train import EarlyStopping, RunDirError, train
+from pneumoscan.rundir import RunDirError
+from pneumoscan.train import EarlyStopping, train
 
 
 def tiny_config(root, epochs=2, **train_kw) -> Config:
