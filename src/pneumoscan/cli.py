@@ -53,6 +53,11 @@ def _add_config_flags(p: argparse.ArgumentParser, activation: bool = True) -> No
     p.add_argument("--threshold-rule", choices=THRESHOLD_RULES,
                    help="how the decision threshold is chosen on validation after training (paper: fixed 0.5)")
     p.add_argument("--target-sensitivity", type=float, help="for --threshold-rule sensitivity (default 0.95)")
+    p.add_argument("--threshold-resamples", type=int,
+                   help="youden / sensitivity: the threshold is the median of the rule's optimum over this many "
+                        "bootstrap resamples of validation (default 200; 0: the optimum on validation itself)")
+    p.add_argument("--calibration", choices=["none", "temperature"],
+                   help="calibrate probabilities on validation by one temperature (tuned recipes: temperature)")
     p.add_argument("--class-weight", choices=["none", "balanced"], help="weight the loss by inverse class frequency")
     p.add_argument("--sampling", choices=["shuffle", "balanced"], help="balanced: draw both classes equally often")
     p.add_argument("--early-stopping", action="store_true", default=None,
@@ -71,7 +76,8 @@ def config_from_args(a: argparse.Namespace) -> Config:
                        batchnorm_momentum=a.batchnorm_momentum)
     cfg = cfg.override("train", epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, seed=getattr(a, "seed", None),
                        early_stopping=a.early_stopping, threshold_rule=a.threshold_rule,
-                       target_sensitivity=a.target_sensitivity, class_weight=a.class_weight, sampling=a.sampling)
+                       target_sensitivity=a.target_sensitivity, class_weight=a.class_weight, sampling=a.sampling,
+                       threshold_resamples=a.threshold_resamples, calibration=a.calibration)
     cfg = cfg.override("preprocessing", image_size=a.image_size, resize_filter=a.resize_filter)
     return cfg.override("augmentation", zoom=a.zoom, vertical_flip=a.vertical_flip, horizontal_flip=a.horizontal_flip)
 
@@ -108,6 +114,32 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--device", default="auto")
     p.add_argument("--no-progress", action="store_true")
+    _add_prevalence_flags(p, estimate=True)
+
+
+def _add_prevalence_flags(p: argparse.ArgumentParser, estimate: bool) -> None:
+    """--prevalence (and --estimate-prevalence): the site's prior, a property of the data, not of the model."""
+    if estimate:
+        p.add_argument("--prevalence", metavar="P|estimated", default=None,
+                       help="the site's pneumonia prevalence (0<P<1): probabilities are moved to it by Bayes' rule; "
+                            "'estimated': to the EM estimate from these images (default: the model's training prior)")
+        p.add_argument("--estimate-prevalence", action="store_true",
+                       help="estimate the images' pneumonia prevalence (EM, with a 95%% bootstrap interval), print "
+                            "and record it; outputs change only with --prevalence estimated")
+    else:
+        p.add_argument("--prevalence", type=_prevalence, metavar="P", default=None,
+                       help="the site's pneumonia prevalence (0<P<1): probabilities are moved to it by Bayes' rule "
+                            "(default: the model's training prior)")
+
+
+def _prevalence(text: str) -> float:
+    try:
+        p = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number between 0 and 1, not {text!r}") from None
+    if not 0 < p < 1:
+        raise argparse.ArgumentTypeError(f"must be strictly between 0 and 1, not {text!r}")
+    return p
 
 
 def _add_checkpoint_and_images(p: argparse.ArgumentParser, out_help: str) -> None:
@@ -123,11 +155,13 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--backend", choices=["torch", "onnx"], default="torch",
                    help="onnx: export in memory and run with ONNX Runtime on the CPU (pip install 'pneumoscan[onnx]')")
+    _add_prevalence_flags(p, estimate=True)
 
 
 def _add_explain(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("explain", help="Grad-CAM heatmaps over the X-rays, one PNG per image, plus probabilities")
     _add_checkpoint_and_images(p, "folder for <name>_gradcam.png and explanations.csv")
+    _add_prevalence_flags(p, estimate=False)
 
 
 def _add_serve(sub: argparse._SubParsersAction) -> None:
@@ -151,6 +185,7 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--body-timeout", type=float, default=60, help="seconds a client may take to send its upload (408)")
     p.add_argument("--inference-timeout", type=float, default=120,
                    help="seconds a request may wait for the model before it gets 503")
+    _add_prevalence_flags(p, estimate=False)
 
 
 def _add_export(sub: argparse._SubParsersAction) -> None:
@@ -223,9 +258,12 @@ def cmd_compare(a: argparse.Namespace) -> int:
 def cmd_evaluate(a: argparse.Namespace) -> int:
     from .evaluate import evaluate
 
-    result = evaluate(a.checkpoint, a.split, a.out, data_root=a.data, device=a.device, progress=not a.no_progress)
-    keys = ("split", "n", "accuracy", "precision", "recall", "specificity", "f1", "roc_auc", "threshold", "confusion_matrix")
+    result = evaluate(a.checkpoint, a.split, a.out, data_root=a.data, device=a.device, progress=not a.no_progress,
+                      prevalence=a.prevalence, estimate=a.estimate_prevalence)
+    keys = ("split", "n", "accuracy", "precision", "recall", "specificity", "f1", "roc_auc", "threshold", "confusion_matrix",
+            "prior", "prior_source")
     print(json.dumps({k: result[k] for k in keys}))
+    _print_estimate(result["prevalence_estimate"])
     print(f"report: {Path(a.out) / 'report.html'}")
     return 0
 
@@ -233,8 +271,18 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
 def cmd_predict(a: argparse.Namespace) -> int:
     from .predict import predict_paths
 
-    results = predict_paths(a.checkpoint, a.paths, a.out, device=a.device, batch_size=a.batch_size, backend=a.backend)
+    results = predict_paths(a.checkpoint, a.paths, a.out, device=a.device, batch_size=a.batch_size, backend=a.backend,
+                            prevalence=a.prevalence, estimate=a.estimate_prevalence)
+    if a.estimate_prevalence or a.prevalence == "estimated":
+        _print_estimate(json.loads(Path(f"{a.out}.prevalence.json").read_text())["estimate"])
     return _report_batch([r.error for r in results], f"images scored; wrote {a.out}")
+
+
+def _print_estimate(est: dict | None) -> None:
+    if est:
+        lo, hi = est["interval"] or (float("nan"), float("nan"))
+        print(f"estimated pneumonia prevalence {est['prevalence']:.3f} (95% interval {lo:.3f}-{hi:.3f}, "
+              f"{est['n']} images; {est['method']})")
 
 
 def _report_batch(errors: list, done: str) -> int:
@@ -249,7 +297,7 @@ def _report_batch(errors: list, done: str) -> int:
 def cmd_explain(a: argparse.Namespace) -> int:
     from .explain import explain_paths
 
-    rows = explain_paths(a.checkpoint, a.paths, a.out, device=a.device)
+    rows = explain_paths(a.checkpoint, a.paths, a.out, device=a.device, prevalence=a.prevalence)
     return _report_batch([r["error"] for r in rows], f"heatmaps written (see {Path(a.out) / 'explanations.csv'})")
 
 
@@ -258,7 +306,8 @@ def cmd_serve(a: argparse.Namespace) -> int:
 
     serve(a.checkpoint, host=a.host, port=a.port, device=a.device, token=a.token, max_upload_mb=a.max_upload_mb,
           metrics_json=a.metrics, max_batch=a.max_batch, allow_hosts=a.allow_host, max_connections=a.max_connections,
-          decode_slots=a.decode_slots, body_timeout_s=a.body_timeout, inference_timeout_s=a.inference_timeout)
+          decode_slots=a.decode_slots, body_timeout_s=a.body_timeout, inference_timeout_s=a.inference_timeout,
+          prevalence=a.prevalence)
     return 0
 
 

@@ -86,6 +86,11 @@ class TrainConfig:
     threshold: float = 0.5  # used as is by the 'fixed' rule
     threshold_rule: str = "fixed"  # fixed | youden | sensitivity: chosen on validation after training
     target_sensitivity: float = 0.95  # for the 'sensitivity' rule
+    # youden / sensitivity: the threshold is the median of the rule's optimum over this many bootstrap
+    # resamples of validation (0: the rule's optimum on validation itself, which may sit at a plateau's edge)
+    threshold_resamples: int = 200
+    # none | temperature: probabilities calibrated on validation by one temperature (decisions at 0.5 unchanged)
+    calibration: str = "none"
 
 
 @dataclass(frozen=True)
@@ -181,6 +186,8 @@ LIMITS: dict[tuple[str, str], tuple[Any, ...]] = {
     ("train", "threshold"): (_FLOAT, 0.0, 1.0),
     ("train", "threshold_rule"): ("fixed", "youden", "sensitivity"),
     ("train", "target_sensitivity"): (_FLOAT, 1e-6, 1.0),
+    ("train", "threshold_resamples"): (_INT, 0, 100_000),
+    ("train", "calibration"): ("none", "temperature"),
 }
 
 
@@ -210,10 +217,12 @@ RECIPES: dict[str, Config] = {
     # less, resize with area averaging, and pick the threshold by Youden's J on validation.
     "tuned": Config(preprocessing=Preprocessing(resize_filter="area"),
                     augmentation=Augmentation(zoom=0.2, vertical_flip=False),
-                    train=TrainConfig(epochs=20, class_weight="balanced", threshold_rule="youden"), recipe="tuned"),
+                    train=TrainConfig(epochs=20, class_weight="balanced", threshold_rule="youden",
+                                      calibration="temperature"), recipe="tuned"),
     "resnet18-224": Config(preprocessing=Preprocessing(image_size=224, resize_filter="area"),
                            augmentation=Augmentation(zoom=0.2, vertical_flip=False), model=ModelConfig(name="resnet18"),
-                           train=TrainConfig(epochs=15, batch_size=32, threshold_rule="youden"), recipe="resnet18-224"),
+                           train=TrainConfig(epochs=15, batch_size=32, threshold_rule="youden",
+                                             calibration="temperature"), recipe="resnet18-224"),
 }
 
 

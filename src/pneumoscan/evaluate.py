@@ -19,15 +19,22 @@ from . import plots
 from .data import cache_images, load_split, split_summary, task_labels
 from .metrics import binary_metrics, bootstrap_ci, calibration, decide, multiclass_metrics, pr_points, roc_points
 from .fileio import atomic_write_text, write_json
+from .calibration import move, output_map
 from .inference import freeze, predict_logits
 from .models import probabilities
+from .predict import estimate_and_apply, parse_prevalence
 from .report import write_eval_report
 from .runtime import keep_freed_memory, select_device
 
 
 def evaluate(checkpoint: str | Path, split: str, out: str | Path, data_root: str | None = None, device: str = "auto",
-             progress: bool = True) -> dict[str, Any]:
-    """Score `checkpoint` on `split` of the data; writes metrics.json, predictions.csv and PNG plots into `out`."""
+             progress: bool = True, prevalence: float | str | None = None, estimate: bool = False) -> dict[str, Any]:
+    """Score `checkpoint` on `split` of the data; writes metrics.json, predictions.csv and PNG plots into `out`.
+
+    Probabilities go through the checkpoint's `OutputMap`, as in predict: calibration, then `prevalence`
+    (a number, or "estimated": the EM estimate from the images alone, never their labels). `estimate`
+    records the estimate without using it. When the prior moved, the figures at the model's own prior are
+    kept under "at_model_prior" for comparison."""
     out = Path(out)
     keep_freed_memory()
     dev = select_device(device)
@@ -40,9 +47,14 @@ def evaluate(checkpoint: str | Path, split: str, out: str | Path, data_root: str
     classes = task_labels(cached.samples, cfg.data.task)
     pixels = torch.from_numpy(cached.pixels).to(dev)
     logits = predict_logits(freeze(loaded.model), pixels, cfg.preprocessing, cfg.train.eval_batch_size)
-    probs, class_probs = probabilities(logits)  # P(pneumonia) for either task; per class for three classes
+    raw_probs, raw_class_probs = probabilities(logits)  # P(pneumonia) for either task; per class for three classes
+    base = output_map(loaded.checkpoint, checkpoint, loaded.threshold)
+    model_probs, model_class_probs = base.apply(raw_probs, raw_class_probs)
+    output, estimated = estimate_and_apply(model_probs, base, parse_prevalence(prevalence), estimate)
+    probs, class_probs = move(model_probs, model_class_probs, base.prior_used, output.prior_used)
+    threshold = output.decision_threshold
     labels = (classes > 0).astype(int)
-    metrics = binary_metrics(labels, probs, loaded.threshold)
+    metrics = binary_metrics(labels, probs, threshold)
     calib = calibration(labels, probs)
     result = {
         "checkpoint": str(checkpoint),
@@ -52,7 +64,12 @@ def evaluate(checkpoint: str | Path, split: str, out: str | Path, data_root: str
                   "epoch": loaded.checkpoint.get("epoch")},
         **metrics,
         "threshold_rule": loaded.checkpoint.get("threshold_rule", {"rule": "fixed"}),
-        "ci95": bootstrap_ci(labels, probs, loaded.threshold),
+        "operating_point": output.describe(),
+        "prior": output.prior_used,
+        "prior_source": output.source,
+        "prevalence_estimate": estimated,
+        "at_model_prior": _unadjusted(labels, model_probs, base) if output.prior is not None else None,
+        "ci95": bootstrap_ci(labels, probs, threshold),
         "ci_method": "percentile bootstrap over images, 1000 resamples",
         "calibration": calib,
         "class_names": loaded.class_names,
@@ -60,17 +77,17 @@ def evaluate(checkpoint: str | Path, split: str, out: str | Path, data_root: str
         "unreadable_files": cached.errors,
     }
     if class_probs is not None:  # the figures above are pneumonia vs normal; these are per class
-        result["three_class"] = multiclass_metrics(classes, class_probs, loaded.threshold, loaded.class_names)
+        result["three_class"] = multiclass_metrics(classes, class_probs, threshold, loaded.class_names)
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "metrics.json", result)
     _write_predictions(out / "predictions.csv", [s.path for s in cached.samples], classes, probs, class_probs,
-                       loaded.threshold, loaded.class_names)
+                       threshold, loaded.class_names, output.prior_used)
     plots.training_curves(loaded.checkpoint.get("history", []), out)
     plots.confusion_matrix_plot(metrics["confusion_matrix"], ["NORMAL", "PNEUMONIA"], out / "confusion_matrix.png",
-                                loaded.threshold)
+                                threshold)
     if class_probs is not None:
         plots.confusion_matrix_plot(result["three_class"]["confusion_matrix"], loaded.class_names,
-                                    out / "confusion_matrix_3class.png", loaded.threshold)
+                                    out / "confusion_matrix_3class.png", threshold)
     plots.reliability_plot(calib, out / "reliability.png")
     if metrics["roc_auc"] is not None:
         fpr, tpr = roc_points(labels, probs)
@@ -82,16 +99,25 @@ def evaluate(checkpoint: str | Path, split: str, out: str | Path, data_root: str
     return result
 
 
+def _unadjusted(labels, probs, output) -> dict[str, Any]:
+    """The headline figures at the model's own prior and threshold, for comparison with a moved prior."""
+    m = binary_metrics(labels, probs, output.decision_threshold)
+    keys = ("threshold", "accuracy", "recall", "specificity", "f1", "log_loss", "confusion_matrix")
+    return {"prior": output.prior_used, **{k: m[k] for k in keys}}
+
+
 def _write_predictions(path: Path, paths: list[str], labels, probs, class_probs, threshold: float,
-                       class_names: list[str]) -> None:
-    """One row per image: true and predicted class, P(pneumonia), and each class's probability (three-class).
+                       class_names: list[str], prior: float | None) -> None:
+    """One row per image: true and predicted class, P(pneumonia), each class's probability (three-class) and
+    the prior the probability is at.
     Bytes of a file name that are not UTF-8 are written as backslash escapes (`fileio.printable`)."""
     buf = io.StringIO()
     w = csv.writer(buf)
     w.writerow(["path", "true_label", "probability", "predicted_label"] +
-               ([f"p_{name}" for name in class_names] if class_probs is not None else []))
+               ([f"p_{name}" for name in class_names] if class_probs is not None else []) + ["prior"])
+    prior_text = "" if prior is None else f"{prior:.6f}"
     predicted = decide(probs, threshold, class_probs)
     for i, (p, y, q) in enumerate(zip(paths, labels, probs)):
         w.writerow([p, class_names[int(y)], f"{q:.6f}", class_names[int(predicted[i])]] +
-                   ([f"{c:.6f}" for c in class_probs[i]] if class_probs is not None else []))
+                   ([f"{c:.6f}" for c in class_probs[i]] if class_probs is not None else []) + [prior_text])
     atomic_write_text(path, buf.getvalue())

@@ -100,7 +100,8 @@ def cam_for_batch(predictor: Predictor, pixels: np.ndarray) -> tuple[np.ndarray,
     model.zero_grad(set_to_none=True)
     heat = heat[:, 0].detach().float().cpu().numpy()
     heat = np.nan_to_num(heat, nan=0.0, posinf=1.0, neginf=0.0).clip(0, 1)
-    return (heat, *probabilities(cam.nn_module.model.outputs))  # MONAI wraps our module in its ModelWithHooks
+    # MONAI wraps our module in its ModelWithHooks; the probabilities go through the predictor's map as in predict
+    return (heat, *predictor.output.apply(*probabilities(cam.nn_module.model.outputs)))
 
 
 def resize_heat(heat: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
@@ -145,14 +146,17 @@ def _explain(predictor: Predictor, source: str | os.PathLike | bytes, name: str 
 
 
 def explain_paths(checkpoint: str | os.PathLike, inputs: Iterable[str], out_dir: str | os.PathLike,
-                  device: str = "auto") -> list[dict[str, str]]:
-    """Write OUT/<name>_gradcam.png per image and OUT/explanations.csv (path, probability, label, heatmap, error);
-    bytes of a file name that are not UTF-8 are written in the CSV as backslash escapes (`fileio.printable`)."""
+                  device: str = "auto", prevalence: float | None = None) -> list[dict[str, str]]:
+    """Write OUT/<name>_gradcam.png per image and OUT/explanations.csv (path, probability, label, heatmap, error,
+    prior: the prevalence the probability is at, `prevalence` or the model's own); bytes of a file name that
+    are not UTF-8 are written in the CSV as backslash escapes (`fileio.printable`)."""
     out = Path(out_dir)
-    predictor = Predictor(checkpoint, device=device)
+    predictor = Predictor(checkpoint, device=device, prevalence=prevalence)
+    prior = predictor.output.prior_used
     rows, used = [], set()
     for path in expand_paths(inputs):
-        row = {"path": path, "probability": "", "label": "", "heatmap": "", "error": ""}
+        row = {"path": path, "probability": "", "label": "", "heatmap": "", "error": "",
+               "prior": "" if prior is None else f"{prior:.6f}"}
         try:
             rgb, _, prob, class_probs = _explain(predictor, path)
         except ImageLoadError as e:
@@ -169,7 +173,7 @@ def explain_paths(checkpoint: str | os.PathLike, inputs: Iterable[str], out_dir:
             row.update(probability=f"{prob:.6f}", label=predictor.label_of(prob, class_probs), heatmap=name)
         rows.append(row)
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=["path", "probability", "label", "heatmap", "error"])
+    writer = csv.DictWriter(buf, fieldnames=["path", "probability", "label", "heatmap", "error", "prior"])
     writer.writeheader()
     writer.writerows(rows)
     atomic_write_text(out / "explanations.csv", buf.getvalue())

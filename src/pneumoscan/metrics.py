@@ -126,6 +126,54 @@ def choose_threshold(labels: np.ndarray, probs: np.ndarray, rule: str = "youden"
     raise ValueError(f"unknown threshold rule {rule!r}; choose one of {', '.join(THRESHOLD_RULES)}")
 
 
+def stable_threshold(labels: np.ndarray, probs: np.ndarray, rule: str = "youden", target: float = 0.95,
+                     fixed: float = 0.5, n_boot: int = 200, seed: int = 0, level: float = 0.95) -> dict[str, Any]:
+    """A threshold that does not sit at the edge of a plateau: the median of the rule's optimum over
+    `n_boot` bootstrap resamples of the validation images (seeded), with its percentile interval.
+
+    Candidate thresholds are the midpoints between neighbouring distinct scores, so a threshold never
+    coincides with an image's score; where several candidates tie for the optimum, the middle one is taken.
+    On a flat stretch the resamples' optima spread over it and their median lies inside it. `n_boot=0`
+    gives the rule's optimum on the data itself (with the same midpoint convention). The fixed rule is
+    returned as is, with no interval.
+    """
+    if rule == "fixed":
+        return {"threshold": float(fixed), "interval": None, "resamples": 0, "point": float(fixed)}
+    if rule not in THRESHOLD_RULES:
+        raise ValueError(f"unknown threshold rule {rule!r}; choose one of {', '.join(THRESHOLD_RULES)}")
+    labels = np.asarray(labels).astype(int)
+    probs = np.asarray(probs, dtype=np.float64)
+    if len(np.unique(labels)) < 2:
+        raise ValueError("choosing a threshold needs both classes in the validation labels")
+    u, inv = np.unique(probs, return_inverse=True)
+    cand = np.concatenate([[u[0]], (u[:-1] + u[1:]) / 2, [(u[-1] + 1) / 2]])  # candidate k: scores u[k:] positive
+    n = len(labels)
+    weights = [np.ones(n)]
+    rng = np.random.default_rng(seed)
+    weights += [np.bincount(rng.integers(0, n, n), minlength=n).astype(float) for _ in range(n_boot)]
+    w = np.stack(weights)
+    pos = np.stack([np.bincount(inv, weights=row * labels, minlength=len(u)) for row in w])
+    neg = np.stack([np.bincount(inv, weights=row * (1 - labels), minlength=len(u)) for row in w])
+    zero = np.zeros((len(w), 1))
+    tp = np.concatenate([np.cumsum(pos[:, ::-1], axis=1)[:, ::-1], zero], axis=1)
+    fp = np.concatenate([np.cumsum(neg[:, ::-1], axis=1)[:, ::-1], zero], axis=1)
+    ok = (tp[:, 0] > 0) & (fp[:, 0] > 0)  # resamples holding both classes
+    tpr, fpr = tp[ok] / tp[ok, :1], fp[ok] / fp[ok, :1]
+    if rule == "youden":
+        j = tpr - fpr
+        best = j >= j.max(axis=1, keepdims=True) - 1e-12
+        chosen = [int(np.flatnonzero(row)[(row.sum() - 1) // 2]) for row in best]  # middle of the tied optima
+    else:
+        reach = tpr >= target
+        chosen = [int(np.flatnonzero(row)[-1]) for row in reach]  # the highest threshold reaching the target
+    t = cand[np.array(chosen)]
+    boots = t[1:] if n_boot else t
+    alpha = (1 - level) / 2
+    return {"threshold": float(np.median(boots)), "point": float(t[0]),
+            "interval": [float(np.quantile(boots, alpha)), float(np.quantile(boots, 1 - alpha))] if n_boot else None,
+            "resamples": int(len(boots)) if n_boot else 0}
+
+
 def calibration(labels: np.ndarray, probs: np.ndarray, bins: int = 10) -> dict[str, Any]:
     """Reliability table over equal-width probability bins and the expected calibration error (ECE)."""
     labels = np.asarray(labels).astype(float)

@@ -36,6 +36,13 @@ def validation_metrics(checkpoint: str | os.PathLike, metrics_json: str | os.Pat
     return {"split": "val", "n": None, **{k: val.get(k) for k in METRICS if k in val}}
 
 
+def _calibration_text(ckpt: dict[str, Any]) -> str:
+    cal = ckpt.get("calibration") or {}
+    if cal.get("method") == "temperature":
+        return f"temperature {cal.get('temperature', 1.0):.3f}, fitted on the validation split"
+    return "none (raw model probabilities)"
+
+
 def model_card(checkpoint: str | os.PathLike, metrics_json: str | os.PathLike | None = None) -> str:
     ckpt = torch.load(checkpoint, map_location="cpu", weights_only=True)
     cfg = Config.from_dict(ckpt["config"])
@@ -53,7 +60,12 @@ def model_card(checkpoint: str | os.PathLike, metrics_json: str | os.PathLike | 
         f"- Output: probability of `{ckpt['class_names'][1]}`; label `{ckpt['class_names'][1]}` at or above "
         f"{ckpt['threshold']:.3f} (rule `{rule.get('rule')}`"
         + (f", target sensitivity {rule.get('target_sensitivity')}" if rule.get("rule") == "sensitivity" else "")
-        + ", chosen on the validation split).",
+        + ", chosen on the validation split)"
+        + (f"; 95% bootstrap interval {ckpt['threshold_interval'][0]:.3f}-{ckpt['threshold_interval'][1]:.3f}"
+           if ckpt.get("threshold_interval") else "") + ".",
+        f"- Calibration: {_calibration_text(ckpt)}; probabilities refer to a pneumonia prevalence of "
+        f"{fmt(ckpt.get('model_prior'), '.3f')} (training split: {fmt(ckpt.get('train_prevalence'), '.3f')}). "
+        "Another site's prevalence: `--prevalence P` (Bayes' rule) or `--prevalence estimated`.",
         "",
         "## Intended use",
         "- Research and teaching: studying pneumonia classifiers on pediatric chest X-rays, comparing methods.",

@@ -45,7 +45,10 @@ async function loadModel() {
   if (!r.ok) { el.textContent = 'Model information unavailable (' + r.status + ').'; return; }
   const m = await r.json();
   el.textContent = 'Model: ' + m.name + (m.name === 'seed' ? ' (' + m.activation + ')' : '') + ', recipe ' + m.recipe +
-    ', threshold ' + num(m.threshold, 3) + ', classes ' + m.class_names.join(' / ') + '.';
+    ', threshold ' + num(m.threshold, 3) + (m.threshold_interval ? ' (95% interval ' + num(m.threshold_interval[0], 3) +
+    '-' + num(m.threshold_interval[1], 3) + ')' : '') + ', calibration ' + (m.calibration ? m.calibration.method : 'none') +
+    ', prior (pneumonia prevalence) ' + num(m.prior, 3) + ' (' + m.prior_source + ')' +
+    ', classes ' + m.class_names.join(' / ') + '.';
   const v = m.validation;
   if (v) {
     const names = ['accuracy', 'precision', 'recall', 'specificity', 'f1', 'roc_auc'].filter(k => k in v);
@@ -62,7 +65,7 @@ function show(item, objectUrl) {
   img.src = heat || objectUrl; card.appendChild(img);
   const p = text('p', ''); p.appendChild(text('span', item.label, item.label));
   p.appendChild(document.createTextNode(' - probability of PNEUMONIA: ' +
-    num(item.probability, 3) + ' (threshold ' + num(item.threshold, 3) + ')'));
+    num(item.probability, 3) + ' (threshold ' + num(item.threshold, 3) + ', prior ' + num(item.prior, 3) + ')'));
   p.className = 'prob'; card.appendChild(p);
   (item.warnings || []).forEach(w => card.appendChild(text('p', 'Note: ' + w, 'note')));
   if (item.probabilities) {  // a three-class model: each class's probability

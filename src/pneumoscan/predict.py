@@ -18,10 +18,12 @@ import torch
 
 from . import checkpoint as ckpt_io
 from .images import ImageLoadError, is_image_file, load_for_model
+from .calibration import OutputMap, move, output_map
 from .metrics import decide
-from .fileio import atomic_write_text
+from .fileio import atomic_write_text, write_json
 from .inference import freeze, model_input
 from .models import probabilities
+from .prevalence import estimate_prevalence
 from .runtime import keep_freed_memory, select_device
 
 
@@ -37,13 +39,16 @@ class Prediction:
 class Predictor:
     """A loaded checkpoint ready to score images: `predict_arrays`, `predict_file`, `predict_files`.
 
+    Every probability goes through the checkpoint's `OutputMap` (calibration, then `prevalence`: the site's
+    prior, moved to by Bayes' rule; None keeps the model's own); `threshold` is the one that applies to them.
+
     `backend="onnx"` exports the model (seconds, the first time; the export is remembered in the cache
     folder, never beside the checkpoint) and runs it with ONNX Runtime on the CPU
     (`pip install 'pneumoscan[onnx]'`); `"torch"` runs PyTorch on `device`.
     """
 
     def __init__(self, checkpoint: str | os.PathLike, device: str = "auto", batch_size: int = 32,
-                 backend: str = "torch"):
+                 backend: str = "torch", prevalence: float | None = None):
         if backend not in ("torch", "onnx"):
             raise ValueError(f"unknown backend {backend!r}; choose 'torch' or 'onnx'")
         if backend == "onnx" and device not in ("auto", "cpu"):
@@ -53,7 +58,8 @@ class Predictor:
         self.device = select_device("cpu" if backend == "onnx" else device)
         loaded = ckpt_io.load(checkpoint, self.device)
         self.model = freeze(loaded.model)  # the frozen inference form: derived weights computed once, here
-        self.config, self.threshold = loaded.config, loaded.threshold
+        self.config = loaded.config
+        self.output = output_map(loaded.checkpoint, checkpoint, loaded.threshold).with_prior(prevalence)
         self.class_names = loaded.class_names
         if backend == "onnx" and len(self.class_names) > 2:
             raise ValueError("the onnx backend exports P(pneumonia) only; run three-class models with the torch backend")
@@ -69,6 +75,15 @@ class Predictor:
             except ValueError:  # a damaged cache entry: export again
                 self.onnx = OnnxPredictor(remembered_onnx_bytes(checkpoint, forget=True))
 
+    @property
+    def threshold(self) -> float:
+        """The decision threshold for the probabilities this predictor reports (at its prior)."""
+        return self.output.decision_threshold
+
+    def set_prior(self, prevalence: float | None, source: str = "given") -> None:
+        """Report probabilities at `prevalence` from now on (None: the model's own prior)."""
+        self.output = self.output.with_prior(prevalence, source)
+
     def load(self, source: str | os.PathLike | bytes, name: str | None = None) -> np.ndarray:
         """File or bytes -> uint8 (S, S) pixels exactly as the model was trained on. Raises ImageLoadError."""
         return load_for_model(source, self.prep.image_size, self.prep.resize_filter, name=name)
@@ -81,13 +96,14 @@ class Predictor:
     def predict_details(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         """(N, S, S) uint8 -> (P(pneumonia) (N,), per-class probabilities (N, K) for three-class models, else None)."""
         if self.onnx is not None:
-            return self.onnx.predict_arrays(pixels), None
+            return self.output.apply(self.onnx.predict_arrays(pixels), None)
         x = model_input(np.array(pixels, dtype=np.uint8), self.prep, self.device)  # a copy: inputs may be read-only
-        return probabilities(self.model(x))
+        return self.output.apply(*probabilities(self.model(x)))
 
-    def label_of(self, probability: float, class_probs: np.ndarray | None = None) -> str:
-        """Pneumonia at or above the threshold; for three classes, then the likelier type."""
-        return self.class_names[int(decide(np.array([probability]), self.threshold,
+    def label_of(self, probability: float, class_probs: np.ndarray | None = None, threshold: float | None = None) -> str:
+        """Pneumonia at or above the threshold (default: this predictor's); for three classes, then the likelier type."""
+        threshold = self.threshold if threshold is None else threshold
+        return self.class_names[int(decide(np.array([probability]), threshold,
                                            None if class_probs is None else np.asarray(class_probs)[None])[0])]
 
     def prediction(self, path: str, probability: float, class_probs: np.ndarray | None = None) -> Prediction:
@@ -142,18 +158,76 @@ def expand_paths(inputs: Iterable[str]) -> list[str]:
     return found
 
 
-def predict_paths(checkpoint: str | os.PathLike, inputs: Iterable[str], out_csv: str | os.PathLike,
-                  device: str = "auto", batch_size: int = 32, backend: str = "torch") -> list[Prediction]:
-    """Score every image under `inputs` and write `out_csv` (path, probability, label, error), valid UTF-8:
-    bytes of a file name that are not UTF-8 are written as backslash escapes (`fileio.printable`)."""
-    predictor = Predictor(checkpoint, device=device, batch_size=batch_size, backend=backend)
+def parse_prevalence(value: str | float | None) -> float | str | None:
+    """A `--prevalence` value: a number strictly between 0 and 1, "estimated", or None. ValueError otherwise."""
+    if value is None or value == "estimated":
+        return value
+    try:
+        p = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"--prevalence must be a number between 0 and 1 or 'estimated', not {value!r}") from None
+    if not 0 < p < 1:
+        raise ValueError(f"--prevalence must be strictly between 0 and 1, not {value!r}")
+    return p
+
+
+def estimate_and_apply(probs: np.ndarray, output: "OutputMap", prevalence: float | str | None, estimate: bool
+                       ) -> tuple["OutputMap", dict | None]:
+    """For probabilities reported at the model's prior: the EM estimate of their prevalence when asked for
+    (`estimate`, or `prevalence="estimated"`), and the map to report with (the given prevalence, the
+    estimate when `prevalence="estimated"`, else the model's own prior)."""
+    estimated = None
+    if estimate or prevalence == "estimated":
+        estimated = estimate_prevalence(probs, output.model_prior)
+    if prevalence == "estimated":
+        return output.with_prior(estimated["prevalence"], "estimated"), estimated
+    return output.with_prior(prevalence, "given") if prevalence is not None else output, estimated
+
+
+def score_paths(checkpoint: str | os.PathLike, inputs: Iterable[str], device: str = "auto", batch_size: int = 32,
+                backend: str = "torch", prevalence: float | str | None = None, estimate: bool = False
+                ) -> tuple[list[Prediction], "Predictor", dict | None]:
+    """Score every image under `inputs`: (predictions, the predictor at the prior used, the EM estimate or None).
+    With an estimate, images are scored at the model's prior and then moved to the prior used."""
+    prevalence = parse_prevalence(prevalence)
+    fixed = prevalence if isinstance(prevalence, float) and not estimate else None
+    predictor = Predictor(checkpoint, device=device, batch_size=batch_size, backend=backend, prevalence=fixed)
     results = list(predictor.predict_files(expand_paths(inputs)))
+    if fixed is not None or (prevalence is None and not estimate):
+        return results, predictor, None
+    scored = [r for r in results if r.probability is not None]
+    if not scored:
+        raise ValueError("no image could be read, so no prevalence can be estimated")
+    old = predictor.output.prior_used
+    predictor.output, estimated = estimate_and_apply(np.array([r.probability for r in scored]), predictor.output,
+                                                     prevalence, estimate)
+    for r in scored:
+        cp = None if r.probabilities is None else np.array([[r.probabilities[n] for n in predictor.class_names]])
+        p, cp = move(np.array([r.probability]), cp, old, predictor.output.prior_used)
+        moved = predictor.prediction(r.path, float(p[0]), None if cp is None else cp[0])
+        r.probability, r.label, r.probabilities = moved.probability, moved.label, moved.probabilities
+    return results, predictor, estimated
+
+
+def predict_paths(checkpoint: str | os.PathLike, inputs: Iterable[str], out_csv: str | os.PathLike,
+                  device: str = "auto", batch_size: int = 32, backend: str = "torch",
+                  prevalence: float | str | None = None, estimate: bool = False) -> list[Prediction]:
+    """Score every image under `inputs` and write `out_csv` (path, probability, label, error, prior,
+    prior_source), valid UTF-8: bytes of a file name that are not UTF-8 are written as backslash escapes
+    (`fileio.printable`). With an estimate of the prevalence, it is also written to OUT_CSV.prevalence.json."""
+    results, predictor, estimated = score_paths(checkpoint, inputs, device, batch_size, backend, prevalence, estimate)
     buf = io.StringIO()
     w = csv.writer(buf)
     per_class = len(predictor.class_names) > 2  # three-class models: one more column per class
-    w.writerow(["path", "probability", "label", "error"] + ([f"p_{n}" for n in predictor.class_names] if per_class else []))
+    w.writerow(["path", "probability", "label", "error"] + ([f"p_{n}" for n in predictor.class_names] if per_class else [])
+               + ["prior", "prior_source", "threshold"])
+    prior = predictor.output.prior_used
+    tail = ["" if prior is None else f"{prior:.6f}", predictor.output.source, f"{predictor.threshold:.6f}"]
     for r in results:
         w.writerow([r.path, "" if r.probability is None else f"{r.probability:.6f}", r.label or "", r.error or ""] +
-                   ([f"{r.probabilities[n]:.6f}" if r.probabilities else "" for n in predictor.class_names] if per_class else []))
+                   ([f"{r.probabilities[n]:.6f}" if r.probabilities else "" for n in predictor.class_names] if per_class else [])
+                   + tail)
     atomic_write_text(out_csv, buf.getvalue())
+    if estimated is not None:
+        write_json(f"{out_csv}.prevalence.json", {"estimate": estimated, **predictor.output.describe()})
     return results

@@ -73,6 +73,7 @@ def metrics_section(m: dict[str, Any], eval_dir: Path) -> str:
     cal = m.get("calibration", {})
     return (f"<h2>Results on the {html.escape(split)} split</h2>"
             f"<p>Decision threshold {_fmt(m['threshold'], 3)} (rule: <code>{html.escape(rule)}</code>, chosen on validation). "
+            + _operating_point_text(m) +
             f"Intervals: {html.escape(m.get('ci_method', 'none'))}, 95%.</p>"
             + _table(["metric", f"pneumoscan, {html.escape(split)} split [95% CI]",
                       "paper, official test split (<i>theirs</i>)"], rows)
@@ -85,6 +86,33 @@ def metrics_section(m: dict[str, Any], eval_dir: Path) -> str:
                                                         ("confusion_matrix.png", "confusion matrix"),
                                                         ("reliability.png", "reliability diagram")))
             + _three_class_section(m, eval_dir))
+
+
+def _operating_point_text(m: dict[str, Any]) -> str:
+    """The threshold's interval, the calibration and the prior the probabilities are at (older metrics.json
+    files have none of these and get a line saying so)."""
+    op = m.get("operating_point")
+    if not op:
+        return "Calibration: none recorded; prior: the model's own. "
+    ci = op.get("threshold_interval")
+    cal = op.get("calibration") or {}
+    text = (f"Threshold 95% bootstrap interval on validation [{_fmt(ci[0], 3)}, {_fmt(ci[1], 3)}] "
+            f"(calibrated scale, model prior). " if ci else "No threshold interval (fixed rule or not recorded). ")
+    text += (f"Calibration: temperature {_fmt(cal.get('temperature'), 3)}, fitted on validation. "
+             if cal.get("method") == "temperature" else "Calibration: none (raw model probabilities). ")
+    source = {"model": "the model's own training prior", "given": "given by the user",
+              "estimated": "estimated from these images (EM)"}.get(op.get("prior_source"), op.get("prior_source"))
+    text += f"Probabilities at a pneumonia prevalence of {_fmt(op.get('prior'), 3)} ({html.escape(str(source))}). "
+    est = m.get("prevalence_estimate")
+    if est:
+        lo, hi = est["interval"] or (None, None)
+        text += (f"Estimated prevalence of these images: {_fmt(est['prevalence'], 3)} [{_fmt(lo, 3)}, {_fmt(hi, 3)}] "
+                 f"({html.escape(est['method'])}). ")
+    base = m.get("at_model_prior")
+    if base:
+        text += (f"At the model's own prior ({_fmt(base['prior'], 3)}) accuracy would be {_fmt(base['accuracy'])}, "
+                 f"recall {_fmt(base['recall'])}, specificity {_fmt(base['specificity'])}. ")
+    return text
 
 
 def _three_class_section(m: dict[str, Any], eval_dir: Path) -> str:

@@ -30,6 +30,7 @@ from urllib.parse import urlsplit
 import numpy as np
 
 from . import __version__
+from .calibration import move
 from .explain import cam_for_batch, overlay, png_bytes
 from .fileio import optional_import
 from .images import ImageLoadError, load_grey, resize
@@ -265,10 +266,13 @@ class DecodeSlots:
                        {"Retry-After": str(RETRY_AFTER_S)})
 
 
-def new_result(predictor: Predictor, name: str) -> dict[str, Any]:
-    return {"filename": name, "probability": None, "label": None, "threshold": predictor.threshold,
+def new_result(predictor: Predictor, name: str, output: Any = None) -> dict[str, Any]:
+    """An empty result at the prior of `output` (an `OutputMap`; default: the server's)."""
+    output = output or predictor.output
+    return {"filename": name, "probability": None, "label": None, "threshold": output.decision_threshold,
             "class_names": predictor.class_names, "model": predictor.config.model.name, "heatmap_png": None,
-            "probabilities": None, "warnings": [], "error": None}
+            "probabilities": None, "warnings": [], "error": None, "prior": output.prior_used,
+            "prior_source": output.source}
 
 
 def prepare_upload(predictor: Predictor, name: str, data: bytes) -> tuple[np.ndarray, np.ndarray, list[str]]:
@@ -297,6 +301,10 @@ def describe_model(predictor: Predictor, checkpoint_name: str, validation: dict[
     return {"name": cfg.model.name, "activation": cfg.model.activation, "recipe": cfg.recipe,
             "checkpoint": os.path.basename(checkpoint_name), "pneumoscan_version": __version__,
             "class_names": predictor.class_names, "threshold": predictor.threshold,
+            "threshold_interval": predictor.output.threshold_interval,
+            "calibration": predictor.output.describe()["calibration"], "prior": predictor.output.prior_used,
+            "prior_source": predictor.output.source, "train_prevalence": predictor.output.train_prevalence,
+            "model_prior": predictor.output.model_prior,
             "image_size": cfg.preprocessing.image_size, "validation": validation, "disclaimer": DISCLAIMER}
 
 
@@ -324,7 +332,17 @@ def api_models() -> Any:
         checkpoint: str = Field(description="the checkpoint's file name")
         pneumoscan_version: str
         class_names: list[str]
-        threshold: float = Field(description="label the image pneumonia at or above this probability")
+        threshold: float = Field(description="label the image pneumonia at or above this probability (at `prior`)")
+        threshold_interval: list[float] | None = Field(
+            description="95% bootstrap interval of the threshold chosen on validation (calibrated scale, model "
+                        "prior); null for the fixed rule or a checkpoint that does not record one")
+        calibration: dict[str, Any] = Field(description="method ('none' or 'temperature') and temperature")
+        prior: float | None = Field(description="the pneumonia prevalence probabilities are reported at by default; "
+                                                "null when the checkpoint does not record its training prevalence")
+        prior_source: str = Field(description="'model': the model's own prior; 'given': the server's --prevalence")
+        train_prevalence: float | None = Field(description="pneumonia fraction of the training split, if known")
+        model_prior: float | None = Field(description="the prior the calibrated probabilities refer to (0.5 when "
+                                                      "training balanced the classes)")
         image_size: int
         validation: Validation | None = Field(description="validation figures; an undefined one is null")
         disclaimer: str
@@ -340,6 +358,9 @@ def api_models() -> Any:
         probabilities: dict[str, float] | None = Field(description="per class (three-class models), else null")
         warnings: list[str] = Field(description="what about the image may make the answer less reliable")
         error: str | None = Field(description="why the file could not be read, or null")
+        prior: float | None = Field(description="the pneumonia prevalence this probability is at")
+        prior_source: str = Field(description="'model' (the model's own prior), 'given' (the server's --prevalence "
+                                              "or this request's `prevalence`)")
 
     class PredictResponse(BaseModel):
         results: list[FileResult]
@@ -385,7 +406,7 @@ def create_app(checkpoint: str | os.PathLike, device: str = "cpu", token: str | 
                max_files: int = 16, metrics_json: str | os.PathLike | None = None, max_batch: int = 16,
                allowed_hosts: Iterable[str] = LOCAL_HOSTS, decode_slots: int | None = None,
                max_waiting: int | None = None, decode_wait_s: float = 10, body_timeout_s: float = 60,
-               inference_timeout_s: float = 120) -> Any:
+               inference_timeout_s: float = 120, prevalence: float | None = None) -> Any:
     """The ASGI app (`Guard` around the FastAPI app, which is its `.app`; the batcher is `.app.state.batcher`)."""
     optional_import("fastapi", "serve", "serving")
     from fastapi import FastAPI
@@ -394,7 +415,7 @@ def create_app(checkpoint: str | os.PathLike, device: str = "cpu", token: str | 
     limit = int(max_upload_mb * 1024 * 1024)
     # keep every upload in memory: the spool only rolls over to a temporary file above this size
     MultiPartParser.spool_max_size = max(MultiPartParser.spool_max_size, limit + 1)
-    predictor = Predictor(checkpoint, device=device)
+    predictor = Predictor(checkpoint, device=device, prevalence=prevalence)
     metrics_path = Path(metrics_json) if metrics_json else Path(checkpoint).parent / "eval-val" / "metrics.json"
     app = FastAPI(title="pneumoscan", version=__version__, description=f"Pneumonia vs normal on chest X-rays. {DISCLAIMER}")
     app.state.predictor = predictor
@@ -409,7 +430,7 @@ def create_app(checkpoint: str | os.PathLike, device: str = "cpu", token: str | 
 
 
 def _add_routes(app: Any, token: str | None, limit: int, max_files: int) -> None:
-    from fastapi import Depends, HTTPException, Request
+    from fastapi import Depends, HTTPException, Query, Request
     from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
 
     m = api_models()
@@ -451,8 +472,15 @@ def _add_routes(app: Any, token: str | None, limit: int, max_files: int) -> None
 
     @app.post("/api/predict", dependencies=[Depends(check_token)], response_model=m.PredictResponse,
               responses=answers, openapi_extra=body)
-    async def predict(request: Request, heatmap: bool = True) -> Any:
+    async def predict(request: Request, heatmap: bool = True,
+                      prevalence: float | None = Query(None, gt=0, lt=1, description=(
+                          "this site's pneumonia prevalence: probabilities are moved to it by Bayes' rule "
+                          "(default: the server's prior)"))) -> Any:
         """Score one or several uploaded images (multipart field `files`): JPEG, PNG or DICOM."""
+        try:
+            output = state.predictor.output.with_prior(prevalence) if prevalence is not None else state.predictor.output
+        except ValueError as e:
+            raise HTTPException(422, str(e)) from None
         if not request.headers.get("content-type", "").startswith("multipart/form-data"):
             raise HTTPException(415, "send the images as multipart/form-data in the field 'files'")
         try:
@@ -467,17 +495,19 @@ def _add_routes(app: Any, token: str | None, limit: int, max_files: int) -> None
         results = []
         for i, up in enumerate(uploads):
             name = os.path.basename(up.filename or "") or f"upload-{i + 1}"  # shown only, never a path
-            results.append(await score_file(state, name, await up.read(), heatmap))
+            results.append(await score_file(state, name, await up.read(), heatmap, output))
         status = 422 if all(r["error"] for r in results) else 200
         return JSONResponse({"results": results, "model": state.info}, status_code=status)
 
 
-async def score_file(state: Any, name: str, data: bytes, heatmap: bool) -> dict[str, Any]:
-    """One uploaded file's result: decoded in a slot, scored by the inference thread within the time limit."""
+async def score_file(state: Any, name: str, data: bytes, heatmap: bool, output: Any = None) -> dict[str, Any]:
+    """One uploaded file's result: decoded in a slot, scored by the inference thread within the time limit,
+    reported at the prior of `output` (an `OutputMap`; default: the server's)."""
     from starlette.concurrency import run_in_threadpool
 
     predictor, batcher = state.predictor, state.batcher
-    result = new_result(predictor, name)
+    output = output or predictor.output
+    result = new_result(predictor, name, output)
     try:
         pixels, shown, warnings = await run_in_threadpool(state.slots.run, prepare_upload, predictor, name, data)
     except ImageLoadError as e:
@@ -491,8 +521,12 @@ async def score_file(state: Any, name: str, data: bytes, heatmap: bool) -> dict[
         raise Refused(503, f"{e}; restart the server", retry) from None
     except TimeoutError:
         raise Refused(503, f"busy: inference did not finish within {state.inference_timeout_s:g} s", retry) from None
-    prediction = predictor.prediction(name, prob, class_probs)
-    result.update(probability=prob, label=prediction.label, probabilities=prediction.probabilities, warnings=warnings)
+    moved, moved_classes = move(np.array([prob]), None if class_probs is None else np.asarray(class_probs)[None],
+                                predictor.output.prior_used, output.prior_used)
+    prob, class_probs = float(moved[0]), None if moved_classes is None else moved_classes[0]
+    label = predictor.label_of(prob, class_probs, output.decision_threshold)
+    probabilities = None if class_probs is None else {n: float(p) for n, p in zip(predictor.class_names, class_probs)}
+    result.update(probability=prob, label=label, probabilities=probabilities, warnings=warnings)
     if heatmap:
         result["heatmap_png"] = await run_in_threadpool(encode_overlay, shown, heat)
     return result

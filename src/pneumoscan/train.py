@@ -35,7 +35,8 @@ from .cuda_graphs import CudaGraphForward, CudaGraphStep, start_warm_up
 from .data import CachedImages, DataError, cache_images, class_names, split_samples, split_summary, task_labels
 from .fileio import atomic_write_text, write_json
 from .inference import model_input
-from .metrics import binary_metrics, choose_threshold, decide
+from .calibration import fit_temperature, model_prior_of
+from .metrics import binary_metrics, choose_threshold, decide, stable_threshold
 from .models import load_pretrained, pneumonia_logit, probabilities
 from .rundir import REPLACED, prepare_run_dir, settle_replaced
 from .runtime import Distributed, init_distributed, keep_freed_memory, memory_format, peak_memory_mb, seed_everything
@@ -490,23 +491,46 @@ def run_epoch(run: Run, net: nn.Module, data: dict[str, DeviceSplit], epoch: int
 
 
 def finish(out: Path, run: Run, data: dict[str, DeviceSplit], val_graphs: dict[str, CudaGraphForward] | None) -> dict[str, Any]:
-    """Give best.pt the complete history (for the curves) and the decision threshold chosen on validation
-    by the configured rule; return the summary's training figures."""
+    """Give best.pt the complete history (for the curves) and its operating point chosen on validation
+    (`operating_point`): calibration, the threshold and its interval, the training prevalence; return the
+    summary's training figures."""
     best = torch.load(out / "best.pt", map_location="cpu", weights_only=True)
     run.model.load_state_dict(best["state_dict"])
-    val_probs = probabilities(validation_logits(run.model, data["val"], run.cfg, val_graphs))[0]
-    t = run.cfg.train
-    best["threshold"] = choose_threshold(data["val"].labels.cpu().numpy() > 0, val_probs, t.threshold_rule,
-                                         t.target_sensitivity, t.threshold)
-    best["threshold_rule"] = {"rule": t.threshold_rule, "target_sensitivity": t.target_sensitivity, "chosen_on": "val"}
+    val_logits = pneumonia_logit(validation_logits(run.model, data["val"], run.cfg, val_graphs).float()).cpu().numpy()
+    train_prevalence = float((data["train"].labels > 0).float().mean())
+    best.update(operating_point(run.cfg, data["val"].labels.cpu().numpy() > 0, val_logits, train_prevalence))
     best["history"] = run.history
     ckpt_io.save(best, out / "best.pt")
     epochs_run = [h for h in run.history if h["epoch"] >= run.start_epoch]
     steady = [h["train_images_per_s"] for h in epochs_run[1:]] or [h["train_images_per_s"] for h in epochs_run]
     return {"best_epoch": best["epoch"], "best_val": best["metrics"]["val"], "epochs": len(run.history),
             "threshold": best["threshold"], "threshold_rule": best["threshold_rule"],
+            "threshold_interval": best["threshold_interval"], "calibration": best["calibration"],
+            "train_prevalence": train_prevalence,
             "train_images": len(data["train"]), "val_images": len(data["val"]),
             "train_images_per_s_median": float(np.median(steady)) if steady else None}
+
+
+def operating_point(cfg: Config, val_labels: np.ndarray, val_logits: np.ndarray, train_prevalence: float) -> dict[str, Any]:
+    """The checkpoint fields that turn raw outputs into reported probabilities and decisions, all chosen on
+    validation: the temperature (when the recipe asks for one), then the threshold on the calibrated
+    probabilities (the median over bootstrap resamples for youden / sensitivity, with its 95% interval),
+    the training prevalence and the prior the calibrated probabilities refer to."""
+    t = cfg.train
+    temperature = fit_temperature(val_labels, val_logits) if t.calibration == "temperature" else 1.0
+    probs = 1 / (1 + np.exp(-val_logits.astype(np.float64) / temperature))
+    if t.threshold_rule == "fixed" or t.threshold_resamples == 0:
+        point = {"threshold": choose_threshold(val_labels, probs, t.threshold_rule, t.target_sensitivity, t.threshold),
+                 "interval": None, "resamples": 0}
+    else:
+        point = stable_threshold(val_labels, probs, t.threshold_rule, t.target_sensitivity, t.threshold,
+                                 n_boot=t.threshold_resamples, seed=t.seed)
+    return {"threshold": point["threshold"], "threshold_interval": point["interval"],
+            "threshold_rule": {"rule": t.threshold_rule, "target_sensitivity": t.target_sensitivity, "chosen_on": "val",
+                               "resamples": point["resamples"], "on": "calibrated probabilities"},
+            "calibration": {"method": t.calibration, "temperature": temperature, "fitted_on": "val"},
+            "train_prevalence": train_prevalence,
+            "model_prior": model_prior_of(train_prevalence, t.class_weight, t.sampling)}
 
 
 def _epoch_row(epoch: int, lr: float, tr: dict[str, Any], va: dict[str, Any], val_seconds: float,

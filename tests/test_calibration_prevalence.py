@@ -1,0 +1,216 @@
+"""Operating points that travel: stable thresholds, temperature calibration, the prior as a site property."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from pneumoscan.calibration import OutputMap, fit_temperature, nll, output_map
+from pneumoscan.cli import main
+from pneumoscan.config import Config, DataConfig, Preprocessing, TrainConfig
+from pneumoscan.metrics import binary_metrics, choose_threshold, stable_threshold
+from pneumoscan.prevalence import estimate_prevalence, shift_prior, sigmoid
+
+
+def test_the_logit_shift_is_bayes_rule():
+    p = np.array([1e-4, 0.1, 0.5, 0.73, 0.999])
+    old, new = 0.74, 0.3
+    # direct: reweight each class's posterior by the ratio of the priors, then normalise
+    pos, neg = p * new / old, (1 - p) * (1 - new) / (1 - old)
+    assert shift_prior(p, old, new) == pytest.approx(pos / (pos + neg), rel=1e-10)
+    assert shift_prior(p, old, old) == pytest.approx(p, rel=1e-12)
+    with pytest.raises(ValueError, match="strictly between"):
+        shift_prior(p, old, 1.0)
+
+
+def _calibrated_scores(n: int, prior: float, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Labels at `prior` and their exact posteriors at the training prior 0.74 (logit | class ~ N(+-2, 1))."""
+    y = (rng.random(n) < prior).astype(int)
+    z = rng.normal(np.where(y == 1, 2.0, -2.0), 1.0)
+    return y, sigmoid(4 * z + np.log(0.74 / 0.26))  # the likelihood ratio of the two normals, times the prior odds
+
+
+@pytest.mark.parametrize("prevalence", [0.3, 0.5, 0.62, 0.9])
+def test_em_recovers_the_prevalence_of_a_resampled_validation_set(prevalence):
+    rng = np.random.default_rng(1)
+    y, p = _calibrated_scores(4000, 0.74, rng)
+    # validation resampled to the site's prevalence: 745 images, classes drawn with replacement
+    n_pos = round(745 * prevalence)
+    idx = np.concatenate([rng.choice(np.flatnonzero(y == 1), n_pos), rng.choice(np.flatnonzero(y == 0), 745 - n_pos)])
+    est = estimate_prevalence(p[idx], 0.74)
+    assert est["prevalence"] == pytest.approx(prevalence, abs=0.05)
+    assert est["interval"][0] <= est["prevalence"] <= est["interval"][1]
+    assert est["interval"][1] - est["interval"][0] < 0.1
+
+
+def test_moving_to_the_true_prior_gains_accuracy_at_even_odds():
+    rng = np.random.default_rng(2)
+    y, p = _calibrated_scores(20000, 0.2, rng)  # a site with 20% pneumonia, a model trained at 74%
+    raw = binary_metrics(y, p, 0.5)["accuracy"]
+    moved = binary_metrics(y, shift_prior(p, 0.74, 0.2), 0.5)["accuracy"]
+    assert moved > raw + 0.005
+
+
+def _plateau(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Validation nearly separable, with a flat stretch of Youden's J from 0.05 to 0.13 (as in the issue):
+    inside it, every NORMAL image is followed by as many PNEUMONIA images as the class ratio."""
+    inside = np.linspace(0.055, 0.125, 16)
+    kind = np.array([0, 1, 1, 1] * 4)
+    neg = np.concatenate([rng.uniform(0, 0.05, 200), inside[kind == 0]])
+    pos = np.concatenate([rng.uniform(0.13, 1, 600), inside[kind == 1]])
+    return np.r_[np.zeros(len(neg)), np.ones(len(pos))].astype(int), np.r_[neg, pos]
+
+
+def test_the_stable_threshold_sits_inside_a_plateau_not_at_its_edge():
+    y, p = _plateau(np.random.default_rng(0))
+    j = [binary_metrics(y, p, t)["recall"] + binary_metrics(y, p, t)["specificity"] - 1 for t in (0.06, 0.09, 0.12)]
+    assert max(j) - min(j) < 0.01  # flat
+    assert choose_threshold(y, p, "youden") > 0.11  # the plain optimum: the plateau's upper edge
+    point = stable_threshold(y, p, "youden", n_boot=200, seed=0)
+    assert 0.065 < point["threshold"] < 0.105
+    lo, hi = point["interval"]
+    assert lo < point["threshold"] < hi and lo < 0.06 and hi > 0.11  # the interval spans the plateau
+    assert stable_threshold(y, p, "youden", n_boot=200, seed=0) == point  # seeded
+
+
+def test_an_exactly_flat_gap_gives_its_centre_and_fixed_stays_fixed():
+    rng = np.random.default_rng(0)
+    y = np.r_[np.zeros(200), np.ones(500)].astype(int)
+    p = np.r_[rng.uniform(0, 0.05, 200), rng.uniform(0.13, 1, 500)]
+    centre = (p[:200].max() + p[200:].min()) / 2
+    assert stable_threshold(y, p, "youden", n_boot=0)["threshold"] == pytest.approx(centre)
+    assert choose_threshold(y, p, "youden") == pytest.approx(p[200:].min())
+    assert stable_threshold(y, p, "fixed") == {"threshold": 0.5, "interval": None, "resamples": 0, "point": 0.5}
+    sens = stable_threshold(y, p, "sensitivity", target=0.95, n_boot=100)
+    assert binary_metrics(y, p, sens["point"])["recall"] >= 0.95
+
+
+def test_temperature_scaling_lowers_validation_nll_and_keeps_auc_and_even_odds_decisions():
+    rng = np.random.default_rng(3)
+    y = (rng.random(800) < 0.74).astype(int)
+    logits = 6 * rng.normal(np.where(y == 1, 1.0, -1.0), 1.0)  # overconfident: 3x the true log odds
+    t = fit_temperature(y, logits)
+    assert 2 < t < 5
+    assert nll(y, logits, t) < nll(y, logits) - 0.05
+    raw, cal = sigmoid(logits), sigmoid(logits / t)
+    assert binary_metrics(y, cal)["roc_auc"] == pytest.approx(binary_metrics(y, raw)["roc_auc"], abs=1e-12)
+    assert np.array_equal(raw >= 0.5, cal >= 0.5)
+    assert OutputMap(temperature=t).apply(raw)[0] == pytest.approx(cal, rel=1e-6)
+
+
+def test_output_map_moves_an_roc_threshold_with_the_probabilities_but_not_a_fixed_one():
+    p = np.linspace(0.01, 0.99, 99)
+    youden = OutputMap(model_prior=0.74, threshold=0.3, moves_threshold=True).with_prior(0.3)
+    fixed = OutputMap(model_prior=0.74, threshold=0.5).with_prior(0.3)
+    moved, _ = youden.apply(p)
+    assert np.array_equal(moved >= youden.decision_threshold, p >= 0.3)  # same ROC point, same decisions
+    assert fixed.decision_threshold == 0.5 and (fixed.apply(p)[0] >= 0.5).sum() < (p >= 0.5).sum()
+    three = np.array([[0.2, 0.5, 0.3], [0.9, 0.06, 0.04]])
+    q, classes = fixed.apply(1 - three[:, 0], three)
+    assert classes.sum(1) == pytest.approx(1) and classes[:, 0] == pytest.approx(1 - q)
+    assert classes[:, 1] / classes[:, 2] == pytest.approx(three[:, 1] / three[:, 2])
+    with pytest.raises(ValueError, match="does not record"):
+        OutputMap().with_prior(0.3)
+
+
+@pytest.fixture(scope="module")
+def tuned_run(tmp_path_factory):
+    """A tiny run that calibrates by temperature and picks a stable Youden threshold."""
+    from pneumoscan.train import train
+
+    from .conftest import make_dataset
+
+    root = tmp_path_factory.mktemp("calibrated")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("PNEUMOSCAN_CACHE", str(root / "cache"))
+        data = make_dataset(root / "data", patients_per_class=16)
+        cfg = Config(data=DataConfig(root=str(data), val_fraction=0.25), preprocessing=Preprocessing(image_size=48),
+                     train=TrainConfig(epochs=2, batch_size=8, eval_batch_size=16, threshold_rule="youden",
+                                       calibration="temperature", threshold_resamples=50))
+        summary = train(cfg, root / "run", device="cpu", progress=False)
+        yield data, root / "run", summary
+
+
+def test_training_stores_calibration_interval_and_prevalence(tuned_run):
+    _, run, summary = tuned_run
+    ckpt = torch.load(run / "best.pt", weights_only=True)
+    assert ckpt["calibration"]["method"] == "temperature" and ckpt["calibration"]["temperature"] > 0
+    lo, hi = ckpt["threshold_interval"]
+    assert lo <= ckpt["threshold"] <= hi and ckpt["threshold_rule"]["resamples"] == 50
+    assert ckpt["train_prevalence"] == pytest.approx(0.5) and ckpt["model_prior"] == pytest.approx(0.5)
+    assert summary["threshold_interval"] == ckpt["threshold_interval"]
+
+
+def _rows(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_prevalence_reaches_evaluate_predict_explain_and_the_api(tuned_run, tmp_path):
+    data, run, _ = tuned_run
+    best = str(run / "best.pt")
+    assert main(["evaluate", best, "--out", str(tmp_path / "ev"), "--no-progress", "--device", "cpu",
+                 "--prevalence", "0.2", "--estimate-prevalence"]) == 0
+    m = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    assert m["prior"] == 0.2 and m["prior_source"] == "given" and m["at_model_prior"]["prior"] == pytest.approx(0.5)
+    assert m["prevalence_estimate"]["interval"] and m["operating_point"]["calibration"]["method"] == "temperature"
+    assert {r["prior"] for r in _rows(tmp_path / "ev" / "predictions.csv")} == {"0.200000"}
+    report = (tmp_path / "ev" / "report.html").read_text()
+    assert "prevalence of 0.200" in report and "Calibration: temperature" in report and "95% bootstrap interval" in report
+    files = sorted(str(f) for f in (data / "train" / "PNEUMONIA").iterdir())[:4]
+    assert main(["predict", best, *files, "--out", str(tmp_path / "p.csv"), "--device", "cpu"]) == 0
+    assert main(["predict", best, *files, "--out", str(tmp_path / "q.csv"), "--device", "cpu", "--prevalence", "estimated"]) == 0
+    base, moved = _rows(tmp_path / "p.csv"), _rows(tmp_path / "q.csv")
+    est = json.loads((tmp_path / "q.csv.prevalence.json").read_text())["estimate"]["prevalence"]
+    assert moved[0]["prior_source"] == "estimated" and float(moved[0]["prior"]) == pytest.approx(est, abs=1e-6)
+    for a, b in zip(base, moved):
+        assert float(b["probability"]) == pytest.approx(float(shift_prior(float(a["probability"]), 0.5, est)), abs=2e-6)
+    assert main(["explain", best, files[0], "--out", str(tmp_path / "cams"), "--device", "cpu", "--prevalence", "0.9"]) == 0
+    assert _rows(tmp_path / "cams" / "explanations.csv")[0]["prior"] == "0.900000"
+    assert main(["predict", best, *files, "--out", str(tmp_path / "x.csv"), "--prevalence", "1.5"]) == 2
+    pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient
+
+    from pneumoscan.serve import create_app
+
+    client = TestClient(create_app(best))
+    upload = [("files", ("a.jpeg", open(files[0], "rb").read(), "image/jpeg"))]
+    plain = client.post("/api/predict?heatmap=false", files=upload).json()["results"][0]
+    at = client.post("/api/predict?heatmap=false&prevalence=0.1", files=upload).json()["results"][0]
+    assert plain["prior"] == pytest.approx(0.5) and at["prior"] == 0.1 and at["prior_source"] == "given"
+    assert at["probability"] == pytest.approx(float(shift_prior(plain["probability"], 0.5, 0.1)), abs=1e-6)
+    assert client.post("/api/predict?prevalence=1", files=upload).status_code == 422
+    info = client.get("/api/model").json()
+    assert info["calibration"]["method"] == "temperature" and info["threshold_interval"] and info["prior"] == 0.5
+
+
+def test_an_old_checkpoint_keeps_its_raw_probabilities(tuned_run, tmp_path):
+    from pneumoscan.inference import model_input
+    from pneumoscan.models import probabilities
+    from pneumoscan.predict import Predictor
+
+    _, run, _ = tuned_run
+    ckpt = torch.load(run / "best.pt", weights_only=True)
+    for key in ("calibration", "threshold_interval", "train_prevalence", "model_prior"):
+        del ckpt[key]
+    ckpt["threshold_rule"] = {"rule": "fixed"}
+    ckpt["threshold"] = 0.5
+    torch.save(ckpt, tmp_path / "old.pt")  # no split.json beside it: the prior is unknown
+    om = output_map(ckpt, tmp_path / "old.pt", 0.5)
+    assert om.temperature == 1.0 and om.model_prior is None and om.threshold_interval is None
+    pixels = np.random.default_rng(0).integers(0, 255, (2, 48, 48)).astype(np.uint8)
+    old, new = Predictor(tmp_path / "old.pt", device="cpu"), Predictor(run / "best.pt", device="cpu")
+    with torch.no_grad():
+        direct = probabilities(old.model(model_input(pixels.copy(), old.prep, old.device)))[0]
+    raw = old.predict_arrays(pixels)
+    assert np.array_equal(raw, direct)  # untouched, bit for bit
+    t = new.output.temperature
+    assert new.predict_arrays(pixels) == pytest.approx(sigmoid(np.log(raw / (1 - raw)) / t), abs=1e-6)
+    with pytest.raises(ValueError, match="does not record"):
+        Predictor(tmp_path / "old.pt", device="cpu", prevalence=0.3)
+    (tmp_path / "split.json").write_text((run / "split.json").read_text())
+    assert output_map(ckpt, tmp_path / "old.pt", 0.5).model_prior == pytest.approx(0.5)
