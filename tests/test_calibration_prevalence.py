@@ -214,3 +214,16 @@ def test_an_old_checkpoint_keeps_its_raw_probabilities(tuned_run, tmp_path):
         Predictor(tmp_path / "old.pt", device="cpu", prevalence=0.3)
     (tmp_path / "split.json").write_text((run / "split.json").read_text())
     assert output_map(ckpt, tmp_path / "old.pt", 0.5).model_prior == pytest.approx(0.5)
+
+
+def test_an_onnx_export_carries_the_temperature_its_threshold_needs(tuned_run, tmp_path):
+    pytest.importorskip("onnxruntime")
+    from pneumoscan.export import OnnxPredictor, export_onnx
+
+    _, run, _ = tuned_run
+    ckpt = torch.load(run / "best.pt", weights_only=True)
+    onnx = OnnxPredictor(export_onnx(run / "best.pt", tmp_path / "m.onnx"))
+    t = ckpt["calibration"]["temperature"]
+    assert onnx.temperature == pytest.approx(t) and onnx.threshold == pytest.approx(ckpt["threshold"])
+    raw = 0.8
+    assert onnx.calibrated(raw) == pytest.approx(float(sigmoid(np.log(raw / (1 - raw)) / t)))
