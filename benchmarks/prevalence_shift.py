@@ -13,8 +13,8 @@ are drawn with replacement, per class, so that a fraction P is pneumonia (seeded
 - the EM estimate after a temperature fitted on the whole validation split (in sample: the resamples
   are drawn from the same images, so this column shows what calibration can do, not a held-out figure).
 
-    .venv/bin/python benchmarks/prevalence_shift.py /work/fresh/runs/paper-quickstart/best.pt \\
-        --data ../shared/data/chest_xray
+    .venv/bin/python benchmarks/prevalence_shift.py runs/paper-quickstart/best.pt \\
+        --data DATA_ROOT
 
 Prints a Markdown table, then one JSON line (the last line) with every figure.
 """
@@ -56,6 +56,14 @@ def resample(labels: np.ndarray, prevalence: float, n: int, rng: np.random.Gener
                            rng.choice(np.flatnonzero(labels == 0), n - n_pos)])
 
 
+def accuracy(labels: np.ndarray, probs: np.ndarray, om, prior: float | None) -> float:
+    """Accuracy of probabilities at the model's prior, moved to `prior` (None: unmoved), at the threshold
+    that applies there."""
+    moved = om.with_prior(prior) if prior is not None else om
+    at = shift_prior(probs, om.model_prior, prior) if prior is not None else probs
+    return binary_metrics(labels, at, moved.decision_threshold)["accuracy"]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("checkpoint")
@@ -77,13 +85,11 @@ def main() -> None:
         y, q = labels[idx], probs[idx]
         est = estimate_prevalence(q, prior, seed=a.seed)
         est_t = estimate_prevalence(probs_t[idx], prior, seed=a.seed)
-        acc = lambda probs_at, thr: binary_metrics(y, probs_at, thr)["accuracy"]  # noqa: E731
-        thr = lambda to: om.with_prior(to).decision_threshold  # noqa: E731
         rows.append({"prevalence": p, "n": n, "em": est["prevalence"], "em_interval": est["interval"],
                      "em_temperature": est_t["prevalence"], "em_temperature_interval": est_t["interval"],
-                     "accuracy_unadjusted": acc(q, om.decision_threshold),
-                     "accuracy_estimated_prior": acc(shift_prior(q, prior, est["prevalence"]), thr(est["prevalence"])),
-                     "accuracy_true_prior": acc(shift_prior(q, prior, p), thr(p))})
+                     "accuracy_unadjusted": accuracy(y, q, om, None),
+                     "accuracy_estimated_prior": accuracy(y, q, om, est["prevalence"]),
+                     "accuracy_true_prior": accuracy(y, q, om, p)})
     print(f"checkpoint {a.checkpoint}: {len(labels)} validation images ({labels.mean():.3f} pneumonia); model prior "
           f"{prior:.3f}; stored temperature {om.temperature:.3f}; in-sample temperature {t_fit:.3f}\n")
     print("| prevalence | EM estimate [95% interval] | EM after temperature | accuracy unadjusted | "

@@ -82,7 +82,7 @@ class OutputMap:
     def prior_used(self) -> float | None:
         return self.model_prior if self.prior is None else self.prior
 
-    def with_prior(self, prior: float | None, source: str = "given") -> "OutputMap":
+    def with_prior(self, prior: float | None, source: str = "given") -> OutputMap:
         """This map moving outputs to `prior` (None: back to the model's prior). ValueError when the
         model's prior is unknown or `prior` is not strictly between 0 and 1."""
         if prior is None:

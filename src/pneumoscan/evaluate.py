@@ -82,21 +82,26 @@ def evaluate(checkpoint: str | Path, split: str, out: str | Path, data_root: str
     write_json(out / "metrics.json", result)
     _write_predictions(out / "predictions.csv", [s.path for s in cached.samples], classes, probs, class_probs,
                        threshold, loaded.class_names, output.prior_used)
-    plots.training_curves(loaded.checkpoint.get("history", []), out)
-    plots.confusion_matrix_plot(metrics["confusion_matrix"], ["NORMAL", "PNEUMONIA"], out / "confusion_matrix.png",
-                                threshold)
-    if class_probs is not None:
-        plots.confusion_matrix_plot(result["three_class"]["confusion_matrix"], loaded.class_names,
-                                    out / "confusion_matrix_3class.png", threshold)
-    plots.reliability_plot(calib, out / "reliability.png")
-    if metrics["roc_auc"] is not None:
-        fpr, tpr = roc_points(labels, probs)
-        op = (1 - metrics["specificity"], metrics["recall"])
-        plots.roc_curve_plot(fpr, tpr, metrics["roc_auc"], out / "roc.png", op)
-        recall, precision = pr_points(labels, probs)
-        plots.pr_curve_plot(recall, precision, metrics["average_precision"], float(labels.mean()), out / "pr.png")
+    _plots(out, loaded, result, labels, probs, threshold)
     write_eval_report(out)
     return result
+
+
+def _plots(out: Path, loaded: Any, result: dict[str, Any], labels, probs, threshold: float) -> None:
+    """The PNG figures of one evaluation: training curves, confusion matrices, reliability, ROC and PR."""
+    plots.training_curves(loaded.checkpoint.get("history", []), out)
+    plots.confusion_matrix_plot(result["confusion_matrix"], ["NORMAL", "PNEUMONIA"], out / "confusion_matrix.png",
+                                threshold)
+    if "three_class" in result:
+        plots.confusion_matrix_plot(result["three_class"]["confusion_matrix"], loaded.class_names,
+                                    out / "confusion_matrix_3class.png", threshold)
+    plots.reliability_plot(result["calibration"], out / "reliability.png")
+    if result["roc_auc"] is not None:
+        fpr, tpr = roc_points(labels, probs)
+        op = (1 - result["specificity"], result["recall"])
+        plots.roc_curve_plot(fpr, tpr, result["roc_auc"], out / "roc.png", op)
+        recall, precision = pr_points(labels, probs)
+        plots.pr_curve_plot(recall, precision, result["average_precision"], float(labels.mean()), out / "pr.png")
 
 
 def _unadjusted(labels, probs, output) -> dict[str, Any]:

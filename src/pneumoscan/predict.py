@@ -171,8 +171,8 @@ def parse_prevalence(value: str | float | None) -> float | str | None:
     return p
 
 
-def estimate_and_apply(probs: np.ndarray, output: "OutputMap", prevalence: float | str | None, estimate: bool
-                       ) -> tuple["OutputMap", dict | None]:
+def estimate_and_apply(probs: np.ndarray, output: OutputMap, prevalence: float | str | None, estimate: bool
+                       ) -> tuple[OutputMap, dict | None]:
     """For probabilities reported at the model's prior: the EM estimate of their prevalence when asked for
     (`estimate`, or `prevalence="estimated"`), and the map to report with (the given prevalence, the
     estimate when `prevalence="estimated"`, else the model's own prior)."""
@@ -186,7 +186,7 @@ def estimate_and_apply(probs: np.ndarray, output: "OutputMap", prevalence: float
 
 def score_paths(checkpoint: str | os.PathLike, inputs: Iterable[str], device: str = "auto", batch_size: int = 32,
                 backend: str = "torch", prevalence: float | str | None = None, estimate: bool = False
-                ) -> tuple[list[Prediction], "Predictor", dict | None]:
+                ) -> tuple[list[Prediction], Predictor, dict | None]:
     """Score every image under `inputs`: (predictions, the predictor at the prior used, the EM estimate or None).
     With an estimate, images are scored at the model's prior and then moved to the prior used."""
     prevalence = parse_prevalence(prevalence)
