@@ -151,12 +151,15 @@ def _rows(path):
 
 
 def test_prevalence_reaches_evaluate_predict_explain_and_the_api(tuned_run, tmp_path):
-    data, run, _ = tuned_run
+    data, run, summary = tuned_run
     best = str(run / "best.pt")
     assert main(["evaluate", best, "--out", str(tmp_path / "ev"), "--no-progress", "--device", "cpu",
                  "--prevalence", "0.2", "--estimate-prevalence"]) == 0
     m = json.loads((tmp_path / "ev" / "metrics.json").read_text())
     assert m["prior"] == 0.2 and m["prior_source"] == "given" and m["at_model_prior"]["prior"] == pytest.approx(0.5)
+    # a Youden threshold is an ROC point: it moves with the probabilities, so the decisions stay the same
+    assert m["accuracy"] == m["at_model_prior"]["accuracy"] and m["threshold"] != m["at_model_prior"]["threshold"]
+    assert m["roc_auc"] == pytest.approx(summary["best_val"]["roc_auc"], abs=1e-5)  # neither map changes ranking
     assert m["prevalence_estimate"]["interval"] and m["operating_point"]["calibration"]["method"] == "temperature"
     assert {r["prior"] for r in _rows(tmp_path / "ev" / "predictions.csv")} == {"0.200000"}
     report = (tmp_path / "ev" / "report.html").read_text()

@@ -11,6 +11,10 @@ and serve all use:
    learnt (`model_prior`: the training split's pneumonia fraction, or 0.5 when the loss or the sampling
    balanced the classes); `--prevalence P` moves them to another site's prior by Bayes' rule.
 
+The training loop's in-loop validation stays raw (it picks the best epoch). `evaluate` reports mapped
+figures: for a recipe that does not calibrate (the paper's) they are the in-loop ones; with a temperature
+they share the in-loop ranking (ROC AUC) and decisions, and differ in log loss and calibration error.
+
 Convention: a checkpoint's threshold is on the calibrated scale at the model's prior. Under another prior
 the fixed rule keeps its threshold (0.5 keeps meaning even odds, so decisions follow the new prior);
 the youden and sensitivity rules pick a point of the ROC curve, which does not depend on prevalence, so
@@ -121,17 +125,16 @@ class OutputMap:
 
 
 def _with_pneumonia(probs: np.ndarray, class_probs: np.ndarray | None, q: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-    """`q` as the new P(pneumonia) in the dtype of `probs`; per-class probabilities rescaled to it (the
-    pneumonia types keep their ratio, NORMAL gets the rest)."""
-    probs = np.asarray(probs)
-    out = q.astype(probs.dtype) if probs.dtype.kind == "f" else q
+    """`q` (float64: moved probabilities keep their order against a moved threshold to float64 precision) as
+    the new P(pneumonia); per-class probabilities rescaled to it (the pneumonia types keep their ratio,
+    NORMAL gets the rest)."""
     if class_probs is None:
-        return out, None
+        return q, None
     p = probs.astype(np.float64)
     cp = np.asarray(class_probs, dtype=np.float64)
     scale = np.divide(q, p, out=np.ones_like(q), where=p > 0)
     moved = np.concatenate([(1 - q)[:, None], cp[:, 1:] * scale[:, None]], axis=1)
-    return out, moved.astype(np.asarray(class_probs).dtype)
+    return q, moved
 
 
 def move(probs: np.ndarray, class_probs: np.ndarray | None, old_prior: float | None, new_prior: float | None
