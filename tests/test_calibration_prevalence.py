@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from pneumoscan.calibration import OutputMap, fit_temperature, nll, output_map
+from pneumoscan.calibration import OutputMap, fit_platt, fit_temperature, nll, output_map
 from pneumoscan.cli import main
 from pneumoscan.config import Config, DataConfig, Preprocessing, TrainConfig
 from pneumoscan.metrics import binary_metrics, choose_threshold, stable_threshold
@@ -100,6 +100,42 @@ def test_temperature_scaling_lowers_validation_nll_and_keeps_auc_and_even_odds_d
     assert binary_metrics(y, cal)["roc_auc"] == pytest.approx(binary_metrics(y, raw)["roc_auc"], abs=1e-12)
     assert np.array_equal(raw >= 0.5, cal >= 0.5)
     assert OutputMap(temperature=t).apply(raw)[0] == pytest.approx(cal, rel=1e-6)
+
+
+def test_platt_scaling_corrects_a_biased_model_that_a_temperature_cannot():
+    rng = np.random.default_rng(4)
+    y = (rng.random(1000) < 0.3).astype(int)
+    true_logit = rng.normal(np.where(y == 1, 1.5, -1.5), 1.0) * 3  # the exact log odds at a 50% prior
+    true_logit += np.log(0.3 / 0.7)
+    biased = 0.05 * true_logit + 0.4  # underconfident, and every output above 0.5 (as a barely trained model)
+    t, b = fit_platt(y, biased)
+    assert t == pytest.approx(0.05, rel=0.15) and b == pytest.approx(-8, rel=0.15)
+    assert nll(y, biased, t, b) < nll(y, biased, fit_temperature(y, biased)) - 0.1
+    cal = sigmoid(biased / t + b)
+    assert binary_metrics(y, cal)["roc_auc"] == pytest.approx(binary_metrics(y, sigmoid(biased))["roc_auc"], abs=1e-12)
+    assert cal.mean() == pytest.approx(y.mean(), abs=0.01)  # 0.5 means even odds at validation's prevalence
+    assert estimate_prevalence(cal, float(y.mean()), n_boot=0)["prevalence"] == pytest.approx(y.mean(), abs=0.02)
+    assert fit_platt(y, -biased) == (1.0, 0.0)  # a reversed ranking is never fitted
+
+
+def test_the_operating_point_training_stores_for_each_calibration():
+    from pneumoscan.train import operating_point
+
+    rng = np.random.default_rng(5)
+    y = (rng.random(600) < 0.7).astype(int)
+    z = 0.1 * rng.normal(np.where(y == 1, 3.0, -3.0), 1.0) + 0.5
+    plain = Config(train=TrainConfig(threshold_rule="youden", threshold_resamples=20))
+    paper = operating_point(Config(), y, z, 0.74)
+    assert paper["threshold"] == 0.5 and paper["threshold_interval"] is None and paper["model_prior"] == 0.74
+    assert paper["calibration"] == {"method": "none", "temperature": 1.0, "offset": 0.0, "fitted_on": "val"}
+    youden = operating_point(plain, y, z, 0.74)
+    assert youden["threshold_interval"][0] <= youden["threshold"] <= youden["threshold_interval"][1]
+    platt = operating_point(Config(train=TrainConfig(calibration="platt")), y, z, 0.74)
+    assert platt["calibration"]["offset"] != 0 and platt["model_prior"] == pytest.approx(y.mean())
+    balanced = operating_point(Config(train=TrainConfig(calibration="temperature", class_weight="balanced")), y, z, 0.74)
+    assert balanced["model_prior"] == 0.5 and balanced["calibration"]["temperature"] != 1.0
+    om = output_map({**platt, "config": Config().to_dict()}, "nowhere/best.pt", platt["threshold"])
+    assert om.apply(sigmoid(z))[0].mean() == pytest.approx(y.mean(), abs=0.01)
 
 
 def test_output_map_moves_an_roc_threshold_with_the_probabilities_but_not_a_fixed_one():
@@ -230,3 +266,4 @@ def test_an_onnx_export_carries_the_temperature_its_threshold_needs(tuned_run, t
     assert onnx.temperature == pytest.approx(t) and onnx.threshold == pytest.approx(ckpt["threshold"])
     raw = 0.8
     assert onnx.calibrated(raw) == pytest.approx(float(sigmoid(np.log(raw / (1 - raw)) / t)))
+

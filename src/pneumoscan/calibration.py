@@ -3,13 +3,14 @@
 Two maps, both monotone in the logit, applied by one object (`OutputMap`) that evaluate, predict, explain
 and serve all use:
 
-1. Temperature scaling, fitted on validation only (`fit_temperature`): logit / T. It leaves the ranking
-   (ROC AUC) unchanged and never moves a logit across 0, so decisions at 0.5 stay as they were. Platt
-   scaling (a slope and an offset) is not offered: its offset would move the paper recipe's 0.5 decisions,
-   and the prior is moved separately and explicitly (2).
+1. Calibration fitted on validation only: temperature scaling (`fit_temperature`, logit / T) leaves the
+   ranking (ROC AUC) unchanged and never moves a logit across 0, so decisions at 0.5 stay as they were;
+   Platt scaling (`fit_platt`, logit / T + offset) also corrects a bias (a model trained with balanced
+   class weights, or one whose outputs all sit on one side of 0.5), so that 0.5 means even odds at the
+   validation split's prevalence, at the price of moving 0.5 decisions. Either keeps the ranking.
 2. The prior (`prevalence.shift_prior`): the calibrated probabilities refer to the prevalence the model
    learnt (`model_prior`: the training split's pneumonia fraction, or 0.5 when the loss or the sampling
-   balanced the classes); `--prevalence P` moves them to another site's prior by Bayes' rule.
+   balanced the classes; after Platt scaling, the validation split's); `--prevalence P` moves them to another site's prior by Bayes' rule.
 
 The training loop's in-loop validation stays raw (it picks the best epoch). `evaluate` reports mapped
 figures: for a recipe that does not calibrate (the paper's) they are the in-loop ones; with a temperature
@@ -36,10 +37,10 @@ from .prevalence import logit, shift_prior, sigmoid
 TEMPERATURE_BOUNDS = (0.05, 20.0)
 
 
-def nll(labels: np.ndarray, logits: np.ndarray, temperature: float = 1.0) -> float:
-    """Mean binary cross-entropy of sigmoid(logits / temperature), computed stably from the logits."""
+def nll(labels: np.ndarray, logits: np.ndarray, temperature: float = 1.0, offset: float = 0.0) -> float:
+    """Mean binary cross-entropy of sigmoid(logits / temperature + offset), computed stably from the logits."""
     y = np.asarray(labels, dtype=np.float64)
-    s = np.asarray(logits, dtype=np.float64) / temperature
+    s = np.asarray(logits, dtype=np.float64) / temperature + offset
     return float(np.mean(np.logaddexp(0.0, s) - y * s))
 
 
@@ -59,6 +60,29 @@ def fit_temperature(labels: np.ndarray, logits: np.ndarray) -> float:
     return t if nll(y, z, t) <= nll(y, z, 1.0) else 1.0  # never worse on validation than leaving it alone
 
 
+def fit_platt(labels: np.ndarray, logits: np.ndarray) -> tuple[float, float]:
+    """(temperature, offset) minimising the validation NLL of sigmoid(logit / temperature + offset): Platt
+    scaling on the logit, fitted with scipy's BFGS from (1, 0). A fit whose slope is not positive (it would
+    reverse the ranking) or that is no better than leaving the logits alone gives (1, 0)."""
+    from scipy.optimize import minimize
+
+    y = np.asarray(labels).astype(int)
+    if len(np.unique(y)) < 2:
+        raise ValueError("fitting a calibration needs both classes in the validation labels")
+    z = np.asarray(logits, dtype=np.float64)
+
+    def loss(ab: np.ndarray) -> tuple[float, np.ndarray]:
+        s = ab[0] * z + ab[1]
+        r = sigmoid(s) - y  # d loss / d s
+        return float(np.mean(np.logaddexp(0.0, s) - y * s)), np.array([np.mean(r * z), np.mean(r)])
+
+    res = minimize(loss, np.array([1.0, 0.0]), jac=True, method="BFGS")
+    a, b = (float(v) for v in res.x)
+    if not (np.isfinite(a) and np.isfinite(b)) or a <= 1e-6 or nll(y, z, 1 / a, b) > nll(y, z):
+        return 1.0, 0.0
+    return 1 / a, b
+
+
 def model_prior_of(train_prevalence: float | None, class_weight: str, sampling: str) -> float | None:
     """The prior the model's probabilities refer to: 0.5 when the loss or the sampling balanced the classes,
     else the training split's prevalence (None when unknown)."""
@@ -74,6 +98,7 @@ class OutputMap:
     one to apply to the reported probabilities."""
 
     temperature: float = 1.0
+    offset: float = 0.0  # Platt scaling's intercept, added to logit / temperature
     model_prior: float | None = None
     prior: float | None = None  # None: the model's own prior
     source: str = "model"  # model | given | estimated
@@ -102,9 +127,9 @@ class OutputMap:
         """(reported P(pneumonia), per-class probabilities or None). The identity, bit for bit, when there is
         nothing to do; for three classes the pneumonia types keep their ratio and NORMAL gets the rest."""
         probs = np.asarray(probs)
-        if self.temperature == 1.0 and self.prior is None:
+        if self.temperature == 1.0 and self.offset == 0.0 and self.prior is None:
             return probs, class_probs
-        q = sigmoid(logit(probs) / self.temperature)
+        q = sigmoid(logit(probs) / self.temperature + self.offset)
         if self.prior is not None:
             q = shift_prior(q, self.model_prior, self.prior)
         return _with_pneumonia(probs, class_probs, q)
@@ -117,8 +142,8 @@ class OutputMap:
 
     def describe(self) -> dict[str, Any]:
         """What every output records about the map: calibration, prior used and where it came from."""
-        return {"calibration": {"method": "temperature" if self.temperature != 1.0 else "none",
-                                "temperature": self.temperature},
+        method = "platt" if self.offset != 0.0 else "temperature" if self.temperature != 1.0 else "none"
+        return {"calibration": {"method": method, "temperature": self.temperature, "offset": self.offset},
                 "prior": self.prior_used, "prior_source": self.source, "model_prior": self.model_prior,
                 "train_prevalence": self.train_prevalence, "threshold": self.decision_threshold,
                 "checkpoint_threshold": self.threshold, "threshold_interval": self.threshold_interval}
@@ -145,6 +170,14 @@ def move(probs: np.ndarray, class_probs: np.ndarray | None, old_prior: float | N
     return _with_pneumonia(probs, class_probs, shift_prior(probs, old_prior, new_prior))
 
 
+def calibration_of(ckpt: dict[str, Any]) -> tuple[float, float]:
+    """(temperature, offset) a checkpoint stores; (1, 0) when it has no calibration."""
+    cal = ckpt.get("calibration") or {}
+    if cal.get("method") not in ("temperature", "platt"):
+        return 1.0, 0.0
+    return float(cal.get("temperature", 1.0)), float(cal.get("offset", 0.0))
+
+
 def split_prevalence(checkpoint_path: str | Path) -> float | None:
     """The train split's pneumonia fraction from split.json beside a checkpoint, or None."""
     path = Path(checkpoint_path).parent / "split.json"
@@ -161,7 +194,7 @@ def output_map(ckpt: dict[str, Any], path: str | Path, threshold: float) -> Outp
     from .config import Config
 
     cal = ckpt.get("calibration") or {}
-    temperature = float(cal.get("temperature", 1.0)) if cal.get("method") == "temperature" else 1.0
+    temperature, offset = calibration_of(ckpt)
     train_prev = ckpt.get("train_prevalence")
     train_prev = float(train_prev) if train_prev is not None else split_prevalence(path)
     model_prior = ckpt.get("model_prior")
@@ -170,6 +203,6 @@ def output_map(ckpt: dict[str, Any], path: str | Path, threshold: float) -> Outp
         model_prior = model_prior_of(train_prev, t.class_weight, t.sampling)
     rule = (ckpt.get("threshold_rule") or {}).get("rule", "fixed")
     interval = ckpt.get("threshold_interval")
-    return OutputMap(temperature=temperature, model_prior=None if model_prior is None else float(model_prior),
+    return OutputMap(temperature=temperature, offset=offset, model_prior=None if model_prior is None else float(model_prior),
                      threshold=float(threshold), moves_threshold=rule in ("youden", "sensitivity"),
                      train_prevalence=train_prev, threshold_interval=list(interval) if interval else None)

@@ -56,8 +56,9 @@ def _add_config_flags(p: argparse.ArgumentParser, activation: bool = True) -> No
     p.add_argument("--threshold-resamples", type=int,
                    help="youden / sensitivity: the threshold is the median of the rule's optimum over this many "
                         "bootstrap resamples of validation (default 200; 0: the optimum on validation itself)")
-    p.add_argument("--calibration", choices=["none", "temperature"],
-                   help="calibrate probabilities on validation by one temperature (tuned recipes: temperature)")
+    p.add_argument("--calibration", choices=["none", "temperature", "platt"],
+                   help="calibrate probabilities on validation: one temperature (keeps decisions at 0.5; the tuned "
+                        "recipes) or Platt scaling (temperature and offset: 0.5 is even odds at validation's prevalence)")
     p.add_argument("--class-weight", choices=["none", "balanced"], help="weight the loss by inverse class frequency")
     p.add_argument("--sampling", choices=["shuffle", "balanced"], help="balanced: draw both classes equally often")
     p.add_argument("--early-stopping", action="store_true", default=None,

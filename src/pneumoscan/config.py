@@ -89,7 +89,8 @@ class TrainConfig:
     # youden / sensitivity: the threshold is the median of the rule's optimum over this many bootstrap
     # resamples of validation (0: the rule's optimum on validation itself, which may sit at a plateau's edge)
     threshold_resamples: int = 200
-    # none | temperature: probabilities calibrated on validation by one temperature (decisions at 0.5 unchanged)
+    # none | temperature | platt: probabilities calibrated on validation by one temperature (decisions at 0.5
+    # unchanged) or by Platt scaling (a temperature and an offset: 0.5 is even odds at validation's prevalence)
     calibration: str = "none"
 
 
@@ -187,7 +188,7 @@ LIMITS: dict[tuple[str, str], tuple[Any, ...]] = {
     ("train", "threshold_rule"): ("fixed", "youden", "sensitivity"),
     ("train", "target_sensitivity"): (_FLOAT, 1e-6, 1.0),
     ("train", "threshold_resamples"): (_INT, 0, 100_000),
-    ("train", "calibration"): ("none", "temperature"),
+    ("train", "calibration"): ("none", "temperature", "platt"),
 }
 
 

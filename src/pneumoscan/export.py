@@ -10,8 +10,8 @@ This module owns the ONNX contract. An exported model takes one input and gives 
 Decoding and resizing stay outside the graph (`pneumoscan.images` does them identically for both
 backends). The model's metadata_props make the file self-describing like a checkpoint: ``format``,
 ``pneumoscan_version``, ``model``, ``activation``, ``class_names`` (JSON), ``threshold``,
-``temperature`` (the checkpoint's calibration: the threshold applies to sigmoid(logit(probability) / temperature);
-1 when it has none), ``preprocessing`` (JSON, as in the checkpoint), ``input`` and ``output`` (descriptions).
+``temperature`` and ``calibration_offset`` (the checkpoint's calibration: the threshold applies to
+sigmoid(logit(probability) / temperature + calibration_offset); 1 and 0 when it has none), ``preprocessing`` (JSON, as in the checkpoint), ``input`` and ``output`` (descriptions).
 The graph's output stays the model's own probability.
 
 `export_onnx` writes a .onnx file atomically; `export_onnx_bytes` gives the same bytes in memory, and
@@ -40,6 +40,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from . import __version__
+from .calibration import calibration_of
 from .config import Preprocessing
 from .fileio import atomic_write_bytes, optional_import
 
@@ -72,11 +73,6 @@ def _quiet_exporter() -> Iterator[None]:
             lg.setLevel(level)
 
 
-def _temperature(ckpt: dict[str, Any]) -> float:
-    cal = ckpt.get("calibration") or {}
-    return float(cal.get("temperature", 1.0)) if cal.get("method") == "temperature" else 1.0
-
-
 def _metadata(loaded: Any) -> dict[str, str]:
     prep = loaded.config.preprocessing
     s = prep.image_size
@@ -88,7 +84,8 @@ def _metadata(loaded: Any) -> dict[str, str]:
         "activation": loaded.config.model.activation,
         "class_names": json.dumps(list(loaded.class_names)),
         "threshold": repr(float(loaded.threshold)),
-        "temperature": repr(_temperature(loaded.checkpoint)),
+        "temperature": repr(calibration_of(loaded.checkpoint)[0]),
+        "calibration_offset": repr(calibration_of(loaded.checkpoint)[1]),
         "preprocessing": json.dumps(loaded.checkpoint["preprocessing"]),
         "input": f"{INPUT_NAME}: float32 (N, 1, {s}, {s}) = grey uint8 pixels * {prep.scale!r}",
         "output": f"{OUTPUT_NAME}: float32 (N,) = P({loaded.class_names[1]})",
@@ -275,6 +272,7 @@ class OnnxPredictor:
             self.prep = Preprocessing(**json.loads(self.metadata["preprocessing"]))
             self.version = self.metadata["pneumoscan_version"]
             self.temperature = float(self.metadata.get("temperature", "1.0"))
+            self.offset = float(self.metadata.get("calibration_offset", "0.0"))
         except (KeyError, TypeError, ValueError) as e:
             raise ValueError(f"{label}: incomplete pneumoscan metadata ({type(e).__name__}: {e})") from None
         self.threads = opts.intra_op_num_threads
@@ -293,11 +291,11 @@ class OnnxPredictor:
         return self.run(np.ascontiguousarray(x, dtype=np.float32))
 
     def calibrated(self, probability: float) -> float:
-        """The model's probability after the checkpoint's temperature (the scale the threshold is on)."""
-        if self.temperature == 1.0:
+        """The model's probability after the checkpoint's calibration (the scale the threshold is on)."""
+        if self.temperature == 1.0 and self.offset == 0.0:
             return float(probability)
         p = min(max(float(probability), 1e-12), 1 - 1e-12)
-        return 1 / (1 + math.exp(-math.log(p / (1 - p)) / self.temperature))
+        return 1 / (1 + math.exp(-(math.log(p / (1 - p)) / self.temperature + self.offset)))
 
     def label_of(self, probability: float) -> str:
         """The label of a probability the graph gave (calibrated first, then compared with the threshold)."""

@@ -38,6 +38,9 @@ def validation_metrics(checkpoint: str | os.PathLike, metrics_json: str | os.Pat
 
 def _calibration_text(ckpt: dict[str, Any]) -> str:
     cal = ckpt.get("calibration") or {}
+    if cal.get("method") == "platt":
+        return (f"Platt scaling (temperature {cal.get('temperature', 1.0):.3f}, offset {cal.get('offset', 0.0):.3f}), "
+                "fitted on the validation split")
     if cal.get("method") == "temperature":
         return f"temperature {cal.get('temperature', 1.0):.3f}, fitted on the validation split"
     return "none (raw model probabilities)"

@@ -98,8 +98,13 @@ def _operating_point_text(m: dict[str, Any]) -> str:
     cal = op.get("calibration") or {}
     text = (f"Threshold 95% bootstrap interval on validation [{_fmt(ci[0], 3)}, {_fmt(ci[1], 3)}] "
             f"(calibrated scale, model prior). " if ci else "No threshold interval (fixed rule or not recorded). ")
-    text += (f"Calibration: temperature {_fmt(cal.get('temperature'), 3)}, fitted on validation. "
-             if cal.get("method") == "temperature" else "Calibration: none (raw model probabilities). ")
+    if cal.get("method") == "platt":
+        text += (f"Calibration: Platt scaling (temperature {_fmt(cal.get('temperature'), 3)}, offset "
+                 f"{_fmt(cal.get('offset'), 3)}), fitted on validation. ")
+    elif cal.get("method") == "temperature":
+        text += f"Calibration: temperature {_fmt(cal.get('temperature'), 3)}, fitted on validation. "
+    else:
+        text += "Calibration: none (raw model probabilities). "
     source = {"model": "the model's own training prior", "given": "given by the user",
               "estimated": "estimated from these images (EM)"}.get(op.get("prior_source"), op.get("prior_source"))
     text += f"Probabilities at a pneumonia prevalence of {_fmt(op.get('prior'), 3)} ({html.escape(str(source))}). "

@@ -336,7 +336,8 @@ def api_models() -> Any:
         threshold_interval: list[float] | None = Field(
             description="95% bootstrap interval of the threshold chosen on validation (calibrated scale, model "
                         "prior); null for the fixed rule or a checkpoint that does not record one")
-        calibration: dict[str, Any] = Field(description="method ('none' or 'temperature') and temperature")
+        calibration: dict[str, Any] = Field(description="method ('none', 'temperature' or 'platt'), temperature "
+                                                             "and offset: reported = sigmoid(logit / temperature + offset)")
         prior: float | None = Field(description="the pneumonia prevalence probabilities are reported at by default; "
                                                 "null when the checkpoint does not record its training prevalence")
         prior_source: str = Field(description="'model': the model's own prior; 'given': the server's --prevalence")

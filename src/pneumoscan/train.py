@@ -35,8 +35,9 @@ from .cuda_graphs import CudaGraphForward, CudaGraphStep, start_warm_up
 from .data import CachedImages, DataError, cache_images, class_names, split_samples, split_summary, task_labels
 from .fileio import atomic_write_text, write_json
 from .inference import model_input
-from .calibration import fit_temperature, model_prior_of
+from .calibration import fit_platt, fit_temperature, model_prior_of
 from .metrics import binary_metrics, choose_threshold, decide, stable_threshold
+from .prevalence import sigmoid
 from .models import load_pretrained, pneumonia_logit, probabilities
 from .rundir import REPLACED, prepare_run_dir, settle_replaced
 from .runtime import Distributed, init_distributed, keep_freed_memory, memory_format, peak_memory_mb, seed_everything
@@ -513,12 +514,16 @@ def finish(out: Path, run: Run, data: dict[str, DeviceSplit], val_graphs: dict[s
 
 def operating_point(cfg: Config, val_labels: np.ndarray, val_logits: np.ndarray, train_prevalence: float) -> dict[str, Any]:
     """The checkpoint fields that turn raw outputs into reported probabilities and decisions, all chosen on
-    validation: the temperature (when the recipe asks for one), then the threshold on the calibrated
+    validation: the temperature or Platt scaling (when the recipe asks for one), then the threshold on the calibrated
     probabilities (the median over bootstrap resamples for youden / sensitivity, with its 95% interval),
     the training prevalence and the prior the calibrated probabilities refer to."""
     t = cfg.train
-    temperature = fit_temperature(val_labels, val_logits) if t.calibration == "temperature" else 1.0
-    probs = 1 / (1 + np.exp(-val_logits.astype(np.float64) / temperature))
+    temperature, offset = 1.0, 0.0
+    if t.calibration == "temperature":
+        temperature = fit_temperature(val_labels, val_logits)
+    elif t.calibration == "platt":
+        temperature, offset = fit_platt(val_labels, val_logits)
+    probs = sigmoid(val_logits.astype(np.float64) / temperature + offset)
     if t.threshold_rule == "fixed" or t.threshold_resamples == 0:
         point = {"threshold": choose_threshold(val_labels, probs, t.threshold_rule, t.target_sensitivity, t.threshold),
                  "interval": None, "resamples": 0}
@@ -528,9 +533,10 @@ def operating_point(cfg: Config, val_labels: np.ndarray, val_logits: np.ndarray,
     return {"threshold": point["threshold"], "threshold_interval": point["interval"],
             "threshold_rule": {"rule": t.threshold_rule, "target_sensitivity": t.target_sensitivity, "chosen_on": "val",
                                "resamples": point["resamples"], "on": "calibrated probabilities"},
-            "calibration": {"method": t.calibration, "temperature": temperature, "fitted_on": "val"},
+            "calibration": {"method": t.calibration, "temperature": temperature, "offset": offset, "fitted_on": "val"},
             "train_prevalence": train_prevalence,
-            "model_prior": model_prior_of(train_prevalence, t.class_weight, t.sampling)}
+            "model_prior": float(np.mean(val_labels)) if t.calibration == "platt"
+            else model_prior_of(train_prevalence, t.class_weight, t.sampling)}
 
 
 def _epoch_row(epoch: int, lr: float, tr: dict[str, Any], va: dict[str, Any], val_seconds: float,
