@@ -56,7 +56,7 @@ def test_moving_to_the_true_prior_gains_accuracy_at_even_odds():
 
 
 def _plateau(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """Validation nearly separable, with a flat stretch of Youden's J from 0.05 to 0.13 (as in the issue):
+    """Validation nearly separable, with a flat stretch of Youden's J from 0.05 to 0.13 (as an external check once found):
     inside it, every NORMAL image is followed by as many PNEUMONIA images as the class ratio."""
     inside = np.linspace(0.055, 0.125, 16)
     kind = np.array([0, 1, 1, 1] * 4)
