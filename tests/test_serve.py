@@ -80,6 +80,10 @@ def test_no_heatmap_on_request_and_same_probability(client):
     a = client.post("/api/predict", files=one).json()["results"][0]
     b = client.post("/api/predict?heatmap=false", files=one).json()["results"][0]
     assert b["heatmap_png"] is None and abs(a["probability"] - b["probability"]) < 1e-6
+    # the out-of-distribution score rides along either way, with its flag against the model's threshold
+    threshold = client.get("/api/model").json()["ood_threshold"]
+    assert a["ood_score"] == pytest.approx(b["ood_score"], rel=1e-4) and a["ood_score"] >= 0
+    assert a["outside_training"] == (a["ood_score"] >= threshold) == b["outside_training"]
 
 
 def test_bad_requests_get_clear_4xx_and_the_server_stays_up(client):
@@ -134,8 +138,9 @@ def test_concurrent_images_are_batched_and_each_gets_its_own_result(checkpoint):
     pixels = np.random.default_rng(1).integers(0, 256, (10, 48, 48), dtype=np.uint8)
     with ThreadPoolExecutor(10) as pool:
         results = list(pool.map(lambda i: batcher.score(pixels[i], heatmap=i % 2 == 0), range(10)))
-    for i, (heat, prob, class_probs) in enumerate(results):
+    for i, (heat, prob, class_probs, ood) in enumerate(results):
         assert class_probs is None  # a binary model
+        assert ood == pytest.approx(float(predictor.ood_scores(pixels[i][None])[0]), rel=1e-4)
         alone_heat, alone_prob = cam_for_pixels(predictor, pixels[i])
         assert prob == pytest.approx(alone_prob, abs=1e-5)
         assert (heat is None) if i % 2 else np.allclose(heat, alone_heat, atol=1e-4)
@@ -148,5 +153,5 @@ def test_an_inference_failure_reaches_the_request_and_the_batcher_lives_on(check
     batcher = InferenceBatcher(Predictor(checkpoint, device="cpu"))
     with pytest.raises(RuntimeError):
         batcher.score(np.zeros((48, 48, 5), dtype=np.uint8), heatmap=False)  # not a grey image: the model refuses it
-    _, prob, _ = batcher.score(np.zeros((48, 48), dtype=np.uint8), heatmap=False)
+    _, prob, _, _ = batcher.score(np.zeros((48, 48), dtype=np.uint8), heatmap=False)
     assert 0 <= prob <= 1

@@ -93,7 +93,7 @@ def test_health_reports_a_dead_inference_worker_and_requests_fail_fast(checkpoin
     def crash(pixels):  # a fault that escapes the per-batch error handling and ends the thread
         raise SystemExit("inference thread crashed")
 
-    app.app.state.predictor.predict_details = crash
+    app.app.state.predictor.score = crash
     t0 = time.perf_counter()
     r = client.post("/api/predict?heatmap=false", files=ONE)
     assert r.status_code == 503 and "stopped" in r.json()["detail"] and r.headers["retry-after"]
@@ -107,13 +107,13 @@ def stuck_model(monkeypatch):
     """Make every model hang until the returned event is set (or 30 s pass)."""
     from pneumoscan.predict import Predictor
 
-    real, release = Predictor.predict_details, threading.Event()
+    real, release = Predictor.score, threading.Event()
 
     def stuck(self, pixels):
         release.wait(30)
         return real(self, pixels)
 
-    monkeypatch.setattr(Predictor, "predict_details", stuck)
+    monkeypatch.setattr(Predictor, "score", stuck)
     return release
 
 

@@ -195,6 +195,18 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="the .onnx file to write")
 
 
+def _add_fit_ood(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("fit-ood", help="add the out-of-distribution detector to a checkpoint that has none "
+                                       "(fitted on its training split, threshold on its validation split)")
+    p.add_argument("checkpoint")
+    p.add_argument("--data", default=None, help="data root (default: the one the model was trained on)")
+    p.add_argument("--out", default=None, help="the checkpoint to write (default: CHECKPOINT itself, atomically)")
+    p.add_argument("--quantile", type=float, default=0.99,
+                   help="flag images scoring above this quantile of validation (default: 0.99)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--no-progress", action="store_true")
+
+
 def _add_audit(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("audit", help="counts, patients, leaks, duplicates and image statistics of a data folder")
     p.add_argument("--data", default=None, help=f"data root (default: $PNEUMOSCAN_DATA or {DEFAULT_DATA})")
@@ -216,6 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_explain(sub)
     _add_serve(sub)
     _add_export(sub)
+    _add_fit_ood(sub)
     _add_audit(sub)
     return parser
 
@@ -319,6 +332,15 @@ def cmd_export(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_fit_ood(a: argparse.Namespace) -> int:
+    from .ood import fit_checkpoint
+
+    d = fit_checkpoint(a.checkpoint, a.data, a.out, device=a.device, quantile=a.quantile, progress=not a.no_progress)
+    print(json.dumps(d.describe()))
+    print(f"wrote {a.out or a.checkpoint}")
+    return 0
+
+
 def cmd_audit(a: argparse.Namespace) -> int:
     from .audit import summary_lines, write_audit
 
@@ -332,7 +354,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     commands = {"train": cmd_train, "compare": cmd_compare, "evaluate": cmd_evaluate, "predict": cmd_predict, "export": cmd_export, "explain": cmd_explain, "serve": cmd_serve,
-                "audit": cmd_audit}
+                "fit-ood": cmd_fit_ood, "audit": cmd_audit}
     try:
         return commands[args.command](args)
     except (DataError, ImageLoadError, ImportError, OSError, ValueError, RuntimeError) as e:  # OSError: also RunDirError

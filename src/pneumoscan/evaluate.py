@@ -12,6 +12,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from . import checkpoint as ckpt_io
@@ -20,9 +21,10 @@ from .data import cache_images, load_split, split_summary, task_labels
 from .metrics import binary_metrics, bootstrap_ci, calibration, decide, multiclass_metrics, pr_points, roc_points
 from .fileio import atomic_write_text, write_json
 from .calibration import move, output_map
-from .inference import freeze, predict_logits
+from .inference import freeze, model_input, predict_logits
 from .models import probabilities
-from .predict import estimate_and_apply, parse_prevalence
+from .ood import Detector, forward_with_features, result_fields
+from .predict import estimate_and_apply, ood_cells, parse_prevalence
 from .report import write_eval_report
 from .runtime import keep_freed_memory, select_device
 
@@ -46,7 +48,8 @@ def evaluate(checkpoint: str | Path, split: str, out: str | Path, data_root: str
     cached = cache_images(samples, cfg.preprocessing, progress=progress)
     classes = task_labels(cached.samples, cfg.data.task)
     pixels = torch.from_numpy(cached.pixels).to(dev)
-    logits = predict_logits(freeze(loaded.model), pixels, cfg.preprocessing, cfg.train.eval_batch_size)
+    detector = Detector.from_checkpoint(loaded.checkpoint)
+    logits, ood_scores = _scores(freeze(loaded.model), pixels, cfg.preprocessing, cfg.train.eval_batch_size, detector)
     raw_probs, raw_class_probs = probabilities(logits)  # P(pneumonia) for either task; per class for three classes
     base = output_map(loaded.checkpoint, checkpoint, loaded.threshold)
     model_probs, model_class_probs = base.apply(raw_probs, raw_class_probs)
@@ -75,16 +78,39 @@ def evaluate(checkpoint: str | Path, split: str, out: str | Path, data_root: str
         "class_names": loaded.class_names,
         "data": split_summary(cached.samples),
         "unreadable_files": cached.errors,
+        "ood": _ood_summary(detector, ood_scores),
     }
     if class_probs is not None:  # the figures above are pneumonia vs normal; these are per class
         result["three_class"] = multiclass_metrics(classes, class_probs, threshold, loaded.class_names)
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "metrics.json", result)
     _write_predictions(out / "predictions.csv", [s.path for s in cached.samples], classes, probs, class_probs,
-                       threshold, loaded.class_names, output.prior_used)
+                       threshold, loaded.class_names, output.prior_used, ood_scores, detector)
     _plots(out, loaded, result, labels, probs, threshold)
     write_eval_report(out)
     return result
+
+
+@torch.no_grad()
+def _scores(model: torch.nn.Module, pixels: torch.Tensor, prep: Any, batch_size: int, detector: Detector | None):
+    """(the model's outputs, out-of-distribution scores or None without a detector), in one pass."""
+    if detector is None:
+        return predict_logits(model, pixels, prep, batch_size), None
+    outs, scores = [], []
+    for i in range(0, len(pixels), batch_size):
+        out, features = forward_with_features(model, detector.layers, model_input(pixels[i:i + batch_size], prep))
+        outs.append(out)
+        scores.append(detector.scores(features))
+    return torch.cat(outs), np.concatenate(scores)
+
+
+def _ood_summary(detector: Detector | None, scores) -> dict[str, Any]:
+    """metrics.json's out-of-distribution figures: the detector and the fraction of this split it flags."""
+    if detector is None:
+        return {"available": False, "flagged": None, "fraction_flagged": None}
+    flagged = detector.flags(scores)
+    return {"available": True, **detector.describe(), "flagged": int(flagged.sum()),
+            "fraction_flagged": float(flagged.mean()) if len(flagged) else None}
 
 
 def _plots(out: Path, loaded: Any, result: dict[str, Any], labels, probs, threshold: float) -> None:
@@ -112,17 +138,24 @@ def _unadjusted(labels, probs, output) -> dict[str, Any]:
 
 
 def _write_predictions(path: Path, paths: list[str], labels, probs, class_probs, threshold: float,
-                       class_names: list[str], prior: float | None) -> None:
-    """One row per image: true and predicted class, P(pneumonia), each class's probability (three-class) and
-    the prior the probability is at.
+                       class_names: list[str], prior: float | None, ood_scores=None, detector=None) -> None:
+    """One row per image: true and predicted class, P(pneumonia), each class's probability (three-class),
+    the prior the probability is at, the out-of-distribution score and flag (empty without a detector).
     Bytes of a file name that are not UTF-8 are written as backslash escapes (`fileio.printable`)."""
     buf = io.StringIO()
     w = csv.writer(buf)
     w.writerow(["path", "true_label", "probability", "predicted_label"] +
-               ([f"p_{name}" for name in class_names] if class_probs is not None else []) + ["prior"])
+               ([f"p_{name}" for name in class_names] if class_probs is not None else []) + ["prior"]
+               + ["ood_score", "outside_training"])
     prior_text = "" if prior is None else f"{prior:.6f}"
     predicted = decide(probs, threshold, class_probs)
     for i, (p, y, q) in enumerate(zip(paths, labels, probs)):
         w.writerow([p, class_names[int(y)], f"{q:.6f}", class_names[int(predicted[i])]] +
-                   ([f"{c:.6f}" for c in class_probs[i]] if class_probs is not None else []) + [prior_text])
+                   ([f"{c:.6f}" for c in class_probs[i]] if class_probs is not None else []) + [prior_text]
+                   + ood_cells(*_ood_pair(ood_scores, detector, i)))
     atomic_write_text(path, buf.getvalue())
+
+
+def _ood_pair(scores, detector: Detector | None, i: int) -> tuple[float | None, bool | None]:
+    fields = result_fields(None if scores is None else float(scores[i]), detector)
+    return fields["ood_score"], fields["outside_training"]

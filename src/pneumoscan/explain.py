@@ -26,7 +26,8 @@ from .fileio import atomic_write_bytes, atomic_write_text, optional_import
 from .inference import model_input
 from .images import ImageLoadError, load_grey, resize
 from .models import pneumonia_logit, probabilities
-from .predict import Predictor, expand_paths
+from .ood import result_fields
+from .predict import Predictor, expand_paths, ood_cells
 
 
 class _TwoDimLogits(nn.Module):
@@ -133,7 +134,7 @@ def png_bytes(rgb: np.ndarray, compress_level: int = 6) -> bytes:
 def explain_image(predictor: Predictor, source: str | os.PathLike | bytes, name: str | None = None
                   ) -> tuple[np.ndarray, np.ndarray, float]:
     """(overlay RGB at the original size, heatmap at the original size in [0, 1], P(pneumonia)). Raises ImageLoadError."""
-    rgb, heat, prob, _ = _explain(predictor, source, name)
+    rgb, heat, prob, _, _ = _explain(predictor, source, name)
     return rgb, heat, prob
 
 
@@ -141,14 +142,17 @@ def _explain(predictor: Predictor, source: str | os.PathLike | bytes, name: str 
     grey = load_grey(source, name=name)
     pixels = resize(grey, predictor.prep.image_size, predictor.prep.resize_filter)
     heats, probs, class_probs = cam_for_batch(predictor, pixels[None])
+    ood = predictor.ood_scores(pixels[None])
     heat_full = resize_heat(heats[0], grey.shape)  # once, for both the overlay and the caller
-    return overlay(grey, heat_full), heat_full, float(probs[0]), None if class_probs is None else class_probs[0]
+    return (overlay(grey, heat_full), heat_full, float(probs[0]), None if class_probs is None else class_probs[0],
+            None if ood is None else float(ood[0]))
 
 
 def explain_paths(checkpoint: str | os.PathLike, inputs: Iterable[str], out_dir: str | os.PathLike,
                   device: str = "auto", prevalence: float | None = None) -> list[dict[str, str]]:
     """Write OUT/<name>_gradcam.png per image and OUT/explanations.csv (path, probability, label, heatmap, error,
-    prior: the prevalence the probability is at, `prevalence` or the model's own); bytes of a file name that
+    prior: the prevalence the probability is at, `prevalence` or the model's own; ood_score, outside_training:
+    empty without a detector); bytes of a file name that
     are not UTF-8 are written in the CSV as backslash escapes (`fileio.printable`)."""
     out = Path(out_dir)
     predictor = Predictor(checkpoint, device=device, prevalence=prevalence)
@@ -156,9 +160,9 @@ def explain_paths(checkpoint: str | os.PathLike, inputs: Iterable[str], out_dir:
     rows, used = [], set()
     for path in expand_paths(inputs):
         row = {"path": path, "probability": "", "label": "", "heatmap": "", "error": "",
-               "prior": "" if prior is None else f"{prior:.6f}"}
+               "prior": "" if prior is None else f"{prior:.6f}", "ood_score": "", "outside_training": ""}
         try:
-            rgb, _, prob, class_probs = _explain(predictor, path)
+            rgb, _, prob, class_probs, ood = _explain(predictor, path)
         except ImageLoadError as e:
             row["error"] = str(e)
         else:
@@ -171,9 +175,12 @@ def explain_paths(checkpoint: str | os.PathLike, inputs: Iterable[str], out_dir:
             used.add(name)
             atomic_write_bytes(out / name, png_bytes(rgb))
             row.update(probability=f"{prob:.6f}", label=predictor.label_of(prob, class_probs), heatmap=name)
+            fields = result_fields(ood, predictor.ood)
+            row["ood_score"], row["outside_training"] = ood_cells(fields["ood_score"], fields["outside_training"])
         rows.append(row)
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=["path", "probability", "label", "heatmap", "error", "prior"])
+    writer = csv.DictWriter(buf, fieldnames=["path", "probability", "label", "heatmap", "error", "prior",
+                                             "ood_score", "outside_training"])
     writer.writeheader()
     writer.writerows(rows)
     atomic_write_text(out / "explanations.csv", buf.getvalue())

@@ -163,6 +163,8 @@ class SeedCNN(nn.Module):
         )
         self.dense_dropout = nn.ModuleList([nn.Dropout(0.6), nn.Dropout(0.4), nn.Dropout(0.25)])
         self.cam_layer = "features.3.3"  # last activation before the final BatchNorm/pool
+        # out-of-distribution features: each convolutional block's output, averaged over positions (480 wide)
+        self.ood_layers = ("features.0", "features.1", "features.2", "features.3")
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -208,10 +210,11 @@ def _monai_nets():
 class GreyClassifier(nn.Module):
     """Wraps a 1-channel-in network: accepts grey (B, 1, S, S) or replicated (B, 3, S, S) input; one logit -> (B,)."""
 
-    def __init__(self, net: nn.Module, cam_layer: str):
+    def __init__(self, net: nn.Module, cam_layer: str, ood_layers: tuple[str, ...] = ()):
         super().__init__()
         self.net = net
         self.cam_layer = cam_layer
+        self.ood_layers = ood_layers  # out-of-distribution features: these outputs, averaged over positions
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[1] > 1:  # a replicated grey image: the channels are equal
@@ -224,14 +227,15 @@ def resnet18(num_outputs: int = 1, **_: object) -> nn.Module:
     """ResNet-18 as in torchvision (7x7 stride-2 stem, 1x1 projection shortcuts), grey input."""
     net = _monai_nets().resnet18(spatial_dims=2, n_input_channels=1, num_classes=num_outputs, conv1_t_size=7, conv1_t_stride=2,
                                  shortcut_type="B", bias_downsample=False)
-    return GreyClassifier(net, cam_layer="net.layer4")
+    return GreyClassifier(net, cam_layer="net.layer4", ood_layers=("net.layer1", "net.layer2", "net.layer3", "net.layer4"))
 
 
 @register("densenet121")
 def densenet121(num_outputs: int = 1, **_: object) -> nn.Module:
     """DenseNet-121, the CheXNet architecture, grey input."""
     net = _monai_nets().DenseNet121(spatial_dims=2, in_channels=1, out_channels=num_outputs)
-    return GreyClassifier(net, cam_layer="net.features.norm5")
+    return GreyClassifier(net, cam_layer="net.features.norm5", ood_layers=("net.features.transition1", "net.features.transition2",
+                                                                            "net.features.transition3", "net.features.norm5"))
 
 
 _TORCHVISION_DENSE = re.compile(r"^(.*denselayer\d+)\.((?:norm|relu|conv)\.?[12]\.(?:weight|bias|running_mean|running_var|num_batches_tracked))$")

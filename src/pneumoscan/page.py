@@ -17,6 +17,7 @@ body{font:15px/1.5 system-ui,sans-serif;max-width:1100px;margin:1.5em auto;paddi
 .PNEUMONIA,.BACTERIAL,.VIRAL{color:#b00020;font-weight:700}.NORMAL{color:#1b5e20;font-weight:700}
 .error{color:#b00020}
 .note{color:#8a6d00;font-size:.9em}
+.ood{color:#b00020;font-weight:bold}
 label.toggle{font-size:.9em}
 #token{width:16em}
 </style></head><body>
@@ -67,6 +68,10 @@ function show(item, objectUrl) {
   p.appendChild(document.createTextNode(' - probability of PNEUMONIA: ' +
     num(item.probability, 3) + ' (threshold ' + num(item.threshold, 3) + ', prior ' + num(item.prior, 3) + ')'));
   p.className = 'prob'; card.appendChild(p);
+  if (item.outside_training) {
+    card.appendChild(text('p', 'This image is outside what this model was trained on (out-of-distribution score ' +
+      num(item.ood_score, 1) + '): the probability above means little.', 'ood'));
+  }
   (item.warnings || []).forEach(w => card.appendChild(text('p', 'Note: ' + w, 'note')));
   if (item.probabilities) {  // a three-class model: each class's probability
     card.appendChild(text('p', Object.entries(item.probabilities).map(([k, v]) => k + ' ' + num(v, 3)).join(' · '), 'classes'));

@@ -23,6 +23,7 @@ from .metrics import decide
 from .fileio import atomic_write_text, write_json
 from .inference import freeze, model_input
 from .models import probabilities
+from .ood import Detector, forward_with_features, result_fields
 from .prevalence import estimate_prevalence
 from .runtime import keep_freed_memory, select_device
 
@@ -34,6 +35,8 @@ class Prediction:
     label: str | None
     error: str | None = None
     probabilities: dict[str, float] | None = None  # per class, three-class models only
+    ood_score: float | None = None  # distance to the training features (None: no detector, or unreadable)
+    outside_training: bool | None = None  # the score is at or above the checkpoint's threshold
 
 
 class Predictor:
@@ -41,6 +44,8 @@ class Predictor:
 
     Every probability goes through the checkpoint's `OutputMap` (calibration, then `prevalence`: the site's
     prior, moved to by Bayes' rule; None keeps the model's own); `threshold` is the one that applies to them.
+    `ood` is the checkpoint's out-of-distribution detector (None for a checkpoint without one): `score`
+    gives each image's score with its probability, `ood_scores` the scores alone.
 
     `backend="onnx"` exports the model (seconds, the first time; the export is remembered in the cache
     folder, never beside the checkpoint) and runs it with ONNX Runtime on the CPU
@@ -64,6 +69,7 @@ class Predictor:
         if backend == "onnx" and len(self.class_names) > 2:
             raise ValueError("the onnx backend exports P(pneumonia) only; run three-class models with the torch backend")
         self.cam_layer = loaded.checkpoint.get("cam_layer") or getattr(self.model, "cam_layer", "")
+        self.ood = Detector.from_checkpoint(loaded.checkpoint)
         self.prep = self.config.preprocessing
         self.batch_size = batch_size
         self.onnx = None
@@ -92,13 +98,30 @@ class Predictor:
         """(N, S, S) uint8 -> (N,) probability of pneumonia."""
         return self.predict_details(pixels)[0]
 
-    @torch.no_grad()
     def predict_details(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         """(N, S, S) uint8 -> (P(pneumonia) (N,), per-class probabilities (N, K) for three-class models, else None)."""
+        probs, class_probs, _ = self.score(pixels)
+        return probs, class_probs
+
+    @torch.no_grad()
+    def score(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+        """(N, S, S) uint8 -> (P(pneumonia), per-class probabilities or None, out-of-distribution scores (N,)
+        or None without a detector), from one forward pass on the torch backend."""
         if self.onnx is not None:
-            return self.output.apply(self.onnx.predict_arrays(pixels), None)
+            return (*self.output.apply(self.onnx.predict_arrays(pixels), None), self.ood_scores(pixels))
         x = model_input(np.array(pixels, dtype=np.uint8), self.prep, self.device)  # a copy: inputs may be read-only
-        return self.output.apply(*probabilities(self.model(x)))
+        if self.ood is None:
+            return (*self.output.apply(*probabilities(self.model(x))), None)
+        out, features = forward_with_features(self.model, self.ood.layers, x)
+        return (*self.output.apply(*probabilities(out)), self.ood.scores(features))
+
+    @torch.no_grad()
+    def ood_scores(self, pixels: np.ndarray) -> np.ndarray | None:
+        """(N, S, S) uint8 -> out-of-distribution scores (N,) from the PyTorch model, or None without a detector."""
+        if self.ood is None:
+            return None
+        x = model_input(np.array(pixels, dtype=np.uint8), self.prep, self.device)
+        return self.ood.scores(forward_with_features(self.model, self.ood.layers, x)[1])
 
     def label_of(self, probability: float, class_probs: np.ndarray | None = None, threshold: float | None = None) -> str:
         """Pneumonia at or above the threshold (default: this predictor's); for three classes, then the likelier type."""
@@ -106,17 +129,20 @@ class Predictor:
         return self.class_names[int(decide(np.array([probability]), threshold,
                                            None if class_probs is None else np.asarray(class_probs)[None])[0])]
 
-    def prediction(self, path: str, probability: float, class_probs: np.ndarray | None = None) -> Prediction:
+    def prediction(self, path: str, probability: float, class_probs: np.ndarray | None = None,
+                   ood_score: float | None = None) -> Prediction:
         probabilities = None if class_probs is None else {n: float(p) for n, p in zip(self.class_names, class_probs)}
-        return Prediction(path, float(probability), self.label_of(probability, class_probs), probabilities=probabilities)
+        return Prediction(path, float(probability), self.label_of(probability, class_probs), probabilities=probabilities,
+                          **result_fields(ood_score, self.ood))
 
     def predict_file(self, source: str | os.PathLike | bytes, name: str | None = None) -> Prediction:
         label = name or str(source)
         try:
-            probs, class_probs = self.predict_details(self.load(source, name=name)[None])
+            probs, class_probs, ood = self.score(self.load(source, name=name)[None])
         except ImageLoadError as e:
             return Prediction(label, None, None, str(e))
-        return self.prediction(label, probs[0], None if class_probs is None else class_probs[0])
+        return self.prediction(label, probs[0], None if class_probs is None else class_probs[0],
+                               None if ood is None else ood[0])
 
     def predict_files(self, paths: Iterable[str]) -> Iterator[Prediction]:
         """Score files in batches; unreadable files come back with their error, in input order."""
@@ -124,12 +150,13 @@ class Predictor:
         pending: list[Prediction | None] = []
 
         def flush() -> Iterator[Prediction]:
-            probs, class_probs = self.predict_details(np.stack([a for _, a in batch])) if batch else ([], None)
+            probs, class_probs, ood = self.score(np.stack([a for _, a in batch])) if batch else ([], None, None)
             it = iter(enumerate(batch))
             for slot in pending:
                 if slot is None:
                     i, (path, _) = next(it)
-                    yield self.prediction(path, probs[i], None if class_probs is None else class_probs[i])
+                    yield self.prediction(path, probs[i], None if class_probs is None else class_probs[i],
+                                          None if ood is None else ood[i])
                 else:
                     yield slot
             batch.clear()
@@ -205,7 +232,7 @@ def score_paths(checkpoint: str | os.PathLike, inputs: Iterable[str], device: st
         cp = None if r.probabilities is None else np.array([[r.probabilities[n] for n in predictor.class_names]])
         p, cp = move(np.array([r.probability]), cp, old, predictor.output.prior_used)
         moved = predictor.prediction(r.path, float(p[0]), None if cp is None else cp[0])
-        r.probability, r.label, r.probabilities = moved.probability, moved.label, moved.probabilities
+        r.probability, r.label, r.probabilities = moved.probability, moved.label, moved.probabilities  # OOD fields stay
     return results, predictor, estimated
 
 
@@ -213,21 +240,30 @@ def predict_paths(checkpoint: str | os.PathLike, inputs: Iterable[str], out_csv:
                   device: str = "auto", batch_size: int = 32, backend: str = "torch",
                   prevalence: float | str | None = None, estimate: bool = False) -> list[Prediction]:
     """Score every image under `inputs` and write `out_csv` (path, probability, label, error, prior,
-    prior_source), valid UTF-8: bytes of a file name that are not UTF-8 are written as backslash escapes
+    prior_source, threshold, ood_score, outside_training: empty without a detector or for an unreadable
+    file), valid UTF-8: bytes of a file name that are not UTF-8 are written as backslash escapes
     (`fileio.printable`). With an estimate of the prevalence, it is also written to OUT_CSV.prevalence.json."""
     results, predictor, estimated = score_paths(checkpoint, inputs, device, batch_size, backend, prevalence, estimate)
     buf = io.StringIO()
     w = csv.writer(buf)
     per_class = len(predictor.class_names) > 2  # three-class models: one more column per class
     w.writerow(["path", "probability", "label", "error"] + ([f"p_{n}" for n in predictor.class_names] if per_class else [])
-               + ["prior", "prior_source", "threshold"])
+               + ["prior", "prior_source", "threshold", "ood_score", "outside_training"])
     prior = predictor.output.prior_used
     tail = ["" if prior is None else f"{prior:.6f}", predictor.output.source, f"{predictor.threshold:.6f}"]
     for r in results:
         w.writerow([r.path, "" if r.probability is None else f"{r.probability:.6f}", r.label or "", r.error or ""] +
                    ([f"{r.probabilities[n]:.6f}" if r.probabilities else "" for n in predictor.class_names] if per_class else [])
-                   + tail)
+                   + tail + ood_cells(r.ood_score, r.outside_training))
     atomic_write_text(out_csv, buf.getvalue())
     if estimated is not None:
         write_json(f"{out_csv}.prevalence.json", {"estimate": estimated, **predictor.output.describe()})
     return results
+
+
+def ood_cells(score: float | None, outside: bool | None) -> list[str]:
+    """The CSV cells of an out-of-distribution score and its flag (empty when unavailable; an infinite score
+    is written as inf)."""
+    if outside is None:
+        return ["", ""]
+    return ["inf" if score is None else f"{score:.4f}", "yes" if outside else "no"]

@@ -73,7 +73,7 @@ def metrics_section(m: dict[str, Any], eval_dir: Path) -> str:
     cal = m.get("calibration", {})
     return (f"<h2>Results on the {html.escape(split)} split</h2>"
             f"<p>Decision threshold {_fmt(m['threshold'], 3)} (rule: <code>{html.escape(rule)}</code>, chosen on validation). "
-            + _operating_point_text(m) +
+            + _operating_point_text(m) + _ood_text(m) +
             f"Intervals: {html.escape(m.get('ci_method', 'none'))}, 95%.</p>"
             + _table(["metric", f"pneumoscan, {html.escape(split)} split [95% CI]",
                       "paper, official test split (<i>theirs</i>)"], rows)
@@ -86,6 +86,16 @@ def metrics_section(m: dict[str, Any], eval_dir: Path) -> str:
                                                         ("confusion_matrix.png", "confusion matrix"),
                                                         ("reliability.png", "reliability diagram")))
             + _three_class_section(m, eval_dir))
+
+
+def _ood_text(m: dict[str, Any]) -> str:
+    """How many images of the split are outside what the model was trained on (its out-of-distribution score)."""
+    ood = m.get("ood") or {}
+    if not ood.get("available"):
+        return "Out-of-distribution score: none (this checkpoint has no detector). "
+    return (f"Outside what this model was trained on: {ood['flagged']} of {m['n']} images "
+            f"({_fmt(ood.get('fraction_flagged'), 3)}; Mahalanobis distance of features pooled from <code>{html.escape(', '.join(ood['layers']))}</code> "
+            f"at or above {_fmt(ood['threshold'], 2)}, the {_fmt(ood['quantile'], 3)} quantile of validation). ")
 
 
 def _operating_point_text(m: dict[str, Any]) -> str:

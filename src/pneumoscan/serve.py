@@ -36,6 +36,7 @@ from .fileio import optional_import
 from .images import ImageLoadError, load_grey, resize
 from .modelcard import model_card, validation_metrics
 from .page import PAGE_HTML
+from .ood import result_fields
 from .predict import Predictor
 
 DISCLAIMER = "Research tool, not a medical device: not for diagnosis or treatment decisions."
@@ -159,7 +160,7 @@ class InferenceBatcher:
 
     def submit(self, pixels: np.ndarray, heatmap: bool) -> Future:
         """Queue one (S, S) uint8 image; the future gives (Grad-CAM map or None, P(pneumonia), per-class
-        probabilities or None)."""
+        probabilities or None, out-of-distribution score or None)."""
         if not self.alive:
             raise WorkerStopped(f"the inference worker has stopped ({self.stopped or 'thread ended'})")
         done: Future = Future()
@@ -212,11 +213,13 @@ class InferenceBatcher:
             pixels = np.stack([j[0] for j in group])
             if wants_map:
                 heats, probs, class_probs = cam_for_batch(self.predictor, pixels)
+                ood = self.predictor.ood_scores(pixels)
             else:
                 heats = [None] * len(group)
-                probs, class_probs = self.predictor.predict_details(pixels)
+                probs, class_probs, ood = self.predictor.score(pixels)
             for i, (_, _, done) in enumerate(group):
-                done.set_result((heats[i], float(probs[i]), None if class_probs is None else class_probs[i]))
+                done.set_result((heats[i], float(probs[i]), None if class_probs is None else class_probs[i],
+                                 None if ood is None else float(ood[i])))
         except Exception as e:  # the requests get the error; the thread lives on
             for _, _, done in group:
                 if not done.done():
@@ -272,7 +275,7 @@ def new_result(predictor: Predictor, name: str, output: Any = None) -> dict[str,
     return {"filename": name, "probability": None, "label": None, "threshold": output.decision_threshold,
             "class_names": predictor.class_names, "model": predictor.config.model.name, "heatmap_png": None,
             "probabilities": None, "warnings": [], "error": None, "prior": output.prior_used,
-            "prior_source": output.source}
+            "prior_source": output.source, "ood_score": None, "outside_training": None}
 
 
 def prepare_upload(predictor: Predictor, name: str, data: bytes) -> tuple[np.ndarray, np.ndarray, list[str]]:
@@ -305,6 +308,7 @@ def describe_model(predictor: Predictor, checkpoint_name: str, validation: dict[
             "calibration": predictor.output.describe()["calibration"], "prior": predictor.output.prior_used,
             "prior_source": predictor.output.source, "train_prevalence": predictor.output.train_prevalence,
             "model_prior": predictor.output.model_prior,
+            "ood_threshold": None if predictor.ood is None else predictor.ood.threshold,
             "image_size": cfg.preprocessing.image_size, "validation": validation, "disclaimer": DISCLAIMER}
 
 
@@ -344,6 +348,8 @@ def api_models() -> Any:
         train_prevalence: float | None = Field(description="pneumonia fraction of the training split, if known")
         model_prior: float | None = Field(description="the prior the calibrated probabilities refer to (0.5 when "
                                                       "training balanced the classes)")
+        ood_threshold: float | None = Field(description="an image whose `ood_score` is at or above this is outside "
+                                                        "what the model was trained on; null without a detector")
         image_size: int
         validation: Validation | None = Field(description="validation figures; an undefined one is null")
         disclaimer: str
@@ -362,6 +368,11 @@ def api_models() -> Any:
         prior: float | None = Field(description="the pneumonia prevalence this probability is at")
         prior_source: str = Field(description="'model' (the model's own prior), 'given' (the server's --prevalence "
                                               "or this request's `prevalence`)")
+        ood_score: float | None = Field(ge=0, description="Mahalanobis distance of the image's features to the "
+                                                          "training split's; null without a detector, for an "
+                                                          "unreadable file, or when infinite (flagged)")
+        outside_training: bool | None = Field(description="true: the image is outside what this model was trained "
+                                                          "on (its probability means little); null without a detector")
 
     class PredictResponse(BaseModel):
         results: list[FileResult]
@@ -517,7 +528,7 @@ async def score_file(state: Any, name: str, data: bytes, heatmap: bool, output: 
     retry = {"Retry-After": str(RETRY_AFTER_S)}
     try:
         waiting = asyncio.wrap_future(batcher.submit(pixels, heatmap))
-        heat, prob, class_probs = await asyncio.wait_for(waiting, state.inference_timeout_s)
+        heat, prob, class_probs, ood = await asyncio.wait_for(waiting, state.inference_timeout_s)
     except WorkerStopped as e:
         raise Refused(503, f"{e}; restart the server", retry) from None
     except TimeoutError:
@@ -527,7 +538,8 @@ async def score_file(state: Any, name: str, data: bytes, heatmap: bool, output: 
     prob, class_probs = float(moved[0]), None if moved_classes is None else moved_classes[0]
     label = predictor.label_of(prob, class_probs, output.decision_threshold)
     probabilities = None if class_probs is None else {n: float(p) for n, p in zip(predictor.class_names, class_probs)}
-    result.update(probability=prob, label=label, probabilities=probabilities, warnings=warnings)
+    result.update(probability=prob, label=label, probabilities=probabilities, warnings=warnings,
+                  **result_fields(ood, predictor.ood))
     if heatmap:
         result["heatmap_png"] = await run_in_threadpool(encode_overlay, shown, heat)
     return result

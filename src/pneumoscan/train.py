@@ -34,11 +34,12 @@ from .cpu_kernels import for_cpu_training
 from .cuda_graphs import CudaGraphForward, CudaGraphStep, start_warm_up
 from .data import CachedImages, DataError, cache_images, class_names, split_samples, split_summary, task_labels
 from .fileio import atomic_write_text, write_json
-from .inference import model_input
+from .inference import freeze, model_input
 from .calibration import fit_platt, fit_temperature, model_prior_of
 from .metrics import binary_metrics, choose_threshold, decide, stable_threshold
 from .prevalence import sigmoid
 from .models import load_pretrained, pneumonia_logit, probabilities
+from .ood import fit_for_model
 from .rundir import REPLACED, prepare_run_dir, settle_replaced
 from .runtime import Distributed, init_distributed, keep_freed_memory, memory_format, peak_memory_mb, seed_everything
 from .tracking import TensorBoardLogger
@@ -492,14 +493,17 @@ def run_epoch(run: Run, net: nn.Module, data: dict[str, DeviceSplit], epoch: int
 
 
 def finish(out: Path, run: Run, data: dict[str, DeviceSplit], val_graphs: dict[str, CudaGraphForward] | None) -> dict[str, Any]:
-    """Give best.pt the complete history (for the curves) and its operating point chosen on validation
-    (`operating_point`): calibration, the threshold and its interval, the training prevalence; return the
+    """Give best.pt the complete history (for the curves), its operating point chosen on validation
+    (`operating_point`): calibration, the threshold and its interval, the training prevalence, and its
+    out-of-distribution detector (fitted on the training split, threshold on validation); return the
     summary's training figures."""
     best = torch.load(out / "best.pt", map_location="cpu", weights_only=True)
     run.model.load_state_dict(best["state_dict"])
     val_logits = pneumonia_logit(validation_logits(run.model, data["val"], run.cfg, val_graphs).float()).cpu().numpy()
     train_prevalence = float((data["train"].labels > 0).float().mean())
     best.update(operating_point(run.cfg, data["val"].labels.cpu().numpy() > 0, val_logits, train_prevalence))
+    best["ood"] = fit_for_model(freeze(run.model), data["train"].pixels, data["train"].labels.cpu().numpy(), data["val"].pixels,
+                                run.cfg.preprocessing, run.cfg.train.eval_batch_size).to_checkpoint()
     best["history"] = run.history
     ckpt_io.save(best, out / "best.pt")
     epochs_run = [h for h in run.history if h["epoch"] >= run.start_epoch]
@@ -507,7 +511,7 @@ def finish(out: Path, run: Run, data: dict[str, DeviceSplit], val_graphs: dict[s
     return {"best_epoch": best["epoch"], "best_val": best["metrics"]["val"], "epochs": len(run.history),
             "threshold": best["threshold"], "threshold_rule": best["threshold_rule"],
             "threshold_interval": best["threshold_interval"], "calibration": best["calibration"],
-            "train_prevalence": train_prevalence,
+            "train_prevalence": train_prevalence, "ood": {k: best["ood"][k] for k in ("layers", "threshold", "quantile", "val_flagged")},
             "train_images": len(data["train"]), "val_images": len(data["val"]),
             "train_images_per_s_median": float(np.median(steady)) if steady else None}
 
