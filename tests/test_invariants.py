@@ -64,7 +64,7 @@ def test_the_best_epochs_logged_validation_equals_evaluate_of_best_pt(trained):
     assert best_row["val_roc_auc"] == logged["roc_auc"] and best_row["val_loss"] == min(h["val_loss"] for h in history)
 
 
-def test_every_inference_path_gives_the_same_probability(trained, tmp_path):
+def test_every_inference_path_gives_the_same_probability_and_ood_score(trained, tmp_path):
     pytest.importorskip("onnxruntime")
     pytest.importorskip("monai")
     pytest.importorskip("fastapi")
@@ -75,6 +75,7 @@ def test_every_inference_path_gives_the_same_probability(trained, tmp_path):
     _, run = trained
     best = run / "best.pt"
     evaluated = {p: float(r["probability"]) for p, r in read_csv(run / "eval-val" / "predictions.csv").items()}
+    ood = {p: float(r["ood_score"]) for p, r in read_csv(run / "eval-val" / "predictions.csv").items()}
     files = sorted(evaluated)
     assert len(files) >= 20 and max(evaluated.values()) - min(evaluated.values()) > 0.02  # 200x the tolerance
     assert main(["predict", str(best), *files, "--out", str(tmp_path / "torch.csv"), "--device", "cpu"]) == 0
@@ -85,11 +86,13 @@ def test_every_inference_path_gives_the_same_probability(trained, tmp_path):
     for name, (rows, tol) in scored.items():
         for path, row in rows.items():
             assert float(row["probability"]) == pytest.approx(evaluated[path], abs=tol), (name, path)
+            assert float(row["ood_score"]) == pytest.approx(ood[path], rel=1e-3, abs=2e-4), (name, path)
     client = TestClient(create_app(best))
     for path in files[:6]:
         upload = [("files", (Path(path).name, Path(path).read_bytes(), "image/jpeg"))]
         result = client.post("/api/predict", files=upload).json()["results"][0]
         assert result["probability"] == pytest.approx(evaluated[path], abs=1e-5), path
+        assert result["ood_score"] == pytest.approx(ood[path], rel=1e-3, abs=2e-4), path
 
 
 def _run_cli(args: list[str], cache: Path) -> subprocess.Popen:
