@@ -51,16 +51,19 @@ def test_upload_shows_probability_heatmap_toggle_and_per_file_error(server, tmp_
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64), dtype=np.uint8)).save(good)
     bad = tmp_path / "broken.jpeg"
     bad.write_bytes(b"\xff\xd8\xff not really")
+    checker = tmp_path / "checker.png"  # nothing like an X-ray: outside what the model was trained on
+    Image.fromarray((np.indices((64, 64)).sum(0) // 8 % 2 * 255).astype(np.uint8)).save(checker)
     with playwright_api.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         page = browser.new_page()
         page.goto(server)
         assert "not a medical device" in page.inner_text("body")
         page.wait_for_function("document.getElementById('model').textContent.startsWith('Model:')")
-        page.set_input_files("#files", [str(good), str(bad)])
-        page.wait_for_selector(".card >> nth=1", timeout=30_000)
+        page.set_input_files("#files", [str(good), str(bad), str(checker)])
+        page.wait_for_selector(".card >> nth=2", timeout=30_000)
         cards = page.query_selector_all(".card")
-        assert [c.get_attribute("data-filename") for c in cards] == ["chest.png", "broken.jpeg"]
+        assert [c.get_attribute("data-filename") for c in cards] == ["chest.png", "broken.jpeg", "checker.png"]
+        assert "outside what this model was trained on" in cards[2].query_selector(".ood").inner_text()
         assert "probability of PNEUMONIA" in cards[0].inner_text()
         img = cards[0].query_selector("img")
         assert img.get_attribute("src").startswith("data:image/png;base64,")
