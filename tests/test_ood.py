@@ -114,3 +114,24 @@ def test_foreign_images_are_flagged_and_validation_radiographs_are_not(tmp_path)
     assert main(["predict", str(run / "best.pt"), str(folder), "--out", str(out)]) == 0
     rows = list(csv.DictReader(io.StringIO(out.read_text())))
     assert list(rows[0])[-2:] == ["ood_score", "outside_training"] and len(rows) == 4
+
+
+def test_a_model_that_names_no_ood_layers_trains_and_gets_no_score(tiny_data, tmp_path, monkeypatch):
+    from pneumoscan import checkpoint as ckpt_io
+    from pneumoscan.predict import Predictor
+
+    build = ckpt_io.build_model
+
+    def without_layers(cfg):
+        model = build(cfg)
+        model.ood_layers = ()
+        return model
+
+    monkeypatch.setattr(ckpt_io, "build_model", without_layers)
+    run = tmp_path / "run"
+    assert main(["train", "--data", str(tiny_data), "--out", str(run), "--epochs", "1", "--image-size", "48",
+                 "--batch-size", "8", "--val-fraction", "0.25", "--no-progress", "--device", "cpu"]) == 0
+    assert "ood" not in torch.load(run / "best.pt", weights_only=True)
+    assert json.loads((run / "eval-val" / "metrics.json").read_text())["ood"]["available"] is False
+    image = str(next((tiny_data / "train" / "NORMAL").iterdir()))
+    assert Predictor(run / "best.pt", device="cpu").predict_file(image).outside_training is None

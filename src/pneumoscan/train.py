@@ -502,8 +502,11 @@ def finish(out: Path, run: Run, data: dict[str, DeviceSplit], val_graphs: dict[s
     val_logits = pneumonia_logit(validation_logits(run.model, data["val"], run.cfg, val_graphs).float()).cpu().numpy()
     train_prevalence = float((data["train"].labels > 0).float().mean())
     best.update(operating_point(run.cfg, data["val"].labels.cpu().numpy() > 0, val_logits, train_prevalence))
-    best["ood"] = fit_for_model(freeze(run.model), data["train"].pixels, data["train"].labels.cpu().numpy(), data["val"].pixels,
-                                run.cfg.preprocessing, run.cfg.train.eval_batch_size).to_checkpoint()
+    if getattr(run.model, "ood_layers", None):
+        best["ood"] = fit_for_model(freeze(run.model), data["train"].pixels, data["train"].labels.cpu().numpy(),
+                                    data["val"].pixels, run.cfg.preprocessing, run.cfg.train.eval_batch_size).to_checkpoint()
+    else:
+        log.warning("%s names no ood_layers: this checkpoint gets no out-of-distribution score", type(run.model).__name__)
     best["history"] = run.history
     ckpt_io.save(best, out / "best.pt")
     epochs_run = [h for h in run.history if h["epoch"] >= run.start_epoch]
@@ -511,7 +514,7 @@ def finish(out: Path, run: Run, data: dict[str, DeviceSplit], val_graphs: dict[s
     return {"best_epoch": best["epoch"], "best_val": best["metrics"]["val"], "epochs": len(run.history),
             "threshold": best["threshold"], "threshold_rule": best["threshold_rule"],
             "threshold_interval": best["threshold_interval"], "calibration": best["calibration"],
-            "train_prevalence": train_prevalence, "ood": {k: best["ood"][k] for k in ("layers", "threshold", "quantile", "val_flagged")},
+            "train_prevalence": train_prevalence, "ood": {k: best["ood"][k] for k in ("layers", "threshold", "quantile", "val_flagged")} if "ood" in best else None,
             "train_images": len(data["train"]), "val_images": len(data["val"]),
             "train_images_per_s_median": float(np.median(steady)) if steady else None}
 
