@@ -108,6 +108,7 @@ def test_model_info_card_page_and_openapi(client):
     assert info["class_names"] == ["NORMAL", "PNEUMONIA"] and "not a medical device" in info["disclaimer"]
     card = client.get("/api/model-card").text
     assert "## Intended use" in card and "## Limitations" in card and "Pediatric" in card
+    assert f"at or above {info['ood_threshold']:.2f}" in card and "outside what this model was trained on" in card
     page = client.get("/").text
     assert "not a medical device" in page and "api/predict" in page
     assert "/api/predict" in client.get("/openapi.json").json()["paths"]

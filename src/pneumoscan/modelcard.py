@@ -106,6 +106,18 @@ def model_card(checkpoint: str | os.PathLike, metrics_json: str | os.PathLike | 
         "  accuracy (90.4%) shows how much lower an independent split can be.",
         "- Grad-CAM maps are coarse and show where the model looked, not why it is right; they may highlight",
         "  areas outside the lungs.",
+        _ood_line(ckpt.get("ood")),
         "",
     ]
     return "\n".join(lines)
+
+
+def _ood_line(ood: dict | None) -> str:
+    """The limitation line about images unlike the training data, with the detector's threshold when there is one."""
+    if not isinstance(ood, dict):
+        return ("- No out-of-distribution detector in this checkpoint: a photograph or a CT slice still gets a "
+                "probability (`pneumoscan fit-ood` adds one).")
+    return (f"- Images whose out-of-distribution score (Mahalanobis distance of pooled features) is at or above "
+            f"{float(ood['threshold']):.2f} (the {float(ood['quantile']):.2f} quantile of validation) are flagged as "
+            "outside what this model was trained on; it catches images unlike every training radiograph, not "
+            "every shift (another hospital's radiographs may pass).")
