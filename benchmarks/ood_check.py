@@ -59,7 +59,7 @@ def main() -> None:
             per_image.update({n: round(float(s), 2) for (n, _), s in zip(items, scores)})
     foreign_n = sum(n for n, _ in rows.values() if n)
     foreign_flagged = sum(n * f for n, f in rows.values() if n)
-    print(f"| set | images | flagged |\n|---|---:|---:|")
+    print("| set | images | flagged |\n|---|---:|---:|")
     for name, (n, f) in rows.items():
         print(f"| {name} | {'' if n is None else n} | {f:.1%} |")
     print(f"| all foreign images | {foreign_n} | {foreign_flagged / foreign_n:.1%} |")

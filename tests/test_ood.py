@@ -4,6 +4,7 @@ and on images nobody here made with a model trained on real radiographs."""
 import csv
 import io
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -109,8 +110,7 @@ def test_foreign_images_are_flagged_and_validation_radiographs_are_not(tmp_path)
     folder = tmp_path / "foreign"
     folder.mkdir()
     for n, src in items[:4]:
-        (folder / (n if n.endswith((".png", ".dcm")) else f"{n}.png")).write_bytes(
-            src if isinstance(src, bytes) else open(src, "rb").read())
+        (folder / n).write_bytes(src if isinstance(src, bytes) else Path(src).read_bytes())
     assert main(["predict", str(run / "best.pt"), str(folder), "--out", str(out)]) == 0
     rows = list(csv.DictReader(io.StringIO(out.read_text())))
     assert list(rows[0])[-2:] == ["ood_score", "outside_training"] and len(rows) == 4

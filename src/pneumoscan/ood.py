@@ -1,4 +1,4 @@
-"""Knowing when not to answer: an out-of-distribution score on a model's penultimate features.
+"""Knowing when not to answer: an out-of-distribution score on a model's features from several depths.
 
 A Mahalanobis detector (Lee et al. 2018) on features from several depths: the outputs of the layers a
 model names in `ood_layers` (for the paper's network its four convolutional blocks), each averaged over
@@ -25,8 +25,6 @@ from torch import nn
 from .config import Preprocessing
 from .inference import model_input
 
-OUTSIDE_TEXT = "outside what this model was trained on"
-UNAVAILABLE_TEXT = "no out-of-distribution detector in this checkpoint (fit one with `pneumoscan fit-ood`)"
 DEFAULT_QUANTILE = 0.99
 THRESHOLD_MARGIN = 1e-4
 
