@@ -1,9 +1,6 @@
 """End to end in a real headless Chromium (Debian's package, driven by Playwright): upload, see the result."""
 
 import shutil
-import socket
-import threading
-import time
 
 import numpy as np
 import pytest
@@ -17,33 +14,16 @@ pytest.importorskip("monai")
 
 from pneumoscan.serve import create_app  # noqa: E402
 
-from .test_serve import checkpoint, undefined_metrics_checkpoint  # noqa: E402,F401  (module-scoped fixtures)
+from .test_serve import checkpoint, live, undefined_metrics_checkpoint  # noqa: E402,F401  (module-scoped fixtures)
 
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 
 
-def start(checkpoint):  # noqa: F811
-    """A live server for `checkpoint` on a free loopback port, in a thread: (URL, server, thread)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    srv = uvicorn.Server(uvicorn.Config(create_app(checkpoint), host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    for _ in range(100):
-        if srv.started:
-            break
-        time.sleep(0.1)
-    return f"http://127.0.0.1:{port}", srv, thread
-
-
 @pytest.fixture
 def server(checkpoint):  # noqa: F811
-    url, srv, thread = start(checkpoint)
-    yield url
-    srv.should_exit = True
-    thread.join(timeout=10)
+    with live(create_app(checkpoint)) as url:
+        yield url
 
 
 def test_upload_shows_probability_heatmap_toggle_and_per_file_error(server, tmp_path):
@@ -77,16 +57,11 @@ def test_upload_shows_probability_heatmap_toggle_and_per_file_error(server, tmp_
 
 
 def test_undefined_validation_metrics_read_na_on_the_page(undefined_metrics_checkpoint):  # noqa: F811
-    url, srv, thread = start(undefined_metrics_checkpoint)
-    try:
-        with playwright_api.sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-            page = browser.new_page()
-            page.goto(url)
-            page.wait_for_function("document.getElementById('validation').textContent.startsWith('Validation')")
-            shown = page.inner_text("#validation")
-            browser.close()
-    finally:
-        srv.should_exit = True
-        thread.join(timeout=10)
+    with live(create_app(undefined_metrics_checkpoint)) as url, playwright_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        page = browser.new_page()
+        page.goto(url)
+        page.wait_for_function("document.getElementById('validation').textContent.startsWith('Validation')")
+        shown = page.inner_text("#validation")
+        browser.close()
     assert "precision n/a" in shown and "f1 n/a" in shown and "accuracy 0.500" in shown

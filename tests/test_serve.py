@@ -1,6 +1,10 @@
 """The HTTP API in-process: predictions with heatmaps, per-file errors, limits, token, model card, page."""
 
+import contextlib
 import io
+import socket
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -53,6 +57,28 @@ def png(size=(64, 64), seed=0) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(np.random.default_rng(seed).integers(0, 255, size[::-1], dtype=np.uint8)).save(buf, format="PNG")
     return buf.getvalue()
+
+@contextlib.contextmanager
+def live(app):
+    """The app under a real uvicorn on a free loopback port, in a thread; yields its base URL."""
+    import uvicorn
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    for _ in range(100):
+        if server.started:
+            break
+        time.sleep(0.1)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+
 
 
 @pytest.fixture

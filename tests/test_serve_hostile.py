@@ -4,7 +4,6 @@ metrics, and Schemathesis (a client no one here wrote) against the live server's
 
 Every server here listens on 127.0.0.1 only, and every loop and wait is bounded."""
 
-import contextlib
 import io
 import json
 import shutil
@@ -27,29 +26,9 @@ from fastapi.testclient import TestClient  # noqa: E402
 
 from pneumoscan.serve import create_app  # noqa: E402
 
-from .test_serve import checkpoint, png, undefined_metrics_checkpoint  # noqa: E402,F401  (module-scoped fixtures)
+from .test_serve import checkpoint, live, png, undefined_metrics_checkpoint  # noqa: E402,F401  (module-scoped fixtures)
 
 ONE = [("files", ("a.png", png(), "image/png"))]
-
-
-@contextlib.contextmanager
-def live(app):
-    """The app under a real uvicorn on a free loopback port, in a thread; yields its base URL."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    for _ in range(100):
-        if server.started:
-            break
-        time.sleep(0.1)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
 
 
 def test_an_oversize_chunked_upload_gets_413_and_the_server_stays_up(checkpoint):  # noqa: F811
