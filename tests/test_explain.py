@@ -83,7 +83,7 @@ def test_batched_maps_equal_one_image_at_a_time(trained):
 
     predictor = Predictor(trained, device="cpu")
     pixels = np.random.default_rng(0).integers(0, 256, (3, 48, 48), dtype=np.uint8)
-    heats, probs, class_probs = cam_for_batch(predictor, pixels)
+    heats, probs, class_probs, _ = cam_for_batch(predictor, pixels)
     assert class_probs is None
     for i in range(3):
         heat, prob = cam_for_pixels(predictor, pixels[i])

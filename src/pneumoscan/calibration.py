@@ -193,7 +193,6 @@ def output_map(ckpt: dict[str, Any], path: str | Path, threshold: float) -> Outp
     (temperature 1) and takes its training prevalence from split.json beside it, when there is one."""
     from .config import Config
 
-    cal = ckpt.get("calibration") or {}
     temperature, offset = calibration_of(ckpt)
     train_prev = ckpt.get("train_prevalence")
     train_prev = float(train_prev) if train_prev is not None else split_prevalence(path)

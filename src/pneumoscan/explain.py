@@ -26,7 +26,7 @@ from .fileio import atomic_write_bytes, atomic_write_text, optional_import
 from .inference import model_input
 from .images import ImageLoadError, load_grey, resize
 from .models import pneumonia_logit, probabilities
-from .ood import result_fields
+from .ood import captured_features, result_fields
 from .predict import Predictor, expand_paths, ood_cells
 
 
@@ -76,13 +76,15 @@ _CAMS: "weakref.WeakKeyDictionary[nn.Module, Any]" = weakref.WeakKeyDictionary()
 
 def cam_for_pixels(predictor: Predictor, pixels: np.ndarray) -> tuple[np.ndarray, float]:
     """(heatmap in [0, 1] at the model's input size, probability) for one (S, S) uint8 image."""
-    heats, probs, _ = cam_for_batch(predictor, np.asarray(pixels)[None])
+    heats, probs, _, _ = cam_for_batch(predictor, np.asarray(pixels)[None])
     return heats[0], float(probs[0])
 
 
-def cam_for_batch(predictor: Predictor, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+def cam_for_batch(predictor: Predictor, pixels: np.ndarray
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None]:
     """(heatmaps (N, S, S) in [0, 1], P(pneumonia) (N,), per-class probabilities (N, K) or None for a binary
-    model) for N (S, S) uint8 images in one pass.
+    model, out-of-distribution scores (N,) or None without a detector) for N (S, S) uint8 images, all from
+    one forward pass.
 
     Each map is that image's own (eval mode: no image affects another). The first call freezes the
     model's parameters (it is an inference model from here on).
@@ -94,15 +96,18 @@ def cam_for_batch(predictor: Predictor, pixels: np.ndarray) -> tuple[np.ndarray,
         _CAMS[model] = _gradcam(model, predictor.cam_layer)
     cam = _CAMS[model]
     x = model_input(np.array(pixels, dtype=np.uint8), predictor.prep, predictor.device)
-    with torch.enable_grad(), warnings.catch_warnings():
+    detector = predictor.ood
+    with captured_features(model, detector.layers if detector else ()) as features, torch.enable_grad(), \
+            warnings.catch_warnings():
         # expected: the hook fires for the layer's output gradient, which is the one Grad-CAM uses
         warnings.filterwarnings("ignore", message="Full backward hook is firing when gradients are computed")
         heat = cam(x, class_idx=0)  # computed in eval mode
     model.zero_grad(set_to_none=True)
     heat = heat[:, 0].detach().float().cpu().numpy()
     heat = np.nan_to_num(heat, nan=0.0, posinf=1.0, neginf=0.0).clip(0, 1)
+    ood = detector.scores(features()) if detector else None
     # MONAI wraps our module in its ModelWithHooks; the probabilities go through the predictor's map as in predict
-    return (heat, *predictor.output.apply(*probabilities(cam.nn_module.model.outputs)))
+    return (heat, *predictor.output.apply(*probabilities(cam.nn_module.model.outputs)), ood)
 
 
 def resize_heat(heat: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
@@ -141,8 +146,7 @@ def explain_image(predictor: Predictor, source: str | os.PathLike | bytes, name:
 def _explain(predictor: Predictor, source: str | os.PathLike | bytes, name: str | None = None):
     grey = load_grey(source, name=name)
     pixels = resize(grey, predictor.prep.image_size, predictor.prep.resize_filter)
-    heats, probs, class_probs = cam_for_batch(predictor, pixels[None])
-    ood = predictor.ood_scores(pixels[None])
+    heats, probs, class_probs, ood = cam_for_batch(predictor, pixels[None])
     heat_full = resize_heat(heats[0], grey.shape)  # once, for both the overlay and the caller
     return (overlay(grey, heat_full), heat_full, float(probs[0]), None if class_probs is None else class_probs[0],
             None if ood is None else float(ood[0]))

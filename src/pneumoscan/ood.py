@@ -15,8 +15,9 @@ The detector lives in the checkpoint under "ood" as plain types and tensors (loa
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -42,19 +43,27 @@ def _pooled(t: torch.Tensor) -> torch.Tensor:
     return t.flatten(2).mean(-1) if t.dim() > 2 else t.flatten(1)
 
 
+@contextlib.contextmanager
+def captured_features(model: nn.Module, layers: tuple[str, ...] | list[str]) -> Iterator[Callable[[], torch.Tensor]]:
+    """Within the block, each forward pass of `model` records the outputs of `layers` pooled over positions;
+    the yielded function gives the last pass's, concatenated (N, D)."""
+    grabbed: dict[str, torch.Tensor] = {}
+    handles = [model.get_submodule(name).register_forward_hook(
+        lambda _m, _a, out, name=name: grabbed.__setitem__(name, _pooled(out).detach().float())) for name in layers]
+    try:
+        yield lambda: torch.cat([grabbed[name] for name in layers], 1)
+    finally:
+        for h in handles:
+            h.remove()
+
+
 def forward_with_features(model: nn.Module, layers: tuple[str, ...] | list[str], x: torch.Tensor
                           ) -> tuple[torch.Tensor, torch.Tensor]:
     """(the model's output, the outputs of `layers` pooled over positions and concatenated (N, D)), in one
     forward pass."""
-    grabbed: dict[str, torch.Tensor] = {}
-    handles = [model.get_submodule(name).register_forward_hook(
-        lambda _m, _a, out, name=name: grabbed.__setitem__(name, _pooled(out).float())) for name in layers]
-    try:
+    with captured_features(model, layers) as features:
         out = model(x)
-    finally:
-        for h in handles:
-            h.remove()
-    return out, torch.cat([grabbed[name] for name in layers], 1)
+        return out, features()
 
 
 @torch.no_grad()

@@ -212,8 +212,7 @@ class InferenceBatcher:
         try:
             pixels = np.stack([j[0] for j in group])
             if wants_map:
-                heats, probs, class_probs = cam_for_batch(self.predictor, pixels)
-                ood = self.predictor.ood_scores(pixels)
+                heats, probs, class_probs, ood = cam_for_batch(self.predictor, pixels)
             else:
                 heats = [None] * len(group)
                 probs, class_probs, ood = self.predictor.score(pixels)
