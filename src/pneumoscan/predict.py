@@ -9,7 +9,7 @@ from __future__ import annotations
 import csv
 import io
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -37,6 +37,7 @@ class Prediction:
     probabilities: dict[str, float] | None = None  # per class, three-class models only
     ood_score: float | None = None  # distance to the training features (None: no detector, or unreadable)
     outside_training: bool | None = None  # the score is at or above the checkpoint's threshold
+    warnings: list[str] = field(default_factory=list)  # what the file's header says the model was not trained for
 
 
 class Predictor:
