@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from pneumoscan.augment import augment_batch
+from pneumoscan.augment import augment_batch, draw_augmentation
 from pneumoscan.config import Augmentation
 from pneumoscan.metrics import binary_metrics
 
@@ -36,6 +36,27 @@ def test_zoom_keeps_shape_range_and_is_reproducible():
     assert a.shape == x.shape and torch.equal(a, b)
     assert float(a.min()) >= 0 and float(a.max()) <= 1
     assert not torch.allclose(a, x)
+
+
+def test_intensity_augmentation_off_draws_nothing_new():
+    """The paper's draws (and so its runs' random streams) are unchanged while intensity augmentation is off."""
+    draws = draw_augmentation(10, Augmentation(), torch.Generator().manual_seed(0))
+    assert set(draws) == {"zoom", "vflip"}
+
+
+def test_intensity_augmentation_matches_its_definition():
+    x = torch.rand(64, 1, 12, 12)
+    aug = Augmentation(zoom=0, vertical_flip=False, gamma=0.4, contrast=0.3, brightness=0.1)
+    draws = draw_augmentation(64, aug, torch.Generator().manual_seed(1))
+    y = augment_batch(x, aug, draws=draws)
+    g, c, b = (draws[k].view(-1, 1, 1, 1) for k in ("gamma", "contrast", "brightness"))
+    assert float(g.min()) >= 0.6 and float(g.max()) <= 1.4 and float(b.abs().max()) <= 0.1
+    powered = x ** g
+    mean = powered.mean(dim=(1, 2, 3), keepdim=True)
+    expected = ((powered - mean) * c + mean + b).clamp(0, 1)
+    assert torch.allclose(y, expected, atol=1e-6)
+    assert float(y.min()) >= 0 and float(y.max()) <= 1
+    assert not torch.allclose(y, x, atol=1e-3)
 
 
 def test_binary_metrics_on_a_known_confusion_matrix():

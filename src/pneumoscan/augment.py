@@ -3,6 +3,8 @@
 Reproduces Keras ImageDataGenerator(zoom_range=z, vertical_flip=True): each image gets a zoom factor
 drawn uniformly in [1 - z, 1 + z] for each axis independently, applied about the image centre with
 bilinear interpolation and edge replication ('nearest' fill mode), then an up-down flip with p = 0.5.
+Intensity augmentation (not in the paper; off unless asked for) follows: a gamma, a contrast factor about
+the image's mean and a brightness offset, each drawn per image, the result clipped to 0..1.
 
 The random draws are separate from their application (`draw_augmentation`, then `augment_batch`):
 training draws a whole epoch at once on the CPU generator and moves it to the device in one copy,
@@ -26,6 +28,10 @@ def draw_augmentation(n: int, aug: Augmentation, generator: torch.Generator | No
         draws["vflip"] = torch.rand(n, generator=generator) < 0.5
     if aug.horizontal_flip:
         draws["hflip"] = torch.rand(n, generator=generator) < 0.5
+    for key, spread, centre in (("gamma", aug.gamma, 1.0), ("contrast", aug.contrast, 1.0),
+                                ("brightness", aug.brightness, 0.0)):
+        if spread > 0:
+            draws[key] = centre - spread + 2 * spread * torch.rand(n, generator=generator)
     return draws
 
 
@@ -43,4 +49,20 @@ def augment_batch(x: torch.Tensor, aug: Augmentation, generator: torch.Generator
     for key, dim in (("vflip", 2), ("hflip", 3)):
         if key in draws:
             x = torch.where(draws[key].to(x.device)[:, None, None, None], x.flip(dim), x)
-    return x
+    return _intensity(x, draws)
+
+
+def _intensity(x: torch.Tensor, draws: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Gamma, then contrast about each image's mean, then brightness, clipped to 0..1 (values are 0..1)."""
+    per_image = {k: draws[k].to(x.device, x.dtype)[:, None, None, None] for k in ("gamma", "contrast", "brightness")
+                 if k in draws}
+    if not per_image:
+        return x
+    if "gamma" in per_image:
+        x = x.clamp(0, 1).pow(per_image["gamma"])
+    if "contrast" in per_image:
+        mean = x.mean(dim=(1, 2, 3), keepdim=True)
+        x = (x - mean) * per_image["contrast"] + mean
+    if "brightness" in per_image:
+        x = x + per_image["brightness"]
+    return x.clamp(0, 1)

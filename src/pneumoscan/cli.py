@@ -50,6 +50,9 @@ def _add_config_flags(p: argparse.ArgumentParser, activation: bool = True) -> No
     p.add_argument("--zoom", type=float, help="zoom range: factor drawn in [1-z, 1+z] per axis (0 turns it off)")
     p.add_argument("--no-vertical-flip", dest="vertical_flip", action="store_false", default=None)
     p.add_argument("--horizontal-flip", action="store_true", default=None)
+    p.add_argument("--gamma", type=float, help="intensity augmentation: power drawn in [1-g, 1+g] (default 0: off)")
+    p.add_argument("--contrast", type=float, help="intensity augmentation: contrast factor in [1-c, 1+c] (default 0: off)")
+    p.add_argument("--brightness", type=float, help="intensity augmentation: offset in [-b, b] (default 0: off)")
     p.add_argument("--threshold-rule", choices=THRESHOLD_RULES,
                    help="how the decision threshold is chosen on validation after training (paper: fixed 0.5)")
     p.add_argument("--target-sensitivity", type=float, help="for --threshold-rule sensitivity (default 0.95)")
@@ -80,7 +83,8 @@ def config_from_args(a: argparse.Namespace) -> Config:
                        target_sensitivity=a.target_sensitivity, class_weight=a.class_weight, sampling=a.sampling,
                        threshold_resamples=a.threshold_resamples, calibration=a.calibration)
     cfg = cfg.override("preprocessing", image_size=a.image_size, resize_filter=a.resize_filter)
-    return cfg.override("augmentation", zoom=a.zoom, vertical_flip=a.vertical_flip, horizontal_flip=a.horizontal_flip)
+    return cfg.override("augmentation", zoom=a.zoom, vertical_flip=a.vertical_flip, horizontal_flip=a.horizontal_flip,
+                        gamma=a.gamma, contrast=a.contrast, brightness=a.brightness)
 
 
 def _add_train(sub: argparse._SubParsersAction) -> None:

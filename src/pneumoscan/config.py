@@ -30,11 +30,15 @@ class Preprocessing:
 
 @dataclass(frozen=True)
 class Augmentation:
-    """Training-time augmentation, as Keras ImageDataGenerator(zoom_range=0.5, vertical_flip=True)."""
+    """Training-time augmentation: the paper's is Keras ImageDataGenerator(zoom_range=0.5, vertical_flip=True);
+    intensity changes (off in the paper) mimic another site's exposure and processing."""
 
     zoom: float = 0.5  # zoom factor drawn uniformly in [1 - zoom, 1 + zoom], per axis independently
     vertical_flip: bool = True
     horizontal_flip: bool = False
+    gamma: float = 0.0  # pixel values (0..1) raised to a power drawn in [1 - gamma, 1 + gamma]
+    contrast: float = 0.0  # deviation from the image's mean scaled by a factor drawn in [1 - contrast, 1 + contrast]
+    brightness: float = 0.0  # an offset drawn in [-brightness, brightness], then values clipped to 0..1
 
 
 @dataclass(frozen=True)
@@ -167,6 +171,9 @@ LIMITS: dict[tuple[str, str], tuple[Any, ...]] = {
     ("augmentation", "zoom"): (_FLOAT, 0.0, 0.99),
     ("augmentation", "vertical_flip"): (_BOOL,),
     ("augmentation", "horizontal_flip"): (_BOOL,),
+    ("augmentation", "gamma"): (_FLOAT, 0.0, 0.9),
+    ("augmentation", "contrast"): (_FLOAT, 0.0, 0.9),
+    ("augmentation", "brightness"): (_FLOAT, 0.0, 0.5),
     ("model", "name"): MODEL_NAMES,
     ("model", "activation"): ACTIVATIONS,
     ("model", "batchnorm_momentum"): (_FLOAT, 0.0, 1.0),
