@@ -220,6 +220,37 @@ def _add_audit(sub: argparse._SubParsersAction) -> None:
                    help="near-identical: max mean absolute grey difference of 32x32 thumbnails (0-255)")
 
 
+def _add_dicom_node(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("dicom-node", help="a DICOM node: scores CR/DX radiographs received by C-STORE, sends back "
+                                          "Structured Reports (pip install 'pneumoscan[dicom-node]')")
+    p.add_argument("checkpoint")
+    p.add_argument("--out", required=True, help="folder for results.csv and the received instances")
+    p.add_argument("--ae-title", default="PNEUMOSCAN", help="this node's AE title (default: PNEUMOSCAN)")
+    p.add_argument("--port", type=int, default=11112, help="DICOM port (default: 11112; 0: any free port)")
+    p.add_argument("--bind", default="127.0.0.1", help="address to listen on (default: loopback only)")
+    p.add_argument("--send-to", metavar="AE@HOST:PORT", help="store a Structured Report of each scored image there")
+    p.add_argument("--secondary-capture", action="store_true",
+                   help="with --send-to, also send the Grad-CAM overlay as a Secondary Capture image")
+    p.add_argument("--max-associations", type=int, default=8, help="associations at once; more are refused")
+    p.add_argument("--max-instance-mb", type=float, default=64, help="largest instance accepted (0xA700 above it)")
+    p.add_argument("--no-keep", action="store_true", help="do not keep received instances under --out")
+    p.add_argument("--send-attempts", type=int, default=3, help="tries to store each report before giving up")
+    p.add_argument("--device", default="cpu")
+
+
+def _add_ensemble(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("ensemble", help="combine runs of one recipe with different seeds into one checkpoint (mean "
+                                        "of their logits, optionally over test-time views), refitted on validation")
+    p.add_argument("checkpoints", nargs="+", metavar="CHECKPOINT", help="the members' best.pt files (one or more)")
+    p.add_argument("--out", required=True, help="the ensemble checkpoint to write")
+    p.add_argument("--tta", choices=["none", "zoom"], default="none",
+                   help="zoom: also average over central zooms by 0.9 and 1.1 and, if the recipe flips, an up-down "
+                        "flip (the views its training augmentation taught); default none")
+    p.add_argument("--data", default=None, help="data root (default: the one the members were trained on)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--no-progress", action="store_true")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pneumoscan", description="Train, evaluate and apply CNNs that tell pneumonia from normal on chest X-rays.")
     parser.add_argument("--version", action="version", version=f"pneumoscan {__version__}")
@@ -234,6 +265,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_export(sub)
     _add_fit_ood(sub)
     _add_audit(sub)
+    _add_ensemble(sub)
+    _add_dicom_node(sub)
     return parser
 
 
@@ -354,11 +387,39 @@ def cmd_audit(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_dicom_node(a: argparse.Namespace) -> int:
+    import signal
+    import threading
+
+    from .dicom_node import Destination, NodeSettings, run_node
+
+    settings = NodeSettings(out=Path(a.out), ae_title=a.ae_title, bind=a.bind, port=a.port,
+                            send_to=Destination.parse(a.send_to) if a.send_to else None,
+                            secondary_capture=a.secondary_capture, max_associations=a.max_associations,
+                            max_instance_mb=a.max_instance_mb, keep_instances=not a.no_keep,
+                            send_attempts=a.send_attempts)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):  # stop cleanly: reports waiting to be sent are sent first
+        signal.signal(sig, lambda *_: stop.set())
+    run_node(a.checkpoint, settings, device=a.device, stop=stop)
+    return 0
+
+
+def cmd_ensemble(a: argparse.Namespace) -> int:
+    from .ensemble import build_ensemble
+
+    summary = build_ensemble(a.checkpoints, a.out, tta=a.tta, data_root=a.data, device=a.device,
+                             progress=not a.no_progress)
+    print(json.dumps(summary))
+    print(f"wrote {a.out}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     commands = {"train": cmd_train, "compare": cmd_compare, "evaluate": cmd_evaluate, "predict": cmd_predict, "export": cmd_export, "explain": cmd_explain, "serve": cmd_serve,
-                "fit-ood": cmd_fit_ood, "audit": cmd_audit}
+                "fit-ood": cmd_fit_ood, "audit": cmd_audit, "ensemble": cmd_ensemble, "dicom-node": cmd_dicom_node}
     try:
         return commands[args.command](args)
     except (DataError, ImageLoadError, ImportError, OSError, ValueError, RuntimeError) as e:  # OSError: also RunDirError

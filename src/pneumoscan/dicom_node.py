@@ -1,0 +1,451 @@
+"""A DICOM node beside a PACS: radiographs come in by C-STORE, results go out as Structured Reports.
+
+`DicomNode` is a pynetdicom application entity (`pip install 'pneumoscan[dicom-node]'`) that answers
+C-ECHO and C-STORE. Every storage SOP class is negotiated, so that an object the node does not score still
+gets a DIMSE status that says why; CR and DX (for presentation and for processing) radiographs are scored.
+The transfer syntaxes offered are those the one loader (`images`, `dicom`) can decode here: uncompressed,
+deflated and RLE always, the JPEG, JPEG-LS and JPEG 2000 families when pydicom has a decoder for them; a
+PACS transcodes anything else before sending.
+
+For each instance, on the association's own thread: size and SOP class checks, the received bytes kept
+under OUT/instances (atomically), decoding by the one loader. The pixels are then scored on the single
+inference thread of `serve.InferenceBatcher` (instances arriving on several associations are scored as
+one batch), and the C-STORE is answered once the result is in OUT/results.csv: success means scored and
+recorded. C-ECHO runs on its own association's thread and never waits for scoring. With a destination,
+a sender thread builds the Structured Report (and optionally a Grad-CAM Secondary Capture) of each
+scored instance and stores it there, retrying a bounded number of times; a failure is a row of
+results.csv, never the node's end.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as dt
+import io
+import logging
+import os
+import queue
+import re
+import threading
+import time
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from . import __version__
+from .fileio import atomic_write_bytes, optional_import
+
+log = logging.getLogger(__name__)
+
+CR = "1.2.840.10008.5.1.4.1.1.1"
+DX_PRESENTATION = "1.2.840.10008.5.1.4.1.1.1.1"
+DX_PROCESSING = "1.2.840.10008.5.1.4.1.1.1.1.1"
+RADIOGRAPH_CLASSES = {CR: "CR", DX_PRESENTATION: "DX for presentation", DX_PROCESSING: "DX for processing"}
+
+# DIMSE statuses (PS3.4 B.2.3 and PS3.7 C.4)
+SUCCESS = 0x0000
+OUT_OF_RESOURCES = 0xA700
+DOES_NOT_MATCH_SOP_CLASS = 0xA900
+CANNOT_UNDERSTAND = 0xC000
+PROCESSING_FAILURE = 0x0110
+
+COLUMNS = ["time", "event", "status", "sop_instance_uid", "sop_class_uid", "study_instance_uid",
+           "series_instance_uid", "calling_ae", "probability", "label", "threshold", "warnings", "ood_score",
+           "outside_training", "error", "file", "seconds", "sent_sop_instance_uid"]
+
+
+@dataclass(frozen=True)
+class Destination:
+    """Where reports are stored: an AE title at a host and port."""
+
+    ae_title: str
+    host: str
+    port: int
+
+    @classmethod
+    def parse(cls, text: str) -> "Destination":
+        """'AE@HOST:PORT' -> Destination; ValueError naming what is wrong."""
+        m = re.fullmatch(r"([^@]{1,16})@(.+):(\d{1,5})", text.strip())
+        if not m or not 0 < int(m.group(3)) < 65536:
+            raise ValueError(f"--send-to must be AE@HOST:PORT (an AE title of at most 16 characters), not {text!r}")
+        return cls(m.group(1).strip(), m.group(2).strip("[]"), int(m.group(3)))
+
+    def __str__(self) -> str:
+        return f"{self.ae_title}@{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class NodeSettings:
+    out: Path
+    ae_title: str = "PNEUMOSCAN"
+    bind: str = "127.0.0.1"
+    port: int = 11112
+    send_to: Destination | None = None
+    secondary_capture: bool = False
+    max_associations: int = 8
+    max_instance_mb: float = 64
+    keep_instances: bool = True
+    send_attempts: int = 3
+    retry_wait_s: float = 2.0
+    score_timeout_s: float = 120.0
+    max_batch: int = 16
+
+
+def decodable_syntaxes() -> list[str]:
+    """Transfer syntaxes pydicom (and so the loader) can decode in this environment, uncompressed first."""
+    import pydicom.uid as u
+    from pydicom.pixels import get_decoder
+
+    always = [u.ExplicitVRLittleEndian, u.ImplicitVRLittleEndian, u.DeflatedExplicitVRLittleEndian]
+    compressed = [u.RLELossless, u.JPEGBaseline8Bit, u.JPEGExtended12Bit, u.JPEGLossless, u.JPEGLosslessSV1,
+                  u.JPEGLSLossless, u.JPEGLSNearLossless, u.JPEG2000Lossless, u.JPEG2000]
+    usable = []
+    for uid in compressed:
+        try:
+            if get_decoder(uid).is_available:
+                usable.append(uid)
+        except (NotImplementedError, ValueError):  # no decoder at all for this syntax
+            continue
+    return [str(s) for s in always + usable]
+
+
+class ResultLog:
+    """OUT/results.csv, one row a line: each row is one write() to a file opened for appending, then fsync.
+
+    A crash can at worst cut the last row short; the next start ends that line, so every later row is whole.
+    """
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.lock = threading.Lock()
+        if not path.exists() or path.stat().st_size == 0:
+            buf = io.StringIO()
+            csv.writer(buf).writerow(COLUMNS)
+            atomic_write_bytes(path, buf.getvalue().encode())
+        else:
+            with open(path, "rb") as f:
+                f.seek(-1, os.SEEK_END)
+                torn = f.read(1) != b"\n"
+            if torn:
+                self._append(b"\n")
+
+    def _append(self, data: bytes) -> None:
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
+        try:
+            os.write(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def write(self, **fields: Any) -> None:
+        fields.setdefault("time", dt.datetime.now(dt.timezone.utc).isoformat(timespec="milliseconds"))
+        buf = io.StringIO()
+        csv.writer(buf).writerow(["" if fields.get(c) is None else str(fields[c]) for c in COLUMNS])
+        with self.lock:
+            self._append(buf.getvalue().encode("utf-8", "backslashreplace"))
+
+
+class Rejected(Exception):
+    """An instance answered with a failure `status`; the message is the reason."""
+
+    def __init__(self, status: int, reason: str):
+        super().__init__(reason)
+        self.status = status
+
+
+def _uid_name(uid: str) -> str:
+    """A UID as a file name: the UID itself when it is one, else a name that cannot leave the folder."""
+    return uid if re.fullmatch(r"[0-9.]{1,64}", uid or "") and ".." not in uid else re.sub(r"[^0-9A-Za-z]", "_", uid)[:64] or "_"
+
+
+def _status(code: int, reason: str = "") -> Any:
+    from pydicom.dataset import Dataset
+
+    ds = Dataset()
+    ds.Status = code
+    if reason:
+        ds.ErrorComment = reason[:64]  # LO: at most 64 characters
+    return ds
+
+
+def _header_fields(ds: Any) -> dict[str, str]:
+    return {"sop_instance_uid": str(ds.get("SOPInstanceUID", "")), "study_instance_uid": str(ds.get("StudyInstanceUID", "")),
+            "series_instance_uid": str(ds.get("SeriesInstanceUID", ""))}
+
+
+class Sender:
+    """One thread that stores each scored instance's report at the destination: what is waiting is sent over
+    one association; what fails is tried again, `attempts` times in all, then recorded as failed."""
+
+    def __init__(self, node: "DicomNode", destination: Destination, attempts: int, retry_wait_s: float,
+                 max_waiting: int = 1024):
+        pynetdicom = optional_import("pynetdicom", "dicom-node", "the DICOM node")
+        from pynetdicom.sop_class import ComprehensiveSRStorage, SecondaryCaptureImageStorage, Verification
+
+        self.node, self.destination = node, destination
+        self.attempts, self.retry_wait_s = max(attempts, 1), retry_wait_s
+        self.ae = pynetdicom.AE(ae_title=node.settings.ae_title)
+        for sop in (ComprehensiveSRStorage, SecondaryCaptureImageStorage, Verification):
+            self.ae.add_requested_context(sop)
+        self.jobs: "queue.Queue[dict | None]" = queue.Queue(max_waiting)
+        self.thread = threading.Thread(target=self._run, name="pneumoscan-dicom-sender", daemon=True)
+        self.thread.start()
+
+    def submit(self, job: dict) -> None:
+        try:
+            self.jobs.put_nowait(job)
+        except queue.Full:
+            self.node.results.write(event="sr-failed", error="the send queue is full: report not sent",
+                                    **job["fields"])
+
+    def echo(self) -> int | None:
+        """C-ECHO to the destination: its status, or None when no association could be made."""
+        assoc = self.ae.associate(self.destination.host, self.destination.port, ae_title=self.destination.ae_title)
+        if not assoc.is_established:
+            return None
+        try:
+            status = assoc.send_c_echo()
+            return int(status.Status) if "Status" in status else None
+        finally:
+            assoc.release()
+
+    def stop(self, timeout: float = 30) -> None:
+        """Send what is waiting (within `timeout`), then end the thread."""
+        self.jobs.put(None)
+        self.thread.join(timeout)
+
+    def _run(self) -> None:
+        while True:
+            job = self.jobs.get()
+            batch = [job] if job is not None else []
+            while job is not None and len(batch) < 64:
+                try:
+                    job = self.jobs.get_nowait()
+                except queue.Empty:
+                    break
+                if job is not None:
+                    batch.append(job)
+            if batch:
+                try:
+                    self._send_batch(batch)
+                except Exception as e:  # never the end of the thread: each report gets a row
+                    log.exception("sending reports failed")
+                    for j in batch:
+                        self.node.results.write(event="sr-failed", error=f"{type(e).__name__}: {e}", **j["fields"])
+            if job is None:
+                return
+
+    def _send_batch(self, batch: list[dict]) -> None:
+        pending = []
+        for job in batch:
+            try:
+                pending.append((job, self.node.build_objects(job)))
+            except Exception as e:  # a header highdicom refuses: this report only
+                self.node.results.write(event="sr-failed", error=f"cannot build the report ({type(e).__name__}: {e})",
+                                        **job["fields"])
+        for attempt in range(1, self.attempts + 1):
+            failed = []
+            for job, objects, error in self._store(pending):
+                if error is None:
+                    self.node.results.write(event="sr-sent", status=f"0x{SUCCESS:04X}",
+                                            sent_sop_instance_uid=" ".join(o.SOPInstanceUID for o in objects),
+                                            **job["fields"])
+                else:
+                    failed.append((job, objects, error))
+            if not failed:
+                return
+            if attempt == self.attempts:
+                for job, _, error in failed:
+                    self.node.results.write(event="sr-failed", error=f"{error} (after {attempt} attempts)", **job["fields"])
+                return
+            log.warning("%d report(s) not stored at %s (%s); trying again", len(failed), self.destination, failed[0][2])
+            time.sleep(self.retry_wait_s * attempt)
+            pending = [(job, objects) for job, objects, _ in failed]
+
+    def _store(self, pending: list[tuple[dict, list]]) -> list[tuple[dict, list, str | None]]:
+        """C-STORE every object of `pending` over one association: (job, objects, error or None) each."""
+        d = self.destination
+        assoc = self.ae.associate(d.host, d.port, ae_title=d.ae_title)
+        if not assoc.is_established:
+            return [(job, objects, f"no association with {d}") for job, objects in pending]
+        results = []
+        try:
+            for job, objects in pending:
+                error = None
+                for ds in objects:
+                    status = assoc.send_c_store(ds) if assoc.is_established else None
+                    code = int(status.Status) if status is not None and "Status" in status else None
+                    if code is None or not (code == SUCCESS or 0xB000 <= code <= 0xBFFF):
+                        error = (f"{d} answered C-STORE with status 0x{code:04X}" if code is not None
+                                 else f"no C-STORE response from {d}")
+                        break
+                results.append((job, objects, error))
+        finally:
+            if assoc.is_established:
+                assoc.release()
+        return results
+
+
+class DicomNode:
+    """The node: `start()` listens (returns at once), `stop()` closes every association and the sender."""
+
+    def __init__(self, predictor: Any, settings: NodeSettings, checkpoint_name: str = "checkpoint"):
+        from .serve import InferenceBatcher
+
+        pynetdicom = optional_import("pynetdicom", "dicom-node", "the DICOM node")
+        optional_import("highdicom", "dicom-node", "DICOM Structured Reports")
+        from pynetdicom.presentation import StoragePresentationContexts
+        from pynetdicom.sop_class import Verification
+
+        self.predictor, self.settings = predictor, settings
+        self.out = Path(settings.out)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.results = ResultLog(self.out / "results.csv")
+        self.batcher = InferenceBatcher(predictor, max_batch=settings.max_batch)
+        self.model = self._model_info(checkpoint_name)
+        self.syntaxes = decodable_syntaxes()
+        ae = pynetdicom.AE(ae_title=settings.ae_title)
+        ae.maximum_associations = settings.max_associations
+        ae.add_supported_context(Verification)
+        for context in StoragePresentationContexts:  # every storage class: the others get a status saying why
+            ae.add_supported_context(context.abstract_syntax, self.syntaxes)
+        self.ae = ae
+        self.server: Any = None
+        self.sender = (Sender(self, settings.send_to, settings.send_attempts, settings.retry_wait_s)
+                       if settings.send_to else None)
+
+    def _model_info(self, checkpoint_name: str) -> Any:
+        from .dicom_sr import ModelInfo
+
+        cfg = self.predictor.config
+        return ModelInfo(cfg.model.name, __version__, cfg.recipe, os.path.basename(str(checkpoint_name)))
+
+    @property
+    def port(self) -> int:
+        return self.server.server_address[1] if self.server else self.settings.port
+
+    def start(self) -> None:
+        from pynetdicom import evt
+
+        handlers = [(evt.EVT_C_ECHO, lambda event: SUCCESS), (evt.EVT_C_STORE, self.handle_store)]
+        self.server = self.ae.start_server((self.settings.bind, self.settings.port), block=False, evt_handlers=handlers)
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.shutdown()
+            self.server = None
+        if self.sender is not None:
+            self.sender.stop()
+
+    def handle_store(self, event: Any) -> Any:
+        """C-STORE: the instance checked, kept, decoded, scored and recorded; the DIMSE status says how it went."""
+        started = time.perf_counter()
+        fields = {"sop_class_uid": str(event.context.abstract_syntax), "calling_ae": event.assoc.requestor.ae_title,
+                  "sop_instance_uid": str(event.request.AffectedSOPInstanceUID or "")}
+        try:
+            row, job = self._process(event, fields)
+        except Rejected as e:
+            self.results.write(event="rejected", status=f"0x{e.status:04X}", error=str(e),
+                               seconds=f"{time.perf_counter() - started:.3f}", **fields)
+            log.warning("rejected %s from %s: %s", fields["sop_instance_uid"], fields["calling_ae"], e)
+            return _status(e.status, str(e))
+        except Exception as e:  # whatever happens to one instance, the node answers and lives on
+            log.exception("processing %s failed", fields["sop_instance_uid"])
+            self.results.write(event="rejected", status=f"0x{PROCESSING_FAILURE:04X}",
+                               error=f"{type(e).__name__}: {e}", **fields)
+            return _status(PROCESSING_FAILURE, f"{type(e).__name__}: {e}")
+        self.results.write(event="scored", status=f"0x{SUCCESS:04X}", seconds=f"{time.perf_counter() - started:.3f}",
+                           **row, **fields)
+        if self.sender is not None:
+            self.sender.submit(job)
+        return SUCCESS
+
+    def _process(self, event: Any, fields: dict[str, str]) -> tuple[dict, dict]:
+        """One instance from check to score: (the row's result fields, the sender's job). Raises Rejected."""
+        from . import dicom
+        from .images import ImageLoadError
+        from .serve import WorkerStopped, prepare_upload
+
+        limit = self.settings.max_instance_mb * 2**20
+        size = len(event.request.DataSet.getvalue()) if event.request.DataSet is not None else 0
+        if size > limit:
+            raise Rejected(OUT_OF_RESOURCES, f"instance of {size / 2**20:.1f} MiB is over the "
+                                             f"{self.settings.max_instance_mb:g} MiB limit")
+        sop_class = fields["sop_class_uid"]
+        if sop_class not in RADIOGRAPH_CLASSES:
+            raise Rejected(DOES_NOT_MATCH_SOP_CLASS, f"SOP class {sop_class} is not a radiograph: this node "
+                                                     "scores CR and DX images only")
+        try:
+            ds = event.dataset
+            ds.file_meta = event.file_meta
+            fields.update(_header_fields(ds))
+        except Exception as e:  # a dataset pydicom cannot parse
+            raise Rejected(CANNOT_UNDERSTAND, f"cannot read the dataset ({type(e).__name__}: {e})") from None
+        if "PixelData" not in ds:
+            raise Rejected(DOES_NOT_MATCH_SOP_CLASS, "a radiograph without pixel data (PixelData missing)")
+        data = event.encoded_dataset(include_meta=True)
+        if self.settings.keep_instances:
+            kept = Path("instances") / _uid_name(fields["study_instance_uid"]) / f"{_uid_name(fields['sop_instance_uid'])}.dcm"
+            atomic_write_bytes(self.out / kept, data)
+            fields["file"] = str(kept)
+        try:
+            pixels, shown, warnings = prepare_upload(self.predictor, fields["sop_instance_uid"], data)
+        except ImageLoadError as e:
+            raise Rejected(CANNOT_UNDERSTAND, e.reason) from None
+        header_warnings = getattr(dicom, "acquisition_warnings", lambda _: [])(ds)
+        warnings = list(header_warnings) + list(warnings)
+        try:
+            heat, prob, class_probs, ood = self.batcher.score(pixels, self.settings.secondary_capture,
+                                                              self.settings.score_timeout_s)
+        except FutureTimeout:
+            raise Rejected(OUT_OF_RESOURCES, f"not scored within {self.settings.score_timeout_s:g} s: the node is busy") from None
+        except WorkerStopped as e:
+            raise Rejected(OUT_OF_RESOURCES, str(e)) from None
+        return self._result(ds, prob, class_probs, ood, warnings, heat, shown, fields)
+
+    def _result(self, ds: Any, prob: float, class_probs: Any, ood: float | None, warnings: list[str], heat: Any,
+                shown: Any, fields: dict) -> tuple[dict, dict]:
+        from .dicom_sr import Score
+        from .ood import result_fields
+        from .predict import ood_cells
+
+        p = self.predictor
+        label = p.label_of(prob, class_probs)
+        oods = result_fields(ood, p.ood)
+        score = Score(float(prob), label != p.class_names[0], label, float(p.threshold), warnings,
+                      oods["ood_score"], oods["outside_training"])
+        ood_score, outside = ood_cells(oods["ood_score"], oods["outside_training"])
+        row = {"probability": f"{prob:.6f}", "label": label, "threshold": f"{p.threshold:.6f}",
+               "warnings": " | ".join(warnings), "ood_score": ood_score, "outside_training": outside}
+        del ds.PixelData  # the report needs the header only; the pixels are scored
+        return row, {"source": ds, "score": score, "heat": heat, "shown": shown, "fields": dict(fields)}
+
+    def build_objects(self, job: dict) -> list:
+        """The report (and the Grad-CAM Secondary Capture when asked for) of one scored instance."""
+        from .dicom_sr import secondary_capture, structured_report
+        from .explain import overlay
+
+        objects = [structured_report(job["source"], job["score"], self.model)]
+        if self.settings.secondary_capture and job["heat"] is not None:
+            objects.append(secondary_capture(job["source"], overlay(job["shown"], job["heat"])))
+        return objects
+
+
+def run_node(checkpoint: str, settings: NodeSettings, device: str = "cpu", stop: threading.Event | None = None) -> None:
+    """Load the checkpoint, start the node, echo the destination, and serve until `stop` is set."""
+    from .predict import Predictor
+
+    predictor = Predictor(checkpoint, device=device)
+    node = DicomNode(predictor, settings, checkpoint_name=checkpoint)
+    node.start()
+    try:
+        print(f"pneumoscan dicom-node: {settings.ae_title} listening on {settings.bind}:{node.port}; "
+              f"results in {Path(settings.out) / 'results.csv'}", flush=True)
+        if node.sender is not None:
+            status = node.sender.echo()
+            print(f"pneumoscan dicom-node: C-ECHO to {settings.send_to}: "
+                  + ("no association" if status is None else f"status 0x{status:04X}"), flush=True)
+        (stop or threading.Event()).wait()
+    finally:
+        node.stop()
