@@ -4,14 +4,19 @@ Order of operations, as the standard's display pipeline: stored values -> modali
 slope/intercept or a modality LUT sequence) -> VOI LUT or window centre/width (the first window when
 several are given; the full range of values when none is) -> MONOCHROME1 inversion -> 0..255.
 
-Transfer syntaxes (tested ones marked *): uncompressed implicit/explicit VR little endian* and deflated
-need only pydicom and numpy; RLE lossless decodes with pydicom's own numpy decoder; JPEG baseline 8-bit*
-(and extended) decodes through Pillow, already a dependency. JPEG-LS*, JPEG lossless and JPEG 2000 need
-a plugin: `pylibjpeg` with `pylibjpeg-libjpeg` / `pylibjpeg-openjpeg`, or `python-gdcm`. A file whose pixel
-data cannot be decoded gets an error that names its transfer syntax (* : the JPEG-LS case is the error).
+Transfer syntaxes: uncompressed (implicit/explicit VR little endian), deflated and RLE lossless need only
+pydicom and numpy; JPEG baseline and extended (8/12-bit), JPEG lossless (process 14 and 14 SV1), JPEG-LS
+lossless and near-lossless, and JPEG 2000 (lossless and lossy) decode through pylibjpeg with its libjpeg and
+openjpeg plugins (the `dicom` extra); other installed plugins (pyjpegls, python-gdcm, Pillow) are tried after
+it. tests/test_dicom_syntaxes.py holds each against files DCMTK encoded. A file whose pixel data cannot be
+decoded gets an error that names its transfer syntax.
+
+`acquisition_warnings` reads what the header says about the acquisition (view, body part, modality, age,
+colour, bits, field of view) and says in plain sentences what the model was not trained for.
 
 Hostile files: a deflated dataset is inflated here, within a bound set by the megapixel limit, not by
-pydicom; Rows x Columns x frames x samples x bits is checked before any pixel data is decoded; any
+pydicom; Rows x Columns x frames x samples x bits is checked before any pixel data is decoded, and so is the
+size a compressed frame names in its own header (JPEG, JPEG-LS, JPEG 2000) or adds up to (RLE); any
 failure, whatever pydicom raises, is a `DicomError`.
 """
 
@@ -20,6 +25,7 @@ from __future__ import annotations
 import io
 import warnings
 import zlib
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -178,13 +184,57 @@ def _rle_decoded_size(frame: bytes, limit: int) -> int:
     return total
 
 
+# JPEG start-of-frame markers (processes 1, 2/4, 14 and the rest of ITU T.81; 0xF7: JPEG-LS, T.87)
+_SOF_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC} | {0xF7}
+_STANDALONE_MARKERS = frozenset(range(0xD0, 0xD9)) | {0x01}
+
+
+def _jpeg_size(frame: bytes) -> tuple[int, int, int] | None:
+    """(width, height, components) named by a JPEG or JPEG-LS stream's start-of-frame segment, whatever its bit
+    depth or process; None when the bytes are not such a stream (the decoder will say what they are)."""
+    if not frame.startswith(b"\xff\xd8"):
+        return None
+    pos = 2
+    while pos + 4 <= len(frame):
+        if frame[pos] != 0xFF:
+            return None
+        marker = frame[pos + 1]
+        if marker == 0xFF:  # fill byte
+            pos += 1
+            continue
+        if marker in _STANDALONE_MARKERS:
+            pos += 2
+            continue
+        if marker in _SOF_MARKERS:
+            if pos + 10 > len(frame):
+                return None
+            height, width = int.from_bytes(frame[pos + 5:pos + 7], "big"), int.from_bytes(frame[pos + 7:pos + 9], "big")
+            if height == 0:
+                raise DicomError("JPEG frame without a height in its header (a DNL marker) is not supported")
+            return width, height, frame[pos + 9]
+        if marker == 0xDA:  # start of scan before any frame header
+            return None
+        pos += 2 + int.from_bytes(frame[pos + 2:pos + 4], "big")
+    return None
+
+
+def _j2k_size(frame: bytes) -> tuple[int, int, int] | None:
+    """(width, height, components) named by a JPEG 2000 codestream's SIZ segment or a JP2 file's header."""
+    from PIL import Jpeg2KImagePlugin
+
+    try:
+        with Jpeg2KImagePlugin.Jpeg2KImageFile(io.BytesIO(frame)) as stream:
+            return (*stream.size, len(stream.getbands()))
+    except Exception:  # not a JPEG 2000 stream
+        return None
+
+
 def _check_frame(ds: Any, syntax: Any, size: int) -> None:
     """A compressed frame's own size against the header's, before it is decoded.
 
-    A JPEG or JPEG 2000 stream names its width and height; an RLE stream's runs add up to its size.
+    A JPEG, JPEG-LS or JPEG 2000 stream names its width and height; an RLE stream's runs add up to its size.
     pydicom would decode either in full before comparing it with Rows x Columns.
     """
-    from PIL import Jpeg2KImagePlugin, JpegImagePlugin
     from pydicom.encaps import generate_frames
     from pydicom.uid import RLELossless
 
@@ -198,19 +248,59 @@ def _check_frame(ds: Any, syntax: Any, size: int) -> None:
             raise DicomError(f"RLE pixel data decodes to over {decoded / 2**20:.1f} MiB, more than its {cols}x{rows} "
                              "image needs: refused as a decompression bomb")
         return
-    for header in (JpegImagePlugin.JpegImageFile, Jpeg2KImagePlugin.Jpeg2KImageFile):
-        try:
-            with header(io.BytesIO(frame)) as stream:
-                w, h = stream.size
-        except Exception:  # not this kind of stream: the decoder will say what it is
-            continue
-        if w * h > rows * cols:
-            raise DicomError(f"compressed frame is {w}x{h}, larger than the {cols}x{rows} image the header declares")
+    named = _jpeg_size(frame) or _j2k_size(frame)
+    if named is None:
         return
+    w, h, components = named
+    if w * h > rows * cols:
+        raise DicomError(f"compressed frame is {w}x{h}, larger than the {cols}x{rows} image the header declares")
+    if components > max(_whole_number(ds, "SamplesPerPixel", 1), 1):
+        raise DicomError(f"compressed frame has {components} components, more than the header's SamplesPerPixel")
 
 
-def dicom_to_grey(data: bytes, max_pixels: int) -> np.ndarray:
-    """DICOM bytes -> 2-D uint8 grey image. Raises DicomError with the reason."""
+# decoding plugins in the order they are tried: pylibjpeg covers every JPEG-family syntax; Pillow is the last resort
+_PLUGIN_ORDER = ("pylibjpeg", "pyjpegls", "gdcm", "pydicom", "pillow")
+
+
+def _decode(ds: Any, syntax: Any) -> tuple[np.ndarray, str]:
+    """(stored values, the plugin that decoded them): native pixel data through pydicom and numpy, compressed
+    through the first available plugin of _PLUGIN_ORDER that succeeds."""
+    from pydicom.pixels import get_decoder
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if not getattr(syntax, "is_encapsulated", False):
+            return ds.pixel_array, "pydicom"
+        try:
+            available = get_decoder(syntax).available_plugins
+        except Exception:  # a transfer syntax pydicom has no decoder for
+            available = ()
+        plugins = sorted(available, key=lambda p: _PLUGIN_ORDER.index(p) if p in _PLUGIN_ORDER else len(_PLUGIN_ORDER))
+        if not plugins:
+            raise ValueError("no decoder installed for it: pip install 'pneumoscan[dicom]'")
+        failures = []
+        for plugin in plugins:
+            try:
+                ds.pixel_array_options(decoding_plugin=plugin)
+                return ds.pixel_array, plugin
+            except Exception as e:  # this plugin cannot decode this stream: the next one may
+                failures.append(f"{plugin}: {e}")
+        raise ValueError("; ".join(failures))
+
+
+@dataclass
+class DicomImage:
+    """A decoded DICOM radiograph: display pixels, stored values, how they were decoded, and header warnings."""
+
+    grey: np.ndarray  # 2-D uint8, after the display pipeline
+    stored: np.ndarray  # the decoded stored values, before it
+    syntax: str  # transfer syntax UID
+    plugin: str  # the pydicom decoding plugin used ("pydicom" for native and RLE pixel data)
+    warnings: list[str]  # acquisition_warnings of the header
+
+
+def read_dicom(data: bytes, max_pixels: int) -> DicomImage:
+    """DICOM bytes -> DicomImage, size limits checked before decoding. Raises DicomError with the reason."""
     ds = _read(data, max_pixels)
     if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
         raise DicomError("DICOM file has no pixel data (PixelData element missing)")
@@ -227,19 +317,23 @@ def dicom_to_grey(data: bytes, max_pixels: int) -> np.ndarray:
     except Exception as e:  # encapsulation that cannot be split into frames
         raise DicomError(f"cannot read the encapsulated pixel data ({type(e).__name__}: {e})") from None
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            pixels = ds.pixel_array
+        pixels, plugin = _decode(ds, syntax)
     except Exception as e:  # missing decoder plugin, truncated pixel data, ...
         name = getattr(syntax, "name", str(syntax))
         raise DicomError(f"cannot decode the pixel data (transfer syntax {name}: {e}); compressed syntaxes need a "
                          "plugin such as pylibjpeg or python-gdcm") from None
     try:
-        return _to_uint8(pixels, ds, photometric)
+        grey = _to_uint8(pixels, ds, photometric)
     except DicomError:
         raise
     except Exception as e:  # a colour table, window or LUT in the header that does not fit the pixels
         raise DicomError(f"cannot apply the header's display values to the pixels ({type(e).__name__}: {e})") from None
+    return DicomImage(grey, pixels, str(syntax), plugin, acquisition_warnings(ds))
+
+
+def dicom_to_grey(data: bytes, max_pixels: int) -> np.ndarray:
+    """DICOM bytes -> 2-D uint8 grey image. Raises DicomError with the reason."""
+    return read_dicom(data, max_pixels).grey
 
 
 def _display(values: np.ndarray, ds: Any, photometric: str, present: np.ndarray | None = None) -> np.ndarray:

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import io
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, JpegImagePlugin, PngImagePlugin
 
-from .dicom import DICOM_SUFFIXES, DicomError, dicom_to_grey, is_dicom
+from .dicom import DICOM_SUFFIXES, DicomError, is_dicom, read_dicom
 
 IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png", *DICOM_SUFFIXES)
 ACCEPTED_FORMATS = ("JPEG", "PNG", "DICOM")
@@ -126,8 +127,17 @@ def _decode_raster(data: bytes, label: str, max_megapixels: float) -> np.ndarray
         raise ImageLoadError(label, f"cannot decode the image ({type(e).__name__}: {e})") from None
 
 
-def load_grey(source: str | os.PathLike | bytes, name: str | None = None, max_megapixels: float = DEFAULT_MAX_MEGAPIXELS) -> np.ndarray:
-    """Decode a JPEG, PNG or DICOM file (a path or its bytes) into a 2-D uint8 grey array.
+@dataclass
+class LoadedImage:
+    """A decoded file: its grey pixels and what its header says the model was not trained for."""
+
+    grey: np.ndarray  # 2-D uint8
+    warnings: list[str] = field(default_factory=list)  # `dicom.acquisition_warnings`; none for JPEG and PNG
+
+
+def load_grey_with_info(source: str | os.PathLike | bytes, name: str | None = None,
+                        max_megapixels: float = DEFAULT_MAX_MEGAPIXELS) -> LoadedImage:
+    """Decode a JPEG, PNG or DICOM file (a path or its bytes) into a LoadedImage: 2-D uint8 grey, and warnings.
 
     JPEG/PNG: EXIF orientation applied; 16-bit images stretched to their own range. DICOM: see `dicom`.
     Other formats are refused, whatever the file is called.
@@ -142,20 +152,27 @@ def load_grey(source: str | os.PathLike | bytes, name: str | None = None, max_me
         raise ImageLoadError(label, f"cannot read file ({getattr(e, 'strerror', None) or e})") from None
     if not data:
         raise ImageLoadError(label, "file is empty (0 bytes)")
+    found: list[str] = []
     if is_dicom(data) or label.lower().endswith(DICOM_SUFFIXES):
         try:
-            grey = dicom_to_grey(data, int(max_megapixels * 1_000_000))
+            image = read_dicom(data, int(max_megapixels * 1_000_000))
         except DicomError as e:
             raise ImageLoadError(label, str(e)) from None
         except MemoryError:
             raise ImageLoadError(label, "not enough memory to decode the DICOM pixel data") from None
-        except Exception as e:  # dicom_to_grey names its failures; anything else is still this file's error
+        except Exception as e:  # read_dicom names its failures; anything else is still this file's error
             raise ImageLoadError(label, f"malformed DICOM ({type(e).__name__}: {e})") from None
+        grey, found = image.grey, image.warnings
     else:
         grey = _decode_raster(data, label, max_megapixels)
     if grey.ndim != 2 or min(grey.shape) < 1:
         raise ImageLoadError(label, f"unexpected pixel array of shape {grey.shape}")
-    return grey
+    return LoadedImage(grey, found)
+
+
+def load_grey(source: str | os.PathLike | bytes, name: str | None = None, max_megapixels: float = DEFAULT_MAX_MEGAPIXELS) -> np.ndarray:
+    """The 2-D uint8 grey pixels of `load_grey_with_info`. Raises ImageLoadError, and nothing else, for any bytes."""
+    return load_grey_with_info(source, name, max_megapixels).grey
 
 
 def resize(grey: np.ndarray, size: int, resize_filter: str = "nearest") -> np.ndarray:
@@ -171,3 +188,10 @@ def load_for_model(source: str | os.PathLike | bytes, size: int, resize_filter: 
                    max_megapixels: float = DEFAULT_MAX_MEGAPIXELS) -> np.ndarray:
     """Decode and resize: the uint8 size x size array that the cache stores and models consume."""
     return resize(load_grey(source, name=name, max_megapixels=max_megapixels), size, resize_filter)
+
+
+def load_for_model_with_info(source: str | os.PathLike | bytes, size: int, resize_filter: str, name: str | None = None,
+                             max_megapixels: float = DEFAULT_MAX_MEGAPIXELS) -> LoadedImage:
+    """`load_for_model`, with the file's warnings: one decode."""
+    image = load_grey_with_info(source, name=name, max_megapixels=max_megapixels)
+    return LoadedImage(resize(image.grey, size, resize_filter), image.warnings)
