@@ -141,7 +141,9 @@ class ResultLog:
     def write(self, **fields: Any) -> None:
         fields.setdefault("time", dt.datetime.now(dt.timezone.utc).isoformat(timespec="milliseconds"))
         buf = io.StringIO()
-        csv.writer(buf).writerow(["" if fields.get(c) is None else str(fields[c]) for c in COLUMNS])
+        # one line a row: a decoder's message over several lines is joined into one
+        csv.writer(buf).writerow(["" if fields.get(c) is None else re.sub(r"\s*[\r\n]+\s*", " ", str(fields[c]))
+                                  for c in COLUMNS])
         with self.lock:
             self._append(buf.getvalue().encode("utf-8", "backslashreplace"))
 
@@ -170,8 +172,10 @@ def _status(code: int, reason: str = "") -> Any:
 
 
 def _header_fields(ds: Any) -> dict[str, str]:
-    return {"sop_instance_uid": str(ds.get("SOPInstanceUID", "")), "study_instance_uid": str(ds.get("StudyInstanceUID", "")),
-            "series_instance_uid": str(ds.get("SeriesInstanceUID", ""))}
+    """The UIDs a dataset gives (those it lacks are left out)."""
+    keywords = {"sop_instance_uid": "SOPInstanceUID", "study_instance_uid": "StudyInstanceUID",
+                "series_instance_uid": "SeriesInstanceUID"}
+    return {k: str(ds.get(v)) for k, v in keywords.items() if ds.get(v)}
 
 
 class Sender:
@@ -370,18 +374,18 @@ class DicomNode:
         limit = self.settings.max_instance_mb * 2**20
         size = len(event.request.DataSet.getvalue()) if event.request.DataSet is not None else 0
         if size > limit:
-            raise Rejected(OUT_OF_RESOURCES, f"instance of {size / 2**20:.1f} MiB is over the "
+            raise Rejected(OUT_OF_RESOURCES, f"instance of {size / 2**20:.2f} MiB is over the "
                                              f"{self.settings.max_instance_mb:g} MiB limit")
-        sop_class = fields["sop_class_uid"]
-        if sop_class not in RADIOGRAPH_CLASSES:
-            raise Rejected(DOES_NOT_MATCH_SOP_CLASS, f"SOP class {sop_class} is not a radiograph: this node "
-                                                     "scores CR and DX images only")
         try:
             ds = event.dataset
             ds.file_meta = event.file_meta
             fields.update(_header_fields(ds))
         except Exception as e:  # a dataset pydicom cannot parse
             raise Rejected(CANNOT_UNDERSTAND, f"cannot read the dataset ({type(e).__name__}: {e})") from None
+        sop_class = fields["sop_class_uid"]
+        if sop_class not in RADIOGRAPH_CLASSES:
+            raise Rejected(DOES_NOT_MATCH_SOP_CLASS, f"SOP class {sop_class} is not a radiograph: this node "
+                                                     "scores CR and DX images only")
         if "PixelData" not in ds:
             raise Rejected(DOES_NOT_MATCH_SOP_CLASS, "a radiograph without pixel data (PixelData missing)")
         data = event.encoded_dataset(include_meta=True)

@@ -1,0 +1,372 @@
+"""The DICOM node against a real PACS: Orthanc on loopback sends it a JPEG-LS radiograph made by DCMTK from a
+real image of the data set, and the Structured Report comes back into Orthanc's study with the probability
+`pneumoscan predict` gives; C-ECHO both ways; objects the node cannot score get a failure status."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import queue
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+ORTHANC = Path("/usr/sbin/Orthanc")
+REAL_TRAIN = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "chest_xray" / "train"
+NODE_AET, PACS_AET = "PNEUMOSCAN", "ORTHANC"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Orthanc:
+    """Orthanc on loopback with a generated configuration: its own storage folder, free HTTP and DICOM ports,
+    remote access, authentication and plugins off, `modalities` registered by name."""
+
+    def __init__(self, folder: Path, modalities: dict[str, tuple[str, str, int]]):
+        import httpx
+
+        folder.mkdir(parents=True, exist_ok=True)
+        self.http_port, self.dicom_port = free_port(), free_port()
+        config = {"Name": "pneumoscan-test", "StorageDirectory": str(folder / "storage"),
+                  "IndexDirectory": str(folder / "storage"), "HttpPort": self.http_port, "DicomPort": self.dicom_port,
+                  "DicomAet": PACS_AET, "RemoteAccessAllowed": False, "AuthenticationEnabled": False, "Plugins": [],
+                  "DicomModalities": {k: list(v) for k, v in modalities.items()}, "DicomScuTimeout": 60,
+                  "StableAge": 60, "HttpTimeout": 120, "SaveJobs": False, "LimitJobs": 100}
+        (folder / "orthanc.json").write_text(json.dumps(config, indent=2))
+        self.log = open(folder / "orthanc.log", "wb")
+        self.proc = subprocess.Popen([str(ORTHANC), str(folder / "orthanc.json")], stdout=self.log, stderr=subprocess.STDOUT)
+        self.url = f"http://127.0.0.1:{self.http_port}"
+        self.http = httpx.Client(base_url=self.url, timeout=120)
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                if self.http.get("/system").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"Orthanc did not start: see {folder / 'orthanc.log'}")
+            time.sleep(0.2)
+
+    def upload(self, data: bytes) -> dict:
+        r = self.http.post("/instances", content=data)
+        r.raise_for_status()
+        return r.json()
+
+    def store(self, modality: str, ids: list[str]):
+        """C-STORE the instances to `modality` over one association; the REST response."""
+        return self.http.post(f"/modalities/{modality}/store", json={"Resources": ids, "Synchronous": True})
+
+    def study_instances(self, study_id: str) -> list[dict]:
+        return self.http.get(f"/studies/{study_id}/instances").json()
+
+    def wait_for_modality(self, study_id: str, modality: str, count: int, timeout: float) -> list[dict]:
+        """Instances of `modality` in the study once there are `count` of them (TimeoutError otherwise)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            found = [i for i in self.study_instances(study_id) if self.series_modality(i) == modality]
+            if len(found) >= count:
+                return found
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{len(found)} of {count} {modality} instance(s) arrived in {timeout:g} s")
+            time.sleep(0.2)
+
+    def series_modality(self, instance: dict) -> str:
+        return self.http.get(f"/series/{instance['ParentSeries']}").json()["MainDicomTags"].get("Modality", "")
+
+    def stop(self) -> None:
+        self.http.close()
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log.close()
+
+
+class NodeProcess:
+    """`pneumoscan dicom-node` as a subprocess; its output lines are collected as they come."""
+
+    def __init__(self, args: list[str], cache: Path):
+        env = {**os.environ, "PNEUMOSCAN_CACHE": str(cache)}
+        self.proc = subprocess.Popen([sys.executable, "-m", "pneumoscan", "dicom-node", *args], env=env, text=True,
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        self.lines: "queue.Queue[str]" = queue.Queue()
+        self.output: list[str] = []
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            self.output.append(line)
+            self.lines.put(line)
+
+    def wait_for(self, text: str, timeout: float = 120) -> str:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                line = self.lines.get(timeout=0.2)
+            except queue.Empty:
+                if self.proc.poll() is not None:
+                    break
+                continue
+            if text in line:
+                return line
+        raise RuntimeError(f"the node never printed {text!r}:\n{''.join(self.output)}")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def make_radiograph(jpeg: Path, out: Path, patient_id: str = "PNEUMO-1", codec: str = "jpls") -> Path:
+    """A DX radiograph of a real JPEG, made by DCMTK: grey JPEG -> img2dcm -> decompressed -> JPEG-LS
+    (`dcmcjpls`) or JPEG lossless (`dcmcjpeg +el`)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    grey, plain = out.with_suffix(".grey.jpg"), out.with_suffix(".plain.dcm")
+    Image.open(jpeg).convert("L").save(grey, quality=95)
+    subprocess.run(["img2dcm", "-k", "Modality=DX", "-k", f"PatientID={patient_id}", "-k", "PatientName=Test^Chest",
+                    "-k", "SOPClassUID=1.2.840.10008.5.1.4.1.1.1.1", "-k", "BodyPartExamined=CHEST",
+                    str(grey), str(out)], check=True)
+    subprocess.run(["dcmdjpeg", str(out), str(plain)], check=True)
+    encode = ["dcmcjpls"] if codec == "jpls" else ["dcmcjpeg", "+el"]
+    subprocess.run([*encode, str(plain), str(out)], check=True)
+    grey.unlink()
+    plain.unlink()
+    return out
+
+
+def results(out: Path) -> list[dict[str, str]]:
+    with open(out / "results.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+# --- fixtures ---------------------------------------------------------------------------------------------
+
+needs_servers = pytest.mark.skipif(not ORTHANC.exists() or not shutil.which("img2dcm"),
+                                   reason="needs Orthanc (/usr/sbin/Orthanc) and DCMTK (img2dcm), as .ci/run installs")
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    from pneumoscan.train import train
+
+    from .conftest import make_dataset
+    from .test_train_checkpoint import tiny_config
+
+    root = tmp_path_factory.mktemp("dicom-node")
+    train(tiny_config(make_dataset(root / "data"), epochs=1), root / "run", device="cpu", progress=False)
+    return root / "run" / "best.pt"
+
+
+@pytest.fixture(scope="module")
+def radiograph(tmp_path_factory) -> Path:
+    if not REAL_TRAIN.is_dir():
+        pytest.skip(f"real data not found at {REAL_TRAIN}")
+    jpeg = sorted((REAL_TRAIN / "PNEUMONIA").iterdir())[0]
+    return make_radiograph(jpeg, tmp_path_factory.mktemp("radiograph") / "chest.dcm")
+
+
+@pytest.fixture(scope="module")
+def pacs_and_node(checkpoint, tmp_path_factory):
+    """Orthanc with the node registered as modality 'pneumoscan', and the node sending reports to Orthanc."""
+    pytest.importorskip("pynetdicom")
+    pytest.importorskip("highdicom")
+    pytest.importorskip("httpx")
+    folder = tmp_path_factory.mktemp("pacs")
+    node_port = free_port()
+    pacs = Orthanc(folder / "orthanc", {"pneumoscan": (NODE_AET, "127.0.0.1", node_port)})
+    node = None
+    try:
+        node = NodeProcess([str(checkpoint), "--out", str(folder / "node"), "--port", str(node_port),
+                            "--ae-title", NODE_AET, "--send-to", f"{PACS_AET}@127.0.0.1:{pacs.dicom_port}",
+                            "--max-instance-mb", "1"], folder / "cache")
+        node.wait_for("listening on")
+        yield pacs, node, folder / "node"
+    finally:
+        if node is not None:
+            node.stop()
+        pacs.stop()
+
+
+# --- tests ------------------------------------------------------------------------------------------------
+
+@needs_servers
+def test_c_echo_both_ways(pacs_and_node):
+    pacs, node, _ = pacs_and_node
+    assert "C-ECHO to ORTHANC@127.0.0.1" in node.wait_for("C-ECHO to") and "status 0x0000" in "".join(node.output)
+    assert pacs.http.post("/modalities/pneumoscan/echo", json={}).status_code == 200
+    echo = subprocess.run(["echoscu", "-aet", NODE_AET, "-aec", PACS_AET, "127.0.0.1", str(pacs.dicom_port)],
+                          capture_output=True, text=True, timeout=60)
+    assert echo.returncode == 0, echo.stderr
+
+
+@needs_servers
+def test_a_radiograph_from_the_pacs_comes_back_as_a_structured_report(pacs_and_node, radiograph, checkpoint, tmp_path):
+    import pydicom
+
+    from pneumoscan.cli import main
+    from pneumoscan.dicom_sr import RESEARCH_USE, read_report
+
+    pacs, node, out = pacs_and_node
+    source = pydicom.dcmread(radiograph, stop_before_pixels=True)
+    assert source.file_meta.TransferSyntaxUID == pydicom.uid.JPEGLSLossless
+    uploaded = pacs.upload(radiograph.read_bytes())
+    r = pacs.store("pneumoscan", [uploaded["ID"]])
+    assert r.status_code == 200, r.text
+    [sr_instance] = pacs.wait_for_modality(uploaded["ParentStudy"], "SR", 1, timeout=60)
+    sr = pydicom.dcmread(__import__("io").BytesIO(pacs.http.get(f"/instances/{sr_instance['ID']}/file").content))
+    report = read_report(sr)
+
+    assert main(["predict", str(checkpoint), str(radiograph), "--out", str(tmp_path / "p.csv"), "--device", "cpu"]) == 0
+    with open(tmp_path / "p.csv", newline="") as f:
+        [predicted] = list(csv.DictReader(f))
+    assert report["probability"] == pytest.approx(float(predicted["probability"]), abs=5e-7)  # the CSV's 6 decimals
+    assert report["finding"] == ("233604007" if predicted["label"] == "PNEUMONIA" else "17621005")
+    assert report["threshold"] == pytest.approx(float(predicted["threshold"]), abs=5e-7)
+    assert report["source"] == (source.SOPClassUID, source.SOPInstanceUID)
+    assert (sr.StudyInstanceUID, sr.PatientID) == (source.StudyInstanceUID, source.PatientID)
+    assert sr.SeriesInstanceUID != source.SeriesInstanceUID
+    assert RESEARCH_USE in report["texts"] and any(t.startswith("pneumoscan ") for t in report["texts"])
+
+    rows = {r["event"]: r for r in results(out) if r["sop_instance_uid"] == source.SOPInstanceUID}
+    assert rows["scored"]["status"] == "0x0000" and rows["scored"]["calling_ae"] == PACS_AET
+    assert float(rows["scored"]["probability"]) == pytest.approx(float(predicted["probability"]), abs=1e-6)
+    assert rows["scored"]["study_instance_uid"] == source.StudyInstanceUID
+    assert (out / rows["scored"]["file"]).read_bytes()[128:132] == b"DICM"
+    assert rows["sr-sent"]["sent_sop_instance_uid"] == sr.SOPInstanceUID
+
+
+@needs_servers
+def test_what_the_node_cannot_score_gets_a_failure_status_and_the_node_stays_up(pacs_and_node, radiograph):
+    """An SR through Orthanc (0xA900), undecodable pixels (0xC000) and an instance over the 1 MiB limit (0xA700)
+    straight from a pynetdicom client; each is a row of results.csv with its reason, and the node answers on."""
+    import pydicom
+    from pydicom.encaps import encapsulate
+    from pynetdicom import AE
+    from pynetdicom.sop_class import DigitalXRayImageStorageForPresentation, Verification
+
+    from pneumoscan.dicom_sr import ModelInfo, Score, structured_report
+
+    pacs, node, out = pacs_and_node
+    dx = pydicom.dcmread(radiograph)
+    sr = structured_report(dx, Score(0.5, True, "PNEUMONIA", 0.5), ModelInfo("m", "0", "r", "c"))
+    sr_uploaded = pacs.upload(_part10(sr))
+    assert pacs.store("pneumoscan", [sr_uploaded["ID"]]).status_code != 200  # Orthanc's job fails
+
+    garbled = pydicom.dcmread(radiograph)
+    garbled.SOPInstanceUID = pydicom.uid.generate_uid()
+    garbled.PixelData = encapsulate([b"\xff\xd8" + bytes(1000)])  # a stream that ends after its first marker
+    big = pydicom.dcmread(radiograph)
+    big.SOPInstanceUID = pydicom.uid.generate_uid()
+    big.decompress()
+    big.Rows, big.Columns = 1024, 1024
+    big.PixelData = np.random.default_rng(0).integers(0, 255, (1024, 1024), dtype=np.uint8).tobytes()
+    ae = AE(ae_title="TESTSCU")
+    for syntax in (pydicom.uid.JPEGLSLossless, pydicom.uid.ExplicitVRLittleEndian):  # one context each
+        ae.add_requested_context(DigitalXRayImageStorageForPresentation, syntax)
+    ae.add_requested_context(Verification)
+    assoc = ae.associate("127.0.0.1", int(node.proc.args[node.proc.args.index("--port") + 1]), ae_title=NODE_AET)
+    assert assoc.is_established
+    try:
+        assert assoc.send_c_store(garbled).Status == 0xC000
+        assert assoc.send_c_store(big).Status == 0xA700
+        assert assoc.send_c_echo().Status == 0x0000
+    finally:
+        assoc.release()
+
+    rows = {r["sop_instance_uid"]: r for r in results(out) if r["event"] == "rejected"}
+    assert rows[sr.SOPInstanceUID]["status"] == "0xA900" and "not a radiograph" in rows[sr.SOPInstanceUID]["error"]
+    assert rows[garbled.SOPInstanceUID]["status"] == "0xC000" and "pixel data" in rows[garbled.SOPInstanceUID]["error"]
+    assert rows[big.SOPInstanceUID]["status"] == "0xA700" and "limit" in rows[big.SOPInstanceUID]["error"]
+    assert node.proc.poll() is None
+    assert pacs.http.post("/modalities/pneumoscan/echo", json={}).status_code == 200
+
+
+def _part10(ds) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()
+
+
+# --- the node in-process: what needs no PACS ------------------------------------------------------------
+
+def test_send_to_is_parsed_or_refused_with_the_form_it_needs():
+    from pneumoscan.dicom_node import Destination
+
+    assert Destination.parse("ORTHANC@pacs.example:4242") == Destination("ORTHANC", "pacs.example", 4242)
+    for bad in ("ORTHANC", "ORTHANC@host", "@host:104", "A_TITLE_LONGER_THAN_16@h:104", "PACS@h:0", "PACS@h:70000"):
+        with pytest.raises(ValueError, match="AE@HOST:PORT"):
+            Destination.parse(bad)
+
+
+def test_the_results_file_ends_a_torn_row_before_the_next(tmp_path):
+    from pneumoscan.dicom_node import COLUMNS, ResultLog
+
+    ResultLog(tmp_path / "results.csv").write(event="scored", sop_instance_uid="1.2.3", error="line one\nline two")
+    with open(tmp_path / "results.csv", "a") as f:
+        f.write("2026-01-01T00:00:00,scored,0x0000,1.2.4")  # a crash in the middle of a row
+    ResultLog(tmp_path / "results.csv").write(event="rejected", sop_instance_uid="1.2.5")
+    lines = (tmp_path / "results.csv").read_text().splitlines()
+    assert lines[0] == ",".join(COLUMNS) and len(lines) == 4
+    rows = results(tmp_path)
+    assert [r["sop_instance_uid"] for r in rows] == ["1.2.3", "1.2.4", "1.2.5"]
+    assert rows[0]["error"] == "line one line two" and rows[2]["event"] == "rejected"
+
+
+def test_reports_that_cannot_be_delivered_are_retried_then_recorded_and_the_node_answers_on(checkpoint, radiograph,
+                                                                                             tmp_path):
+    pytest.importorskip("pynetdicom")
+    pytest.importorskip("highdicom")
+    import pydicom
+    from pynetdicom import AE
+    from pynetdicom.sop_class import DigitalXRayImageStorageForPresentation, Verification
+
+    from pneumoscan.dicom_node import DicomNode, Destination, NodeSettings
+    from pneumoscan.predict import Predictor
+
+    nobody = Destination("NOBODY", "127.0.0.1", free_port())  # nothing listens there
+    settings = NodeSettings(out=tmp_path / "node", port=free_port(), send_to=nobody, send_attempts=2, retry_wait_s=0.05)
+    node = DicomNode(Predictor(checkpoint, device="cpu"), settings)
+    node.start()
+    try:
+        ae = AE(ae_title="TESTSCU")
+        ae.add_requested_context(DigitalXRayImageStorageForPresentation, pydicom.uid.JPEGLSLossless)
+        ae.add_requested_context(Verification)
+        assoc = ae.associate("127.0.0.1", node.port, ae_title=NODE_AET)
+        try:
+            assert assoc.send_c_store(pydicom.dcmread(radiograph)).Status == 0x0000
+            deadline = time.monotonic() + 30
+            while not any(r["event"] == "sr-failed" for r in results(tmp_path / "node")) and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert assoc.send_c_echo().Status == 0x0000
+        finally:
+            assoc.release()
+    finally:
+        node.stop()
+    [scored, failed] = results(tmp_path / "node")
+    assert scored["event"] == "scored" and failed["event"] == "sr-failed"
+    assert failed["error"] == f"no association with {nobody} (after 2 attempts)"
