@@ -475,7 +475,8 @@ def acquisition_warnings(ds: Any) -> list[str]:
 
     Reads ViewPosition, BodyPartExamined, Modality, PatientAge (or PatientBirthDate with the study's date),
     PhotometricInterpretation, BitsStored and PixelSpacing/ImagerPixelSpacing. An absent attribute gives no
-    warning; one that is present but cannot be read does. Never raises.
+    warning; one that is present but cannot be read does. No sentence holds a ';', so a list of them can be
+    joined with '; ' and split again. Never raises.
     """
     found: list[str] = []
     checks = (_view_warning, _body_part_warning, _modality_warning, _age_warning, _colour_warning,
@@ -488,28 +489,28 @@ def acquisition_warnings(ds: Any) -> list[str]:
         except Exception as e:  # a header too malformed to check this one thing
             message = f"{check.__name__.strip('_').replace('_warning', '')} could not be checked ({type(e).__name__})"
         if message:
-            found.append(message)
+            found.append(message.replace(";", ","))
     return found
 
 
 def _view_warning(ds: Any) -> str | None:
     view = _text(ds, "ViewPosition")
     if view in LATERAL_VIEWS:
-        return f"ViewPosition {view}: a lateral view; the model was trained on frontal (PA/AP) chest radiographs"
+        return f"ViewPosition {view}: a lateral view, but the model was trained on frontal (PA/AP) chest radiographs"
     return None
 
 
 def _body_part_warning(ds: Any) -> str | None:
     part = _text(ds, "BodyPartExamined")
     if part and part not in CHEST_BODY_PARTS:
-        return f"BodyPartExamined {part}: not a chest; the model was trained on chest radiographs"
+        return f"BodyPartExamined {part}: not a chest, but the model was trained on chest radiographs"
     return None
 
 
 def _modality_warning(ds: Any) -> str | None:
     modality = _text(ds, "Modality")
     if modality and modality not in RADIOGRAPH_MODALITIES:
-        return f"Modality {modality}: not a radiograph (CR or DX); the model was trained on chest radiographs"
+        return f"Modality {modality}: not a radiograph (CR or DX), but the model was trained on chest radiographs"
     return None
 
 
@@ -517,16 +518,16 @@ def _age_warning(ds: Any) -> str | None:
     try:
         years, source = _age_years(ds)
     except ValueError as e:
-        return f"{e}; the model was trained on children aged 1 to 5"
+        return f"{e}, and the model was trained on children aged 1 to 5"
     if years is not None and years >= ADULT_AGE_YEARS:
-        return f"{source}: an adult of {years:.0f} years; the model was trained on children aged 1 to 5"
+        return f"{source}: an adult of {years:.0f} years, but the model was trained on children aged 1 to 5"
     return None
 
 
 def _colour_warning(ds: Any) -> str | None:
     photometric = _text(ds, "PhotometricInterpretation")
     if photometric and not photometric.startswith("MONOCHROME"):
-        return (f"PhotometricInterpretation {photometric}: a colour image, converted to grey; "
+        return (f"PhotometricInterpretation {photometric}: a colour image, converted to grey, but "
                 "the model was trained on greyscale radiographs")
     return None
 

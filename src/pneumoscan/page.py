@@ -16,7 +16,7 @@ body{font:15px/1.5 system-ui,sans-serif;max-width:1100px;margin:1.5em auto;paddi
 .card .name{font-weight:600;word-break:break-all}
 .PNEUMONIA,.BACTERIAL,.VIRAL{color:#b00020;font-weight:700}.NORMAL{color:#1b5e20;font-weight:700}
 .error{color:#b00020}
-.note{color:#8a6d00;font-size:.9em}
+.note{background:#fff3cd;border-left:4px solid #e0a800;color:#5c4500;padding:.3em .6em;margin:.4em 0}
 .ood{color:#b00020;font-weight:bold}
 label.toggle{font-size:.9em}
 #token{width:16em}
@@ -72,7 +72,7 @@ function show(item, objectUrl) {
     card.appendChild(text('p', 'This image is outside what this model was trained on (out-of-distribution score ' +
       num(item.ood_score, 1) + '): the probability above means little.', 'ood'));
   }
-  (item.warnings || []).forEach(w => card.appendChild(text('p', 'Note: ' + w, 'note')));
+  (item.warnings || []).forEach(w => card.appendChild(text('p', 'Warning: ' + w, 'note')));  // beside the probability
   if (item.probabilities) {  // a three-class model: each class's probability
     card.appendChild(text('p', Object.entries(item.probabilities).map(([k, v]) => k + ' ' + num(v, 3)).join(' · '), 'classes'));
   }

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from . import checkpoint as ckpt_io
-from .images import ImageLoadError, is_image_file, load_for_model
+from .images import ImageLoadError, LoadedImage, is_image_file, load_for_model_with_info
 from .calibration import OutputMap, move, output_map
 from .metrics import decide
 from .fileio import atomic_write_text, write_json
@@ -93,7 +93,11 @@ class Predictor:
 
     def load(self, source: str | os.PathLike | bytes, name: str | None = None) -> np.ndarray:
         """File or bytes -> uint8 (S, S) pixels exactly as the model was trained on. Raises ImageLoadError."""
-        return load_for_model(source, self.prep.image_size, self.prep.resize_filter, name=name)
+        return self.load_with_info(source, name).grey
+
+    def load_with_info(self, source: str | os.PathLike | bytes, name: str | None = None) -> LoadedImage:
+        """`load`, with the warnings of the file's header (`dicom.acquisition_warnings`). Raises ImageLoadError."""
+        return load_for_model_with_info(source, self.prep.image_size, self.prep.resize_filter, name=name)
 
     def predict_arrays(self, pixels: np.ndarray) -> np.ndarray:
         """(N, S, S) uint8 -> (N,) probability of pneumonia."""
@@ -131,33 +135,34 @@ class Predictor:
                                            None if class_probs is None else np.asarray(class_probs)[None])[0])]
 
     def prediction(self, path: str, probability: float, class_probs: np.ndarray | None = None,
-                   ood_score: float | None = None) -> Prediction:
+                   ood_score: float | None = None, warnings: list[str] | None = None) -> Prediction:
         probabilities = None if class_probs is None else {n: float(p) for n, p in zip(self.class_names, class_probs)}
         return Prediction(path, float(probability), self.label_of(probability, class_probs), probabilities=probabilities,
-                          **result_fields(ood_score, self.ood))
+                          **result_fields(ood_score, self.ood), warnings=list(warnings or []))
 
     def predict_file(self, source: str | os.PathLike | bytes, name: str | None = None) -> Prediction:
         label = name or str(source)
         try:
-            probs, class_probs, ood = self.score(self.load(source, name=name)[None])
+            image = self.load_with_info(source, name=name)
+            probs, class_probs, ood = self.score(image.grey[None])
         except ImageLoadError as e:
             return Prediction(label, None, None, str(e))
         return self.prediction(label, probs[0], None if class_probs is None else class_probs[0],
-                               None if ood is None else ood[0])
+                               None if ood is None else ood[0], image.warnings)
 
     def predict_files(self, paths: Iterable[str]) -> Iterator[Prediction]:
         """Score files in batches; unreadable files come back with their error, in input order."""
-        batch: list[tuple[str, np.ndarray]] = []
+        batch: list[tuple[str, LoadedImage]] = []
         pending: list[Prediction | None] = []
 
         def flush() -> Iterator[Prediction]:
-            probs, class_probs, ood = self.score(np.stack([a for _, a in batch])) if batch else ([], None, None)
+            probs, class_probs, ood = self.score(np.stack([a.grey for _, a in batch])) if batch else ([], None, None)
             it = iter(enumerate(batch))
             for slot in pending:
                 if slot is None:
-                    i, (path, _) = next(it)
+                    i, (path, image) = next(it)
                     yield self.prediction(path, probs[i], None if class_probs is None else class_probs[i],
-                                          None if ood is None else ood[i])
+                                          None if ood is None else ood[i], image.warnings)
                 else:
                     yield slot
             batch.clear()
@@ -165,7 +170,7 @@ class Predictor:
 
         for path in paths:
             try:
-                batch.append((path, self.load(path)))
+                batch.append((path, self.load_with_info(path)))
                 pending.append(None)
             except ImageLoadError as e:
                 pending.append(Prediction(path, None, None, str(e)))
@@ -240,20 +245,23 @@ def score_paths(checkpoint: str | os.PathLike, inputs: Iterable[str], device: st
 def predict_paths(checkpoint: str | os.PathLike, inputs: Iterable[str], out_csv: str | os.PathLike,
                   device: str = "auto", batch_size: int = 32, backend: str = "torch",
                   prevalence: float | str | None = None, estimate: bool = False) -> list[Prediction]:
-    """Score every image under `inputs` and write `out_csv` (path, probability, label, error, prior,
-    prior_source, threshold, ood_score, outside_training: empty without a detector or for an unreadable
-    file), valid UTF-8: bytes of a file name that are not UTF-8 are written as backslash escapes
-    (`fileio.printable`). With an estimate of the prevalence, it is also written to OUT_CSV.prevalence.json."""
+    """Score every image under `inputs` and write `out_csv` (path, probability, label, error, warnings: the
+    file's header warnings joined by "; ", empty when none; prior, prior_source, threshold, ood_score,
+    outside_training: empty without a detector or for an unreadable file), valid UTF-8: bytes of a file name
+    that are not UTF-8 are written as backslash escapes (`fileio.printable`). With an estimate of the
+    prevalence, it is also written to OUT_CSV.prevalence.json."""
     results, predictor, estimated = score_paths(checkpoint, inputs, device, batch_size, backend, prevalence, estimate)
     buf = io.StringIO()
     w = csv.writer(buf)
     per_class = len(predictor.class_names) > 2  # three-class models: one more column per class
-    w.writerow(["path", "probability", "label", "error"] + ([f"p_{n}" for n in predictor.class_names] if per_class else [])
+    w.writerow(["path", "probability", "label", "error", "warnings"]
+               + ([f"p_{n}" for n in predictor.class_names] if per_class else [])
                + ["prior", "prior_source", "threshold", "ood_score", "outside_training"])
     prior = predictor.output.prior_used
     tail = ["" if prior is None else f"{prior:.6f}", predictor.output.source, f"{predictor.threshold:.6f}"]
     for r in results:
-        w.writerow([r.path, "" if r.probability is None else f"{r.probability:.6f}", r.label or "", r.error or ""] +
+        w.writerow([r.path, "" if r.probability is None else f"{r.probability:.6f}", r.label or "", r.error or "",
+                    "; ".join(r.warnings)] +
                    ([f"{r.probabilities[n]:.6f}" if r.probabilities else "" for n in predictor.class_names] if per_class else [])
                    + tail + ood_cells(r.ood_score, r.outside_training))
     atomic_write_text(out_csv, buf.getvalue())

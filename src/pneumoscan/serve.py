@@ -33,7 +33,7 @@ from . import __version__
 from .calibration import move
 from .explain import cam_for_batch, overlay, png_bytes
 from .fileio import optional_import
-from .images import ImageLoadError, load_grey, resize
+from .images import ImageLoadError, load_grey_with_info, resize
 from .modelcard import model_card, validation_metrics
 from .page import PAGE_HTML
 from .ood import result_fields
@@ -279,11 +279,13 @@ def new_result(predictor: Predictor, name: str, output: Any = None) -> dict[str,
 
 def prepare_upload(predictor: Predictor, name: str, data: bytes) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """Decode one upload (in a decoding slot): the model's input, the image to draw an overlay on (at most
-    512 px, enough for a browser), and warnings about the image. Raises `ImageLoadError`."""
-    grey = load_grey(data, name=name)
+    512 px, enough for a browser), and warnings about the image: its header's (`dicom.acquisition_warnings`),
+    then its size's. Raises `ImageLoadError`."""
+    image = load_grey_with_info(data, name=name)
+    grey = image.grey
     prep = predictor.config.preprocessing
     h, w = grey.shape
-    warnings = []
+    warnings = list(image.warnings)
     if max(h, w) < prep.image_size:
         warnings.append(f"image is {w}x{h} px, smaller than the model's {prep.image_size}x{prep.image_size} input: enlarged")
     if max(h, w) > 2 * min(h, w):
@@ -362,7 +364,9 @@ def api_models() -> Any:
         model: str
         heatmap_png: str | None = Field(description="the Grad-CAM overlay as a base64 PNG (at most 512 px), or null")
         probabilities: dict[str, float] | None = Field(description="per class (three-class models), else null")
-        warnings: list[str] = Field(description="what about the image may make the answer less reliable")
+        warnings: list[str] = Field(description="what about the image may make the answer less reliable: what its "
+                                    "DICOM header says the model was not trained for (a lateral view, another body "
+                                    "part or modality, an adult, colour, bits, field of view), then its size")
         error: str | None = Field(description="why the file could not be read, or null")
         prior: float | None = Field(description="the pneumonia prevalence this probability is at")
         prior_source: str = Field(description="'model' (the model's own prior), 'given' (the server's --prevalence "
