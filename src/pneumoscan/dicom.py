@@ -274,10 +274,10 @@ def _decode(ds: Any, syntax: Any) -> tuple[np.ndarray, str]:
         try:
             available = get_decoder(syntax).available_plugins
         except Exception:  # a transfer syntax pydicom has no decoder for
-            available = ()
+            raise ValueError("no decoder exists for it") from None
         plugins = sorted(available, key=lambda p: _PLUGIN_ORDER.index(p) if p in _PLUGIN_ORDER else len(_PLUGIN_ORDER))
         if not plugins:
-            raise ValueError("no decoder installed for it: pip install 'pneumoscan[dicom]'")
+            raise ValueError("no decoder for it is installed: pip install 'pneumoscan[dicom]' (pylibjpeg)")
         failures = []
         for plugin in plugins:
             try:
@@ -320,8 +320,7 @@ def read_dicom(data: bytes, max_pixels: int) -> DicomImage:
         pixels, plugin = _decode(ds, syntax)
     except Exception as e:  # missing decoder plugin, truncated pixel data, ...
         name = getattr(syntax, "name", str(syntax))
-        raise DicomError(f"cannot decode the pixel data (transfer syntax {name}: {e}); compressed syntaxes need a "
-                         "plugin such as pylibjpeg or python-gdcm") from None
+        raise DicomError(f"cannot decode the pixel data (transfer syntax {name}: {e})") from None
     try:
         grey = _to_uint8(pixels, ds, photometric)
     except DicomError:
