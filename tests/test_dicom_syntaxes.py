@@ -152,3 +152,13 @@ def test_frame_larger_than_the_header_is_refused_before_decoding(originals, tmp_
     ds.save_as(dst)
     with pytest.raises(ImageLoadError, match=r"compressed frame is \d+x\d+, larger than the \d+x\d+ image"):
         load_grey(dst)
+
+
+def test_a_missing_decoder_names_the_extra_to_install(originals, tmp_path, monkeypatch):
+    from pydicom.pixels.decoders.base import Decoder
+
+    dst = tmp_path / "ls.dcm"
+    _dcmtk("dcmcjpls", "+el")(originals[8], dst)
+    monkeypatch.setattr(Decoder, "available_plugins", property(lambda self: ()))  # as without pylibjpeg & co.
+    with pytest.raises(ImageLoadError, match=r"JPEG-LS Lossless.*no decoder for it is installed: pip install 'pneumoscan\[dicom\]'"):
+        load_grey(dst)
