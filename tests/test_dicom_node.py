@@ -170,13 +170,21 @@ needs_servers = pytest.mark.skipif(not ORTHANC.exists() or not shutil.which("img
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
+    """A tiny ResNet-18 after one epoch: unlike the paper's network at this size, its probability and its
+    Grad-CAM map depend on the image, so a report carrying another image's probability would show."""
+    pytest.importorskip("monai")
+    from pneumoscan.predict import Predictor
     from pneumoscan.train import train
 
     from .conftest import make_dataset
     from .test_train_checkpoint import tiny_config
 
     root = tmp_path_factory.mktemp("dicom-node")
-    train(tiny_config(make_dataset(root / "data"), epochs=1), root / "run", device="cpu", progress=False)
+    cfg = tiny_config(make_dataset(root / "data"), epochs=1).override("model", name="resnet18")
+    train(cfg, root / "run", device="cpu", progress=False)
+    probs = Predictor(root / "run" / "best.pt", device="cpu").predict_arrays(
+        np.stack([np.full((48, 48), 40, np.uint8), np.full((48, 48), 200, np.uint8)]))
+    assert abs(probs[0] - probs[1]) > 1e-3, probs
     return root / "run" / "best.pt"
 
 
@@ -302,6 +310,54 @@ def test_what_the_node_cannot_score_gets_a_failure_status_and_the_node_stays_up(
     assert rows[big.SOPInstanceUID]["status"] == "0xA700" and "limit" in rows[big.SOPInstanceUID]["error"]
     assert node.proc.poll() is None
     assert pacs.http.post("/modalities/pneumoscan/echo", json={}).status_code == 200
+
+
+@needs_servers
+def test_the_grad_cam_overlay_comes_back_as_a_secondary_capture(pacs_and_node, checkpoint, radiograph, tmp_path):
+    """An in-process node with secondary capture on, sending to the same Orthanc: the report and the overlay
+    arrive in the source's study, the overlay referring to its source image and carrying the same probability."""
+    import io
+
+    import pydicom
+    from pynetdicom import AE
+    from pynetdicom.sop_class import DigitalXRayImageStorageForPresentation
+
+    from pneumoscan.dicom_node import DicomNode, Destination, NodeSettings
+    from pneumoscan.dicom_sr import read_report
+    from pneumoscan.predict import Predictor
+
+    pacs, _, _ = pacs_and_node
+    source = pydicom.dcmread(radiograph)
+    source.StudyInstanceUID, source.SOPInstanceUID = pydicom.uid.generate_uid(), pydicom.uid.generate_uid()
+    settings = NodeSettings(out=tmp_path / "node", port=free_port(), secondary_capture=True,
+                            send_to=Destination(PACS_AET, "127.0.0.1", pacs.dicom_port))
+    node = DicomNode(Predictor(checkpoint, device="cpu"), settings)
+    node.start()
+    try:
+        ae = AE(ae_title="TESTSCU")
+        ae.add_requested_context(DigitalXRayImageStorageForPresentation, pydicom.uid.JPEGLSLossless)
+        assoc = ae.associate("127.0.0.1", node.port, ae_title=NODE_AET)
+        try:
+            assert assoc.send_c_store(source).Status == 0x0000
+        finally:
+            assoc.release()
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            found = pacs.http.post("/tools/lookup", content=source.StudyInstanceUID).json()
+            if found and len(pacs.study_instances(found[0]["ID"])) >= 2:
+                break
+            time.sleep(0.2)
+    finally:
+        node.stop()
+    objects = {ds.SOPClassUID: ds for ds in (
+        pydicom.dcmread(io.BytesIO(pacs.http.get(f"/instances/{i['ID']}/file").content))
+        for i in pacs.study_instances(found[0]["ID"]))}
+    sr, sc = objects[pydicom.uid.UID("1.2.840.10008.5.1.4.1.1.88.33")], objects[pydicom.uid.UID("1.2.840.10008.5.1.4.1.1.7")]
+    assert sc.SourceImageSequence[0].ReferencedSOPInstanceUID == source.SOPInstanceUID
+    assert (sc.PhotometricInterpretation, sc.SamplesPerPixel, sc.Rows, sc.Columns) == ("RGB", 3, source.Rows, source.Columns)
+    assert sc.pixel_array.std(axis=2).max() > 0  # colour: the heatmap is drawn
+    [scored] = [r for r in results(tmp_path / "node") if r["event"] == "scored"]
+    assert read_report(sr)["probability"] == pytest.approx(float(scored["probability"]), abs=5e-7)
 
 
 def _part10(ds) -> bytes:

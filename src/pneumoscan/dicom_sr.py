@@ -125,6 +125,12 @@ def secondary_capture(source: Any, rgb: np.ndarray, sop_instance_uid: str | None
         manufacturer=MANUFACTURER,
         patient_orientation=tuple(orientation) if orientation and len(orientation) == 2 else ("L", "F"),
         transfer_syntax_uid="1.2.840.10008.1.2.1")
+    from pydicom.dataset import Dataset
+
+    reference = Dataset()
+    reference.ReferencedSOPClassUID, reference.ReferencedSOPInstanceUID = source.SOPClassUID, source.SOPInstanceUID
+    sc.SourceImageSequence = [reference]
+    sc.DerivationDescription = "Grad-CAM evidence for pneumonia drawn over the source image by pneumoscan"
     sc.SeriesDescription = f"pneumoscan Grad-CAM: {RESEARCH_USE}"[:64]
     sc.ImageComments = RESEARCH_USE
     return sc
