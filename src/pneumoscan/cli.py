@@ -66,6 +66,9 @@ def _add_config_flags(p: argparse.ArgumentParser, activation: bool = True) -> No
     p.add_argument("--sampling", choices=["shuffle", "balanced"], help="balanced: draw both classes equally often")
     p.add_argument("--early-stopping", action="store_true", default=None,
                    help="stop when validation accuracy stops improving (Keras semantics of the notebook)")
+    p.add_argument("--precision", choices=["fp32", "bf16"],
+                   help="training arithmetic: bf16 runs forward passes under BF16 autocast (weights, optimizer state, "
+                        "loss and validation stay FP32; refused on a CPU without native BF16) (default: fp32)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda (auto picks CUDA when present)")
     p.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false", default=None,
                    help="on CUDA, run every step eagerly instead of replaying it as a CUDA graph")
@@ -82,6 +85,7 @@ def config_from_args(a: argparse.Namespace) -> Config:
                        early_stopping=a.early_stopping, threshold_rule=a.threshold_rule,
                        target_sensitivity=a.target_sensitivity, class_weight=a.class_weight, sampling=a.sampling,
                        threshold_resamples=a.threshold_resamples, calibration=a.calibration)
+    cfg = cfg.override("train", precision=a.precision)
     cfg = cfg.override("preprocessing", image_size=a.image_size, resize_filter=a.resize_filter)
     return cfg.override("augmentation", zoom=a.zoom, vertical_flip=a.vertical_flip, horizontal_flip=a.horizontal_flip,
                         gamma=a.gamma, contrast=a.contrast, brightness=a.brightness)
@@ -251,6 +255,16 @@ def _add_ensemble(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-progress", action="store_true")
 
 
+def _add_import_keras(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("import-keras", help="a Keras model of the paper's network (.keras or .h5) as a pneumoscan checkpoint")
+    p.add_argument("model", help="the .keras archive or .h5 file (model or weights alone)")
+    p.add_argument("--out", required=True, help="the checkpoint to write (.pt)")
+    p.add_argument("--activation", choices=ACTIVATIONS, default=None,
+                   help="checked against the file; needed for weights alone without PReLU slopes")
+    p.add_argument("--image-size", type=int, default=None, help="weights alone: the input size (default: 150)")
+    p.add_argument("--data", default=None, help=f"data root recorded for evaluate (default: $PNEUMOSCAN_DATA or {DEFAULT_DATA})")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pneumoscan", description="Train, evaluate and apply CNNs that tell pneumonia from normal on chest X-rays.")
     parser.add_argument("--version", action="version", version=f"pneumoscan {__version__}")
@@ -265,6 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_export(sub)
     _add_fit_ood(sub)
     _add_audit(sub)
+    _add_import_keras(sub)
     _add_ensemble(sub)
     _add_dicom_node(sub)
     return parser
@@ -415,11 +430,20 @@ def cmd_ensemble(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_import_keras(a: argparse.Namespace) -> int:
+    from .keras_import import import_keras
+
+    print(json.dumps(import_keras(a.model, a.out, activation=a.activation, image_size=a.image_size,
+                                  data_root=a.data or default_data_root())))
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     commands = {"train": cmd_train, "compare": cmd_compare, "evaluate": cmd_evaluate, "predict": cmd_predict, "export": cmd_export, "explain": cmd_explain, "serve": cmd_serve,
-                "fit-ood": cmd_fit_ood, "audit": cmd_audit, "ensemble": cmd_ensemble, "dicom-node": cmd_dicom_node}
+                "fit-ood": cmd_fit_ood, "audit": cmd_audit, "ensemble": cmd_ensemble, "dicom-node": cmd_dicom_node,
+                "import-keras": cmd_import_keras}
     try:
         return commands[args.command](args)
     except (DataError, ImageLoadError, ImportError, OSError, ValueError, RuntimeError) as e:  # OSError: also RunDirError
