@@ -379,6 +379,13 @@ def test_send_to_is_parsed_or_refused_with_the_form_it_needs():
             Destination.parse(bad)
 
 
+def test_limits_below_one_are_refused_before_the_model_is_loaded(tmp_path, capsys):
+    from pneumoscan.cli import main
+
+    assert main(["dicom-node", str(tmp_path / "missing.pt"), "--out", str(tmp_path), "--max-associations", "0"]) == 2
+    assert "--max-associations" in capsys.readouterr().err
+
+
 def test_the_results_file_ends_a_torn_row_before_the_next(tmp_path):
     from pneumoscan.dicom_node import COLUMNS, ResultLog
 
@@ -405,7 +412,8 @@ def test_reports_that_cannot_be_delivered_are_retried_then_recorded_and_the_node
     from pneumoscan.predict import Predictor
 
     nobody = Destination("NOBODY", "127.0.0.1", free_port())  # nothing listens there
-    settings = NodeSettings(out=tmp_path / "node", port=free_port(), send_to=nobody, send_attempts=2, retry_wait_s=0.05)
+    settings = NodeSettings(out=tmp_path / "node", port=free_port(), send_to=nobody, send_attempts=2, retry_wait_s=0.05,
+                            keep_instances=False)
     node = DicomNode(Predictor(checkpoint, device="cpu"), settings)
     node.start()
     try:
@@ -426,3 +434,4 @@ def test_reports_that_cannot_be_delivered_are_retried_then_recorded_and_the_node
     [scored, failed] = results(tmp_path / "node")
     assert scored["event"] == "scored" and failed["event"] == "sr-failed"
     assert failed["error"] == f"no association with {nobody} (after 2 attempts)"
+    assert scored["file"] == "" and not (tmp_path / "node" / "instances").exists()  # keep_instances=False

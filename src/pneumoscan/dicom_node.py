@@ -91,6 +91,10 @@ class NodeSettings:
     score_timeout_s: float = 120.0
     max_batch: int = 16
 
+    def __post_init__(self) -> None:
+        if self.max_associations < 1 or self.send_attempts < 1 or not self.max_instance_mb > 0:
+            raise ValueError("--max-associations and --send-attempts must be at least 1, --max-instance-mb above 0")
+
 
 def decodable_syntaxes() -> list[str]:
     """Transfer syntaxes pydicom (and so the loader) can decode in this environment, uncompressed first."""
@@ -397,8 +401,7 @@ class DicomNode:
             pixels, shown, warnings = prepare_upload(self.predictor, fields["sop_instance_uid"], data)
         except ImageLoadError as e:
             raise Rejected(CANNOT_UNDERSTAND, e.reason) from None
-        header_warnings = getattr(dicom, "acquisition_warnings", lambda _: [])(ds)
-        warnings = list(header_warnings) + list(warnings)
+        warnings = dicom.acquisition_warnings(ds) + list(warnings)
         try:
             heat, prob, class_probs, ood = self.batcher.score(pixels, self.settings.secondary_capture,
                                                               self.settings.score_timeout_s)
