@@ -24,7 +24,7 @@ from torch import nn
 
 from .fileio import atomic_write_bytes, atomic_write_text, optional_import
 from .inference import model_input
-from .images import ImageLoadError, load_grey, resize
+from .images import ImageLoadError, load_grey_with_info, resize
 from .models import pneumonia_logit, probabilities
 from .ood import captured_features, result_fields
 from .predict import Predictor, expand_paths, ood_cells
@@ -139,24 +139,25 @@ def png_bytes(rgb: np.ndarray, compress_level: int = 6) -> bytes:
 def explain_image(predictor: Predictor, source: str | os.PathLike | bytes, name: str | None = None
                   ) -> tuple[np.ndarray, np.ndarray, float]:
     """(overlay RGB at the original size, heatmap at the original size in [0, 1], P(pneumonia)). Raises ImageLoadError."""
-    rgb, heat, prob, _, _ = _explain(predictor, source, name)
+    rgb, heat, prob = _explain(predictor, source, name)[:3]
     return rgb, heat, prob
 
 
 def _explain(predictor: Predictor, source: str | os.PathLike | bytes, name: str | None = None):
-    grey = load_grey(source, name=name)
+    image = load_grey_with_info(source, name=name)  # the header's warnings from the same decode
+    grey = image.grey
     pixels = resize(grey, predictor.prep.image_size, predictor.prep.resize_filter)
     heats, probs, class_probs, ood = cam_for_batch(predictor, pixels[None])
     heat_full = resize_heat(heats[0], grey.shape)  # once, for both the overlay and the caller
     return (overlay(grey, heat_full), heat_full, float(probs[0]), None if class_probs is None else class_probs[0],
-            None if ood is None else float(ood[0]))
+            None if ood is None else float(ood[0]), image.warnings)
 
 
 def explain_paths(checkpoint: str | os.PathLike, inputs: Iterable[str], out_dir: str | os.PathLike,
                   device: str = "auto", prevalence: float | None = None) -> list[dict[str, str]]:
     """Write OUT/<name>_gradcam.png per image and OUT/explanations.csv (path, probability, label, heatmap, error,
     prior: the prevalence the probability is at, `prevalence` or the model's own; ood_score, outside_training:
-    empty without a detector); bytes of a file name that
+    empty without a detector; warnings: the header's, joined by "; "); bytes of a file name that
     are not UTF-8 are written in the CSV as backslash escapes (`fileio.printable`)."""
     out = Path(out_dir)
     predictor = Predictor(checkpoint, device=device, prevalence=prevalence)
@@ -164,9 +165,10 @@ def explain_paths(checkpoint: str | os.PathLike, inputs: Iterable[str], out_dir:
     rows, used = [], set()
     for path in expand_paths(inputs):
         row = {"path": path, "probability": "", "label": "", "heatmap": "", "error": "",
-               "prior": "" if prior is None else f"{prior:.6f}", "ood_score": "", "outside_training": ""}
+               "prior": "" if prior is None else f"{prior:.6f}", "ood_score": "", "outside_training": "", "warnings": ""}
         try:
-            rgb, _, prob, class_probs, ood = _explain(predictor, path)
+            rgb, _, prob, class_probs, ood, found = _explain(predictor, path)
+            row["warnings"] = "; ".join(found)
         except ImageLoadError as e:
             row["error"] = str(e)
         else:
@@ -183,7 +185,7 @@ def explain_paths(checkpoint: str | os.PathLike, inputs: Iterable[str], out_dir:
             row["ood_score"], row["outside_training"] = ood_cells(fields["ood_score"], fields["outside_training"])
         rows.append(row)
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=["path", "probability", "label", "heatmap", "error", "prior",
+    writer = csv.DictWriter(buf, fieldnames=["path", "probability", "label", "heatmap", "error", "warnings", "prior",
                                              "ood_score", "outside_training"])
     writer.writeheader()
     writer.writerows(rows)
