@@ -36,7 +36,7 @@ class Orthanc:
     """Orthanc on loopback with a generated configuration: its own storage folder, free HTTP and DICOM ports,
     remote access, authentication and plugins off, `modalities` registered by name."""
 
-    def __init__(self, folder: Path, modalities: dict[str, tuple[str, str, int]]):
+    def __init__(self, folder: Path, modalities: dict[str, tuple[str, str, int]], extra: dict | None = None):
         import httpx
 
         folder.mkdir(parents=True, exist_ok=True)
@@ -45,7 +45,7 @@ class Orthanc:
                   "IndexDirectory": str(folder / "storage"), "HttpPort": self.http_port, "DicomPort": self.dicom_port,
                   "DicomAet": PACS_AET, "RemoteAccessAllowed": False, "AuthenticationEnabled": False, "Plugins": [],
                   "DicomModalities": {k: list(v) for k, v in modalities.items()}, "DicomScuTimeout": 60,
-                  "StableAge": 60, "HttpTimeout": 120, "SaveJobs": False, "LimitJobs": 100}
+                  "StableAge": 60, "HttpTimeout": 120, "SaveJobs": False, "LimitJobs": 100, **(extra or {})}
         (folder / "orthanc.json").write_text(json.dumps(config, indent=2))
         self.log = open(folder / "orthanc.log", "wb")
         self.proc = subprocess.Popen([str(ORTHANC), str(folder / "orthanc.json")], stdout=self.log, stderr=subprocess.STDOUT)
@@ -358,6 +358,39 @@ def test_the_grad_cam_overlay_comes_back_as_a_secondary_capture(pacs_and_node, c
     assert sc.pixel_array.std(axis=2).max() > 0  # colour: the heatmap is drawn
     [scored] = [r for r in results(tmp_path / "node") if r["event"] == "scored"]
     assert read_report(sr)["probability"] == pytest.approx(float(scored["probability"]), abs=5e-7)
+
+
+@needs_servers
+def test_the_lua_routing_script_of_the_docs_sends_radiographs_and_not_reports(checkpoint, radiograph, tmp_path):
+    """Orthanc running docs/dicom.md's Lua script: an uploaded DX goes to the node by itself, and the report
+    that comes back is not routed again."""
+    pytest.importorskip("pynetdicom")
+    pytest.importorskip("highdicom")
+    import re
+
+    from pneumoscan.dicom_node import DicomNode, Destination, NodeSettings
+    from pneumoscan.predict import Predictor
+
+    docs = (Path(__file__).resolve().parents[1] / "docs" / "dicom.md").read_text()
+    [script] = re.findall(r"```lua\n(.*?)```", docs, re.S)
+    (tmp_path / "route.lua").write_text(script)
+    node_port = free_port()
+    pacs = Orthanc(tmp_path / "orthanc", {"pneumoscan": (NODE_AET, "127.0.0.1", node_port)},
+                   extra={"LuaScripts": [str(tmp_path / "route.lua")]})
+    node = None
+    try:
+        node = DicomNode(Predictor(checkpoint, device="cpu"),
+                         NodeSettings(out=tmp_path / "node", port=node_port,
+                                      send_to=Destination(PACS_AET, "127.0.0.1", pacs.dicom_port)))
+        node.start()
+        uploaded = pacs.upload(radiograph.read_bytes())
+        pacs.wait_for_modality(uploaded["ParentStudy"], "SR", 1, timeout=60)
+        time.sleep(1)  # a routed report would reach the node within this
+    finally:
+        if node is not None:
+            node.stop()
+        pacs.stop()
+    assert [r["event"] for r in results(tmp_path / "node")] == ["scored", "sr-sent"]
 
 
 def _part10(ds) -> bytes:

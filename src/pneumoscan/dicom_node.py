@@ -365,6 +365,8 @@ class DicomNode:
             return _status(PROCESSING_FAILURE, f"{type(e).__name__}: {e}")
         self.results.write(event="scored", status=f"0x{SUCCESS:04X}", seconds=f"{time.perf_counter() - started:.3f}",
                            **row, **fields)
+        log.info("scored %s from %s: %s %s", fields["sop_instance_uid"], fields["calling_ae"], row["label"],
+                 row["probability"])
         if self.sender is not None:
             self.sender.submit(job)
         return SUCCESS
@@ -443,6 +445,9 @@ def run_node(checkpoint: str, settings: NodeSettings, device: str = "cpu", stop:
     """Load the checkpoint, start the node, echo the destination, and serve until `stop` is set."""
     from .predict import Predictor
 
+    if not log.isEnabledFor(logging.DEBUG):  # a line per association and per copied module: only with -v
+        for name in ("pynetdicom", "highdicom"):
+            logging.getLogger(name).setLevel(logging.WARNING)
     predictor = Predictor(checkpoint, device=device)
     node = DicomNode(predictor, settings, checkpoint_name=checkpoint)
     node.start()
