@@ -1,5 +1,5 @@
 """What a DICOM header says the model was not trained for reaches every output: predict's CSV, the API's
-JSON, the web page; a pediatric frontal chest radiograph and a PNG get no warning."""
+JSON, the web page, explain's CSV; a pediatric frontal chest radiograph and a PNG get no warning."""
 
 from __future__ import annotations
 
@@ -133,6 +133,16 @@ def test_predict_csv_has_each_files_warnings(checkpoint, folder, tmp_path):
     assert set(rows) == set(_files())
     for name, (_, expected) in _files().items():
         assert rows[name]["probability"] != ""
+        _check(name, rows[name]["warnings"].split("; ") if rows[name]["warnings"] else [], expected)
+
+
+def test_explain_csv_has_each_files_warnings(checkpoint, folder, tmp_path):
+    from pneumoscan.explain import explain_paths
+
+    rows = {r["path"].rsplit("/", 1)[-1]: r for r in explain_paths(checkpoint, [str(folder)], tmp_path, device="cpu")}
+    written = {r["path"].rsplit("/", 1)[-1]: r for r in csv.DictReader((tmp_path / "explanations.csv").open())}
+    for name, (_, expected) in _files().items():
+        assert written[name]["warnings"] == rows[name]["warnings"]
         _check(name, rows[name]["warnings"].split("; ") if rows[name]["warnings"] else [], expected)
 
 
