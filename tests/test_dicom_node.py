@@ -468,3 +468,35 @@ def test_reports_that_cannot_be_delivered_are_retried_then_recorded_and_the_node
     assert scored["event"] == "scored" and failed["event"] == "sr-failed"
     assert failed["error"] == f"no association with {nobody} (after 2 attempts)"
     assert scored["file"] == "" and not (tmp_path / "node" / "instances").exists()  # keep_instances=False
+
+
+def test_associations_over_the_limit_are_refused_until_one_ends(checkpoint, tmp_path):
+    pytest.importorskip("pynetdicom")
+    pytest.importorskip("highdicom")
+    from pynetdicom import AE
+    from pynetdicom.sop_class import Verification
+
+    from pneumoscan.dicom_node import DicomNode, NodeSettings
+    from pneumoscan.predict import Predictor
+
+    node = DicomNode(Predictor(checkpoint, device="cpu"), NodeSettings(out=tmp_path, port=free_port(), max_associations=1))
+    node.start()
+    try:
+        ae = AE(ae_title="TESTSCU")
+        ae.add_requested_context(Verification)
+        first = ae.associate("127.0.0.1", node.port, ae_title=NODE_AET)
+        assert first.is_established
+        second = ae.associate("127.0.0.1", node.port, ae_title=NODE_AET)
+        assert second.is_rejected and not second.is_established
+        assert first.send_c_echo().Status == 0x0000
+        first.release()
+        deadline = time.monotonic() + 10
+        while True:
+            third = ae.associate("127.0.0.1", node.port, ae_title=NODE_AET)
+            if third.is_established or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+        assert third.is_established
+        third.release()
+    finally:
+        node.stop()
