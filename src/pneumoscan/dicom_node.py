@@ -296,13 +296,15 @@ class Sender:
 
 
 class DicomNode:
-    """The node: `start()` listens (returns at once), `stop()` closes every association and the sender."""
+    """The node: `start()` listens (returns at once); `stop()` stops listening, lets the associations under way
+    end (aborting those still open after `grace_s`), then sends the reports still waiting."""
 
     def __init__(self, predictor: Any, settings: NodeSettings, checkpoint_name: str = "checkpoint"):
         from .serve import InferenceBatcher
 
         pynetdicom = optional_import("pynetdicom", "dicom-node", "the DICOM node")
-        optional_import("highdicom", "dicom-node", "DICOM Structured Reports")
+        if settings.send_to:
+            optional_import("highdicom", "dicom-node", "DICOM Structured Reports")
         from pynetdicom.presentation import StoragePresentationContexts
         from pynetdicom.sop_class import Verification
 
@@ -339,10 +341,15 @@ class DicomNode:
         handlers = [(evt.EVT_C_ECHO, lambda event: SUCCESS), (evt.EVT_C_STORE, self.handle_store)]
         self.server = self.ae.start_server((self.settings.bind, self.settings.port), block=False, evt_handlers=handlers)
 
-    def stop(self) -> None:
+    def stop(self, grace_s: float = 30) -> None:
         if self.server is not None:
             self.server.shutdown()
             self.server = None
+        deadline = time.monotonic() + grace_s
+        while self.ae.active_associations and time.monotonic() < deadline:
+            time.sleep(0.05)
+        for assoc in self.ae.active_associations:
+            assoc.abort()
         if self.sender is not None:
             self.sender.stop()
 
