@@ -191,3 +191,11 @@ def test_page_shows_each_files_warnings_beside_its_result(checkpoint, folder):
     for name, (_, expected) in files.items():
         assert "probability of PNEUMONIA" in texts[name]
         _check(name, [w.removeprefix("Warning: ") for w in shown[name]], expected)
+
+
+def test_a_hostile_header_value_is_quoted_short_and_on_one_line():
+    ds = pydicom.dcmread(io.BytesIO(_dicom()))
+    ds.BodyPartExamined = "ABDOMEN\r\n" + "X" * 10_000
+    found = acquisition_warnings(ds)
+    assert len(found) == 1 and found[0].startswith("BodyPartExamined ABDOMEN XXX") and len(found[0]) < 200
+    assert "\n" not in found[0] and "\r" not in found[0]

@@ -399,7 +399,8 @@ _AGE_UNITS = {"D": 1 / 365.25, "W": 7 / 365.25, "M": 1 / 12, "Y": 1.0}
 
 
 def _text(ds: Any, keyword: str) -> str:
-    """An attribute as stripped upper-case text ('' when absent or empty); the first value of a multi-valued one."""
+    """An attribute as upper-case text on one line, at most 64 characters ('' when absent or empty); the first value
+    of a multi-valued one."""
     try:
         value = ds.get(keyword)
     except Exception:  # a malformed element
@@ -410,11 +411,11 @@ def _text(ds: Any, keyword: str) -> str:
         value = value[0] if len(value) else ""
     if isinstance(value, bytes):
         value = value.decode("latin-1")
-    return str(value).strip().upper()
+    return " ".join(str(value).split())[:64].upper()
 
 
 def _raw(ds: Any, keyword: str) -> str:
-    """The attribute's value as written, for quoting in a warning."""
+    """The attribute's value as written, on one line and at most 64 characters, for quoting in a warning."""
     try:
         element = ds.get_item(keyword)
         value = element.value if element is not None else ""
@@ -422,7 +423,7 @@ def _raw(ds: Any, keyword: str) -> str:
         return "?"
     if isinstance(value, bytes):
         value = value.decode("latin-1", "replace")
-    return str(value).strip()[:64]
+    return " ".join(str(value).split())[:64]
 
 
 def _age_years(ds: Any) -> tuple[float | None, str]:
