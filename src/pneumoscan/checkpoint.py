@@ -2,8 +2,9 @@
 
 A checkpoint is a dict of plain types that loads with `torch.load(path, weights_only=True)`: the
 unwrapped model's state_dict, the run's config, preprocessing, class names, decision threshold, the
-Grad-CAM layer, metrics, training history and the pneumoscan version. Checkpoints are written atomically
-(`fileio.save_torch`), so a crash never leaves a half-written file.
+Grad-CAM layer, metrics, training history and the pneumoscan version. An ensemble's checkpoint
+(`pneumoscan.ensemble`) adds an "ensemble" record (members, test-time views); `load` rebuilds it.
+Checkpoints are written atomically (`fileio.save_torch`), so a crash never leaves a half-written file.
 """
 
 from __future__ import annotations
@@ -81,8 +82,29 @@ class LoadedModel:
     checkpoint: dict[str, Any]
 
 
+def _ensemble_of(ckpt: dict[str, Any], cfg: Config, path: str | os.PathLike) -> nn.Module:
+    """An ensemble checkpoint's model: one freshly built member per recorded member, and its views."""
+    from .ensemble import Ensemble
+
+    record = ckpt["ensemble"]
+    try:
+        return Ensemble([build_model(cfg) for _ in record["members"]], record["views"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"{path}: the checkpoint's ensemble record cannot be used ({e})") from None
+
+
 def load(path: str | os.PathLike, device: str | torch.device = "cpu") -> LoadedModel:
     """Load a checkpoint written by `save` and rebuild its model (in eval mode) on `device`."""
+    ckpt = read(path)
+    cfg = config_of(ckpt, path)
+    model = _ensemble_of(ckpt, cfg, path) if "ensemble" in ckpt else build_model(cfg)
+    model.load_state_dict(ckpt["state_dict"])
+    model.to(device).eval()
+    return LoadedModel(model, cfg, float(ckpt["threshold"]), list(ckpt["class_names"]), ckpt)
+
+
+def read(path: str | os.PathLike) -> dict[str, Any]:
+    """A checkpoint's dict, as written by `save` (FileNotFoundError or ValueError naming `path`)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: checkpoint not found")
@@ -92,8 +114,4 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu") -> LoadedM
         raise ValueError(f"{path}: not a readable pneumoscan checkpoint ({type(e).__name__}: {e})") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise ValueError(f"{path}: not a pneumoscan checkpoint (format {ckpt.get('format') if isinstance(ckpt, dict) else type(ckpt).__name__})")
-    cfg = config_of(ckpt, path)
-    model = build_model(cfg)
-    model.load_state_dict(ckpt["state_dict"])
-    model.to(device).eval()
-    return LoadedModel(model, cfg, float(ckpt["threshold"]), list(ckpt["class_names"]), ckpt)
+    return ckpt

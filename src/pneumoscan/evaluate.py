@@ -17,6 +17,7 @@ import torch
 
 from . import checkpoint as ckpt_io
 from . import plots
+from .ensemble import describe as describe_ensemble
 from .data import cache_images, load_split, split_summary, task_labels
 from .metrics import binary_metrics, bootstrap_ci, calibration, decide, multiclass_metrics, pr_points, roc_points
 from .fileio import atomic_write_text, write_json
@@ -64,7 +65,7 @@ def evaluate(checkpoint: str | Path, split: str, out: str | Path, data_root: str
         "split": split,
         "data_root": cfg.data.root,
         "model": {"name": cfg.model.name, "activation": cfg.model.activation, "recipe": cfg.recipe,
-                  "epoch": loaded.checkpoint.get("epoch")},
+                  "epoch": loaded.checkpoint.get("epoch"), "ensemble": describe_ensemble(loaded.checkpoint) or None},
         **metrics,
         "threshold_rule": loaded.checkpoint.get("threshold_rule", {"rule": "fixed"}),
         "operating_point": output.describe(),

@@ -1,8 +1,9 @@
 """Grad-CAM explanations: where in the X-ray the model found evidence for pneumonia.
 
 Uses MONAI's maintained GradCAM (`pip install 'pneumoscan[models]'`) on the layer the checkpoint names
-(`cam_layer`). The map is computed at the model's input size on exactly the pixels the model saw,
-normalised to [0, 1], resized to the original image and drawn over it. `explain_paths` is the batch job
+(`cam_layer`); for an ensemble, which names one layer per member, the mean of the members' maps. The
+map is computed at the model's input size on exactly the pixels the model saw, normalised to [0, 1],
+resized to the original image and drawn over it. `explain_paths` is the batch job
 behind `pneumoscan explain`: one PNG per image and a CSV of probabilities; a bad file gets its error in
 the CSV and the job goes on.
 """
@@ -15,7 +16,7 @@ import os
 import warnings
 import weakref
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -45,23 +46,49 @@ class _TwoDimLogits(nn.Module):
         return pneumonia_logit(out).unsqueeze(1)
 
 
-def _gradcam(model: nn.Module, cam_layer: str):
+def _gradcam(model: nn.Module, cam_layer: str | Sequence[str]):
+    """MONAI's GradCAM of the pneumonia logit at `cam_layer`, or at each of several layers (an ensemble's
+    members: `_cam_maps` averages their maps)."""
     GradCAM = optional_import("monai.visualize", "models", "Grad-CAM").GradCAM
 
+    layers = [cam_layer] if isinstance(cam_layer, str) else list(cam_layer)
+    if not layers or not all(layers):
+        raise ValueError(f"{type(model).__name__} names no Grad-CAM layer")
     for m in model.modules():  # an in-place op after the hooked layer would break its backward hook
         if hasattr(m, "inplace"):
             m.inplace = False
-    # Only the gradient from the output down to the hooked layer is needed: with every other parameter
-    # frozen, autograd's graph starts at that layer and the backward pass skips the layers below it.
-    target = model.get_submodule(cam_layer)
+    # Only the gradient from the output down to the hooked layers is needed: with every other parameter
+    # frozen, autograd's graph starts at those layers and the backward pass skips the layers below them.
     for param in model.parameters():
         param.requires_grad_(False)
-    for param in target.parameters():
-        param.requires_grad_(True)
+    for layer in layers:
+        for param in model.get_submodule(layer).parameters():
+            param.requires_grad_(True)
     # MONAI puts the module back in the mode it found it in: give it the model's (eval) mode.
     # MONAI's default post-processing maps each map's (min, max) to (1, 0), flipping it: scale it the right way up.
-    return GradCAM(nn_module=_TwoDimLogits(model).train(model.training), target_layers=f"model.{cam_layer}",
-                   postprocessing=_min_max)
+    targets = [f"model.{layer}" for layer in layers]
+    return GradCAM(nn_module=_TwoDimLogits(model).train(model.training),
+                   target_layers=targets[0] if len(targets) == 1 else targets, postprocessing=_min_max)
+
+
+def _cam_maps(cam: Any, x: torch.Tensor) -> torch.Tensor:
+    """(N, 1, S, S) Grad-CAM maps in [0, 1] for the batch `x`, from one forward and backward pass.
+
+    With several target layers, each layer's map (Grad-CAM's weighting: its gradient averaged over
+    positions) is upsampled and scaled to [0, 1], and their mean is scaled to [0, 1] again. Layers that see
+    more rows than `x` (an ensemble's test-time views) give the maps of their first N rows, the images as
+    they are."""
+    n = len(x)
+    if len(cam.nn_module.target_layers) == 1:
+        return cam(x, class_idx=0)[:n]
+    _, activations, gradients = cam.nn_module(x, class_idx=0)
+    maps = []
+    for acti, grad in zip(activations, gradients):
+        acti, grad = acti[:n], grad[:n]
+        weights = grad.flatten(2).mean(2)[:, :, None, None]
+        raw = torch.relu((weights * acti).sum(1, keepdim=True))
+        maps.append(cam.postprocessing(cam.upsampler(x.shape[2:])(raw)))
+    return _min_max(torch.stack(maps).mean(0))
 
 
 def _min_max(maps: torch.Tensor) -> torch.Tensor:
@@ -101,11 +128,11 @@ def cam_for_batch(predictor: Predictor, pixels: np.ndarray
             warnings.catch_warnings():
         # expected: the hook fires for the layer's output gradient, which is the one Grad-CAM uses
         warnings.filterwarnings("ignore", message="Full backward hook is firing when gradients are computed")
-        heat = cam(x, class_idx=0)  # computed in eval mode
+        heat = _cam_maps(cam, x)  # computed in eval mode
     model.zero_grad(set_to_none=True)
     heat = heat[:, 0].detach().float().cpu().numpy()
     heat = np.nan_to_num(heat, nan=0.0, posinf=1.0, neginf=0.0).clip(0, 1)
-    ood = detector.scores(features()) if detector else None
+    ood = detector.scores(features(len(x))) if detector else None
     # MONAI wraps our module in its ModelWithHooks; the probabilities go through the predictor's map as in predict
     return (heat, *predictor.output.apply(*probabilities(cam.nn_module.model.outputs)), ood)
 

@@ -11,7 +11,8 @@ Decoding and resizing stay outside the graph (`pneumoscan.images` does them iden
 backends). The model's metadata_props make the file self-describing like a checkpoint: ``format``,
 ``pneumoscan_version``, ``model``, ``activation``, ``class_names`` (JSON), ``threshold``,
 ``temperature`` and ``calibration_offset`` (the checkpoint's calibration: the threshold applies to
-sigmoid(logit(probability) / temperature + calibration_offset); 1 and 0 when it has none), ``preprocessing`` (JSON, as in the checkpoint), ``input`` and ``output`` (descriptions).
+sigmoid(logit(probability) / temperature + calibration_offset); 1 and 0 when it has none), ``preprocessing`` (JSON, as in the checkpoint), ``input`` and ``output`` (descriptions); for an
+ensemble also ``ensemble`` (JSON: the members' seeds and the test-time views, all inside the one graph).
 The graph's output stays the model's own probability.
 
 `export_onnx` writes a .onnx file atomically; `export_onnx_bytes` gives the same bytes in memory, and
@@ -87,9 +88,18 @@ def _metadata(loaded: Any) -> dict[str, str]:
         "temperature": repr(calibration_of(loaded.checkpoint)[0]),
         "calibration_offset": repr(calibration_of(loaded.checkpoint)[1]),
         "preprocessing": json.dumps(loaded.checkpoint["preprocessing"]),
+        **({"ensemble": _ensemble_text(loaded.checkpoint)} if "ensemble" in loaded.checkpoint else {}),
         "input": f"{INPUT_NAME}: float32 (N, 1, {s}, {s}) = grey uint8 pixels * {prep.scale!r}",
         "output": f"{OUTPUT_NAME}: float32 (N,) = P({loaded.class_names[1]})",
     }
+
+
+def _ensemble_text(ckpt: dict[str, Any]) -> str:
+    """An ensemble's members (seeds) and test-time views, as JSON for the metadata."""
+    record = ckpt["ensemble"]
+    return json.dumps({"seeds": [m.get("seed") for m in record.get("members", [])],
+                       "views": [v.get("name") for v in record.get("views", [])],
+                       "combined": "mean of the members' logits over members and views"})
 
 
 def export_onnx_bytes(checkpoint_path: str | os.PathLike, opset: int = MIN_OPSET, check: bool = True) -> bytes:
@@ -161,7 +171,7 @@ def _cache_path(checkpoint_path: str | os.PathLike) -> Path:
     from .data import default_cache_dir
 
     key = hashlib.sha256(Path(checkpoint_path).read_bytes())
-    for module in ("models", "cpu_kernels", "inference", "export"):
+    for module in ("models", "cpu_kernels", "inference", "export", "ensemble", "augment"):
         key.update((Path(__file__).parent / f"{module}.py").read_bytes())
     key.update(f"{__version__}|torch {torch.__version__}|opset {MIN_OPSET}".encode())
     return default_cache_dir() / "onnx" / f"{key.hexdigest()[:32]}.onnx"

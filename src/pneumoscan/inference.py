@@ -79,19 +79,27 @@ class FrozenSeedCNN(SeedCNN):
 
 
 def freeze(model: nn.Module, for_onnx: bool = False) -> nn.Module:
-    """A frozen copy of `model` for inference: eval mode, no gradients, and for the paper network on a
-    CPU its fast inference form (`FrozenSeedCNN`). `model` itself is left as it is."""
+    """A frozen copy of `model` for inference: eval mode, no gradients, and on a CPU the paper network's fast
+    inference form (`FrozenSeedCNN`), for the model itself or each one inside it (an ensemble's members).
+    `model` itself is left as it is."""
     frozen = copy.deepcopy(model).eval().requires_grad_(False)
     device = next(frozen.parameters()).device
-    if isinstance(frozen, SeedCNN) and device.type == "cpu":
-        frozen.__class__ = FrozenSeedCNN
-        frozen.derive(for_onnx)
-        for block in frozen.features:
-            for i, layer in enumerate(block):
-                if isinstance(layer, ElementwisePReLU):
-                    block[i] = FrozenPReLU(layer.alpha)
-        frozen = frozen.to(memory_format=torch.channels_last)
-    return frozen
+    return _fast_forms(frozen, for_onnx) if device.type == "cpu" else frozen
+
+
+def _fast_forms(module: nn.Module, for_onnx: bool) -> nn.Module:
+    """`module` with every paper network in it (itself included) rewritten in place into its fast form."""
+    if not isinstance(module, SeedCNN):
+        for name, child in module.named_children():
+            setattr(module, name, _fast_forms(child, for_onnx))
+        return module
+    module.__class__ = FrozenSeedCNN
+    module.derive(for_onnx)
+    for block in module.features:
+        for i, layer in enumerate(block):
+            if isinstance(layer, ElementwisePReLU):
+                block[i] = FrozenPReLU(layer.alpha)
+    return module.to(memory_format=torch.channels_last)
 
 
 @torch.no_grad()

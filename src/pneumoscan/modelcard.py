@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from .config import Config
+from .ensemble import describe as describe_ensemble
 
 METRICS = ("accuracy", "precision", "recall", "specificity", "f1", "roc_auc")
 
@@ -57,7 +58,9 @@ def model_card(checkpoint: str | os.PathLike, metrics_json: str | os.PathLike | 
         "",
         "## Model",
         f"- Architecture `{cfg.model.name}`" + (f" ({cfg.model.activation})" if cfg.model.name == "seed" else "")
-        + f", recipe `{cfg.recipe}`, pneumoscan {ckpt.get('version')}, best epoch {ckpt.get('epoch')}.",
+        + f", recipe `{cfg.recipe}`, pneumoscan {ckpt.get('version')}, "
+        + (f"{describe_ensemble(ckpt)}; the output is the mean of the members' logits over members and views."
+           if "ensemble" in ckpt else f"best epoch {ckpt.get('epoch')}."),
         f"- Input: grey image resized to {cfg.preprocessing.image_size}x{cfg.preprocessing.image_size} "
         f"({cfg.preprocessing.resize_filter}), scaled by {cfg.preprocessing.scale:.6g}.",
         f"- Output: probability of `{ckpt['class_names'][1]}`; label `{ckpt['class_names'][1]}` at or above "

@@ -44,14 +44,18 @@ def _pooled(t: torch.Tensor) -> torch.Tensor:
 
 
 @contextlib.contextmanager
-def captured_features(model: nn.Module, layers: tuple[str, ...] | list[str]) -> Iterator[Callable[[], torch.Tensor]]:
+def captured_features(model: nn.Module, layers: tuple[str, ...] | list[str]) -> Iterator[Callable[..., torch.Tensor]]:
     """Within the block, each forward pass of `model` records the outputs of `layers` pooled over positions;
-    the yielded function gives the last pass's, concatenated (N, D)."""
+    the yielded function gives the last pass's, concatenated (N, D).
+
+    Given `n`, it keeps the first n rows: a model that scores several views of each image in one batch
+    (an ensemble with test-time augmentation) puts the images as they are first, and those rows are the
+    features."""
     grabbed: dict[str, torch.Tensor] = {}
     handles = [model.get_submodule(name).register_forward_hook(
         lambda _m, _a, out, name=name: grabbed.__setitem__(name, _pooled(out).detach().float())) for name in layers]
     try:
-        yield lambda: torch.cat([grabbed[name] for name in layers], 1)
+        yield lambda n=None: torch.cat([grabbed[name][:n] for name in layers], 1)
     finally:
         for h in handles:
             h.remove()
@@ -63,7 +67,7 @@ def forward_with_features(model: nn.Module, layers: tuple[str, ...] | list[str],
     forward pass."""
     with captured_features(model, layers) as features:
         out = model(x)
-        return out, features()
+        return out, features(len(x))
 
 
 @torch.no_grad()
@@ -164,6 +168,15 @@ def result_fields(score: float | None, detector: Detector | None) -> dict[str, A
     return {"ood_score": float(score) if np.isfinite(score) else None, "outside_training": bool(score >= detector.threshold)}
 
 
+def training_splits(cfg: Any, progress: bool = True) -> dict[str, Any]:
+    """{"train", "val"}: the cached pixels of the patient-level split a run with config `cfg` was trained
+    with (recomputed, or remembered, from its data settings)."""
+    from .data import cache_images, split_samples
+
+    splits = split_samples(cfg.data)
+    return {name: cache_images(splits[name], cfg.preprocessing, progress=progress) for name in ("train", "val")}
+
+
 def fit_checkpoint(checkpoint: str, data_root: str | None = None, out: str | None = None, device: str = "auto",
                    quantile: float = DEFAULT_QUANTILE, progress: bool = True) -> Detector:
     """Fit the detector for an existing checkpoint on its own training split (rebuilt from its config, the
@@ -172,7 +185,7 @@ def fit_checkpoint(checkpoint: str, data_root: str | None = None, out: str | Non
     from dataclasses import replace as dc_replace
 
     from . import checkpoint as ckpt_io
-    from .data import cache_images, split_samples, task_labels
+    from .data import task_labels
     from .inference import freeze
     from .runtime import select_device
 
@@ -181,8 +194,7 @@ def fit_checkpoint(checkpoint: str, data_root: str | None = None, out: str | Non
     cfg = loaded.config
     if data_root:
         cfg = dc_replace(cfg, data=dc_replace(cfg.data, root=str(data_root)))
-    splits = split_samples(cfg.data)
-    cached = {name: cache_images(splits[name], cfg.preprocessing, progress=progress) for name in ("train", "val")}
+    cached = training_splits(cfg, progress)
     model = freeze(loaded.model)
     detector = fit_for_model(model, torch.from_numpy(cached["train"].pixels).to(dev),
                              task_labels(cached["train"].samples, cfg.data.task),

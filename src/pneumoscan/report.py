@@ -188,14 +188,16 @@ def write_eval_report(eval_dir: str | Path) -> Path:
     m = json.loads((eval_dir / "metrics.json").read_text())
     model = m["model"]
     intro = (f"<p>Checkpoint <code>{html.escape(m['checkpoint'])}</code>: model <code>{html.escape(model['name'])}</code> "
-             f"({html.escape(model['activation'])}), recipe <code>{html.escape(model['recipe'])}</code>, epoch {model['epoch']}. "
+             f"({html.escape(model['activation'])}), recipe <code>{html.escape(model['recipe'])}</code>, "
+             + (f"{html.escape(model['ensemble'])}. " if model.get("ensemble") else f"epoch {model['epoch']}. ") +
              f"Split <code>{html.escape(m['split'])}</code> of <code>{html.escape(m['data_root'])}</code>: "
              f"{m['data']['images']} images of {m['data']['patients']} patients ({m['data']['normal']} normal, "
              f"{m['data']['pneumonia']} pneumonia).</p>")
     curves = _img(eval_dir / "accuracy.png", "accuracy per epoch") + _img(eval_dir / "loss.png", "loss per epoch")
     path = eval_dir / "report.html"
     atomic_write_text(path, _page(f"pneumoscan evaluation: {m['split']} split",
-                                  [intro, "<h2>Training curves</h2>" + curves, metrics_section(m, eval_dir)]))
+                                  [intro, *(["<h2>Training curves</h2>" + curves] if curves else []),
+                                   metrics_section(m, eval_dir)]))
     return path
 
 
