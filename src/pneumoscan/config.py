@@ -96,6 +96,9 @@ class TrainConfig:
     # none | temperature | platt: probabilities calibrated on validation by one temperature (decisions at 0.5
     # unchanged) or by Platt scaling (a temperature and an offset: 0.5 is even odds at validation's prevalence)
     calibration: str = "none"
+    # fp32 | bf16: bf16 runs the training forward pass under BF16 autocast (weights, optimizer state,
+    # loss and BatchNorm statistics stay FP32; validation and inference run in FP32)
+    precision: str = "fp32"
 
 
 @dataclass(frozen=True)
@@ -196,6 +199,7 @@ LIMITS: dict[tuple[str, str], tuple[Any, ...]] = {
     ("train", "target_sensitivity"): (_FLOAT, 1e-6, 1.0),
     ("train", "threshold_resamples"): (_INT, 0, 100_000),
     ("train", "calibration"): ("none", "temperature", "platt"),
+    ("train", "precision"): ("fp32", "bf16"),
 }
 
 

@@ -1,15 +1,19 @@
-"""The process's runtime: which device, which memory layout, the allocator, seeding and torchrun.
+"""The process's runtime: which device, which memory layout, the allocator, seeding, torchrun, and the
+arithmetic precision of training (FP32, or BF16 autocast where the hardware computes BF16 natively).
 
-Chosen once per command and passed down; nothing here changes what a model computes.
+Chosen once per command and passed down; nothing here changes what a model computes, except BF16
+autocast when a run asks for it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import random
 import resource
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -29,6 +33,53 @@ def memory_format(device: torch.device) -> torch.memory_format:
     for it are the fast ones; PyTorch's default on a GPU, where cuDNN sets up its first channels-last
     step much more slowly (docs/gpu.md)."""
     return torch.channels_last if device.type == "cpu" else torch.contiguous_format
+
+
+# CPU flags of hardware BF16 arithmetic: AVX-512 BF16 (dot products) or AMX (BF16 tiles)
+NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+FORCE_BF16_ENV = "PNEUMOSCAN_ALLOW_EMULATED_BF16"
+
+
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags as Linux lists them in /proc/cpuinfo (empty where it is unreadable)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def native_bf16_cpu() -> bool:
+    """Whether this CPU computes BF16 in hardware (AVX-512 BF16 or AMX); elsewhere oneDNN emulates it,
+    slower than FP32."""
+    return any(flag in cpu_flags() for flag in NATIVE_BF16_FLAGS)
+
+
+def check_precision(precision: str, device: torch.device) -> None:
+    """ValueError unless `device` computes `precision` natively: BF16 needs AVX-512 BF16 or AMX on a
+    CPU (unless PNEUMOSCAN_ALLOW_EMULATED_BF16=1 forces it) and a GPU that supports it on CUDA."""
+    if precision == "fp32":
+        return
+    if precision != "bf16":
+        raise ValueError(f"unknown precision {precision!r}; choose fp32 or bf16")
+    if device.type == "cpu" and not native_bf16_cpu() and os.environ.get(FORCE_BF16_ENV) != "1":
+        raise ValueError(f"--precision bf16: this CPU has no native BF16 arithmetic (no {' or '.join(NATIVE_BF16_FLAGS)} "
+                         f"flag in /proc/cpuinfo), and emulated BF16 trains slower than FP32; use --precision fp32, "
+                         f"or set {FORCE_BF16_ENV}=1 to run it anyway")
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ValueError(f"--precision bf16: {torch.cuda.get_device_name(device)} does not support BF16; use --precision fp32")
+
+
+def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """The context a training forward pass runs in: BF16 autocast for 'bf16', nothing for 'fp32'.
+
+    Autocast's cache of cast weights is off: a captured CUDA graph must not hold cast copies made
+    outside it, and the casts the cache would save are few and small."""
+    if precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=False)
+    return contextlib.nullcontext()
 
 
 def keep_freed_memory() -> None:

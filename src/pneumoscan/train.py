@@ -41,7 +41,8 @@ from .prevalence import sigmoid
 from .models import load_pretrained, pneumonia_logit, probabilities
 from .ood import fit_for_model
 from .rundir import REPLACED, prepare_run_dir, settle_replaced
-from .runtime import Distributed, init_distributed, keep_freed_memory, memory_format, peak_memory_mb, seed_everything
+from .runtime import (Distributed, autocast, check_precision, init_distributed, keep_freed_memory, memory_format,
+                      peak_memory_mb, seed_everything)
 from .tracking import TensorBoardLogger
 
 log = logging.getLogger(__name__)
@@ -116,13 +117,18 @@ def make_step(model: nn.Module, data: DeviceSplit, cfg: Config, optimizer: torch
               class_weights: torch.Tensor | None = None):
     """The optimisation step on rows `idx` with augmentation `draws` (gradients already cleared).
 
+    With cfg.train.precision 'bf16' the forward pass runs under BF16 autocast; the loss is computed from
+    FP32 logits, and the weights and Adam's state stay FP32.
     Returns (summed loss, correct predictions) as device tensors: nothing here waits for the device.
     """
+    dev, precision = data.pixels.device, cfg.train.precision
 
     def step(idx: torch.Tensor, draws: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         x = augment_batch(data.inputs(idx, cfg), cfg.augmentation, draws=draws)
         y = data.labels[idx]
-        logits = model(x)
+        with autocast(dev, precision):
+            logits = model(x)
+        logits = logits.float()
         loss, _ = model_loss(model, logits, y, class_weights)
         loss.backward()
         optimizer.step()
@@ -389,6 +395,7 @@ def train(cfg: Config, out: str | Path, device: str = "auto", resume: bool = Fal
             cuda_graphs = dev.type == "cuda" and not ddp.enabled
         if cuda_graphs and (dev.type != "cuda" or ddp.enabled):
             raise ValueError("CUDA graphs need a single-process CUDA run")
+        check_precision(cfg.train.precision, dev)
         if dev.type == "cuda":
             torch.backends.cudnn.benchmark = cudnn_benchmark
         if ddp.is_main:
@@ -415,6 +422,10 @@ def _train(cfg: Config, out: Path, dev: torch.device, ddp: Distributed, resume: 
     started = time.time()
     state = torch.load(out / "last.pt", map_location="cpu", weights_only=True) if resume else None
     cfg = ckpt_io.config_of(state, out / "last.pt") if state else cfg
+    check_precision(cfg.train.precision, dev)  # a resumed run trains in the precision it started with
+    if cfg.train.precision != "fp32":
+        log.info("training forward passes under %s autocast; weights, Adam's state, the loss and validation in FP32",
+                 cfg.train.precision.upper())
     generator = seed_everything(cfg.train.seed)
     if ddp.rank:  # different augmentation draws on each process; same initial weights
         generator.manual_seed(cfg.train.seed + 1000 * ddp.rank)
