@@ -69,9 +69,6 @@ def _add_config_flags(p: argparse.ArgumentParser, activation: bool = True) -> No
     p.add_argument("--precision", choices=["fp32", "bf16"],
                    help="training arithmetic: bf16 runs forward passes under BF16 autocast (weights, optimizer state, "
                         "loss and validation stay FP32; refused on a CPU without native BF16) (default: fp32)")
-    p.add_argument("--precision", choices=["fp32", "bf16"],
-                   help="training arithmetic: bf16 runs forward passes under BF16 autocast (weights, optimizer state, "
-                        "loss and validation stay FP32; refused on a CPU without native BF16) (default: fp32)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda (auto picks CUDA when present)")
     p.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false", default=None,
                    help="on CUDA, run every step eagerly instead of replaying it as a CUDA graph")
@@ -88,7 +85,6 @@ def config_from_args(a: argparse.Namespace) -> Config:
                        early_stopping=a.early_stopping, threshold_rule=a.threshold_rule,
                        target_sensitivity=a.target_sensitivity, class_weight=a.class_weight, sampling=a.sampling,
                        threshold_resamples=a.threshold_resamples, calibration=a.calibration)
-    cfg = cfg.override("train", precision=a.precision)
     cfg = cfg.override("train", precision=a.precision)
     cfg = cfg.override("preprocessing", image_size=a.image_size, resize_filter=a.resize_filter)
     return cfg.override("augmentation", zoom=a.zoom, vertical_flip=a.vertical_flip, horizontal_flip=a.horizontal_flip,
