@@ -381,7 +381,7 @@ def train(cfg: Config, out: str | Path, device: str = "auto", resume: bool = Fal
           cuda_graphs: bool | None = None, cudnn_benchmark: bool = False) -> dict[str, Any]:
     """Train `cfg` into run folder `out`; returns the run summary (also written to summary.json).
 
-    `cuda_graphs` (default: on for single-process CUDA training) replays each full-batch step as a CUDA graph.
+    `cuda_graphs` (default: on for single-process CUDA training in FP32) replays each full-batch step as a CUDA graph.
     `cudnn_benchmark`: on CUDA, let cuDNN time its algorithms for each new input shape (off by default).
     Under torchrun each process trains on its share of every epoch (DistributedSampler) with
     DistributedDataParallel; only rank 0 writes checkpoints and logs. `batch_size` is per process.
@@ -392,7 +392,9 @@ def train(cfg: Config, out: str | Path, device: str = "auto", resume: bool = Fal
     ddp, dev = init_distributed(device)
     try:
         if cuda_graphs is None:
-            cuda_graphs = dev.type == "cuda" and not ddp.enabled
+            cuda_graphs = dev.type == "cuda" and not ddp.enabled and cfg.train.precision == "fp32"
+            if dev.type == "cuda" and cfg.train.precision != "fp32":
+                log.info("CUDA graphs are off under --precision %s: each step runs eagerly", cfg.train.precision)
         if cuda_graphs and (dev.type != "cuda" or ddp.enabled):
             raise ValueError("CUDA graphs need a single-process CUDA run")
         check_precision(cfg.train.precision, dev)
