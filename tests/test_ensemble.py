@@ -165,6 +165,8 @@ def test_members_that_differ_in_more_than_the_seed_are_refused_naming_the_file(r
         assert f"{other}: {section}.{key} is {value!r} where {first} has" in capsys.readouterr().err
     assert main(["ensemble", first, first, "--out", str(tmp_path / "e.pt"), "--device", "cpu"]) == 2
     assert "the same checkpoint is given twice" in capsys.readouterr().err
+    assert main(["ensemble", first, str(runs["members"][1]), "--out", first, "--device", "cpu"]) == 2
+    assert f"{first}: is one of the members" in capsys.readouterr().err
     assert not (tmp_path / "e.pt").exists()
 
 
@@ -186,3 +188,25 @@ def test_the_checkpoint_loads_with_weights_only_and_carries_its_operating_point_
                  "--no-progress"]) == 0
     refit = torch.load(tmp_path / "refit.pt", weights_only=True)["ood"]
     assert refit["threshold"] == pytest.approx(ckpt["ood"]["threshold"], rel=1e-6)
+
+
+def test_the_views_are_those_training_augmentation_taught():
+    from pneumoscan.config import Augmentation
+    from pneumoscan.ensemble import tta_views
+
+    names = lambda aug: [v["name"] for v in tta_views("zoom", aug)]  # noqa: E731
+    assert names(Augmentation(zoom=0.5, vertical_flip=True)) == ["identity", "zoom 0.9", "zoom 1.1", "up-down flip"]
+    assert names(Augmentation(zoom=0.2, vertical_flip=False)) == ["identity", "zoom 0.9", "zoom 1.1"]
+    assert names(Augmentation(zoom=0.05, vertical_flip=True)) == ["identity", "up-down flip"]
+    assert [v["name"] for v in tta_views("none", Augmentation())] == ["identity"]
+    with pytest.raises(ValueError, match="taught none of the test-time views"):
+        tta_views("zoom", Augmentation(zoom=0.0, vertical_flip=False))
+
+
+def test_freezing_an_ensemble_gives_each_paper_network_its_fast_form(runs):
+    from pneumoscan.inference import FrozenSeedCNN
+
+    loaded = ckpt_io.load(runs["ens_tta"])
+    frozen = freeze(loaded.model)
+    assert all(isinstance(m, FrozenSeedCNN) for m in frozen.members)
+    assert not any(isinstance(m, FrozenSeedCNN) for m in loaded.model.members)  # the original is left as it is
