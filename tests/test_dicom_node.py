@@ -500,3 +500,45 @@ def test_associations_over_the_limit_are_refused_until_one_ends(checkpoint, tmp_
         third.release()
     finally:
         node.stop()
+
+
+def test_a_c_echo_is_answered_while_a_large_instance_is_being_stored(checkpoint, radiograph, tmp_path):
+    """A 25-megapixel 16-bit DX (50 MB) takes seconds to receive, decode and score; a C-ECHO on another
+    association meanwhile is answered at once."""
+    pytest.importorskip("pynetdicom")
+    import pydicom
+    from pynetdicom import AE
+    from pynetdicom.sop_class import DigitalXRayImageStorageForPresentation, Verification
+
+    from pneumoscan.dicom_node import DicomNode, NodeSettings
+    from pneumoscan.predict import Predictor
+
+    big = pydicom.dcmread(radiograph)
+    big.decompress()
+    big.Rows = big.Columns = 5000
+    big.BitsAllocated, big.BitsStored, big.HighBit = 16, 12, 11
+    big.PixelData = np.random.default_rng(0).integers(0, 4096, (5000, 5000), dtype=np.uint16).tobytes()
+    node = DicomNode(Predictor(checkpoint, device="cpu"),
+                     NodeSettings(out=tmp_path, port=free_port(), max_instance_mb=100, keep_instances=False))
+    node.start()
+    try:
+        ae = AE(ae_title="TESTSCU")
+        ae.add_requested_context(DigitalXRayImageStorageForPresentation, pydicom.uid.ExplicitVRLittleEndian)
+        ae.add_requested_context(Verification)
+        store = ae.associate("127.0.0.1", node.port, ae_title=NODE_AET)
+        status = {}
+        sending = threading.Thread(target=lambda: status.update(s=store.send_c_store(big).Status))
+        sending.start()
+        time.sleep(0.3)
+        started = time.perf_counter()
+        echo = ae.associate("127.0.0.1", node.port, ae_title=NODE_AET)
+        assert echo.send_c_echo().Status == 0x0000
+        echo.release()
+        echoed_s = time.perf_counter() - started
+        assert sending.is_alive(), "the large instance was stored before the echo: nothing was measured"
+        sending.join(120)
+        store.release()
+    finally:
+        node.stop()
+    assert status["s"] == 0x0000 and [r["event"] for r in results(tmp_path)] == ["scored"]
+    assert echoed_s < 1.0, f"the C-ECHO took {echoed_s:.2f} s while an instance was being stored"
