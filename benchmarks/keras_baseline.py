@@ -20,6 +20,14 @@ Modes (each prints exactly one JSON object, as the LAST line of stdout)::
     .venv-tf/bin/python benchmarks/keras_baseline.py train --data DATA/train --epochs 1
     .venv-tf/bin/python benchmarks/keras_baseline.py train-arrays --steps 60
     .venv-tf/bin/python benchmarks/keras_baseline.py predict --data DATA/train --limit 256
+    .venv-tf/bin/python benchmarks/keras_baseline.py train --files train.tsv --epochs 2 --save model.keras \
+        --eval-files val.tsv --eval-out val_keras.csv
+    .venv-tf/bin/python benchmarks/keras_baseline.py evaluate --weights model.keras --files val.tsv
+
+A file list (``--files``, ``--eval-files``) has one image per line, ``PATH<TAB>LABEL`` (0 normal,
+1 pneumonia): pneumoscan's own split, so a Keras model can be trained on pneumoscan's training split
+and scored on its validation split (docs/keras.md). ``evaluate`` and ``--eval-files`` score images the
+notebook's way (load_img nearest, /255) and report accuracy at 0.5 and ROC AUC.
 
 Timing: a Keras callback stamps ``time.perf_counter()`` at the end of every training batch; the
 steady-state rate excludes the first ``--warmup`` steps (graph tracing, first allocations).
@@ -100,12 +108,14 @@ def make_activation(name: str) -> keras.layers.Layer:
     raise ValueError(f"unknown activation {name!r}; choose from {ACTIVATIONS}")
 
 
-def build_model(activation: str = "prelu") -> keras.Model:
-    """The notebook's model (paper Figure 9), compiled with Adam(1e-3) / binary cross-entropy."""
+def build_model(activation: str = "prelu", image_size: int = IMG_SIZE) -> keras.Model:
+    """The notebook's model (paper Figure 9), compiled with Adam(1e-3) / binary cross-entropy.
+
+    Another `image_size` changes only the first Dense layer's input size (and the PReLU slopes' shapes)."""
     L = keras.layers
     l2 = keras.regularizers.l2
     layers: list = [
-        keras.Input(shape=(IMG_SIZE, IMG_SIZE, 3)),
+        keras.Input(shape=(image_size, image_size, 3)),
         L.Conv2D(16, 3, padding="same"),
         L.Conv2D(16, 3, padding="same"),
         L.MaxPool2D(2),
@@ -138,7 +148,7 @@ def build_model(activation: str = "prelu") -> keras.Model:
         metrics=["accuracy"],
     )
     n = model.count_params()
-    assert n == EXPECTED_PARAMS[activation], f"{activation}: {n} params, expected {EXPECTED_PARAMS[activation]}"
+    assert image_size != IMG_SIZE or n == EXPECTED_PARAMS[activation], f"{activation}: {n} params, expected {EXPECTED_PARAMS[activation]}"
     return model
 
 
@@ -229,9 +239,72 @@ def emit(result: dict) -> None:
 # --------------------------------------------------------------------------- modes
 
 
+def read_file_list(path: Path) -> tuple[list[str], np.ndarray]:
+    """A PATH<TAB>LABEL list: (paths, labels as float32)."""
+    paths, labels = [], []
+    for n, line in enumerate(Path(path).read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            file, label = line.rsplit("\t", 1)
+            labels.append(float(int(label)))
+        except ValueError:
+            raise SystemExit(f"{path}:{n}: expected PATH<TAB>LABEL (0 or 1), got {line!r}") from None
+        paths.append(file)
+    if not paths:
+        raise SystemExit(f"{path}: no images listed")
+    return paths, np.asarray(labels, np.float32)
+
+
+def linked_folder(list_file: Path, folder: Path) -> Path:
+    """A NORMAL/ + PNEUMONIA/ folder of symbolic links to the listed images, for flow_from_directory."""
+    paths, labels = read_file_list(list_file)
+    for cls in ("NORMAL", "PNEUMONIA"):
+        (folder / cls).mkdir(parents=True, exist_ok=True)
+    for i, (p, y) in enumerate(zip(paths, labels)):
+        (folder / ("PNEUMONIA" if y else "NORMAL") / f"{i:05d}_{Path(p).name}").symlink_to(Path(p).resolve())
+    return folder
+
+
+def roc_auc(labels: np.ndarray, scores: np.ndarray) -> float:
+    """ROC AUC as the Mann-Whitney statistic, ties counted half (average ranks)."""
+    from scipy.stats import rankdata
+
+    pos = labels > 0
+    n_pos, n_neg = int(pos.sum()), int((~pos).sum())
+    ranks = rankdata(scores.astype(np.float64))
+    return float((ranks[pos].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def score_files(model: keras.Model, list_file: Path, out_csv: Path | None = None) -> dict:
+    """The notebook's scoring of listed images (load_img nearest, /255, predict): accuracy at 0.5, ROC AUC."""
+    paths, labels = read_file_list(list_file)
+    size = model.input_shape[1]
+    x = np.stack([keras.utils.img_to_array(keras.utils.load_img(p, target_size=(size, size))) / 255.0 for p in paths])
+    probs = model.predict(x.astype(np.float32), batch_size=PREDICT_BATCH_SIZE, verbose=0).reshape(-1).astype(np.float64)
+    if out_csv:
+        lines = ["path,label,probability"] + [f"{p},{int(y)},{q:.9g}" for p, y, q in zip(paths, labels, probs)]
+        Path(out_csv).write_text("\n".join(lines) + "\n")
+    return {"files": str(list_file), "n": len(paths), "accuracy": float(((probs >= 0.5) == (labels > 0)).mean()),
+            "roc_auc": roc_auc(labels, probs), "mean_probability": float(probs.mean())}
+
+
+def mode_evaluate(args) -> dict:
+    if args.weights is None or args.files is None:
+        raise SystemExit("evaluate needs --weights (a saved .keras or .h5 model) and --files (PATH<TAB>LABEL list)")
+    model = keras.models.load_model(str(args.weights))
+    result = {"mode": "evaluate", "model": str(args.weights), **score_files(model, args.files, args.eval_out)}
+    result.update(env_info(args))
+    return result
+
+
 def mode_train(args) -> dict:
-    if args.data is None:
-        raise SystemExit("train needs --data (a folder with NORMAL/ and PNEUMONIA/ subfolders)")
+    if (args.data is None) == (args.files is None):
+        raise SystemExit("train needs --data (a folder with NORMAL/ and PNEUMONIA/ subfolders) or --files (a list)")
+    if args.files is not None:
+        import tempfile
+
+        args.data = linked_folder(args.files, Path(tempfile.mkdtemp(prefix="keras_baseline_")))
     model = build_model(args.activation)
     datagen = ImageDataGenerator(rescale=1.0 / 255, zoom_range=0.5, vertical_flip=True)
     gen = datagen.flow_from_directory(
@@ -277,6 +350,11 @@ def mode_train(args) -> dict:
         result["first_epoch_images_per_s"] = gen.samples / secs[0]
         if len(secs) > 1:
             result["later_epoch_images_per_s"] = gen.samples * (len(secs) - 1) / sum(secs[1:])
+    if args.save:
+        model.save(str(args.save))
+        result["saved"] = str(args.save)
+    if args.eval_files:
+        result["eval"] = score_files(model, args.eval_files, args.eval_out)
     result["peak_rss_mb"] = peak_rss_mb()
     result.update(env_info(args))
     return result
@@ -386,7 +464,7 @@ def mode_predict(args) -> dict:
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("mode", choices=("train", "train-arrays", "predict"))
+    ap.add_argument("mode", choices=("train", "train-arrays", "predict", "evaluate"))
     ap.add_argument("--data", type=Path, help="train: folder with NORMAL/ and PNEUMONIA/; predict: folder of images")
     g = ap.add_mutually_exclusive_group()
     g.add_argument("--steps", type=int, default=None, help="train / train-arrays: number of batches (default 60)")
@@ -394,7 +472,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--warmup", type=int, default=10, help="steps excluded from the steady-state rate (default 10)")
     ap.add_argument("--limit", type=int, default=None, help="predict: use at most this many images (random sample)")
     ap.add_argument("--array-images", type=int, default=512, help="predict: random arrays for the model-alone rate")
-    ap.add_argument("--weights", type=Path, default=None, help="predict: optional Keras .weights.h5 to load")
+    ap.add_argument("--weights", type=Path, default=None,
+                    help="predict: optional Keras .weights.h5 to load; evaluate: the saved model (.keras or .h5)")
+    ap.add_argument("--files", type=Path, default=None,
+                    help="train: images to train on, evaluate: images to score (PATH<TAB>LABEL per line)")
+    ap.add_argument("--save", type=Path, default=None, help="train: save the trained model here (.keras or .h5)")
+    ap.add_argument("--eval-files", type=Path, default=None, help="train: score these images after training")
+    ap.add_argument("--eval-out", type=Path, default=None, help="train / evaluate: per-image probabilities (CSV)")
     ap.add_argument("--activation", choices=ACTIVATIONS, default="prelu")
     ap.add_argument("--threads", type=int, default=0, help="TF intra-op threads (0 = TF default, all cores)")
     ap.add_argument("--inter-threads", type=int, default=0, help="TF inter-op threads (0 = TF default)")
@@ -418,7 +502,7 @@ def main(argv=None) -> int:
     if args.inter_threads:
         tf.config.threading.set_inter_op_parallelism_threads(args.inter_threads)
     keras.utils.set_random_seed(args.seed)
-    fn = {"train": mode_train, "train-arrays": mode_train_arrays, "predict": mode_predict}[args.mode]
+    fn = {"train": mode_train, "train-arrays": mode_train_arrays, "predict": mode_predict, "evaluate": mode_evaluate}[args.mode]
     # keep stdout for the JSON line: Keras' own prints ("Found N images...") go to stderr
     with contextlib.redirect_stdout(sys.stderr):
         result = fn(args)
