@@ -314,6 +314,26 @@ def test_wrong_activation_and_unreadable_files_name_the_file(models, tmp_path, c
     assert not (tmp_path / "x.pt").exists()
 
 
+def test_keras2_weights_alone_need_the_activation_and_size(models, images, tmp_path):
+    """A Keras 2 save_weights file (model_weights' layout at the root, no config) of the ReLU model."""
+    path = tmp_path / "relu_weights.h5"
+    with h5py.File(models / "relu.h5", "r") as src, h5py.File(path, "w") as dst:
+        weights = src["model_weights"]
+        for name in weights:
+            weights.copy(name, dst)
+        dst.attrs["layer_names"] = weights.attrs["layer_names"]
+        dst.attrs["keras_version"] = "2.15.0"
+    with pytest.raises(KerasImportError, match=r"relu_weights\.h5: weights alone, without PReLU slopes: name the activation"):
+        load_keras_model(path)
+    with pytest.raises(KerasImportError, match=r"relu_weights\.h5: layer 'dense' \(Dense\) weight 0 \(1024, 512\) does not "
+                                               r"fit the paper's network with a 150 px"):
+        load_keras_model(path, activation="relu")
+    model, cfg, kf = load_keras_model(path, activation="relu", image_size=SIZE)
+    assert kf.format == "weights-h5" and kf.keras_version == "2.15.0"
+    logits = predict_logits(model, torch.from_numpy(images["pixels"]), cfg.preprocessing).double().numpy()
+    np.testing.assert_allclose(logits, keras_outputs("relu")["logits"], rtol=1e-5, atol=1e-5)
+
+
 # --- the figures docs/keras.md quotes ---------------------------------------------------------------------------
 
 
