@@ -92,7 +92,10 @@ def test_one_member_with_tta_is_the_mean_over_its_views_and_not_the_member_alone
     loaded = ckpt_io.load(runs["members"][0])
     model, prep = freeze(loaded.model), loaded.config.preprocessing
     x = prep.normalize(torch.from_numpy(pixels).float().unsqueeze(1))
-    zoom = lambda z: augment_batch(x, Augmentation(), draws={"zoom": torch.full((len(x), 2), z)})  # noqa: E731
+
+    def zoom(z: float) -> torch.Tensor:
+        return augment_batch(x, Augmentation(), draws={"zoom": torch.full((len(x), 2), z)})
+
     with torch.no_grad():
         views = [model(v) for v in (x, zoom(0.9), zoom(1.1), x.flip(2))]
     by_hand = torch.stack(views).mean(0)
@@ -112,7 +115,8 @@ def test_every_inference_path_agrees_on_an_ensemble_with_tta(runs, tmp_path):
     from pneumoscan.serve import create_app
 
     ens = str(runs["ens_tta"])
-    assert main(["evaluate", ens, "--split", "val", "--out", str(tmp_path / "eval"), "--device", "cpu", "--no-progress"]) == 0
+    assert main(["evaluate", ens, "--split", "val", "--out", str(tmp_path / "eval"), "--device", "cpu",
+                 "--no-progress"]) == 0
     evaluated = read_csv(tmp_path / "eval" / "predictions.csv")
     probs = {p: float(r["probability"]) for p, r in evaluated.items()}
     ood = {p: float(r["ood_score"]) for p, r in evaluated.items()}
@@ -194,7 +198,9 @@ def test_the_views_are_those_training_augmentation_taught():
     from pneumoscan.config import Augmentation
     from pneumoscan.ensemble import tta_views
 
-    names = lambda aug: [v["name"] for v in tta_views("zoom", aug)]  # noqa: E731
+    def names(aug: Augmentation) -> list[str]:
+        return [v["name"] for v in tta_views("zoom", aug)]
+
     assert names(Augmentation(zoom=0.5, vertical_flip=True)) == ["identity", "zoom 0.9", "zoom 1.1", "up-down flip"]
     assert names(Augmentation(zoom=0.2, vertical_flip=False)) == ["identity", "zoom 0.9", "zoom 1.1"]
     assert names(Augmentation(zoom=0.05, vertical_flip=True)) == ["identity", "up-down flip"]

@@ -23,9 +23,10 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -83,7 +84,8 @@ class Ensemble(nn.Module):
             raise ValueError("an ensemble needs at least one member")
         self.members = nn.ModuleList(members)
         self.views = _check_views(views)
-        self.cam_layer = tuple(f"members.{i}.{m.cam_layer}" for i, m in enumerate(members) if getattr(m, "cam_layer", ""))
+        self.cam_layer = tuple(f"members.{i}.{m.cam_layer}" for i, m in enumerate(members)
+                               if getattr(m, "cam_layer", ""))
         if all(getattr(m, "ood_layers", ()) for m in members):
             self.ood_layers = tuple(f"members.{i}.{name}" for i, m in enumerate(members) for name in m.ood_layers)
 
@@ -142,7 +144,8 @@ def _flat(cfg: Config) -> dict[str, Any]:
 
 
 def _load_members(paths: Sequence[str], device: torch.device, data_root: str | None) -> tuple[list[Any], Config]:
-    """(the members loaded on `device`, their shared config): the configs are compared first, then the models built."""
+    """(the members loaded on `device`, their shared config): the configs are compared first, then the
+    models built."""
     from . import checkpoint as ckpt_io
 
     if len({Path(p).resolve() for p in paths}) != len(paths):
@@ -151,8 +154,11 @@ def _load_members(paths: Sequence[str], device: torch.device, data_root: str | N
     for path, ckpt in zip(paths, raw):
         if "ensemble" in ckpt:
             raise ValueError(f"{path}: already an ensemble; give its members' checkpoints instead")
-    cfg = shared_config([ckpt_io.config_of(c, p) for c, p in zip(raw, paths)], [c.get("class_names") for c in raw],
-                        paths, data_root)
+    configs = [ckpt_io.config_of(c, p) for c, p in zip(raw, paths)]
+    cfg = shared_config(configs, [c.get("class_names") for c in raw], paths, data_root)
+    seeds = [c.train.seed for c in configs]
+    if len(set(seeds)) < len(seeds):
+        log.warning("members share a seed (seeds %s): runs with the same seed may be the same model", seeds)
     return [ckpt_io.load(p, device) for p in paths], cfg
 
 
@@ -168,7 +174,8 @@ def validation_figures(model: nn.Module, logits: torch.Tensor, labels: torch.Ten
     probs, class_probs = probabilities(logits)
     y = labels.cpu().numpy()
     m = binary_metrics(y > 0, probs, cfg.train.threshold)
-    out = {"loss": float(loss), "bce": float(bce), **{k: m[k] for k in ("accuracy", "roc_auc", "recall", "specificity")}}
+    out = {"loss": float(loss), "bce": float(bce),
+           **{k: m[k] for k in ("accuracy", "roc_auc", "recall", "specificity")}}
     if class_probs is not None:
         out["accuracy_3class"] = float((decide(probs, cfg.train.threshold, class_probs) == y).mean())
     return out
