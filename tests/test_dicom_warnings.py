@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import io
+import warnings
 
 import numpy as np
 import pytest
@@ -51,11 +52,11 @@ def _files() -> dict[str, tuple[bytes, str | None]]:
     return files
 
 
-def _check(name: str, warnings: list[str], expected: str | None) -> None:
+def _check(name: str, found: list[str], expected: str | None) -> None:
     if expected is None:
-        assert warnings == [], (name, warnings)
+        assert found == [], (name, found)
     else:
-        assert len(warnings) == 1 and warnings[0].startswith(expected), (name, warnings)
+        assert len(found) == 1 and found[0].startswith(expected), (name, found)
 
 
 @pytest.mark.parametrize("name", [*CASES, "pediatric-pa.dcm", "plain.png"])
@@ -195,7 +196,9 @@ def test_page_shows_each_files_warnings_beside_its_result(checkpoint, folder):
 
 def test_a_hostile_header_value_is_quoted_short_and_on_one_line():
     ds = pydicom.dcmread(io.BytesIO(_dicom()))
-    ds.BodyPartExamined = "ABDOMEN\r\n" + "X" * 10_000
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # pydicom's complaint about the value's length is the point
+        ds.BodyPartExamined = "ABDOMEN\r\n" + "X" * 10_000
     found = acquisition_warnings(ds)
     assert len(found) == 1 and found[0].startswith("BodyPartExamined ABDOMEN XXX") and len(found[0]) < 200
     assert "\n" not in found[0] and "\r" not in found[0]
