@@ -327,6 +327,10 @@ def mode_train(args) -> dict:
     t0 = time.perf_counter()
     hist = model.fit(gen, epochs=epochs, steps_per_epoch=steps_per_epoch, verbose=0, callbacks=[timer])
     total = time.perf_counter() - t0
+    if args.files is not None:  # the folder of links made above
+        import shutil
+
+        shutil.rmtree(args.data)
     result = {
         "mode": "train",
         "pipeline": "ImageDataGenerator(rescale=1/255, zoom_range=0.5, vertical_flip=True).flow_from_directory",
