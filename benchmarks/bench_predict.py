@@ -21,6 +21,11 @@ initialised paper model (150 px, PReLU) is used: speed does not depend on the we
     .venv/bin/python benchmarks/bench_predict.py --limit 512
     .venv/bin/python benchmarks/bench_predict.py --checkpoint runs/x/best.pt --data ../shared/data/chest_xray/test
 
+Every pipeline's images/s is also stated against the machine's limit, measured in the same run
+(``machine_peak.py``): times the GFLOP of one image's forward pass (counted on the paper's network,
+which all three pipelines compute) it gives GFLOP/s, shown as a fraction of the FP32 and (where the
+CPU has native BF16) BF16 matrix-product peak. ``--no-keras`` leaves the Keras baseline out.
+
 Prints a table, then one JSON line (the last line) with every figure and the ratios to Keras.
 Run it on an otherwise idle machine: next to another CPU-bound process, PyTorch's OpenMP threads
 stall at every operator (seen on 2 cores beside a training job: ~590 ms per image with 2 threads,
@@ -51,6 +56,9 @@ from pneumoscan.predict import Predictor
 
 ROOT = Path(__file__).resolve().parents[1]
 CLASSES = ("NORMAL", "PNEUMONIA")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import machine_peak  # noqa: E402 (the module beside this script)
 
 
 def choose_files(data: Path, limit: int, seed: int) -> list[Path]:
@@ -132,14 +140,14 @@ def rounded(values: list[float]) -> list[float]:
     return [round(v, 1) for v in values]
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+def inference_limit(checkpoint: Path) -> dict:
+    """The machine, its FP32/BF16 peaks on this process's threads, and the GFLOP of one image's forward pass:
+    the network as drawn (every pipeline's count) and pneumoscan's frozen inference form."""
+    cfg = ckpt_io.load(checkpoint).config
+    model, size = ckpt_io.build_model(cfg), cfg.preprocessing.image_size
+    return {"machine": machine_peak.machine(), "peak": machine_peak.peaks(),
+            "gflop_per_image": round(machine_peak.inference_gflop_per_image(model, size), 4),
+            "gflop_per_image_executed": round(machine_peak.inference_gflop_per_image(model, size, frozen=True), 4)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -153,6 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--rounds", type=int, default=3, help="folder timings per pipeline, alternated; medians (default 3)")
     ap.add_argument("--keras-python", type=Path, default=ROOT / ".venv-tf" / "bin" / "python")
+    ap.add_argument("--no-keras", action="store_true", help="leave the Keras baseline out")
     args = ap.parse_args(argv)
 
     files = choose_files(args.data, args.limit, args.seed)
@@ -164,6 +173,7 @@ def main(argv: list[str] | None = None) -> int:
         for f in files:  # warm the page cache so no pipeline pays for a cold disk
             f.read_bytes()
         checkpoint = args.checkpoint or fresh_checkpoint(tmp)
+        limit = inference_limit(checkpoint)
 
         predictors, results, probs = {}, {}, {}
         for backend in ("torch", "onnx"):
@@ -175,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
             for backend, predictor in predictors.items():
                 folder_result, probs[backend] = time_folder(predictor, paths)
                 results[backend]["rounds_images_per_s"].append(folder_result["images_per_s"])
-            keras_rounds.append(run_keras(folder, n, args.keras_python))
+            keras_rounds.append({"skipped": "--no-keras"} if args.no_keras else run_keras(folder, n, args.keras_python))
         for backend, predictor in predictors.items():
             results[backend]["images_per_s"] = float(np.median(results[backend]["rounds_images_per_s"]))
             results[backend].update({f"latency_{k}": v for k, v in time_latency(predictor, files[0].read_bytes(),
@@ -188,6 +198,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg = ckpt_io.load(checkpoint).config
 
     keras_ips = keras.get("images_per_s")
+    for r in (results["torch"], results["onnx"], keras):
+        r.update(machine_peak.achieved(r.get("images_per_s"), limit["gflop_per_image"], limit["peak"]))
     summary = {
         "benchmark": "predict",
         "n_images": n,
@@ -199,14 +211,16 @@ def main(argv: list[str] | None = None) -> int:
         "torch": results["torch"],
         "onnx": results["onnx"],
         "rounds": args.rounds,
-        "keras": {k: keras[k] for k in ("images_per_s", "rounds_images_per_s", "tf_version", "keras_version") if k in keras}
+        "keras": {k: keras[k] for k in ("images_per_s", "rounds_images_per_s", "tf_version", "keras_version", "gflops",
+                                        "of_fp32_peak", "of_bf16_peak") if k in keras}
         if "skipped" not in keras else keras,
+        "limit": limit,
         "ratio_torch_to_keras": results["torch"]["images_per_s"] / keras_ips if keras_ips else None,
         "ratio_onnx_to_keras": results["onnx"]["images_per_s"] / keras_ips if keras_ips else None,
         "ratio_onnx_to_torch": results["onnx"]["images_per_s"] / results["torch"]["images_per_s"],
         "max_abs_prob_diff_torch_onnx": float(np.max(np.abs(probs["torch"] - probs["onnx"]))),
         "env": {
-            "cpu": cpu_model(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "cpu": limit["machine"]["cpu"], "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "onnx_threads": onnx_threads,
             "pneumoscan": __version__, "torch": torch.__version__, "python": platform.python_version(),
             "onnxruntime": onnxruntime.__version__, "loadavg_1m": os.getloadavg()[0],
@@ -216,15 +230,22 @@ def main(argv: list[str] | None = None) -> int:
     print(f"prediction benchmark: {n} images, {summary['image_size']} px, {summary['activation']}, "
           f"{summary['env']['cpu']} ({summary['env']['cpu_count']} CPUs, load {summary['env']['loadavg_1m']:.2f}; "
           f"threads: torch {summary['env']['torch_threads']}, onnx {onnx_threads})")
-    print(f"folder images/s: median of {args.rounds} alternated rounds (each round's figure in brackets)")
-    print(f"{'pipeline':<22}{'images/s':>10}{'vs Keras':>10}{'p50 ms':>9}{'p99 ms':>9}{'startup s':>11}  rounds")
+    print(machine_peak.describe(limit["machine"], limit["peak"]))
+    print(f"folder images/s: median of {args.rounds} alternated rounds (each round's figure in brackets); GFLOP/s = "
+          f"images/s x {limit['gflop_per_image']:.3f} GFLOP per image (the paper's network; the frozen form executes "
+          f"{limit['gflop_per_image_executed']:.3f})")
+    print(f"{'pipeline':<22}{'images/s':>10}{'vs Keras':>10}{'GFLOP/s':>9}{'% FP32':>8}{'% BF16':>8}"
+          f"{'p50 ms':>9}{'p99 ms':>9}{'startup s':>11}  rounds")
+    pct = machine_peak.percent
     for name, key in (("pneumoscan torch", "torch"), ("pneumoscan onnx", "onnx")):
         r = results[key]
         ratio = f"{r['images_per_s'] / keras_ips:.2f}x" if keras_ips else "-"
-        print(f"{name:<22}{r['images_per_s']:>10.1f}{ratio:>10}{r['latency_p50_ms']:>9.2f}{r['latency_p99_ms']:>9.2f}"
+        print(f"{name:<22}{r['images_per_s']:>10.1f}{ratio:>10}{r['gflops']:>9.1f}{pct(r['of_fp32_peak']):>8}"
+              f"{pct(r['of_bf16_peak']):>8}{r['latency_p50_ms']:>9.2f}{r['latency_p99_ms']:>9.2f}"
               f"{r['startup_s']:>11.2f}  {rounded(r['rounds_images_per_s'])}")
     if keras_ips:
-        print(f"{'keras (paper)':<22}{keras_ips:>10.1f}{'1.00x':>10}{'-':>9}{'-':>9}{'-':>11}  {rounded(keras['rounds_images_per_s'])}")
+        print(f"{'keras (paper)':<22}{keras_ips:>10.1f}{'1.00x':>10}{keras['gflops']:>9.1f}{pct(keras['of_fp32_peak']):>8}"
+              f"{pct(keras['of_bf16_peak']):>8}{'-':>9}{'-':>9}{'-':>11}  {rounded(keras['rounds_images_per_s'])}")
     else:
         print(f"keras (paper): skipped: {keras['skipped']}")
     print(f"max |p_torch - p_onnx| on these images: {summary['max_abs_prob_diff_torch_onnx']:.2g}"
