@@ -313,6 +313,29 @@ def test_what_the_node_cannot_score_gets_a_failure_status_and_the_node_stays_up(
 
 
 @needs_servers
+def test_a_header_warning_is_recorded_once(pacs_and_node, radiograph):
+    """A lateral view stored straight to the node is scored, with the header's warning in its row once."""
+    import pydicom
+    from pynetdicom import AE
+    from pynetdicom.sop_class import DigitalXRayImageStorageForPresentation
+
+    _, node, out = pacs_and_node
+    lateral = pydicom.dcmread(radiograph)
+    lateral.SOPInstanceUID = pydicom.uid.generate_uid()
+    lateral.ViewPosition = "LL"
+    ae = AE(ae_title="TESTSCU")
+    ae.add_requested_context(DigitalXRayImageStorageForPresentation, pydicom.uid.JPEGLSLossless)
+    assoc = ae.associate("127.0.0.1", int(node.proc.args[node.proc.args.index("--port") + 1]), ae_title=NODE_AET)
+    assert assoc.is_established
+    try:
+        assert assoc.send_c_store(lateral).Status == 0x0000
+    finally:
+        assoc.release()
+    row = next(r for r in results(out) if r["event"] == "scored" and r["sop_instance_uid"] == lateral.SOPInstanceUID)
+    assert row["warnings"].count("lateral view") == 1
+
+
+@needs_servers
 def test_the_grad_cam_overlay_comes_back_as_a_secondary_capture(pacs_and_node, checkpoint, radiograph, tmp_path):
     """An in-process node with secondary capture on, sending to the same Orthanc: the report and the overlay
     arrive in the source's study, the overlay referring to its source image and carrying the same probability."""

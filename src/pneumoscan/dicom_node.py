@@ -380,7 +380,6 @@ class DicomNode:
 
     def _process(self, event: Any, fields: dict[str, str]) -> tuple[dict, dict]:
         """One instance from check to score: (the row's result fields, the sender's job). Raises Rejected."""
-        from . import dicom
         from .images import ImageLoadError
         from .serve import WorkerStopped, prepare_upload
 
@@ -410,7 +409,6 @@ class DicomNode:
             pixels, shown, warnings = prepare_upload(self.predictor, fields["sop_instance_uid"], data)
         except ImageLoadError as e:
             raise Rejected(CANNOT_UNDERSTAND, e.reason) from None
-        warnings = dicom.acquisition_warnings(ds) + list(warnings)
         try:
             heat, prob, class_probs, ood = self.batcher.score(pixels, self.settings.secondary_capture,
                                                               self.settings.score_timeout_s)
