@@ -139,6 +139,7 @@ def test_every_inference_path_agrees_on_an_ensemble_with_tta(runs, tmp_path):
         assert result["ood_score"] == pytest.approx(ood[path], rel=1e-3, abs=2e-4), path
         assert result["heatmap_png"]
     assert "ensemble of 2 members (seeds 0, 1)" in client.get("/api/model-card").text
+    assert client.get("/api/model").json()["ensemble"].startswith("ensemble of 2 members (seeds 0, 1)")
     assert "ensemble of 2 members" in (tmp_path / "eval" / "report.html").read_text()
     meta = json.loads(OnnxPredictor(remembered_onnx_bytes(ens)).metadata["ensemble"])  # the export predict made
     assert meta["seeds"] == [0, 1] and len(meta["views"]) == 4

@@ -19,6 +19,7 @@ import torch
 from . import checkpoint as ckpt_io
 from .images import ImageLoadError, LoadedImage, is_image_file, load_for_model_with_info
 from .calibration import OutputMap, move, output_map
+from .ensemble import describe as describe_ensemble
 from .metrics import decide
 from .fileio import atomic_write_text, write_json
 from .inference import freeze, model_input
@@ -71,6 +72,7 @@ class Predictor:
             raise ValueError("the onnx backend exports P(pneumonia) only; run three-class models with the torch backend")
         self.cam_layer = loaded.checkpoint.get("cam_layer") or getattr(self.model, "cam_layer", "")
         self.ood = Detector.from_checkpoint(loaded.checkpoint)
+        self.ensemble = describe_ensemble(loaded.checkpoint)  # '' for a single model
         self.prep = self.config.preprocessing
         self.batch_size = batch_size
         self.onnx = None

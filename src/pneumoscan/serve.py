@@ -310,7 +310,8 @@ def describe_model(predictor: Predictor, checkpoint_name: str, validation: dict[
             "prior_source": predictor.output.source, "train_prevalence": predictor.output.train_prevalence,
             "model_prior": predictor.output.model_prior,
             "ood_threshold": None if predictor.ood is None else predictor.ood.threshold,
-            "image_size": cfg.preprocessing.image_size, "validation": validation, "disclaimer": DISCLAIMER}
+            "image_size": cfg.preprocessing.image_size, "ensemble": predictor.ensemble or None,
+            "validation": validation, "disclaimer": DISCLAIMER}
 
 
 @functools.cache
@@ -352,6 +353,7 @@ def api_models() -> Any:
         ood_threshold: float | None = Field(description="an image whose `ood_score` is at or above this is outside "
                                                         "what the model was trained on; null without a detector")
         image_size: int
+        ensemble: str | None = Field(description="an ensemble's members (seeds) and test-time views; null for one model")
         validation: Validation | None = Field(description="validation figures; an undefined one is null")
         disclaimer: str
 
