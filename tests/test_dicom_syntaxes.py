@@ -135,13 +135,16 @@ def test_syntax_decodes_to_the_original(originals, tmp_path, uid, name, bits, en
         assert _psnr(grey, original.grey) >= PSNR_FLOOR_DB
 
 
-@pytest.mark.parametrize("uid, bits, encode", [
+COMPRESSED = pytest.mark.parametrize("uid, bits, encode", [
     ("1.2.840.10008.1.2.4.51", 12, _dcmtk("dcmcjpeg", "+ee")),
     ("1.2.840.10008.1.2.4.57", 12, _dcmtk("dcmcjpeg", "+el")),
     ("1.2.840.10008.1.2.4.80", 12, _dcmtk("dcmcjpls", "+el")),
     ("1.2.840.10008.1.2.4.81", 8, _dcmtk("dcmcjpls", "+en")),
     ("1.2.840.10008.1.2.4.90", 12, _openjpeg("1.2.840.10008.1.2.4.90")),
 ], ids=["jpeg-extended-12bit", "jpeg-lossless-12bit", "jpeg-ls", "jpeg-ls-near", "jpeg2000"])
+
+
+@COMPRESSED
 def test_frame_larger_than_the_header_is_refused_before_decoding(originals, tmp_path, uid, bits, encode):
     """The frame's own header names its size: a DICOM header declaring fewer pixels is refused before decoding."""
     dst = tmp_path / "encoded.dcm"
@@ -151,6 +154,21 @@ def test_frame_larger_than_the_header_is_refused_before_decoding(originals, tmp_
     ds.Rows, ds.Columns = ds.Rows // 4, ds.Columns // 4
     ds.save_as(dst)
     with pytest.raises(ImageLoadError, match=r"compressed frame is \d+x\d+, larger than the \d+x\d+ image"):
+        load_grey(dst)
+
+
+@COMPRESSED
+def test_a_truncated_frame_is_refused_not_filled_in(originals, tmp_path, uid, bits, encode):
+    """A frame cut to a third of its length is an error: some decoders would fill the missing rows silently."""
+    from pydicom.encaps import encapsulate, generate_frames
+
+    dst = tmp_path / "encoded.dcm"
+    encode(originals[bits], dst)
+    ds = pydicom.dcmread(dst)
+    frame = next(generate_frames(ds.PixelData, number_of_frames=1))
+    ds.PixelData = encapsulate([frame[: len(frame) // 3]])
+    ds.save_as(dst)
+    with pytest.raises(ImageLoadError, match="truncated"):
         load_grey(dst)
 
 

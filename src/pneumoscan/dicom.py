@@ -233,7 +233,8 @@ def _check_frame(ds: Any, syntax: Any, size: int) -> None:
     """A compressed frame's own size against the header's, before it is decoded.
 
     A JPEG, JPEG-LS or JPEG 2000 stream names its width and height; an RLE stream's runs add up to its size.
-    pydicom would decode either in full before comparing it with Rows x Columns.
+    pydicom would decode either in full before comparing it with Rows x Columns. A JPEG-family stream must
+    also end with its end-of-image marker: some decoders fill a truncated stream's missing rows silently.
     """
     from pydicom.encaps import generate_frames
     from pydicom.uid import RLELossless
@@ -251,6 +252,8 @@ def _check_frame(ds: Any, syntax: Any, size: int) -> None:
     named = _jpeg_size(frame) or _j2k_size(frame)
     if named is None:
         return
+    if not frame.rstrip(b"\x00").endswith(b"\xff\xd9"):  # JPEG's EOI and JPEG 2000's EOC are both FFD9
+        raise DicomError("compressed frame is truncated: it does not end with its end-of-image marker")
     w, h, components = named
     if w * h > rows * cols:
         raise DicomError(f"compressed frame is {w}x{h}, larger than the {cols}x{rows} image the header declares")
