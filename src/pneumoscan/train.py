@@ -391,10 +391,9 @@ def train(cfg: Config, out: str | Path, device: str = "auto", resume: bool = Fal
     keep_freed_memory()
     ddp, dev = init_distributed(device)
     try:
+        graphs_by_default = cuda_graphs is None
         if cuda_graphs is None:
-            cuda_graphs = dev.type == "cuda" and not ddp.enabled and cfg.train.precision == "fp32"
-            if dev.type == "cuda" and cfg.train.precision != "fp32":
-                log.info("CUDA graphs are off under --precision %s: each step runs eagerly", cfg.train.precision)
+            cuda_graphs = dev.type == "cuda" and not ddp.enabled
         if cuda_graphs and (dev.type != "cuda" or ddp.enabled):
             raise ValueError("CUDA graphs need a single-process CUDA run")
         check_precision(cfg.train.precision, dev)
@@ -405,7 +404,7 @@ def train(cfg: Config, out: str | Path, device: str = "auto", resume: bool = Fal
         ddp.barrier()
         try:
             return _train(cfg, out, dev, ddp, resume, progress and ddp.is_main, tensorboard and ddp.is_main, strict,
-                          cuda_graphs)
+                          cuda_graphs, graphs_by_default)
         except BaseException:
             if ddp.is_main:
                 try:
@@ -419,7 +418,7 @@ def train(cfg: Config, out: str | Path, device: str = "auto", resume: bool = Fal
 
 
 def _train(cfg: Config, out: Path, dev: torch.device, ddp: Distributed, resume: bool, progress: bool,
-           tensorboard: bool, strict: bool, cuda_graphs: bool) -> dict[str, Any]:
+           tensorboard: bool, strict: bool, cuda_graphs: bool, graphs_by_default: bool = False) -> dict[str, Any]:
     marks = {"start": time.perf_counter()}  # when each phase ended, for the timings in summary.json
     started = time.time()
     state = torch.load(out / "last.pt", map_location="cpu", weights_only=True) if resume else None
@@ -428,6 +427,9 @@ def _train(cfg: Config, out: Path, dev: torch.device, ddp: Distributed, resume: 
     if cfg.train.precision != "fp32":
         log.info("training forward passes under %s autocast; weights, Adam's state, the loss and validation in FP32",
                  cfg.train.precision.upper())
+        if cuda_graphs and graphs_by_default:
+            cuda_graphs = False
+            log.info("CUDA graphs are off under --precision %s: each step runs eagerly", cfg.train.precision)
     generator = seed_everything(cfg.train.seed)
     if ddp.rank:  # different augmentation draws on each process; same initial weights
         generator.manual_seed(cfg.train.seed + 1000 * ddp.rank)
