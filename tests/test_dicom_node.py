@@ -157,6 +157,24 @@ def make_radiograph(jpeg: Path, out: Path, patient_id: str = "PNEUMO-1", codec: 
     return out
 
 
+def associate(port: int, *syntaxes: str):
+    """An association from a test SCU to the node on `port`: a DX (for presentation) context for each of
+    `syntaxes`, and Verification."""
+    from pynetdicom import AE
+    from pynetdicom.sop_class import DigitalXRayImageStorageForPresentation, Verification
+
+    ae = AE(ae_title="TESTSCU")
+    for syntax in syntaxes:  # one context each
+        ae.add_requested_context(DigitalXRayImageStorageForPresentation, syntax)
+    ae.add_requested_context(Verification)
+    return ae.associate("127.0.0.1", port, ae_title=NODE_AET)
+
+
+def node_port(node) -> int:
+    """The port the node subprocess of the `pacs_and_node` fixture listens on."""
+    return int(node.proc.args[node.proc.args.index("--port") + 1])
+
+
 def results(out: Path) -> list[dict[str, str]]:
     with open(out / "results.csv", newline="") as f:
         return list(csv.DictReader(f))
@@ -272,8 +290,6 @@ def test_what_the_node_cannot_score_gets_a_failure_status_and_the_node_stays_up(
     straight from a pynetdicom client; each is a row of results.csv with its reason, and the node answers on."""
     import pydicom
     from pydicom.encaps import encapsulate
-    from pynetdicom import AE
-    from pynetdicom.sop_class import DigitalXRayImageStorageForPresentation, Verification
 
     from pneumoscan.dicom_sr import ModelInfo, Score, structured_report
 
@@ -291,11 +307,7 @@ def test_what_the_node_cannot_score_gets_a_failure_status_and_the_node_stays_up(
     big.decompress()
     big.Rows, big.Columns = 1024, 1024
     big.PixelData = np.random.default_rng(0).integers(0, 255, (1024, 1024), dtype=np.uint8).tobytes()
-    ae = AE(ae_title="TESTSCU")
-    for syntax in (pydicom.uid.JPEGLSLossless, pydicom.uid.ExplicitVRLittleEndian):  # one context each
-        ae.add_requested_context(DigitalXRayImageStorageForPresentation, syntax)
-    ae.add_requested_context(Verification)
-    assoc = ae.associate("127.0.0.1", int(node.proc.args[node.proc.args.index("--port") + 1]), ae_title=NODE_AET)
+    assoc = associate(node_port(node), pydicom.uid.JPEGLSLossless, pydicom.uid.ExplicitVRLittleEndian)
     assert assoc.is_established
     try:
         assert assoc.send_c_store(garbled).Status == 0xC000
@@ -316,16 +328,12 @@ def test_what_the_node_cannot_score_gets_a_failure_status_and_the_node_stays_up(
 def test_a_header_warning_is_recorded_once(pacs_and_node, radiograph):
     """A lateral view stored straight to the node is scored, with the header's warning in its row once."""
     import pydicom
-    from pynetdicom import AE
-    from pynetdicom.sop_class import DigitalXRayImageStorageForPresentation
 
     _, node, out = pacs_and_node
     lateral = pydicom.dcmread(radiograph)
     lateral.SOPInstanceUID = pydicom.uid.generate_uid()
     lateral.ViewPosition = "LL"
-    ae = AE(ae_title="TESTSCU")
-    ae.add_requested_context(DigitalXRayImageStorageForPresentation, pydicom.uid.JPEGLSLossless)
-    assoc = ae.associate("127.0.0.1", int(node.proc.args[node.proc.args.index("--port") + 1]), ae_title=NODE_AET)
+    assoc = associate(node_port(node), pydicom.uid.JPEGLSLossless)
     assert assoc.is_established
     try:
         assert assoc.send_c_store(lateral).Status == 0x0000
@@ -342,8 +350,6 @@ def test_the_grad_cam_overlay_comes_back_as_a_secondary_capture(pacs_and_node, c
     import io
 
     import pydicom
-    from pynetdicom import AE
-    from pynetdicom.sop_class import DigitalXRayImageStorageForPresentation
 
     from pneumoscan.dicom_node import DicomNode, Destination, NodeSettings
     from pneumoscan.dicom_sr import read_report
@@ -357,9 +363,7 @@ def test_the_grad_cam_overlay_comes_back_as_a_secondary_capture(pacs_and_node, c
     node = DicomNode(Predictor(checkpoint, device="cpu"), settings)
     node.start()
     try:
-        ae = AE(ae_title="TESTSCU")
-        ae.add_requested_context(DigitalXRayImageStorageForPresentation, pydicom.uid.JPEGLSLossless)
-        assoc = ae.associate("127.0.0.1", node.port, ae_title=NODE_AET)
+        assoc = associate(node.port, pydicom.uid.JPEGLSLossless)
         try:
             assert assoc.send_c_store(source).Status == 0x0000
         finally:
@@ -461,8 +465,6 @@ def test_reports_that_cannot_be_delivered_are_retried_then_recorded_and_the_node
     pytest.importorskip("pynetdicom")
     pytest.importorskip("highdicom")
     import pydicom
-    from pynetdicom import AE
-    from pynetdicom.sop_class import DigitalXRayImageStorageForPresentation, Verification
 
     from pneumoscan.dicom_node import DicomNode, Destination, NodeSettings
     from pneumoscan.predict import Predictor
@@ -473,10 +475,7 @@ def test_reports_that_cannot_be_delivered_are_retried_then_recorded_and_the_node
     node = DicomNode(Predictor(checkpoint, device="cpu"), settings)
     node.start()
     try:
-        ae = AE(ae_title="TESTSCU")
-        ae.add_requested_context(DigitalXRayImageStorageForPresentation, pydicom.uid.JPEGLSLossless)
-        ae.add_requested_context(Verification)
-        assoc = ae.associate("127.0.0.1", node.port, ae_title=NODE_AET)
+        assoc = associate(node.port, pydicom.uid.JPEGLSLossless)
         try:
             assert assoc.send_c_store(pydicom.dcmread(radiograph)).Status == 0x0000
             deadline = time.monotonic() + 30
@@ -530,8 +529,6 @@ def test_a_c_echo_is_answered_while_a_large_instance_is_being_stored(checkpoint,
     association meanwhile is answered at once."""
     pytest.importorskip("pynetdicom")
     import pydicom
-    from pynetdicom import AE
-    from pynetdicom.sop_class import DigitalXRayImageStorageForPresentation, Verification
 
     from pneumoscan.dicom_node import DicomNode, NodeSettings
     from pneumoscan.predict import Predictor
@@ -545,16 +542,13 @@ def test_a_c_echo_is_answered_while_a_large_instance_is_being_stored(checkpoint,
                      NodeSettings(out=tmp_path, port=free_port(), max_instance_mb=100, keep_instances=False))
     node.start()
     try:
-        ae = AE(ae_title="TESTSCU")
-        ae.add_requested_context(DigitalXRayImageStorageForPresentation, pydicom.uid.ExplicitVRLittleEndian)
-        ae.add_requested_context(Verification)
-        store = ae.associate("127.0.0.1", node.port, ae_title=NODE_AET)
+        store = associate(node.port, pydicom.uid.ExplicitVRLittleEndian)
         status = {}
         sending = threading.Thread(target=lambda: status.update(s=store.send_c_store(big).Status))
         sending.start()
         time.sleep(0.3)
         started = time.perf_counter()
-        echo = ae.associate("127.0.0.1", node.port, ae_title=NODE_AET)
+        echo = associate(node.port)
         assert echo.send_c_echo().Status == 0x0000
         echo.release()
         echoed_s = time.perf_counter() - started
