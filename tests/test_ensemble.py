@@ -23,7 +23,7 @@ from pneumoscan.images import load_for_model
 from pneumoscan.inference import freeze, predict_logits
 
 from .conftest import make_dataset
-from .test_invariants import paper_run_args, read_csv
+from .test_invariants import assert_every_path_agrees, paper_run_args, read_csv
 
 # BatchNorm statistics of the last batch and a large step: outputs that differ between images within 4 epochs
 RECIPE = ["--lr", "0.01", "--batchnorm-momentum", "1.0", "--calibration", "temperature", "--threshold-rule", "youden",
@@ -109,35 +109,14 @@ def test_every_inference_path_agrees_on_an_ensemble_with_tta(runs, tmp_path):
     pytest.importorskip("onnxruntime")
     pytest.importorskip("monai")
     pytest.importorskip("fastapi")
-    from fastapi.testclient import TestClient
-
     from pneumoscan.export import OnnxPredictor, remembered_onnx_bytes
-    from pneumoscan.serve import create_app
 
     ens = str(runs["ens_tta"])
     assert main(["evaluate", ens, "--split", "val", "--out", str(tmp_path / "eval"), "--device", "cpu",
                  "--no-progress"]) == 0
-    evaluated = read_csv(tmp_path / "eval" / "predictions.csv")
-    probs = {p: float(r["probability"]) for p, r in evaluated.items()}
-    ood = {p: float(r["ood_score"]) for p, r in evaluated.items()}
-    files = sorted(probs)
-    assert len(files) >= 16 and max(probs.values()) - min(probs.values()) > 0.02  # 200x the largest tolerance
-    assert main(["predict", ens, *files, "--out", str(tmp_path / "torch.csv"), "--device", "cpu"]) == 0
-    assert main(["predict", ens, *files, "--out", str(tmp_path / "onnx.csv"), "--backend", "onnx"]) == 0
-    assert main(["explain", ens, *files[:4], "--out", str(tmp_path / "cams"), "--device", "cpu"]) == 0
-    scored = {"predict": (read_csv(tmp_path / "torch.csv"), 1e-5), "onnx": (read_csv(tmp_path / "onnx.csv"), 1e-4),
-              "explain": (read_csv(tmp_path / "cams" / "explanations.csv"), 1e-5)}
-    for name, (rows, tol) in scored.items():
-        for path, row in rows.items():
-            assert float(row["probability"]) == pytest.approx(probs[path], abs=tol), (name, path)
-            assert float(row["ood_score"]) == pytest.approx(ood[path], rel=1e-3, abs=2e-4), (name, path)
-    client = TestClient(create_app(ens))
-    for path in files[:3]:
-        upload = [("files", (Path(path).name, Path(path).read_bytes(), "image/jpeg"))]
-        result = client.post("/api/predict", files=upload).json()["results"][0]
-        assert result["probability"] == pytest.approx(probs[path], abs=1e-5), path
-        assert result["ood_score"] == pytest.approx(ood[path], rel=1e-3, abs=2e-4), path
-        assert result["heatmap_png"]
+    client, results = assert_every_path_agrees(runs["ens_tta"], tmp_path / "eval" / "predictions.csv", tmp_path,
+                                               min_files=16, n_explain=4, n_api=3)
+    assert all(r["heatmap_png"] for r in results)
     assert "ensemble of 2 members (seeds 0, 1)" in client.get("/api/model-card").text
     assert client.get("/api/model").json()["ensemble"].startswith("ensemble of 2 members (seeds 0, 1)")
     assert "ensemble of 2 members" in (tmp_path / "eval" / "report.html").read_text()

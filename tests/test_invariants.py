@@ -68,31 +68,44 @@ def test_every_inference_path_gives_the_same_probability_and_ood_score(trained, 
     pytest.importorskip("onnxruntime")
     pytest.importorskip("monai")
     pytest.importorskip("fastapi")
+    _, run = trained
+    assert_every_path_agrees(run / "best.pt", run / "eval-val" / "predictions.csv", tmp_path, min_files=20, n_explain=6,
+                             n_api=6)
+
+
+def assert_every_path_agrees(checkpoint: Path, evaluated_csv: Path, tmp_path: Path, min_files: int, n_explain: int,
+                             n_api: int):
+    """Every image of evaluate's CSV gets the same probability and out-of-distribution score from `predict`,
+    `predict --backend onnx`, `explain` (the first `n_explain`) and the HTTP API (the first `n_api`); returns
+    the API's test client and the API's first result."""
     from fastapi.testclient import TestClient
 
     from pneumoscan.serve import create_app
 
-    _, run = trained
-    best = run / "best.pt"
-    evaluated = {p: float(r["probability"]) for p, r in read_csv(run / "eval-val" / "predictions.csv").items()}
-    ood = {p: float(r["ood_score"]) for p, r in read_csv(run / "eval-val" / "predictions.csv").items()}
+    rows = read_csv(evaluated_csv)
+    evaluated = {p: float(r["probability"]) for p, r in rows.items()}
+    ood = {p: float(r["ood_score"]) for p, r in rows.items()}
     files = sorted(evaluated)
-    assert len(files) >= 20 and max(evaluated.values()) - min(evaluated.values()) > 0.02  # 200x the tolerance
-    assert main(["predict", str(best), *files, "--out", str(tmp_path / "torch.csv"), "--device", "cpu"]) == 0
-    assert main(["predict", str(best), *files, "--out", str(tmp_path / "onnx.csv"), "--backend", "onnx"]) == 0
-    assert main(["explain", str(best), *files[:6], "--out", str(tmp_path / "cams"), "--device", "cpu"]) == 0
+    assert len(files) >= min_files and max(evaluated.values()) - min(evaluated.values()) > 0.02  # 200x the tolerance
+    best = str(checkpoint)
+    assert main(["predict", best, *files, "--out", str(tmp_path / "torch.csv"), "--device", "cpu"]) == 0
+    assert main(["predict", best, *files, "--out", str(tmp_path / "onnx.csv"), "--backend", "onnx"]) == 0
+    assert main(["explain", best, *files[:n_explain], "--out", str(tmp_path / "cams"), "--device", "cpu"]) == 0
     scored = {"predict": (read_csv(tmp_path / "torch.csv"), 1e-5), "predict --backend onnx": (read_csv(tmp_path / "onnx.csv"), 1e-4),
               "explain": (read_csv(tmp_path / "cams" / "explanations.csv"), 1e-5)}
-    for name, (rows, tol) in scored.items():
-        for path, row in rows.items():
+    for name, (scored_rows, tol) in scored.items():
+        for path, row in scored_rows.items():
             assert float(row["probability"]) == pytest.approx(evaluated[path], abs=tol), (name, path)
             assert float(row["ood_score"]) == pytest.approx(ood[path], rel=1e-3, abs=2e-4), (name, path)
     client = TestClient(create_app(best))
-    for path in files[:6]:
+    results = []
+    for path in files[:n_api]:
         upload = [("files", (Path(path).name, Path(path).read_bytes(), "image/jpeg"))]
         result = client.post("/api/predict", files=upload).json()["results"][0]
         assert result["probability"] == pytest.approx(evaluated[path], abs=1e-5), path
         assert result["ood_score"] == pytest.approx(ood[path], rel=1e-3, abs=2e-4), path
+        results.append(result)
+    return client, results
 
 
 def _run_cli(args: list[str], cache: Path) -> subprocess.Popen:
