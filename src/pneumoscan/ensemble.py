@@ -89,6 +89,11 @@ class Ensemble(nn.Module):
         if all(getattr(m, "ood_layers", ()) for m in members):
             self.ood_layers = tuple(f"members.{i}.{name}" for i, m in enumerate(members) for name in m.ood_layers)
 
+    def features_model(self) -> "Ensemble":
+        """The same members without test-time views: the out-of-distribution features are those of the images
+        as they are, so fitting the detector need not score the other views."""
+        return self if len(self.views) == 1 else Ensemble(list(self.members)).train(self.training)
+
     def view_batch(self, x: torch.Tensor) -> torch.Tensor:
         """(N, C, S, S) -> (V * N, C, S, S): every view of the batch, view by view, the images as they are first."""
         parts = [x]

@@ -154,7 +154,11 @@ def fit_detector(train_features: np.ndarray, train_labels: np.ndarray, val_featu
 
 def fit_for_model(model: nn.Module, train_pixels: torch.Tensor, train_labels: np.ndarray, val_pixels: torch.Tensor,
                   prep: Preprocessing, batch_size: int = 64, quantile: float = DEFAULT_QUANTILE) -> Detector:
-    """Fit the detector on a model's features of the training pixels; threshold on the validation pixels."""
+    """Fit the detector on a model's features of the training pixels; threshold on the validation pixels.
+    A model that averages over test-time views (an ensemble) gives the features of the images as they are
+    through its `features_model()`, without scoring the other views."""
+    if hasattr(model, "features_model"):
+        model = model.features_model()
     layers = layers_of(model)
     train_f = features_of(model, train_pixels, prep, layers, batch_size)
     val_f = features_of(model, val_pixels, prep, layers, batch_size)
