@@ -76,9 +76,10 @@ def test_a_frozen_copy_is_a_snapshot_and_the_original_is_untouched():
         assert torch.allclose(freeze(model)(x), model(x), atol=1e-5)
 
 
-def test_validation_after_fused_adam_steps_equals_a_fresh_copy_and_the_frozen_form():
-    """The optimizer exactly as training builds it (fused Adam updates parameters in place without bumping
-    their version counters): each validation must see the weights as they are after every step."""
+def test_validation_after_adam_steps_equals_a_fresh_copy_and_the_frozen_form():
+    """The optimizer exactly as training builds it, writing the parameters in place (torch's fused Adam
+    did so without bumping their version counters): each validation must see the weights as they are
+    after every step."""
     torch.manual_seed(0)
     cfg = Config(preprocessing=Preprocessing(image_size=48), train=TrainConfig(batch_size=8, eval_batch_size=16))
     labels = (torch.arange(40) % 2).float()
@@ -92,7 +93,7 @@ def test_validation_after_fused_adam_steps_equals_a_fresh_copy_and_the_frozen_fo
         model.train()(data.inputs(slice(None), cfg))
         for m in batchnorms:
             m.momentum = 0.01
-    optimizer, _, _ = make_optimizer(model, cfg, torch.device("cpu"), cuda_graphs=False)
+    optimizer, _ = make_optimizer(model, cfg, torch.device("cpu"), cuda_graphs=False)
     step = make_step(model, data, cfg, optimizer)
     draws: dict[str, torch.Tensor] = {}
     seen = []

@@ -4,6 +4,7 @@ import pytest
 import torch
 from torch import nn
 
+from pneumoscan.adam import KerasAdam
 from pneumoscan.augment import draw_augmentation
 from pneumoscan.config import Augmentation, Config
 from pneumoscan.predict import Predictor
@@ -53,7 +54,7 @@ def test_replayed_graph_steps_equal_eager_steps_and_follow_the_learning_rate():
     runs = {}
     for name, net in (("eager", eager), ("graphed", graphed)):
         lr = torch.tensor(1e-2, device="cuda")
-        opt = torch.optim.Adam(net.parameters(), lr=lr, capturable=True, fused=True)  # as make_optimizer builds it
+        opt = KerasAdam(net.parameters(), lr=lr)  # as make_optimizer builds it for a captured step
         step = make_step(net, data, cfg, opt)
         graph = CudaGraphStep(step, net, opt, *batches[0]) if name == "graphed" else None
         losses = []

@@ -95,16 +95,16 @@ def test_a_bf16_gradient_step_changes_the_weights_as_an_fp32_step_does(allow_bf1
 
 
 def test_bf16_adam_steps_follow_fp32_and_keep_weights_state_and_batchnorm_statistics_in_fp32(allow_bf16):
-    """Three steps of the fused Adam that training builds. Adam's first steps move each weight by about
-    the learning rate whatever its gradient's size, so weights whose gradient is near zero may move
-    either way: the tolerance is on the total change (measured: 0.31; with the labels swapped: 0.98, the
-    L2 penalty's part of the change being the same)."""
+    """Three steps of the Adam that training builds (adam.KerasAdam). Adam's first steps move each weight
+    by about the learning rate whatever its gradient's size, so weights whose gradient is near zero may
+    move either way: the tolerance is on the total change (measured: 0.21; with the labels swapped: 0.69,
+    the L2 penalty's part of the change being the same)."""
     cfg, data, model = _batch_and_model()
     fp32, _ = _steps(cfg, data, model, "fp32", 3)
     bf16, optimizer = _steps(cfg, data, model, "bf16", 3)
-    assert _relative_change_error(model, fp32, bf16) < 0.5
+    assert _relative_change_error(model, fp32, bf16) < 0.35
     swapped, _ = _steps(cfg, DeviceSplit(data.pixels, 1 - data.labels), model, "fp32", 3)
-    assert _relative_change_error(model, fp32, swapped) > 0.8
+    assert _relative_change_error(model, fp32, swapped) > 0.55
     assert all(p.dtype == torch.float32 for p in bf16.parameters())
     assert all(v.dtype == torch.float32 for state in optimizer.state.values() for k, v in state.items()
                if torch.is_tensor(v) and k != "step")

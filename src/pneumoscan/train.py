@@ -28,6 +28,7 @@ from torch.nn import functional as F
 from torch.utils.data import DistributedSampler
 
 from . import checkpoint as ckpt_io
+from .adam import KerasAdam
 from .augment import augment_batch, draw_augmentation
 from .config import Config
 from .cpu_kernels import for_cpu_training
@@ -139,16 +140,11 @@ def make_step(model: nn.Module, data: DeviceSplit, cfg: Config, optimizer: torch
 
 
 def make_optimizer(model: nn.Module, cfg: Config, device: torch.device,
-                   cuda_graphs: bool) -> tuple[torch.optim.Optimizer, float | torch.Tensor, dict[str, Any]]:
-    """Adam as the training loop uses it: (optimizer, its learning rate, the modes it was built with).
-
-    One fused kernel updates every parameter, on every device. A captured Adam reads its step count
-    and learning rate from device tensors (the LR schedule still applies), so the learning rate is
-    then a tensor.
-    """
+                   cuda_graphs: bool) -> tuple[torch.optim.Optimizer, float | torch.Tensor]:
+    """Adam as Keras computes it (adam.KerasAdam), and its learning rate: a device tensor for a captured
+    step (the LR schedule writes into it), a float otherwise."""
     lr = torch.tensor(cfg.train.lr, device=device) if cuda_graphs else cfg.train.lr
-    modes = {"capturable": cuda_graphs, "fused": True}
-    return torch.optim.Adam(model.parameters(), lr=lr, eps=cfg.train.adam_eps, **modes), lr, modes
+    return KerasAdam(model.parameters(), lr=lr, eps=cfg.train.adam_eps), lr
 
 
 def train_one_epoch(model: nn.Module, data: DeviceSplit, order: torch.Tensor, cfg: Config, optimizer: torch.optim.Optimizer,
@@ -297,10 +293,10 @@ class Run:
                      torch_rng=torch.get_rng_state(), best_loss=self.best_loss, early_stopping=self.stopper.state())
         return state
 
-    def resume_from(self, state: dict[str, Any], modes: dict[str, Any], restore_generator: bool) -> None:
+    def resume_from(self, state: dict[str, Any], restore_generator: bool) -> None:
         self.model.load_state_dict(state["state_dict"])
         saved = state["optimizer"]  # a CPU run's state resumes on a GPU with graphs, and back
-        self.optimizer.load_state_dict({**saved, "param_groups": [{**g, **modes} for g in saved["param_groups"]]})
+        self.optimizer.load_state_dict(saved)
         state_in_parameter_layouts(self.optimizer)
         self.set_lr(saved["param_groups"][0]["lr"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -315,7 +311,7 @@ class Run:
 
 def state_in_parameter_layouts(optimizer: torch.optim.Optimizer) -> None:
     """Put each of Adam's state tensors in its parameter's memory layout: a CPU run keeps its weights
-    channels-last and a GPU run does not, and the fused update needs one layout for both."""
+    channels-last and a GPU run does not, and the multi-tensor update is fastest with one layout for both."""
     for param, state in optimizer.state.items():
         for key, value in state.items():
             if torch.is_tensor(value) and value.shape == param.shape and value.stride() != param.stride():
@@ -366,13 +362,13 @@ def start_run(cfg: Config, dev: torch.device, cuda_graphs: bool, generator: torc
     if dev.type == "cpu":
         model = for_cpu_training(model)
     model = model.to(dev).to(memory_format=memory_format(dev))
-    optimizer, lr, modes = make_optimizer(model, cfg, dev, cuda_graphs)
+    optimizer, lr = make_optimizer(model, cfg, dev, cuda_graphs)
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
         optimizer, mode="min", factor=cfg.train.lr_factor, patience=cfg.train.lr_patience, threshold=1e-4, threshold_mode="abs")
     t = cfg.train
     run = Run(cfg, model, optimizer, lr, scheduler, EarlyStopping(t.early_stopping_patience, t.early_stopping_min_delta), generator)
     if resume_state is not None:
-        run.resume_from(resume_state, modes, restore_generator)
+        run.resume_from(resume_state, restore_generator)
     return run
 
 
