@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from pneumoscan.models import ACTIVATIONS, ElementwisePReLU, count_parameters, create_model, model_names
+from pneumoscan.models import ACTIVATIONS, ElementwisePReLU, count_parameters, create_model, keras_batchnorm, model_names
 
 
 def test_prelu_model_has_the_keras_parameter_count():
@@ -76,3 +76,30 @@ def test_elementwise_prelu_matches_its_definition_with_gradients(channels_last):
     gx, ga = torch.autograd.grad(y, [x, act.alpha], g)
     ex, ea = torch.autograd.grad(expected, [x, act.alpha], g)
     assert torch.allclose(gx, ex) and torch.allclose(ga, ea)
+
+
+def test_keras_batchnorm_moves_towards_the_biased_variance_and_normalises_as_pytorch():
+    """Keras: moving_var = 0.99 * moving_var + 0.01 * biased batch variance (PyTorch uses the unbiased one);
+    outputs, gradients, moving mean and the batch counter stay torch.nn.BatchNorm2d's."""
+    torch.manual_seed(0)
+    keras_bn, torch_bn = keras_batchnorm(5), torch.nn.BatchNorm2d(5, eps=1e-3, momentum=0.01)
+    for bn in (keras_bn, torch_bn):
+        bn.running_var.fill_(2.0)
+        bn.weight.data = torch.linspace(0.5, 1.5, 5)
+    x = torch.randn(3, 5, 4, 2) * 3 + 1
+    outs = []
+    for bn in (keras_bn, torch_bn):
+        xi = x.clone().requires_grad_()
+        y = bn(xi)
+        (y * torch.arange(y.numel()).reshape(y.shape)).sum().backward()
+        outs.append((y, xi.grad, bn.weight.grad))
+    for a, b in zip(*outs):
+        torch.testing.assert_close(a, b)
+    expected = 0.99 * 2.0 + 0.01 * x.var(dim=(0, 2, 3), unbiased=False)
+    torch.testing.assert_close(keras_bn.running_var, expected, rtol=1e-6, atol=1e-7)
+    assert not torch.allclose(torch_bn.running_var, expected, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(keras_bn.running_mean, torch_bn.running_mean)
+    assert int(keras_bn.num_batches_tracked) == 1
+    keras_bn.eval(), torch_bn.eval()
+    torch_bn.running_var.copy_(keras_bn.running_var)
+    torch.testing.assert_close(keras_bn(x), torch_bn(x))

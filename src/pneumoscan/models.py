@@ -120,9 +120,31 @@ class SeparableConv2d(nn.Sequential):
         )
 
 
+class KerasBatchNorm2d(nn.BatchNorm2d):
+    """BatchNormalization as Keras updates it: the moving variance follows each batch's biased variance.
+
+    PyTorch's BatchNorm2d moves it towards the unbiased one, n / (n - 1) larger (n = batch x height x
+    width). In training this layer lets PyTorch update a copy of the running variance, then writes back
+    that update less m * variance / n (PyTorch added m * unbiased variance to (1 - m) x the old value):
+    a per-channel vector, not another pass over the activations. Normalisation itself, in training and
+    in evaluation, is PyTorch's.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            return super().forward(x)
+        self.num_batches_tracked.add_(1)
+        updated = self.running_var.clone()  # kept by autograd: the buffer itself is rewritten below
+        y = F.batch_norm(x, self.running_mean, updated, self.weight, self.bias, True, self.momentum, self.eps)
+        with torch.no_grad():
+            n = x.numel() // x.size(1)
+            self.running_var.copy_(updated - (updated - (1 - self.momentum) * self.running_var) / n)
+        return y
+
+
 def keras_batchnorm(channels: int, momentum: float = 0.01) -> nn.BatchNorm2d:
     # Keras momentum 0.99 keeps 99% of the old running value: PyTorch's momentum is the complement.
-    return nn.BatchNorm2d(channels, eps=1e-3, momentum=momentum)
+    return KerasBatchNorm2d(channels, eps=1e-3, momentum=momentum)
 
 
 class SeedCNN(nn.Module):
