@@ -3,9 +3,9 @@ benchmarks/make_keras_fixtures.py in a TensorFlow venv; no TensorFlow here).
 
 - Every fixture model (each activation of Table IV; PReLU in every format) imports, and its eval-mode
   outputs on real radiographs equal Keras' to 1e-5, through the imported checkpoint.
-- One training step with pneumoscan's own step, optimizer and loss gives Keras' loss and BatchNorm
-  moving statistics to 1e-4, and its weights to 1e-4 wherever the gradient is not tiny; with Adam's
-  epsilon placed as Keras places it, all but a handful of weights (gradients within rounding of zero).
+- One training step with pneumoscan's own step, optimizer (adam.KerasAdam) and loss gives Keras' loss
+  to 1e-4, its BatchNorm moving statistics to 1e-6 and its weights to 1e-4, all but a handful whose
+  gradients the two frameworks route differently through tied maxima.
 - keras.utils.load_img's nearest resize and ours give the same pixels.
 - A file that differs from the paper's network is refused with an error naming the file and the difference.
 """
@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import shutil
 import tarfile
 import zipfile
@@ -139,7 +138,7 @@ def keras_state_after_step(path: Path, act: str) -> dict[str, np.ndarray]:
     return {key: array for key, (_, array) in keras_to_state(after, act, SIZE // 32).items()}
 
 
-def pneumoscan_step(path: Path, images: dict[str, np.ndarray], keras_epsilon: bool = False):
+def pneumoscan_step(path: Path, images: dict[str, np.ndarray]):
     """One step of pneumoscan's training code on the fixture batch: (mean loss, state_dict, gradients)."""
     model, cfg, _ = load_keras_model(path)
     for m in model.modules():  # the fixture's Keras step ran with dropout rates 0
@@ -147,9 +146,7 @@ def pneumoscan_step(path: Path, images: dict[str, np.ndarray], keras_epsilon: bo
             m.p = 0.0
     device = torch.device("cpu")
     model = for_cpu_training(model).to(device).to(memory_format=memory_format(device))  # as train.train does
-    optimizer, _, _ = make_optimizer(model, cfg, device, cuda_graphs=False)
-    if keras_epsilon:
-        optimizer.register_step_pre_hook(keras_epsilon_hook(cfg.train.adam_eps))
+    optimizer, _ = make_optimizer(model, cfg, device, cuda_graphs=False)
     data = DeviceSplit(torch.from_numpy(images["pixels"]), torch.from_numpy(images["labels"]))
     step = make_step(model, data, cfg, optimizer)
     model.train()
@@ -157,17 +154,6 @@ def pneumoscan_step(path: Path, images: dict[str, np.ndarray], keras_epsilon: bo
     loss_sum, _ = step(torch.arange(len(data)), {})  # no augmentation draws: the batch as it is
     grads = {name: p.grad.detach().numpy() for name, p in model.named_parameters()}
     return float(loss_sum) / len(data), {k: v.detach().numpy() for k, v in model.state_dict().items()}, grads
-
-
-def keras_epsilon_hook(eps: float):
-    """Keras adds epsilon to sqrt(v) before the bias correction, PyTorch after it: with PyTorch's eps set
-    to eps / sqrt(1 - beta2 ** t) at step t, torch.optim.Adam takes Keras' step."""
-    def hook(optimizer, args, kwargs):
-        for group in optimizer.param_groups:
-            state = optimizer.state.get(group["params"][0], {})
-            t = int(state["step"]) + 1 if "step" in state else 1
-            group["eps"] = eps / math.sqrt(1.0 - group["betas"][1] ** t)
-    return hook
 
 
 def differences(state: dict[str, np.ndarray], expected: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -183,29 +169,16 @@ MAX_ODD_WEIGHTS = 10  # of 741,473; see test_one_training_step_equals_keras
 
 @pytest.mark.parametrize("act", ACTIVATIONS)
 def test_one_training_step_equals_keras(act, models, images):
-    """Loss and BatchNorm moving statistics to 1e-4; the weights to 1e-4 wherever the gradient is at
-    least 1e-4 (below that, Adam's epsilon decides the step's size, and pneumoscan's Adam puts it where
-    PyTorch does: next test), but for at most 10 weights. Those are weights whose gradients differ
-    where a 2x2 max-pooling window holds tied maxima (flat parts of the radiographs) and the two
-    frameworks route the gradient to different elements of the tie; the first Adam step, about
-    lr * sign(gradient), turns any such difference into one of up to 2 * lr."""
-    loss, state, grads = pneumoscan_step(models / f"{act}.keras", images)
+    """Loss to 1e-4, BatchNorm moving statistics to 1e-6 (torch.nn.BatchNorm2d's update, which follows the
+    unbiased variance, is up to 3.9e-5 off here), every weight to 1e-4 but for at most 10. Those are weights whose
+    gradients differ where a 2x2 max-pooling window holds tied maxima (flat parts of the radiographs)
+    and the two frameworks route the gradient to different elements of the tie; the first Adam step,
+    about lr * sign(gradient), turns any such difference into one of up to 2 * lr."""
+    loss, state, _ = pneumoscan_step(models / f"{act}.keras", images)
     assert loss == pytest.approx(float(keras_outputs(act)["step_loss"]), abs=1e-4)
     diff = differences(state, keras_state_after_step(models / f"{act}.keras", act))
     stats = {k: float(v.max()) for k, v in diff.items() if "running" in k}
-    assert max(stats.values()) <= 1e-4, stats
-    clear = {k: np.abs(g) >= 1e-4 for k, g in grads.items()}
-    assert sum(m.sum() for m in clear.values()) >= 0.85 * sum(m.size for m in clear.values())
-    odd = {k: int((diff[k][clear[k]] > 1e-4).sum()) for k in grads}
-    assert sum(odd.values()) <= MAX_ODD_WEIGHTS, {k: v for k, v in odd.items() if v}
-
-
-@pytest.mark.parametrize("act", ACTIVATIONS)
-def test_with_keras_adam_epsilon_every_weight_equals_keras(act, models, images):
-    """With epsilon where Keras puts it, every weight equals Keras' after the step to 1e-4, tiny gradients
-    included, but for at most 10 (as above, and weights whose gradient is within rounding of zero)."""
-    _, state, _ = pneumoscan_step(models / f"{act}.keras", images, keras_epsilon=True)
-    diff = differences(state, keras_state_after_step(models / f"{act}.keras", act))
+    assert max(stats.values()) <= 1e-6, stats
     odd = {k: int((v > 1e-4).sum()) for k, v in diff.items() if "running" not in k}
     assert sum(odd.values()) <= MAX_ODD_WEIGHTS, {k: v for k, v in odd.items() if v}
 
@@ -351,18 +324,13 @@ def largest_differences(folder: Path) -> list[str]:
         lines.append(f"eval {name}: logit {np.abs(logits - expected['logits']).max():.1e}, "
                      f"probability {np.abs(1 / (1 + np.exp(-logits)) - expected['probs']).max():.1e}")
     for act in ACTIVATIONS:
-        expected = keras_state_after_step(folder / f"{act}.keras", act)
-        for keras_eps in (False, True):
-            loss, state, grads = pneumoscan_step(folder / f"{act}.keras", imgs, keras_epsilon=keras_eps)
-            diff = differences(state, expected)
-            w = {k: v for k, v in diff.items() if "running" not in k}
-            clear = [w[k][np.abs(grads[k]) >= 1e-4] for k in w]
-            lines.append(f"step {act}{' (Keras epsilon)' if keras_eps else ''}: loss "
-                         f"{abs(loss - float(keras_outputs(act)['step_loss'])):.1e}, moving statistics "
-                         f"{max(float(v.max()) for k, v in diff.items() if 'running' in k):.1e}, weights with "
-                         f"|gradient| >= 1e-4 {max(float(c.max(initial=0)) for c in clear):.1e} "
-                         f"({sum(int((c > 1e-4).sum()) for c in clear)} over 1e-4), all weights {max(float(v.max()) for v in w.values()):.1e} "
-                         f"({sum(int((v > 1e-4).sum()) for v in w.values())} over 1e-4)")
+        loss, state, _ = pneumoscan_step(folder / f"{act}.keras", imgs)
+        diff = differences(state, keras_state_after_step(folder / f"{act}.keras", act))
+        w = [v for k, v in diff.items() if "running" not in k]
+        lines.append(f"step {act}: loss {abs(loss - float(keras_outputs(act)['step_loss'])):.1e}, moving statistics "
+                     f"{max(float(v.max()) for k, v in diff.items() if 'running' in k):.1e}, weights "
+                     f"{max(float(v.max()) for v in w):.1e} ({sum(int((v > 1e-4).sum()) for v in w)} over 1e-4), "
+                     f"all but those {max(float(v[v <= 1e-4].max(initial=0)) for v in w):.1e}")
     return lines
 
 
