@@ -100,6 +100,10 @@ def test_keras_batchnorm_moves_towards_the_biased_variance_and_normalises_as_pyt
     assert not torch.allclose(torch_bn.running_var, expected, rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(keras_bn.running_mean, torch_bn.running_mean)
     assert int(keras_bn.num_batches_tracked) == 1
+    cumulative = keras_batchnorm(5)
+    cumulative.momentum = None  # PyTorch's cumulative average: after one batch, that batch's (biased) variance
+    cumulative(x)
+    torch.testing.assert_close(cumulative.running_var, x.var(dim=(0, 2, 3), unbiased=False))
     keras_bn.eval(), torch_bn.eval()
     torch_bn.running_var.copy_(keras_bn.running_var)
     torch.testing.assert_close(keras_bn(x), torch_bn(x))

@@ -131,14 +131,16 @@ class KerasBatchNorm2d(nn.BatchNorm2d):
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training:
+        if not (self.training and self.track_running_stats):
             return super().forward(x)
         self.num_batches_tracked.add_(1)
+        # momentum None: PyTorch's cumulative average (used to set statistics from a few batches)
+        m = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
         updated = self.running_var.clone()  # kept by autograd: the buffer itself is rewritten below
-        y = F.batch_norm(x, self.running_mean, updated, self.weight, self.bias, True, self.momentum, self.eps)
+        y = F.batch_norm(x, self.running_mean, updated, self.weight, self.bias, True, m, self.eps)
         with torch.no_grad():
             n = x.numel() // x.size(1)
-            self.running_var.copy_(updated - (updated - (1 - self.momentum) * self.running_var) / n)
+            self.running_var.copy_(updated - (updated - (1 - m) * self.running_var) / n)
         return y
 
 
