@@ -6,6 +6,9 @@ This module owns the ONNX contract. An exported model takes one input and gives 
   (1/255: values in [0, 1]); N is dynamic, S is the checkpoint's image size. The grey channel goes in
   as is: the model folds the Keras grey-to-RGB replication into its first convolution.
 * ``probability``: float32 (N,), sigmoid of the model's logit, P(class_names[1]).
+* ``ood_features``: float32 (N, D), only for a checkpoint with an out-of-distribution detector: the
+  outputs of the detector's layers pooled over positions, from the same forward pass (the detector's
+  means and precision stay in the checkpoint; `Predictor` scores these features with them).
 
 Decoding and resizing stay outside the graph (`pneumoscan.images` does them identically for both
 backends). The model's metadata_props make the file self-describing like a checkpoint: ``format``,
@@ -48,6 +51,7 @@ from .fileio import atomic_write_bytes, optional_import
 FORMAT = "pneumoscan-onnx-1"
 INPUT_NAME = "pixels"
 OUTPUT_NAME = "probability"
+FEATURES_NAME = "ood_features"
 MIN_OPSET = 18  # the torch.export-based exporter implements opset 18 and later only
 
 log = logging.getLogger(__name__)
@@ -91,7 +95,21 @@ def _metadata(loaded: Any) -> dict[str, str]:
         **({"ensemble": _ensemble_text(loaded.checkpoint)} if "ensemble" in loaded.checkpoint else {}),
         "input": f"{INPUT_NAME}: float32 (N, 1, {s}, {s}) = grey uint8 pixels * {prep.scale!r}",
         "output": f"{OUTPUT_NAME}: float32 (N,) = P({loaded.class_names[1]})",
+        **({"ood_features": f"{FEATURES_NAME}: float32 (N, D) = outputs of {', '.join(_ood_layers(loaded))} pooled over "
+                            "positions, for the checkpoint's out-of-distribution detector"} if _ood_layers(loaded) else {}),
     }
+
+
+def _ood_layers(loaded: Any) -> tuple[str, ...]:
+    """The layers of the checkpoint's out-of-distribution detector, () without one."""
+    from .ood import Detector
+
+    detector = Detector.from_checkpoint(loaded.checkpoint)
+    return tuple(detector.layers) if detector is not None else ()
+
+
+def _output_names(loaded: Any) -> list[str]:
+    return [OUTPUT_NAME, FEATURES_NAME] if _ood_layers(loaded) else [OUTPUT_NAME]
 
 
 def _ensemble_text(ckpt: dict[str, Any]) -> str:
@@ -121,12 +139,12 @@ def export_onnx_bytes(checkpoint_path: str | os.PathLike, opset: int = MIN_OPSET
     if len(loaded.class_names) > 2:
         raise ValueError(f"{checkpoint_path}: ONNX export covers binary models; this one has classes {loaded.class_names}")
     size = loaded.config.preprocessing.image_size
-    wrapper = _with_sigmoid(freeze(loaded.model, for_onnx=True))
+    wrapper = _exported_form(freeze(loaded.model, for_onnx=True), _ood_layers(loaded))
     example = torch.rand(2, 1, size, size)  # batch 2: a batch of 1 would be specialised as a constant
     with _quiet_exporter(), torch.no_grad():
         program = torch.onnx.export(
             wrapper, (example,), dynamo=True, opset_version=opset, input_names=[INPUT_NAME],
-            output_names=[OUTPUT_NAME], dynamic_shapes={INPUT_NAME: {0: torch.export.Dim("batch")}},
+            output_names=_output_names(loaded), dynamic_shapes={INPUT_NAME: {0: torch.export.Dim("batch")}},
             optimize=True, verbose=False,
         )
     model = program.model_proto
@@ -193,8 +211,9 @@ def _matches(data: bytes, checkpoint_path: str | os.PathLike) -> str:
     differ = [k for k in CHECKED_METADATA if found.get(k) != expected[k]]
     if differ:
         return "metadata differs from the checkpoint: " + ", ".join(differ)
-    if [i.name for i in model.graph.input] != [INPUT_NAME] or [o.name for o in model.graph.output] != [OUTPUT_NAME]:
-        return f"inputs and outputs are not {INPUT_NAME} -> {OUTPUT_NAME}"
+    outputs = _output_names(ckpt_io.load(checkpoint_path, "cpu"))
+    if [i.name for i in model.graph.input] != [INPUT_NAME] or [o.name for o in model.graph.output] != outputs:
+        return f"inputs and outputs are not {INPUT_NAME} -> {', '.join(outputs)}"
     return ""
 
 
@@ -206,32 +225,44 @@ def export_onnx(checkpoint_path: str | os.PathLike, out_path: str | os.PathLike,
     return Path(out_path)
 
 
-def _with_sigmoid(model: Any) -> Any:
-    """model -> sigmoid(logit), in eval mode: the exported graph outputs probabilities."""
+def _exported_form(model: Any, ood_layers: tuple[str, ...]) -> Any:
+    """model -> sigmoid(logit), and with `ood_layers` also the detector's pooled features, in eval mode."""
     import torch
 
-    class WithSigmoid(torch.nn.Module):
+    from .ood import captured_features
+
+    class Exported(torch.nn.Module):
         def __init__(self, inner: torch.nn.Module):
             super().__init__()
             self.model = inner
 
-        def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-            return torch.sigmoid(self.model(pixels))
+        def forward(self, pixels: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+            if not ood_layers:
+                return torch.sigmoid(self.model(pixels))
+            with captured_features(self.model, ood_layers) as features:
+                return torch.sigmoid(self.model(pixels)), features(pixels.shape[0])
 
-    return WithSigmoid(model).eval()
+    return Exported(model).eval()
 
 
 def _check_parity(wrapper: Any, data: bytes, size: int, atol: float = 1e-4) -> None:
+    """ONNX Runtime against PyTorch on random images: probabilities to `atol`, features to `atol` relative."""
     import torch
 
     rng = np.random.default_rng(0)
     x = (rng.integers(0, 256, (3, 1, size, size)).astype(np.float32) / 255.0).astype(np.float32)
     with torch.no_grad():
-        expected = wrapper(torch.from_numpy(x)).numpy()
-    got = OnnxPredictor(data).run(x)
-    diff = float(np.max(np.abs(got - expected)))
+        expected = wrapper(torch.from_numpy(x))
+    expected = [t.numpy() for t in (expected if isinstance(expected, tuple) else (expected,))]
+    got = OnnxPredictor(data).run_all(x)
+    diff = float(np.max(np.abs(got[0] - expected[0])))
     if not diff <= atol:
         raise RuntimeError(f"ONNX export does not match PyTorch: max |difference| {diff:.3g} > {atol:g}")
+    if len(expected) > 1:
+        scale = max(1.0, float(np.max(np.abs(expected[1]))))
+        diff = float(np.max(np.abs(got[1] - expected[1]))) / scale
+        if not diff <= atol:
+            raise RuntimeError(f"ONNX export's {FEATURES_NAME} do not match PyTorch: max relative difference {diff:.3g} > {atol:g}")
 
 
 def default_threads() -> int:
@@ -291,14 +322,26 @@ class OnnxPredictor:
         """Model input float32 (N, 1, S, S) -> (N,) probabilities."""
         return self.session.run([OUTPUT_NAME], {INPUT_NAME: x})[0]
 
-    def predict_arrays(self, pixels: np.ndarray) -> np.ndarray:
-        """(N, S, S) uint8 -> (N,) float32 probability of the positive class."""
+    def run_all(self, x: np.ndarray) -> list[np.ndarray]:
+        """Model input float32 (N, 1, S, S) -> every output: probabilities, and features where the graph has them."""
+        return self.session.run(None, {INPUT_NAME: x})
+
+    def model_input(self, pixels: np.ndarray) -> np.ndarray:
+        """(N, S, S) uint8 -> the graph's float32 (N, 1, S, S) input."""
         pixels = np.asarray(pixels)
         s = self.prep.image_size
         if pixels.ndim != 3 or pixels.shape[1:] != (s, s):
             raise ValueError(f"expected pixels of shape (N, {s}, {s}), got {pixels.shape}")
-        x = self.prep.normalize(pixels.astype(np.float32))[:, None]
-        return self.run(np.ascontiguousarray(x, dtype=np.float32))
+        return np.ascontiguousarray(self.prep.normalize(pixels.astype(np.float32))[:, None], dtype=np.float32)
+
+    def predict_arrays(self, pixels: np.ndarray) -> np.ndarray:
+        """(N, S, S) uint8 -> (N,) float32 probability of the positive class."""
+        return self.run(self.model_input(pixels))
+
+    def predict_with_features(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """(N, S, S) uint8 -> ((N,) probabilities, (N, D) out-of-distribution features or None), in one run."""
+        outputs = self.run_all(self.model_input(pixels))
+        return outputs[0], (outputs[1] if len(outputs) > 1 else None)
 
     def calibrated(self, probability: float) -> float:
         """The model's probability after the checkpoint's calibration (the scale the threshold is on)."""

@@ -114,8 +114,9 @@ class Predictor:
     def score(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
         """(N, S, S) uint8 -> (P(pneumonia), per-class probabilities or None, out-of-distribution scores (N,)
         or None without a detector), from one forward pass on the torch backend."""
-        if self.onnx is not None:
-            return (*self.output.apply(self.onnx.predict_arrays(pixels), None), self.ood_scores(pixels))
+        if self.onnx is not None:  # the exported graph gives the detector's features of the same pass
+            probs, features = self.onnx.predict_with_features(pixels)
+            return (*self.output.apply(probs, None), None if self.ood is None else self.ood.scores(features))
         x = model_input(np.array(pixels, dtype=np.uint8), self.prep, self.device)  # a copy: inputs may be read-only
         if self.ood is None:
             return (*self.output.apply(*probabilities(self.model(x))), None)
