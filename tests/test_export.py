@@ -145,23 +145,6 @@ def test_predictor_onnx_backend_matches_torch_on_files(tiny_data, tmp_path):
     assert one.error is None and abs(one.probability - a[0]) < 1e-4
 
 
-def test_decoding_ahead_keeps_input_order_and_each_files_error(tiny_data, tmp_path):
-    """Files decoded on threads while batches are scored come back as when decoded in turn: same order,
-    same probabilities, bad files in their places (batches of 5 over 13 files, two of them bad)."""
-    ckpt = build_checkpoint(tmp_path / "ckpt" / "model.pt", "prelu", 40)
-    (tmp_path / "broken.jpeg").write_bytes(b"not a jpeg")
-    paths = expand_paths([str(tiny_data / "train")])[:11]
-    paths[3:3] = [str(tmp_path / "missing.jpeg")]
-    paths[8:8] = [str(tmp_path / "broken.jpeg")]
-    predictor = Predictor(ckpt, device="cpu", batch_size=5)
-    in_turn = list(predictor.predict_files(paths, decode_threads=0))
-    for threads in (1, 2):
-        ahead = list(predictor.predict_files(paths, decode_threads=threads))
-        assert [(r.path, r.probability, r.error) for r in ahead] == [(r.path, r.probability, r.error) for r in in_turn]
-    assert [r.path for r in in_turn] == paths
-    assert [i for i, r in enumerate(in_turn) if r.error] == [3, 8] and "broken.jpeg" in in_turn[8].error
-
-
 def test_onnx_backend_remembers_its_export(tmp_path, monkeypatch):
     """The second Predictor reads the export back from the cache folder; a damaged entry is exported again."""
     import pneumoscan.export as export_module

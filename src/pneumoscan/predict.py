@@ -9,8 +9,6 @@ from __future__ import annotations
 import csv
 import io
 import os
-from collections import deque
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -155,9 +153,8 @@ class Predictor:
         return self.prediction(label, probs[0], None if class_probs is None else class_probs[0],
                                None if ood is None else ood[0], image.warnings)
 
-    def predict_files(self, paths: Iterable[str], decode_threads: int = 1) -> Iterator[Prediction]:
-        """Score files in batches, in input order; unreadable files come back with their error.
-        `decode_threads` threads decode up to two batches ahead while a batch is scored (0: decode in turn)."""
+    def predict_files(self, paths: Iterable[str]) -> Iterator[Prediction]:
+        """Score files in batches; unreadable files come back with their error, in input order."""
         batch: list[tuple[str, LoadedImage]] = []
         pending: list[Prediction | None] = []
 
@@ -174,37 +171,15 @@ class Predictor:
             batch.clear()
             pending.clear()
 
-        for path, image in self._decoded(paths, decode_threads):
-            if isinstance(image, ImageLoadError):
-                pending.append(Prediction(path, None, None, str(image)))
-            else:
-                batch.append((path, image))
+        for path in paths:
+            try:
+                batch.append((path, self.load_with_info(path)))
                 pending.append(None)
+            except ImageLoadError as e:
+                pending.append(Prediction(path, None, None, str(e)))
             if len(batch) >= self.batch_size:
                 yield from flush()
         yield from flush()
-
-    def _decoded(self, paths: Iterable[str], threads: int) -> Iterator[tuple[str, LoadedImage | ImageLoadError]]:
-        """(path, its decoded image or the error that stopped it), in input order."""
-        def load(path: str) -> LoadedImage | ImageLoadError:
-            try:
-                return self.load_with_info(path)
-            except ImageLoadError as e:
-                return e
-
-        if threads <= 0:
-            yield from ((path, load(path)) for path in paths)
-            return
-        with ThreadPoolExecutor(threads) as pool:  # PIL releases the GIL while it decodes
-            ahead: deque = deque()
-            for path in paths:
-                ahead.append((path, pool.submit(load, path)))
-                if len(ahead) > 2 * self.batch_size:
-                    done, future = ahead.popleft()
-                    yield done, future.result()
-            while ahead:
-                done, future = ahead.popleft()
-                yield done, future.result()
 
 
 def expand_paths(inputs: Iterable[str]) -> list[str]:
