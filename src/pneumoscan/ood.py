@@ -100,7 +100,8 @@ class Detector:
         """(N,) distances for (N, D) features (non-finite features give +inf: flagged).
 
         Computed with PyTorch's matrix product, on the threads the model runs on: numpy's own BLAS threads
-        would keep spinning after the product and slow the next batch's convolutions (seen: 2.6x)."""
+        would keep spinning after the product and slow the next batch's convolutions
+        (benchmarks/bench_ood_scoring.py)."""
         f = torch.as_tensor(features).double().cpu()
         precision = torch.from_numpy(self.precision)
         best = torch.full((len(f),), torch.inf, dtype=torch.float64)
