@@ -81,6 +81,7 @@ def _quiet_exporter() -> Iterator[None]:
 def _metadata(loaded: Any) -> dict[str, str]:
     prep = loaded.config.preprocessing
     s = prep.image_size
+    ood_layers = _ood_layers(loaded)
     return {
         "format": FORMAT,
         "pneumoscan_version": __version__,
@@ -95,8 +96,8 @@ def _metadata(loaded: Any) -> dict[str, str]:
         **({"ensemble": _ensemble_text(loaded.checkpoint)} if "ensemble" in loaded.checkpoint else {}),
         "input": f"{INPUT_NAME}: float32 (N, 1, {s}, {s}) = grey uint8 pixels * {prep.scale!r}",
         "output": f"{OUTPUT_NAME}: float32 (N,) = P({loaded.class_names[1]})",
-        **({"ood_features": f"{FEATURES_NAME}: float32 (N, D) = outputs of {', '.join(_ood_layers(loaded))} pooled over "
-                            "positions, for the checkpoint's out-of-distribution detector"} if _ood_layers(loaded) else {}),
+        **({"ood_features": f"{FEATURES_NAME}: float32 (N, D) = outputs of {', '.join(ood_layers)} pooled over "
+                            "positions, for the checkpoint's out-of-distribution detector"} if ood_layers else {}),
     }
 
 
@@ -207,11 +208,12 @@ def _matches(data: bytes, checkpoint_path: str | os.PathLike) -> str:
     model = onnx.load_model_from_string(data)
     onnx.checker.check_model(model)
     found = {p.key: p.value for p in model.metadata_props}
-    expected = _metadata(ckpt_io.load(checkpoint_path, "cpu"))
+    loaded = ckpt_io.load(checkpoint_path, "cpu")
+    expected = _metadata(loaded)
     differ = [k for k in CHECKED_METADATA if found.get(k) != expected[k]]
     if differ:
         return "metadata differs from the checkpoint: " + ", ".join(differ)
-    outputs = _output_names(ckpt_io.load(checkpoint_path, "cpu"))
+    outputs = _output_names(loaded)
     if [i.name for i in model.graph.input] != [INPUT_NAME] or [o.name for o in model.graph.output] != outputs:
         return f"inputs and outputs are not {INPUT_NAME} -> {', '.join(outputs)}"
     return ""
