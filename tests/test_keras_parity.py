@@ -139,12 +139,18 @@ def keras_state_after_step(path: Path, act: str) -> dict[str, np.ndarray]:
     return {key: array for key, (_, array) in keras_to_state(after, act, SIZE // 32).items()}
 
 
-def pneumoscan_step(path: Path, images: dict[str, np.ndarray]):
-    """One step of pneumoscan's training code on the fixture batch: (mean loss, state_dict, gradients)."""
+def model_for_the_step(path: Path):
+    """(the imported model, its config), with every dropout rate 0 as in the fixture's Keras step."""
     model, cfg, _ = load_keras_model(path)
-    for m in model.modules():  # the fixture's Keras step ran with dropout rates 0
+    for m in model.modules():
         if isinstance(m, nn.Dropout):
             m.p = 0.0
+    return model, cfg
+
+
+def pneumoscan_step(path: Path, images: dict[str, np.ndarray]):
+    """One step of pneumoscan's training code on the fixture batch: (mean loss, state_dict, gradients)."""
+    model, cfg = model_for_the_step(path)
     device = torch.device("cpu")
     model = for_cpu_training(model).to(device).to(memory_format=memory_format(device))  # as train.train does
     optimizer, _ = make_optimizer(model, cfg, device, cuda_graphs=False)
@@ -184,10 +190,7 @@ def test_one_training_step_equals_keras(act, models, images):
 
 def float64_step(path: Path, images: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """The same step computed in float64 with the plain network and the reference form of Keras' Adam."""
-    model, cfg, _ = load_keras_model(path)
-    for m in model.modules():
-        if isinstance(m, nn.Dropout):
-            m.p = 0.0
+    model, cfg = model_for_the_step(path)
     model = model.double().train()
     optimizer = KerasAdam(model.parameters(), lr=cfg.train.lr, eps=cfg.train.adam_eps, fused=False)
     x = torch.from_numpy(images["pixels"]).double().unsqueeze(1) * cfg.preprocessing.scale
