@@ -2,18 +2,26 @@
 
 The plain reference is `SeedCNN` (models.py). Its fast forms: `CpuTrainingSeedCNN` (the composed stem,
 CPU training and in-loop validation) and the frozen inference form `inference.freeze` (CPU inference:
-the stem on the 2x2-phase grid, PReLU slopes in channels-last order; `for_onnx`: the composed stem with
-a concatenated border).
+the stem on the 2x2-phase grid, PReLU slopes in channels-last order, each block's BatchNorm folded into
+its pointwise convolution and a shift after pooling; `for_onnx`: the composed stem with a concatenated
+border, PReLU as element-wise operators).
 """
 
 import copy
 
 import pytest
 import torch
+from torch.nn import functional as F
 
 from pneumoscan.config import Config, Preprocessing, TrainConfig
 from pneumoscan.cpu_kernels import CpuTrainingSeedCNN, for_cpu_training
-from pneumoscan.inference import FrozenPReLU, FrozenSeedCNN, freeze, model_input
+from pneumoscan.inference import (
+    FrozenPReLU,
+    FrozenSeedCNN,
+    PoolThenShift,
+    freeze,
+    model_input,
+)
 from pneumoscan.models import SeedCNN
 from pneumoscan.train import DeviceSplit, make_optimizer, make_step, validation_logits
 
@@ -41,7 +49,7 @@ def test_the_cpu_training_stem_equals_the_two_literal_convolutions(shape):
     assert torch.allclose(composed, literal, atol=1e-12)
     with torch.no_grad():  # in-loop validation writes the border in place
         assert torch.allclose(fast.stem(x), literal, atol=1e-12)
-    params = lambda m: [m.conv1.weight, m.conv1.bias, m.conv2.weight, m.conv2.bias]  # noqa: E731
+    params = lambda m: [m.conv1.weight, m.conv1.bias, m.conv2.weight, m.conv2.bias]
     for a, b in zip(torch.autograd.grad(composed.square().sum(), params(fast)),
                     torch.autograd.grad(literal.square().sum(), params(plain))):
         assert torch.allclose(a, b, rtol=1e-9, atol=1e-9)
@@ -58,9 +66,60 @@ def test_the_frozen_inference_form_equals_the_plain_model(activation, size, for_
     assert not any(p.requires_grad for p in frozen.parameters())
     if activation == "prelu":
         assert isinstance(frozen.get_submodule(plain.cam_layer), FrozenPReLU)
+    assert all(isinstance(block[5], PoolThenShift) for block in frozen.features)  # every BatchNorm folded
     x = torch.rand(3, channels, size, size, dtype=torch.double).contiguous(memory_format=torch.channels_last)
     with torch.no_grad():
         assert torch.allclose(frozen(x), plain(x), rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("for_onnx", [False, True])
+def test_blocks_that_cannot_be_folded_keep_their_batchnorm_and_still_equal_the_plain_model(for_onnx):
+    """A BatchNorm scale <= 0 in some channel keeps that block's BatchNorm; a PReLU slope above 1 keeps the
+    four-operator ONNX form (max(x, alpha * x) would be wrong there)."""
+    torch.manual_seed(0)
+    plain = varied(SeedCNN(image_size=48)).double().eval()
+    with torch.no_grad():
+        plain.features[1][4].weight[3] = -0.5  # a negative scale
+        plain.features[2][4].weight[0] = 0.0  # a zero scale
+        plain.features[0][3].alpha[0, 0, :5] = 1.5  # slopes above 1
+    frozen = freeze(plain, for_onnx=for_onnx)
+    assert [type(block[4]).__name__ for block in frozen.features] == ["Identity", "KerasBatchNorm2d", "KerasBatchNorm2d", "Identity"]
+    assert not frozen.features[0][3].slopes_at_most_one and frozen.features[0][1].slopes_at_most_one
+    x = torch.rand(3, 1, 48, 48, dtype=torch.double).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        assert torch.allclose(frozen(x), plain(x), rtol=1e-10, atol=1e-10)
+
+
+def test_the_onnx_prelu_forms_give_prelus_float32_numbers_exactly():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 8, 6, 6, generator=g) * 10 ** torch.randint(-30, 30, (4, 8, 6, 6), generator=g).float()
+    x.view(-1)[:5] = torch.tensor([0.0, -0.0, float("inf"), float("-inf"), 1e-45])
+    for alpha in (torch.rand(8, 6, 6, generator=g) * 2 - 1, torch.rand(8, 6, 6, generator=g) * 3):
+        alpha.view(-1)[:3] = torch.tensor([0.0, 1.0, -1.0])
+        expected = F.prelu(x.reshape(4, -1), alpha.reshape(-1)).view(x.shape)
+        layer = FrozenPReLU(alpha, for_onnx=True)
+        assert layer.slopes_at_most_one == bool((alpha <= 1).all())
+        assert torch.equal(layer(x), expected)
+
+
+def test_grad_cam_on_the_frozen_form_equals_grad_cam_on_the_plain_model():
+    """The hooked activation is scaled per channel by the folded BatchNorm; the map is not."""
+    torch.manual_seed(0)
+    plain = varied(SeedCNN(image_size=48)).double().eval()
+    frozen = freeze(plain)
+    x = torch.rand(2, 1, 48, 48, dtype=torch.double).contiguous(memory_format=torch.channels_last)
+
+    def cam(model):
+        saved = {}
+        handle = model.get_submodule(plain.cam_layer).register_forward_hook(lambda m, i, o: saved.update(a=o))
+        with torch.enable_grad():
+            model.requires_grad_(True)
+            grad = torch.autograd.grad(model(x).sum(), saved["a"])[0]
+        handle.remove()
+        return F.relu((grad.mean((2, 3), keepdim=True) * saved["a"]).sum(1))
+
+    assert cam(plain).abs().max() > 0
+    assert torch.allclose(cam(frozen), cam(plain), rtol=1e-9, atol=1e-12)
 
 
 def test_a_frozen_copy_is_a_snapshot_and_the_original_is_untouched():

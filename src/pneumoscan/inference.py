@@ -2,7 +2,7 @@
 
 `freeze(model)` is an explicit step, like RepVGG's `switch_to_deploy`: it copies a trained model into
 eval mode, stops its gradients, and on a CPU rewrites the paper network into its fast inference
-form, whose derived weights are computed once, from the weights as they are at that moment. Later
+form (`FrozenSeedCNN`), whose derived weights are computed once, from the weights as they are at that moment. Later
 changes to the original model never reach the frozen copy. evaluate, predict, explain, serve and
 export work on a frozen model; the training loop never does (it validates the model it trains).
 
@@ -19,9 +19,16 @@ from torch import nn
 from torch.nn import functional as F
 
 from .config import Preprocessing
-from .cpu_kernels import (conv5x5_pool2_by_phases, composed_kernel, fits_composed_stem, grey_kernel, phase_weights,
-                          pooled_border, with_border)
-from .models import ElementwisePReLU, SeedCNN
+from .cpu_kernels import (
+    composed_kernel,
+    conv5x5_pool2_by_phases,
+    fits_composed_stem,
+    grey_kernel,
+    phase_weights,
+    pooled_border,
+    with_border,
+)
+from .models import ElementwisePReLU, SeedCNN, SeparableConv2d
 from .runtime import memory_format
 
 
@@ -37,18 +44,22 @@ class FrozenPReLU(nn.Module):
     """ElementwisePReLU with its slopes also stored in channels-last order, for channels-last input.
 
     The slopes are parameters that do not require gradients, so that Grad-CAM can still ask for the
-    gradient of this layer's output by switching them on. `for_onnx`: written as relu(x) + min(x, 0) *
-    alpha, the same numbers, which ONNX Runtime runs as four vectorised element-wise operators faster than
-    its broadcasting PRelu (docs/performance.md#prediction)."""
+    gradient of this layer's output by switching them on. `for_onnx`: written with element-wise operators
+    that ONNX Runtime runs faster than its broadcasting PRelu, with the same numbers: max(x, alpha * x)
+    where no slope exceeds 1 (two operators), else relu(x) + min(x, 0) * alpha (four;
+    docs/performance.md#where-the-cpu-speed-comes-from)."""
 
     def __init__(self, alpha: torch.Tensor, for_onnx: bool = False):
         super().__init__()
         self.alpha = nn.Parameter(alpha.detach().clone(), requires_grad=False)
         self.alpha_channels_last = nn.Parameter(alpha.detach().permute(1, 2, 0).reshape(-1).clone(), requires_grad=False)
         self.for_onnx = for_onnx
+        self.slopes_at_most_one = bool((alpha <= 1).all())  # then PReLU(x) = max(x, alpha * x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.for_onnx:
+            if self.slopes_at_most_one:
+                return torch.maximum(x, x * self.alpha)
             return F.relu(x) + torch.clamp(x, max=0) * self.alpha
         b, c, h, w = x.shape
         if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
@@ -60,7 +71,8 @@ class FrozenPReLU(nn.Module):
 class FrozenSeedCNN(SeedCNN):
     """The paper network's CPU inference form: the stem as one 5x5 convolution, computed on the 2x2-phase
     grid (`for_onnx`: as a plain 5x5 convolution with a concatenated border, which ONNX Runtime runs
-    faster), from kernels derived once by `freeze`; PReLU slopes kept in channels-last order too."""
+    faster), from kernels derived once by `freeze`; PReLU slopes kept in channels-last order too, and each
+    block's BatchNorm folded into its last pointwise convolution and a shift after pooling (`fold_batchnorm`)."""
 
     def derive(self, for_onnx: bool) -> None:
         """Compute the stem's derived weights from conv1 and conv2 as they are now."""
@@ -81,6 +93,49 @@ class FrozenSeedCNN(SeedCNN):
             pooled = F.max_pool2d(F.conv2d(x, self.stem_weight, self.stem_bias, padding=2), 2)
             return with_border(pooled, border, in_place=False)
         return with_border(conv5x5_pool2_by_phases(x, self.stem_weight, self.stem_bias), border, in_place=True)
+
+
+class PoolThenShift(nn.Module):
+    """Max pooling, then a per-channel shift: what remains of a BatchNorm folded by `fold_batchnorm`."""
+
+    def __init__(self, pool: nn.MaxPool2d, shift: torch.Tensor):
+        super().__init__()
+        self.pool = pool
+        self.register_buffer("shift", shift.detach().reshape(1, -1, 1, 1).clone(), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.pool(x) + self.shift
+
+
+HOMOGENEOUS = (FrozenPReLU, nn.ReLU, nn.LeakyReLU)  # f(a * x) = a * f(x) for every a > 0
+
+
+def fold_batchnorm(block: nn.Sequential) -> None:
+    """Rewrite `SeparableConv2d -> activation -> BatchNorm -> MaxPool` in `block` (in place) into
+    `SeparableConv2d' -> activation -> MaxPool -> + shift`: the same function, one pass over the
+    block's largest tensor fewer.
+
+    Eval-mode BatchNorm is y = a * x + c per channel. The rectifiers are positively homogeneous, so
+    a * f(z) = f(a * z) for a > 0, and a * z is the pointwise convolution with its weights and bias
+    scaled by a; max pooling commutes with adding c. Where some a <= 0 the block stays as it is. The
+    layer names stay (BatchNorm becomes Identity), so Grad-CAM's and the detector's layers still exist;
+    Grad-CAM's map is unchanged by the per-channel scale of the activation it hooks.
+    """
+    for i in range(2, len(block) - 1):
+        sep, act, norm, pool = block[i - 2], block[i - 1], block[i], block[i + 1]
+        if not (isinstance(sep, SeparableConv2d) and isinstance(act, HOMOGENEOUS)
+                and isinstance(norm, nn.BatchNorm2d) and norm.running_var is not None and isinstance(pool, nn.MaxPool2d)
+                and sep[-1].bias is not None):
+            continue
+        scale = (norm.weight if norm.affine else 1) / torch.sqrt(norm.running_var + norm.eps)
+        if not bool((scale > 0).all()):
+            continue
+        pointwise = sep[-1]
+        with torch.no_grad():
+            shift = (norm.bias if norm.affine else 0) - norm.running_mean * scale
+            pointwise.weight.mul_(scale.reshape(-1, 1, 1, 1))
+            pointwise.bias.mul_(scale)
+        block[i], block[i + 1] = nn.Identity(), PoolThenShift(pool, shift)
 
 
 def freeze(model: nn.Module, for_onnx: bool = False) -> nn.Module:
@@ -104,6 +159,7 @@ def _fast_forms(module: nn.Module, for_onnx: bool) -> nn.Module:
         for i, layer in enumerate(block):
             if isinstance(layer, ElementwisePReLU):
                 block[i] = FrozenPReLU(layer.alpha, for_onnx)
+        fold_batchnorm(block)
     return module.to(memory_format=torch.channels_last)
 
 

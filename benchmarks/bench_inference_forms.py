@@ -1,0 +1,173 @@
+#!/usr/bin/env python3
+"""The frozen inference form's rewrites, each on and off: PReLU in the ONNX graph written three ways
+(ONNX PRelu, as the plain `F.prelu` exports; relu(x) + min(x, 0) * alpha; max(x, alpha * x), what
+`inference.FrozenPReLU` exports when no slope exceeds 1), and each block's BatchNorm kept or folded into
+its pointwise convolution (`inference.fold_batchnorm`).
+
+All on the same fresh checkpoint (with an out-of-distribution detector, as `bench_predict.py` makes it):
+
+- ONNX Runtime: every way is exported and timed in its own process, the processes alternating over
+  `--rounds` (sessions sharing a process disturb each other's thread pools): p50 of one image over 300
+  calls, images/s in batches of 32. All ways must give the same probabilities and detector features.
+- PyTorch (the frozen form has no ONNX PReLU, so only the BatchNorm rewrite changes it): both forms in
+  one process, alternating over `--torch-rounds`: images/s over 256 images in batches of 32, p50 of one
+  image over 50 calls.
+
+    .venv/bin/python benchmarks/bench_inference_forms.py [--rounds 3] [--torch-rounds 12]
+
+Prints each round and the medians, then one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+WAYS = {  # name: (ONNX PReLU form, BatchNorm folded)
+    "PRelu, BatchNorm kept": ("prelu", False),
+    "relu+min, BatchNorm kept": ("relu+min", False),
+    "max, BatchNorm kept": ("max", False),
+    "relu+min, BatchNorm folded": ("relu+min", True),
+    "max, BatchNorm folded (pneumoscan)": ("max", True),
+}
+
+
+def use_way(prelu: str, fold: bool) -> None:
+    """Make `inference.freeze` build the frozen form this way (in this process only)."""
+    import torch.nn.functional as F
+
+    from pneumoscan import inference
+
+    if not fold:
+        inference.fold_batchnorm = lambda block: None
+    if prelu == "prelu":
+        inference.FrozenPReLU.forward = lambda self, x: F.prelu(x.reshape(x.shape[0], -1), self.alpha.reshape(-1)).view(x.shape)
+    elif prelu == "relu+min":
+        built = inference.FrozenPReLU.__init__
+
+        def init(self, *args, **kwargs):
+            built(self, *args, **kwargs)
+            self.slopes_at_most_one = False  # the general form
+
+        inference.FrozenPReLU.__init__ = init
+
+
+def one_image_p50(run, one, calls: int) -> float:
+    """p50 ms of `run(one)` over `calls` calls, after a few untimed ones."""
+    for _ in range(max(5, calls // 10)):
+        run(one)
+    ms = []
+    for _ in range(calls):
+        t0 = time.perf_counter()
+        run(one)
+        ms.append(1000 * (time.perf_counter() - t0))
+    return round(float(np.percentile(ms, 50)), 3)
+
+
+def images_per_s(run, batches: list) -> float:
+    run(batches[0])
+    t0 = time.perf_counter()
+    for batch in batches:
+        run(batch)
+    return round(sum(len(b) for b in batches) / (time.perf_counter() - t0), 1)
+
+
+def measure(way: str, checkpoint: str) -> dict:
+    """In this process: export `way` and time it in ONNX Runtime."""
+    use_way(*WAYS[way])
+    import onnxruntime as ort
+
+    from pneumoscan.export import FEATURES_NAME, OUTPUT_NAME, export_onnx_bytes
+
+    rng = np.random.default_rng(0)
+    one, batch = (rng.random((n, 1, 150, 150), dtype=np.float32) for n in (1, 32))
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads, opts.inter_op_num_threads = 2, 1
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    session = ort.InferenceSession(export_onnx_bytes(checkpoint), sess_options=opts,  # checked against PyTorch to 1e-4
+                                   providers=["CPUExecutionProvider"])
+    run = lambda a: session.run(None, {"pixels": a})
+    p50, rate = one_image_p50(run, one, 300), images_per_s(run, [batch] * 8)
+    probability, features = session.run([OUTPUT_NAME, FEATURES_NAME], {"pixels": batch})
+    return {"p50_ms": p50, "batch_images_per_s": rate, "probability_sum": float(probability.astype(np.float64).sum()),
+            "features_sum": float(features.astype(np.float64).sum())}
+
+
+def torch_forms(checkpoint: str, rounds: int) -> dict[str, dict[str, list[float]]]:
+    """The PyTorch frozen form with each block's BatchNorm kept and folded, alternating in this process."""
+    import torch
+
+    from pneumoscan import checkpoint as ckpt_io
+    from pneumoscan import inference
+    from pneumoscan.runtime import keep_freed_memory
+
+    keep_freed_memory()
+    loaded = ckpt_io.load(checkpoint, torch.device("cpu"))
+    models = {"BatchNorm folded (pneumoscan)": inference.freeze(loaded.model)}
+    fold, inference.fold_batchnorm = inference.fold_batchnorm, lambda block: None
+    models["BatchNorm kept"] = inference.freeze(loaded.model)
+    inference.fold_batchnorm = fold
+    pixels = torch.randint(0, 256, (256, 150, 150), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    batches = [inference.model_input(pixels[i:i + 32], loaded.config.preprocessing) for i in range(0, 256, 32)]
+    one = batches[0][:1].contiguous(memory_format=torch.channels_last)
+    out: dict[str, dict[str, list[float]]] = {name: {"p50_ms": [], "batch_images_per_s": []} for name in models}
+    with torch.no_grad():
+        for r in range(rounds):
+            for name in sorted(models, reverse=bool(r % 2)):  # alternate which goes first
+                out[name]["batch_images_per_s"].append(images_per_s(models[name], batches))
+                out[name]["p50_ms"].append(one_image_p50(models[name], one, 50))
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--rounds", type=int, default=3, help="rounds of the ONNX Runtime processes")
+    ap.add_argument("--torch-rounds", type=int, default=12, help="rounds of the two PyTorch forms")
+    ap.add_argument("--measure", nargs=2, metavar=("WAY", "CHECKPOINT"), help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.measure:
+        print(json.dumps(measure(*args.measure)))
+        return 0
+    from bench_predict import ROOT, choose_files, fresh_checkpoint
+
+    files = choose_files(ROOT / ".." / "shared" / "data" / "chest_xray" / "train", 256, 0)
+    rounds: dict[str, list[dict]] = {way: [] for way in WAYS}
+    with tempfile.TemporaryDirectory() as tmp:
+        checkpoint = str(fresh_checkpoint(Path(tmp), files))
+        torch_rounds = torch_forms(checkpoint, args.torch_rounds)
+        for _ in range(args.rounds):
+            for way in rounds:
+                out = subprocess.run([sys.executable, __file__, "--measure", way, checkpoint], check=True,
+                                     capture_output=True, text=True).stdout.strip().splitlines()[-1]
+                rounds[way].append(json.loads(out))
+                print(way, rounds[way][-1], flush=True)
+    for key in ("probability_sum", "features_sum"):  # the detector's features pass through every block
+        sums = [r[key] for v in rounds.values() for r in v]
+        assert max(sums) - min(sums) < 1e-3 * max(1.0, abs(sums[0])), (key, sums)
+    keys = ("p50_ms", "batch_images_per_s")
+    medians = {"onnx": {way: {k: statistics.median(r[k] for r in v) for k in keys} for way, v in rounds.items()},
+               "torch": {form: {k: statistics.median(v[k]) for k in keys} for form, v in torch_rounds.items()}}
+    for backend, label in (("torch", "PyTorch"), ("onnx", "ONNX Runtime")):
+        for way, m in medians[backend].items():
+            print(f"{label:12} {way:35} one image p50 {m['p50_ms']:.2f} ms, batches of 32 "
+                  f"{m['batch_images_per_s']:.1f} images/s (medians)")
+    folded, kept = (torch_rounds[f]["batch_images_per_s"] for f in ("BatchNorm folded (pneumoscan)", "BatchNorm kept"))
+    print(f"PyTorch: the folded form was faster in {sum(a > b for a, b in zip(folded, kept))} of {len(kept)} rounds")
+    print(json.dumps({"benchmark": "inference-forms", "onnx_rounds": rounds, "torch_rounds": torch_rounds,
+                      "medians": medians, "threads": 2, "date": time.strftime("%Y-%m-%d")}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
