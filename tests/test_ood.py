@@ -39,6 +39,21 @@ def test_mahalanobis_detector_flags_shifted_gaussians_and_a_quantile_of_validati
         fit_detector(train, labels, val, ("layer",), quantile=1.0)
 
 
+def test_scores_are_the_distance_to_the_nearest_class_mean_as_scipy_computes_it():
+    """The expanded quadratic form read once equals the definition, also far from every mean and from the origin."""
+    from scipy.spatial.distance import mahalanobis
+
+    rng = np.random.default_rng(2)
+    d = 48
+    train = rng.normal(size=(300, d)) * rng.uniform(0.1, 3.0, d) + 50.0  # features far from the origin
+    det = fit_detector(train, np.repeat([0, 1, 2], 100), train[:60], ("layer",))
+    features = np.concatenate([train[:5], det.means, 50.0 + rng.normal(size=(5, d)) * 40.0, np.full((1, d), 1e6)])
+    expected = [min(mahalanobis(f, m, det.precision) for m in det.means) for f in features]
+    # at a class mean the distance is the square root of a rounding residual: 0 to within 1e-5
+    np.testing.assert_allclose(det.scores(features), expected, rtol=1e-9, atol=1e-5)
+    assert np.isinf(det.scores(np.full((2, d), np.inf))).all()
+
+
 def test_detector_round_trips_through_a_weights_only_checkpoint(tmp_path):
     rng = np.random.default_rng(1)
     det = fit_detector(rng.normal(size=(100, 8)), np.repeat([0, 1], 50), rng.normal(size=(50, 8)), ("features.0", "features.3"))

@@ -16,6 +16,7 @@ The detector lives in the checkpoint under "ood" as plain types and tensors (loa
 from __future__ import annotations
 
 import contextlib
+import functools
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
@@ -99,17 +100,23 @@ class Detector:
     def scores(self, features: np.ndarray | torch.Tensor) -> np.ndarray:
         """(N,) distances for (N, D) features (non-finite features give +inf: flagged).
 
-        Computed with PyTorch's matrix product, on the threads the model runs on: numpy's own BLAS threads
-        would keep spinning after the product and slow the next batch's convolutions
-        (benchmarks/bench_ood_scoring.py)."""
+        (f - m)' P (f - m) = f'Pf - 2 f'(Pm) + m'Pm for every class mean m, so the precision matrix is read
+        once, not once per class: it is larger than a core's cache, and reading it evicts the model's
+        weights (benchmarks/bench_ood_scoring.py). Computed with PyTorch, on the threads the model runs on:
+        numpy's own BLAS threads would keep spinning after the product and slow the next batch's convolutions."""
         f = torch.as_tensor(features).double().cpu()
-        precision = torch.from_numpy(self.precision)
-        best = torch.full((len(f),), torch.inf, dtype=torch.float64)
-        for mu in self.means:
-            d = f - torch.from_numpy(mu)
-            best = torch.minimum(best, ((d @ precision) * d).sum(1))
-        out = best.clamp_min(0.0).sqrt().numpy()
+        precision, by_mean, mean_terms = self._products
+        fp = f @ precision
+        q = (fp * f).sum(1, keepdim=True) - 2.0 * (f @ by_mean.T) + mean_terms
+        out = q.min(1).values.clamp_min(0.0).sqrt().numpy()
         return np.where(np.isfinite(out), out, np.inf)
+
+    @functools.cached_property
+    def _products(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """P, the class means times P (K, D) and m'Pm (K,), as float64 tensors, computed once."""
+        precision, means = torch.from_numpy(self.precision), torch.from_numpy(self.means)
+        by_mean = means @ precision
+        return precision, by_mean, (by_mean * means).sum(1)
 
     def flags(self, scores: np.ndarray) -> np.ndarray:
         return np.asarray(scores) >= self.threshold
