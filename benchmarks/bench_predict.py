@@ -120,6 +120,18 @@ def time_folder(predictor: Predictor, paths: list[str]) -> tuple[dict, np.ndarra
     return {"images_per_s": len(paths) / seconds, "seconds": seconds}, np.array([r.probability for r in rows])
 
 
+def time_parts(predictor: Predictor, paths: list[str]) -> dict:
+    """The folder's two halves apart: decoding every file (one core), then scoring the decoded pixels in
+    batches (the network and the detector, on every thread)."""
+    t0 = time.perf_counter()
+    pixels = np.stack([predictor.load(p) for p in paths])
+    decode_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    for i in range(0, len(pixels), predictor.batch_size):
+        predictor.score(pixels[i:i + predictor.batch_size])
+    return {"decode": len(paths) / decode_s, "score": len(paths) / (time.perf_counter() - t0)}
+
+
 def time_latency(predictor: Predictor, jpeg: bytes, repeats: int, warmup: int = 10) -> dict:
     for _ in range(warmup):
         predictor.predict_file(jpeg, name="latency.jpeg")
@@ -194,15 +206,19 @@ def main(argv: list[str] | None = None) -> int:
         for backend in ("torch", "onnx"):
             t0 = time.perf_counter()
             predictors[backend] = Predictor(checkpoint, device="cpu", batch_size=args.batch_size, backend=backend)
-            results[backend] = {"startup_s": time.perf_counter() - t0, "rounds_images_per_s": []}
+            results[backend] = {"startup_s": time.perf_counter() - t0, "rounds_images_per_s": [],
+                                "rounds_decode_images_per_s": [], "rounds_score_images_per_s": []}
         keras_rounds: list[dict] = []
         for _ in range(args.rounds):  # alternated, so a noisy minute does not land on one pipeline only
             for backend, predictor in predictors.items():
                 folder_result, probs[backend] = time_folder(predictor, paths)
                 results[backend]["rounds_images_per_s"].append(folder_result["images_per_s"])
+                for part, rate in time_parts(predictor, paths).items():
+                    results[backend][f"rounds_{part}_images_per_s"].append(rate)
             keras_rounds.append({"skipped": "--no-keras"} if args.no_keras else run_keras(folder, n, args.keras_python))
         for backend, predictor in predictors.items():
-            results[backend]["images_per_s"] = float(np.median(results[backend]["rounds_images_per_s"]))
+            for key in ("images_per_s", "decode_images_per_s", "score_images_per_s"):
+                results[backend][key] = float(np.median(results[backend][f"rounds_{key}"]))
             results[backend].update({f"latency_{k}": v for k, v in time_latency(predictor, files[0].read_bytes(),
                                                                                  args.repeats).items()})
         onnx_threads = predictors["onnx"].onnx.threads
@@ -263,6 +279,13 @@ def main(argv: list[str] | None = None) -> int:
               f"{pct(keras['of_bf16_peak']):>8}{'-':>9}{'-':>9}{'-':>11}  {rounded(keras['rounds_images_per_s'])}")
     else:
         print(f"keras (paper): skipped: {keras['skipped']}")
+    executed = limit["gflop_per_image_executed"]
+    for name, key in (("pneumoscan torch", "torch"), ("pneumoscan onnx", "onnx")):
+        r = results[key]
+        print(f"{name}, the folder's halves apart (medians): decoding alone {r['decode_images_per_s']:.1f} images/s "
+              f"(one core); scoring the decoded pixels {r['score_images_per_s']:.1f} images/s, "
+              f"{pct(r['score_images_per_s'] * executed / limit['peak']['fp32_gflops'])} of the FP32 peak by the executed "
+              f"count (the whole folder: {pct(r['images_per_s'] * executed / limit['peak']['fp32_gflops'])})")
     print(f"max |p_torch - p_onnx| on these images: {summary['max_abs_prob_diff_torch_onnx']:.2g}"
           + ("" if args.checkpoint else " (untrained model: its outputs hardly vary, so this says little)"))
     print(json.dumps(summary), flush=True)
