@@ -6,14 +6,16 @@ its pointwise convolution (`inference.fold_batchnorm`).
 
 All on the same fresh checkpoint (with an out-of-distribution detector, as `bench_predict.py` makes it):
 
-- ONNX Runtime: every way is exported and timed in its own process, the processes alternating over
-  `--rounds` (sessions sharing a process disturb each other's thread pools): p50 of one image over 300
-  calls, images/s in batches of 32. All ways must give the same probabilities and detector features.
+- ONNX Runtime: every way is exported in its own process, then all are timed in one process, in
+  blocks that alternate over `--rounds` (the machine's slow spells last seconds, so blocks spread them
+  over every way): each block runs 10 untimed calls (another session's threads may still be spinning),
+  then 50 timed calls on one image and 2 batches of 32. Reported: p50 of one image over all blocks and
+  the median of the blocks' images/s. All ways must give the same probabilities and detector features.
 - PyTorch (the frozen form has no ONNX PReLU, so only the BatchNorm rewrite changes it): both forms in
   one process, alternating over `--torch-rounds`: images/s over 256 images in batches of 32, p50 of one
   image over 50 calls.
 
-    .venv/bin/python benchmarks/bench_inference_forms.py [--rounds 3] [--torch-rounds 12]
+    .venv/bin/python benchmarks/bench_inference_forms.py [--rounds 15] [--torch-rounds 12]
 
 Prints each round and the medians, then one JSON line.
 """
@@ -83,25 +85,46 @@ def images_per_s(run, batches: list) -> float:
     return round(sum(len(b) for b in batches) / (time.perf_counter() - t0), 1)
 
 
-def measure(way: str, checkpoint: str) -> dict:
-    """In this process: export `way` and time it in ONNX Runtime."""
+def export(way: str, checkpoint: str, out: str) -> None:
+    """In this process: export the checkpoint built `way` to `out`."""
     use_way(*WAYS[way])
+    from pneumoscan.export import export_onnx_bytes
+
+    Path(out).write_bytes(export_onnx_bytes(checkpoint))  # checked against PyTorch to 1e-4
+
+
+def onnx_ways(files: dict[str, Path], rounds: int) -> dict[str, dict]:
+    """Every export in its own ONNX Runtime session, timed in alternating blocks in this process."""
     import onnxruntime as ort
 
-    from pneumoscan.export import FEATURES_NAME, OUTPUT_NAME, export_onnx_bytes
+    from pneumoscan.export import FEATURES_NAME, OUTPUT_NAME
 
     rng = np.random.default_rng(0)
     one, batch = (rng.random((n, 1, 150, 150), dtype=np.float32) for n in (1, 32))
     opts = ort.SessionOptions()
     opts.intra_op_num_threads, opts.inter_op_num_threads = 2, 1
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    session = ort.InferenceSession(export_onnx_bytes(checkpoint), sess_options=opts,  # checked against PyTorch to 1e-4
-                                   providers=["CPUExecutionProvider"])
-    run = lambda a: session.run(None, {"pixels": a})
-    p50, rate = one_image_p50(run, one, 300), images_per_s(run, [batch] * 8)
-    probability, features = session.run([OUTPUT_NAME, FEATURES_NAME], {"pixels": batch})
-    return {"p50_ms": p50, "batch_images_per_s": rate, "probability_sum": float(probability.astype(np.float64).sum()),
-            "features_sum": float(features.astype(np.float64).sum())}
+    sessions = {way: ort.InferenceSession(str(f), sess_options=opts, providers=["CPUExecutionProvider"])
+                for way, f in files.items()}
+    ms: dict[str, list[float]] = {way: [] for way in sessions}
+    rates: dict[str, list[float]] = {way: [] for way in sessions}
+    for r in range(rounds):
+        for way in (list(sessions) if r % 2 else list(sessions)[::-1]):
+            run = lambda a, s=sessions[way]: s.run(None, {"pixels": a})
+            for _ in range(10):
+                run(one)
+            for _ in range(50):
+                t0 = time.perf_counter()
+                run(one)
+                ms[way].append(1000 * (time.perf_counter() - t0))
+            rates[way].append(images_per_s(run, [batch] * 2))
+    out = {}
+    for way, session in sessions.items():
+        probability, features = session.run([OUTPUT_NAME, FEATURES_NAME], {"pixels": batch})
+        out[way] = {"p50_ms": round(float(np.percentile(ms[way], 50)), 3), "batch_images_per_s": rates[way],
+                    "probability_sum": float(probability.astype(np.float64).sum()),
+                    "features_sum": float(features.astype(np.float64).sum())}
+    return out
 
 
 def torch_forms(checkpoint: str, rounds: int) -> dict[str, dict[str, list[float]]]:
@@ -132,31 +155,30 @@ def torch_forms(checkpoint: str, rounds: int) -> dict[str, dict[str, list[float]
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--rounds", type=int, default=3, help="rounds of the ONNX Runtime processes")
+    ap.add_argument("--rounds", type=int, default=15, help="rounds of the ONNX Runtime blocks")
     ap.add_argument("--torch-rounds", type=int, default=12, help="rounds of the two PyTorch forms")
-    ap.add_argument("--measure", nargs=2, metavar=("WAY", "CHECKPOINT"), help=argparse.SUPPRESS)
+    ap.add_argument("--export", nargs=3, metavar=("WAY", "CHECKPOINT", "OUT"), help=argparse.SUPPRESS)
     args = ap.parse_args()
-    if args.measure:
-        print(json.dumps(measure(*args.measure)))
+    if args.export:
+        export(*args.export)
         return 0
     from bench_predict import ROOT, choose_files, fresh_checkpoint
 
     files = choose_files(ROOT / ".." / "shared" / "data" / "chest_xray" / "train", 256, 0)
-    rounds: dict[str, list[dict]] = {way: [] for way in WAYS}
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = str(fresh_checkpoint(Path(tmp), files))
+        exports = {way: Path(tmp) / f"way{i}.onnx" for i, way in enumerate(WAYS)}
+        for way, out in exports.items():
+            subprocess.run([sys.executable, __file__, "--export", way, checkpoint, str(out)], check=True,
+                           capture_output=True)
         torch_rounds = torch_forms(checkpoint, args.torch_rounds)
-        for _ in range(args.rounds):
-            for way in rounds:
-                out = subprocess.run([sys.executable, __file__, "--measure", way, checkpoint], check=True,
-                                     capture_output=True, text=True).stdout.strip().splitlines()[-1]
-                rounds[way].append(json.loads(out))
-                print(way, rounds[way][-1], flush=True)
+        onnx = onnx_ways(exports, args.rounds)
     for key in ("probability_sum", "features_sum"):  # the detector's features pass through every block
-        sums = [r[key] for v in rounds.values() for r in v]
+        sums = [r[key] for r in onnx.values()]
         assert max(sums) - min(sums) < 1e-3 * max(1.0, abs(sums[0])), (key, sums)
     keys = ("p50_ms", "batch_images_per_s")
-    medians = {"onnx": {way: {k: statistics.median(r[k] for r in v) for k in keys} for way, v in rounds.items()},
+    medians = {"onnx": {way: {"p50_ms": r["p50_ms"], "batch_images_per_s": statistics.median(r["batch_images_per_s"])}
+                        for way, r in onnx.items()},
                "torch": {form: {k: statistics.median(v[k]) for k in keys} for form, v in torch_rounds.items()}}
     for backend, label in (("torch", "PyTorch"), ("onnx", "ONNX Runtime")):
         for way, m in medians[backend].items():
@@ -164,7 +186,7 @@ def main() -> int:
                   f"{m['batch_images_per_s']:.1f} images/s (medians)")
     folded, kept = (torch_rounds[f]["batch_images_per_s"] for f in ("BatchNorm folded (pneumoscan)", "BatchNorm kept"))
     print(f"PyTorch: the folded form was faster in {sum(a > b for a, b in zip(folded, kept))} of {len(kept)} rounds")
-    print(json.dumps({"benchmark": "inference-forms", "onnx_rounds": rounds, "torch_rounds": torch_rounds,
+    print(json.dumps({"benchmark": "inference-forms", "onnx": onnx, "torch_rounds": torch_rounds,
                       "medians": medians, "threads": 2, "date": time.strftime("%Y-%m-%d")}))
     return 0
 
