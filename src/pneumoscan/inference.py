@@ -2,8 +2,8 @@
 
 `freeze(model)` is an explicit step, like RepVGG's `switch_to_deploy`: it copies a trained model into
 eval mode, stops its gradients, and on a CPU rewrites the paper network into its fast inference
-form (`FrozenSeedCNN`), whose derived weights are computed once, from the weights as they are at that moment. Later
-changes to the original model never reach the frozen copy. evaluate, predict, explain, serve and
+form (`FrozenSeedCNN`), whose derived weights are computed once, from the weights as they are at that
+moment. Later changes to the original model never reach the frozen copy. evaluate, predict, explain, serve and
 export work on a frozen model; the training loop never does (it validates the model it trains).
 
 `model_input` is the one place that turns cached or decoded uint8 pixels into model input.
@@ -19,15 +19,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from .config import Preprocessing
-from .cpu_kernels import (
-    composed_kernel,
-    conv5x5_pool2_by_phases,
-    fits_composed_stem,
-    grey_kernel,
-    phase_weights,
-    pooled_border,
-    with_border,
-)
+from .cpu_kernels import (composed_kernel, conv5x5_pool2_by_phases, fits_composed_stem, grey_kernel, phase_weights,
+                          pooled_border, with_border)
 from .models import ElementwisePReLU, SeedCNN, SeparableConv2d
 from .runtime import memory_format
 
