@@ -413,19 +413,27 @@ def train(cfg: Config, out: str | Path, device: str = "auto", resume: bool = Fal
             torch.distributed.destroy_process_group()
 
 
+def _precision_checked(cfg: Config, dev: torch.device, cuda_graphs: bool, graphs_by_default: bool) -> bool:
+    """Refuse a precision `dev` cannot train in (a resumed run keeps the one it started with) and say what it
+    means; returns whether CUDA graphs stay on (under BF16 they are off unless asked for)."""
+    check_precision(cfg.train.precision, dev)
+    if cfg.train.precision == "fp32":
+        return cuda_graphs
+    log.info("training forward passes under %s autocast; weights, Adam's state, the loss and validation in FP32",
+             cfg.train.precision.upper())
+    if cuda_graphs and graphs_by_default:
+        log.info("CUDA graphs are off under --precision %s: each step runs eagerly", cfg.train.precision)
+        return False
+    return cuda_graphs
+
+
 def _train(cfg: Config, out: Path, dev: torch.device, ddp: Distributed, resume: bool, progress: bool,
            tensorboard: bool, strict: bool, cuda_graphs: bool, graphs_by_default: bool = False) -> dict[str, Any]:
     marks = {"start": time.perf_counter()}  # when each phase ended, for the timings in summary.json
     started = time.time()
     state = torch.load(out / "last.pt", map_location="cpu", weights_only=True) if resume else None
     cfg = ckpt_io.config_of(state, out / "last.pt") if state else cfg
-    check_precision(cfg.train.precision, dev)  # a resumed run trains in the precision it started with
-    if cfg.train.precision != "fp32":
-        log.info("training forward passes under %s autocast; weights, Adam's state, the loss and validation in FP32",
-                 cfg.train.precision.upper())
-        if cuda_graphs and graphs_by_default:
-            cuda_graphs = False
-            log.info("CUDA graphs are off under --precision %s: each step runs eagerly", cfg.train.precision)
+    cuda_graphs = _precision_checked(cfg, dev, cuda_graphs, graphs_by_default)
     generator = seed_everything(cfg.train.seed)
     if ddp.rank:  # different augmentation draws on each process; same initial weights
         generator.manual_seed(cfg.train.seed + 1000 * ddp.rank)
