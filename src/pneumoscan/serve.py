@@ -498,23 +498,31 @@ def _add_routes(app: Any, token: str | None, limit: int, max_files: int) -> None
             output = state.predictor.output.with_prior(prevalence) if prevalence is not None else state.predictor.output
         except ValueError as e:
             raise HTTPException(422, str(e)) from None
-        if not request.headers.get("content-type", "").startswith("multipart/form-data"):
-            raise HTTPException(415, "send the images as multipart/form-data in the field 'files'")
-        try:
-            form = await request.form(max_files=max_files, max_part_size=limit)
-        except (Refused, HTTPException):
-            raise
-        except Exception as e:  # malformed multipart bodies raise several types
-            raise HTTPException(400, f"malformed multipart upload ({e})") from None
-        uploads = [f for f in form.getlist("files") if hasattr(f, "read")]
-        if not uploads:
-            raise HTTPException(400, "no file in the field 'files'")
+        uploads = await read_uploads(request, limit, max_files)
         results = []
         for i, up in enumerate(uploads):
             name = os.path.basename(up.filename or "") or f"upload-{i + 1}"  # shown only, never a path
             results.append(await score_file(state, name, await up.read(), heatmap, output))
         status = 422 if all(r["error"] for r in results) else 200
         return JSONResponse({"results": results, "model": state.info}, status_code=status)
+
+
+async def read_uploads(request: Any, limit: int, max_files: int) -> list[Any]:
+    """The uploaded files of a multipart request's field `files`; 415, 400 or the size limits' refusals otherwise."""
+    from fastapi import HTTPException
+
+    if not request.headers.get("content-type", "").startswith("multipart/form-data"):
+        raise HTTPException(415, "send the images as multipart/form-data in the field 'files'")
+    try:
+        form = await request.form(max_files=max_files, max_part_size=limit)
+    except (Refused, HTTPException):
+        raise
+    except Exception as e:  # malformed multipart bodies raise several types
+        raise HTTPException(400, f"malformed multipart upload ({e})") from None
+    uploads = [f for f in form.getlist("files") if hasattr(f, "read")]
+    if not uploads:
+        raise HTTPException(400, "no file in the field 'files'")
+    return uploads
 
 
 async def score_file(state: Any, name: str, data: bytes, heatmap: bool, output: Any = None) -> dict[str, Any]:
