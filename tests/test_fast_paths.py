@@ -15,13 +15,7 @@ from torch.nn import functional as F
 
 from pneumoscan.config import Config, Preprocessing, TrainConfig
 from pneumoscan.cpu_kernels import CpuTrainingSeedCNN, for_cpu_training
-from pneumoscan.inference import (
-    FrozenPReLU,
-    FrozenSeedCNN,
-    PoolThenShift,
-    freeze,
-    model_input,
-)
+from pneumoscan.inference import FrozenPReLU, FrozenSeedCNN, PoolThenShift, freeze, model_input
 from pneumoscan.models import SeedCNN
 from pneumoscan.train import DeviceSplit, make_optimizer, make_step, validation_logits
 

@@ -78,10 +78,9 @@ def _quiet_exporter() -> Iterator[None]:
             lg.setLevel(level)
 
 
-def _metadata(loaded: Any) -> dict[str, str]:
+def _metadata(loaded: Any, ood_layers: tuple[str, ...]) -> dict[str, str]:
     prep = loaded.config.preprocessing
     s = prep.image_size
-    ood_layers = _ood_layers(loaded)
     return {
         "format": FORMAT,
         "pneumoscan_version": __version__,
@@ -109,8 +108,8 @@ def _ood_layers(loaded: Any) -> tuple[str, ...]:
     return tuple(detector.layers) if detector is not None else ()
 
 
-def _output_names(loaded: Any) -> list[str]:
-    return [OUTPUT_NAME, FEATURES_NAME] if _ood_layers(loaded) else [OUTPUT_NAME]
+def _output_names(ood_layers: tuple[str, ...]) -> list[str]:
+    return [OUTPUT_NAME, FEATURES_NAME] if ood_layers else [OUTPUT_NAME]
 
 
 def _ensemble_text(ckpt: dict[str, Any]) -> str:
@@ -140,17 +139,18 @@ def export_onnx_bytes(checkpoint_path: str | os.PathLike, opset: int = MIN_OPSET
     if len(loaded.class_names) > 2:
         raise ValueError(f"{checkpoint_path}: ONNX export covers binary models; this one has classes {loaded.class_names}")
     size = loaded.config.preprocessing.image_size
-    wrapper = _exported_form(freeze(loaded.model, for_onnx=True), _ood_layers(loaded))
+    ood_layers = _ood_layers(loaded)
+    wrapper = _exported_form(freeze(loaded.model, for_onnx=True), ood_layers)
     example = torch.rand(2, 1, size, size)  # batch 2: a batch of 1 would be specialised as a constant
     with _quiet_exporter(), torch.no_grad():
         program = torch.onnx.export(
             wrapper, (example,), dynamo=True, opset_version=opset, input_names=[INPUT_NAME],
-            output_names=_output_names(loaded), dynamic_shapes={INPUT_NAME: {0: torch.export.Dim("batch")}},
+            output_names=_output_names(ood_layers), dynamic_shapes={INPUT_NAME: {0: torch.export.Dim("batch")}},
             optimize=True, verbose=False,
         )
     model = program.model_proto
     model.doc_string = f"pneumoscan {__version__}: {loaded.config.model.name} ({loaded.config.model.activation})"
-    onnx.helper.set_model_props(model, _metadata(loaded))
+    onnx.helper.set_model_props(model, _metadata(loaded, ood_layers))
     onnx.checker.check_model(model)
     data = model.SerializeToString()
     if check and importlib.util.find_spec("onnxruntime") is not None:
@@ -209,11 +209,12 @@ def _matches(data: bytes, checkpoint_path: str | os.PathLike) -> str:
     onnx.checker.check_model(model)
     found = {p.key: p.value for p in model.metadata_props}
     loaded = ckpt_io.load(checkpoint_path, "cpu")
-    expected = _metadata(loaded)
+    ood_layers = _ood_layers(loaded)
+    expected = _metadata(loaded, ood_layers)
     differ = [k for k in CHECKED_METADATA if found.get(k) != expected[k]]
     if differ:
         return "metadata differs from the checkpoint: " + ", ".join(differ)
-    outputs = _output_names(loaded)
+    outputs = _output_names(ood_layers)
     if [i.name for i in model.graph.input] != [INPUT_NAME] or [o.name for o in model.graph.output] != outputs:
         return f"inputs and outputs are not {INPUT_NAME} -> {', '.join(outputs)}"
     return ""

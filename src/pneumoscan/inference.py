@@ -3,8 +3,8 @@
 `freeze(model)` is an explicit step, like RepVGG's `switch_to_deploy`: it copies a trained model into
 eval mode, stops its gradients, and on a CPU rewrites the paper network into its fast inference
 form (`FrozenSeedCNN`), whose derived weights are computed once, from the weights as they are at that
-moment. Later changes to the original model never reach the frozen copy. evaluate, predict, explain, serve and
-export work on a frozen model; the training loop never does (it validates the model it trains).
+moment. Later changes to the original model never reach the frozen copy. evaluate, predict, explain,
+serve and export work on a frozen model; the training loop never does (it validates the model it trains).
 
 `model_input` is the one place that turns cached or decoded uint8 pixels into model input.
 """
