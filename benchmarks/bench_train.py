@@ -87,7 +87,7 @@ def pneumoscan_model_alone(steps: int, precision: str = "fp32", warmup: int = 10
     from pneumoscan.checkpoint import build_model
     from pneumoscan.config import Config
     from pneumoscan.cpu_kernels import for_cpu_training
-    from pneumoscan.runtime import autocast
+    from pneumoscan.runtime import autocast, training_arithmetic
     from pneumoscan.train import make_optimizer, model_loss
 
     torch.manual_seed(0)
@@ -99,11 +99,12 @@ def pneumoscan_model_alone(steps: int, precision: str = "fp32", warmup: int = 10
     for i in range(warmup + steps):
         if i == warmup:
             t0 = time.perf_counter()
-        with autocast(torch.device("cpu"), precision):
-            logits = model(x)
-        loss, _ = model_loss(model, logits.float(), y)
         opt.zero_grad()
-        loss.backward()
+        with training_arithmetic(torch.device("cpu"), precision):
+            with autocast(torch.device("cpu"), precision):
+                logits = model(x)
+            loss, _ = model_loss(model, logits.float(), y)
+            loss.backward()
         opt.step()
     return {"images_per_s": round(16 * steps / (time.perf_counter() - t0), 1), "steps": steps}
 

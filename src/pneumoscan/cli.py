@@ -28,7 +28,7 @@ def default_data_root() -> str:
     return os.environ.get("PNEUMOSCAN_DATA", DEFAULT_DATA)
 
 
-def _add_config_flags(p: argparse.ArgumentParser, activation: bool = True) -> None:
+def _add_config_flags(p: argparse.ArgumentParser, activation: bool = True, precision: bool = True) -> None:
     """Flags that override fields of the recipe's Config (left out: the recipe's value)."""
     p.add_argument("--data", default=None, help=f"data root in Kaggle layout (default: $PNEUMOSCAN_DATA or {DEFAULT_DATA})")
     p.add_argument("--recipe", default="paper", choices=sorted(RECIPES), help="starting configuration (default: paper)")
@@ -66,9 +66,11 @@ def _add_config_flags(p: argparse.ArgumentParser, activation: bool = True) -> No
     p.add_argument("--sampling", choices=["shuffle", "balanced"], help="balanced: draw both classes equally often")
     p.add_argument("--early-stopping", action="store_true", default=None,
                    help="stop when validation accuracy stops improving (Keras semantics of the notebook)")
-    p.add_argument("--precision", choices=["fp32", "bf16"],
-                   help="training arithmetic: bf16 runs forward passes under BF16 autocast (weights, optimizer state, "
-                        "loss and validation stay FP32; refused on a CPU without native BF16) (default: fp32)")
+    if precision:
+        p.add_argument("--precision", choices=["fp32", "bf16"],
+                       help="training arithmetic: bf16 runs forward passes under BF16 autocast (weights, optimizer state, "
+                            "loss and validation stay FP32; on a CPU without native BF16 refused, or emulated with "
+                            "PNEUMOSCAN_ALLOW_EMULATED_BF16=1) (default: fp32)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda (auto picks CUDA when present)")
     p.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false", default=None,
                    help="on CUDA, run every step eagerly instead of replaying it as a CUDA graph")
@@ -85,7 +87,7 @@ def config_from_args(a: argparse.Namespace) -> Config:
                        early_stopping=a.early_stopping, threshold_rule=a.threshold_rule,
                        target_sensitivity=a.target_sensitivity, class_weight=a.class_weight, sampling=a.sampling,
                        threshold_resamples=a.threshold_resamples, calibration=a.calibration)
-    cfg = cfg.override("train", precision=a.precision)
+    cfg = cfg.override("train", precision=getattr(a, "precision", None))
     cfg = cfg.override("preprocessing", image_size=a.image_size, resize_filter=a.resize_filter)
     return cfg.override("augmentation", zoom=a.zoom, vertical_flip=a.vertical_flip, horizontal_flip=a.horizontal_flip,
                         gamma=a.gamma, contrast=a.contrast, brightness=a.brightness)
@@ -108,9 +110,11 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
 
 def _add_compare(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("compare", help="Table IV properly: activations x seeds, mean +- sd, differences vs noise")
-    _add_config_flags(p, activation=False)
+    _add_config_flags(p, activation=False, precision=False)
     p.add_argument("--out", required=True, help="comparison folder (finished runs inside are reused)")
     p.add_argument("--activations", nargs="+", choices=ACTIVATIONS, default=list(ACTIVATIONS))
+    p.add_argument("--precisions", nargs="+", choices=["fp32", "bf16"],
+                   help="train each activation in each of these precisions, as train's --precision (default: fp32)")
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--split", default="val", choices=["val", "test"], help="split the table reports (default: val)")
 
@@ -316,7 +320,7 @@ def cmd_compare(a: argparse.Namespace) -> int:
     from .compare import compare, table_markdown
 
     result = compare(config_from_args(a), a.out, a.activations, a.seeds, a.split, a.device, progress=not a.no_progress,
-                     cuda_graphs=a.cuda_graphs)
+                     cuda_graphs=a.cuda_graphs, precisions=a.precisions)
     print("\n".join(table_markdown(result)))
     return 0
 

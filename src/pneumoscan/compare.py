@@ -1,4 +1,5 @@
-"""The paper's Table IV, re-run properly: each activation trained with the same recipe over several seeds.
+"""The paper's Table IV, re-run properly: each activation trained with the same recipe over several seeds,
+in one training precision or several (FP32 against BF16).
 
 Each (activation, seed) run is an ordinary run folder under the comparison folder; a run that already
 finished is reused (with its evaluation, when that is newer than the training) and an interrupted one is
@@ -6,8 +7,8 @@ resumed, so a long comparison can be stopped and restarted, or its runs made by 
 each run is trained and evaluated under a lock (`run_lock`), and a process skips a run another one holds,
 coming back to it, waiting, once it has done the others.
 The table gives mean +- sd over seeds of train accuracy and loss (at the best epoch), the evaluated
-split's accuracy, loss and ROC AUC; pairs of activations are compared with Welch's t-test on each
-metric across seeds.
+split's accuracy, loss and ROC AUC; pairs of rows (activations, or precisions) are compared with
+Welch's t-test on each metric across seeds.
 """
 
 from __future__ import annotations
@@ -83,27 +84,33 @@ def welch_p(a: Sequence[float], b: Sequence[float]) -> float | None:
 
 def compare(base: Config, out: str | Path, activations: Sequence[str] = ACTIVATIONS, seeds: Sequence[int] = (0, 1, 2),
             split: str = "val", device: str = "auto", progress: bool = True, alpha: float = 0.05,
-            cuda_graphs: bool | None = None) -> dict[str, Any]:
-    """Train and evaluate every (activation, seed); write compare.json and compare.md into `out`."""
+            cuda_graphs: bool | None = None, precisions: Sequence[str] | None = None) -> dict[str, Any]:
+    """Train and evaluate every (activation, precision, seed); write compare.json and compare.md into `out`.
+
+    `precisions` (default: the recipe's one) name the rows 'ACTIVATION PRECISION' when there are several;
+    a run folder is ACTIVATION-sSEED in FP32, ACTIVATION-PRECISION-sSEED otherwise."""
     out = Path(out)
-    runs: dict[str, list[dict[str, Any]]] = {}
+    precisions = list(precisions or [base.train.precision])
     if base.model.name != "seed":  # activations belong to the paper's model: other models get one row, by name
         activations = [base.model.name]
-    todo = {}
+    todo: dict[tuple[str, int], tuple[Config, Path]] = {}
     for activation in activations:
-        for seed in seeds:
-            cfg = base.override("model", activation=activation) if base.model.name == "seed" else base
-            todo[activation, seed] = cfg.override("train", seed=seed)
+        cfg = base.override("model", activation=activation) if base.model.name == "seed" else base
+        for precision in precisions:
+            row = f"{activation} {precision}" if len(precisions) > 1 else activation
+            folder = activation if precision == "fp32" else f"{activation}-{precision}"
+            for seed in seeds:
+                todo[row, seed] = cfg.override("train", seed=seed, precision=precision), out / f"{folder}-s{seed}"
     results: dict[tuple[str, int], dict[str, Any]] = {}
     for wait in (False, True):  # first the runs no other process holds, then wait for the others
-        for (activation, seed), cfg in todo.items():
-            run_dir = out / f"{activation}-s{seed}"
-            if (activation, seed) not in results:
+        for key, (cfg, run_dir) in todo.items():
+            if key not in results:
                 with run_lock(run_dir, wait) as held:
                     if held:
-                        results[activation, seed] = _run(cfg, run_dir, split, device, progress, cuda_graphs)
-    for activation, seed in todo:
-        runs.setdefault(activation, []).append(results[activation, seed])
+                        results[key] = _run(cfg, run_dir, split, device, progress, cuda_graphs)
+    runs: dict[str, list[dict[str, Any]]] = {}
+    for row, seed in todo:
+        runs.setdefault(row, []).append(results[row, seed])
     table = {a: {c: {"mean": float(np.mean([r[c] for r in rs])), "sd": float(np.std([r[c] for r in rs], ddof=1)) if len(rs) > 1 else None}
                  for c in COLUMNS} for a, rs in runs.items()}
     tests = []
@@ -112,7 +119,8 @@ def compare(base: Config, out: str | Path, activations: Sequence[str] = ACTIVATI
             p = welch_p([r[c] for r in runs[a]], [r[c] for r in runs[b]])
             tests.append({"a": a, "b": b, "metric": c, "difference": table[a][c]["mean"] - table[b][c]["mean"],
                           "p": p, "larger_than_noise": p is not None and p < alpha})
-    result = {"split": split, "seeds": list(seeds), "recipe": base.recipe, "config": base.to_dict(), "runs": runs,
+    result = {"split": split, "seeds": list(seeds), "recipe": base.recipe, "config": base.to_dict(),
+              "activations": list(activations), "precisions": precisions, "runs": runs,
               "table": table, "tests": tests, "alpha": alpha, "paper_table_iv": PAPER_TABLE_IV}
     write_json(out / "compare.json", result)
     lines = table_markdown(result)
@@ -134,12 +142,12 @@ def table_markdown(r: dict[str, Any]) -> list[str]:
     lines += ["", "Paper, Table IV (theirs: single runs, test split, checkpoint chosen on test):", "",
               "| activation | train acc | test acc | train loss | test loss |", "|---|---|---|---|---|"]
     lines += [f"| {a} | {p['train_accuracy']:.4f} | {p['accuracy']:.4f} | {p['train_loss']:.4f} | {p['loss']:.4f} |"
-              for a, p in PAPER_TABLE_IV.items() if a in r["table"]]
+              for a, p in PAPER_TABLE_IV.items() if a in r["activations"]]
     significant = [t for t in r["tests"] if t["larger_than_noise"]]
     lines += ["", f"Differences larger than the seed-to-seed noise (Welch's t-test, p < {r['alpha']}):"]
     if not r["tests"]:
-        lines.append("- no pairs to compare (one activation).")
+        lines.append("- no pairs to compare (one row).")
     else:
         lines += [f"- {t['a']} vs {t['b']}, {t['metric']}: {t['difference']:+.4f} (p = {t['p']:.3f})" for t in significant] or \
-                 ["- none: every difference between activations is within the noise of these seeds."]
+                 ["- none: every difference between rows is within the noise of these seeds."]
     return lines

@@ -1,5 +1,6 @@
 """The process's runtime: which device, which memory layout, the allocator, seeding, torchrun, and the
-arithmetic precision of training (FP32, or BF16 autocast where the hardware computes BF16 natively).
+arithmetic precision of training (FP32, or BF16 autocast where the hardware computes BF16 natively,
+emulated where it is forced elsewhere).
 
 Chosen once per command and passed down; nothing here changes what a model computes, except BF16
 autocast when a run asks for it.
@@ -17,6 +18,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from .emulated_bf16 import EmulatedBF16
 
 
 def select_device(name: str = "auto") -> torch.device:
@@ -59,15 +62,15 @@ def native_bf16_cpu() -> bool:
 
 def check_precision(precision: str, device: torch.device) -> None:
     """ValueError unless `device` computes `precision` natively: BF16 needs AVX-512 BF16 or AMX on a
-    CPU (unless PNEUMOSCAN_ALLOW_EMULATED_BF16=1 forces it) and a GPU that supports it on CUDA."""
+    CPU (unless PNEUMOSCAN_ALLOW_EMULATED_BF16=1 forces it, emulated) and a GPU that supports it on CUDA."""
     if precision == "fp32":
         return
     if precision != "bf16":
         raise ValueError(f"unknown precision {precision!r}; choose fp32 or bf16")
     if device.type == "cpu" and not native_bf16_cpu() and os.environ.get(FORCE_BF16_ENV) != "1":
         raise ValueError(f"--precision bf16: this CPU has no native BF16 arithmetic (no {' or '.join(NATIVE_BF16_FLAGS)} "
-                         f"flag in /proc/cpuinfo), and emulated BF16 trains slower than FP32; use --precision fp32, "
-                         f"or set {FORCE_BF16_ENV}=1 to run it anyway")
+                         f"flag in /proc/cpuinfo), so BF16 cannot train faster than FP32 here; use --precision fp32, "
+                         f"or set {FORCE_BF16_ENV}=1 to emulate BF16's numbers (to measure its accuracy)")
     if device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise ValueError(f"--precision bf16: {torch.cuda.get_device_name(device)} does not support BF16; use --precision fp32")
 
@@ -79,6 +82,14 @@ def autocast(device: torch.device, precision: str) -> contextlib.AbstractContext
     outside it, and the casts the cache would save are few and small."""
     if precision == "bf16":
         return torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=False)
+    return contextlib.nullcontext()
+
+
+def training_arithmetic(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """The context a whole training step (forward and backward) runs in: emulated BF16 products
+    (emulated_bf16.EmulatedBF16) for 'bf16' on a CPU without native BF16, nothing otherwise."""
+    if precision == "bf16" and device.type == "cpu" and not native_bf16_cpu():
+        return EmulatedBF16()
     return contextlib.nullcontext()
 
 

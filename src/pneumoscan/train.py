@@ -34,6 +34,7 @@ from .config import Config
 from .cpu_kernels import for_cpu_training
 from .cuda_graphs import CudaGraphForward, CudaGraphStep, start_warm_up
 from .data import CachedImages, DataError, cache_images, class_names, split_samples, split_summary, task_labels
+from .emulated_bf16 import EmulatedBF16
 from .fileio import atomic_write_text, write_json
 from .inference import freeze, model_input
 from .calibration import fit_platt, fit_temperature, model_prior_of
@@ -43,7 +44,7 @@ from .models import load_pretrained, pneumonia_logit, probabilities
 from .ood import fit_for_model
 from .rundir import REPLACED, prepare_run_dir, settle_replaced
 from .runtime import (Distributed, autocast, check_precision, init_distributed, keep_freed_memory, memory_format,
-                      peak_memory_mb, seed_everything)
+                      peak_memory_mb, seed_everything, training_arithmetic)
 from .tracking import TensorBoardLogger
 
 log = logging.getLogger(__name__)
@@ -119,7 +120,8 @@ def make_step(model: nn.Module, data: DeviceSplit, cfg: Config, optimizer: torch
     """The optimisation step on rows `idx` with augmentation `draws` (gradients already cleared).
 
     With cfg.train.precision 'bf16' the forward pass runs under BF16 autocast; the loss is computed from
-    FP32 logits, and the weights and Adam's state stay FP32.
+    FP32 logits, and the weights and Adam's state stay FP32. On a CPU without native BF16 the step's
+    BF16 products are emulated (runtime.training_arithmetic).
     Returns (summed loss, correct predictions) as device tensors: nothing here waits for the device.
     """
     dev, precision = data.pixels.device, cfg.train.precision
@@ -127,11 +129,12 @@ def make_step(model: nn.Module, data: DeviceSplit, cfg: Config, optimizer: torch
     def step(idx: torch.Tensor, draws: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         x = augment_batch(data.inputs(idx, cfg), cfg.augmentation, draws=draws)
         y = data.labels[idx]
-        with autocast(dev, precision):
-            logits = model(x)
-        logits = logits.float()
-        loss, _ = model_loss(model, logits, y, class_weights)
-        loss.backward()
+        with training_arithmetic(dev, precision):
+            with autocast(dev, precision):
+                logits = model(x)
+            logits = logits.float()
+            loss, _ = model_loss(model, logits, y, class_weights)
+            loss.backward()
         optimizer.step()
         # accuracy of pneumonia vs normal, for either task
         return loss.detach() * len(idx), ((pneumonia_logit(logits.detach()) >= 0) == (y > 0)).sum()
@@ -421,6 +424,9 @@ def _precision_checked(cfg: Config, dev: torch.device, cuda_graphs: bool, graphs
         return cuda_graphs
     log.info("training forward passes under %s autocast; weights, Adam's state, the loss and validation in FP32",
              cfg.train.precision.upper())
+    if isinstance(training_arithmetic(dev, cfg.train.precision), EmulatedBF16):
+        log.info("this CPU has no BF16 arithmetic: BF16 products are emulated (FP32 sums of BF16 values, rounded "
+                 "once), for BF16's numbers at no gain in speed")
     if cuda_graphs and graphs_by_default:
         log.info("CUDA graphs are off under --precision %s: each step runs eagerly", cfg.train.precision)
         return False
