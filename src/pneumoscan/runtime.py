@@ -85,12 +85,15 @@ def autocast(device: torch.device, precision: str) -> contextlib.AbstractContext
     return contextlib.nullcontext()
 
 
+def bf16_is_emulated(device: torch.device, precision: str) -> bool:
+    """Whether training in `precision` on `device` emulates BF16: 'bf16' on a CPU without native BF16."""
+    return precision == "bf16" and device.type == "cpu" and not native_bf16_cpu()
+
+
 def training_arithmetic(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
     """The context a whole training step (forward and backward) runs in: emulated BF16 products
-    (emulated_bf16.EmulatedBF16) for 'bf16' on a CPU without native BF16, nothing otherwise."""
-    if precision == "bf16" and device.type == "cpu" and not native_bf16_cpu():
-        return EmulatedBF16()
-    return contextlib.nullcontext()
+    (emulated_bf16.EmulatedBF16) where `bf16_is_emulated`, nothing otherwise."""
+    return EmulatedBF16() if bf16_is_emulated(device, precision) else contextlib.nullcontext()
 
 
 def keep_freed_memory() -> None:

@@ -34,7 +34,6 @@ from .config import Config
 from .cpu_kernels import for_cpu_training
 from .cuda_graphs import CudaGraphForward, CudaGraphStep, start_warm_up
 from .data import CachedImages, DataError, cache_images, class_names, split_samples, split_summary, task_labels
-from .emulated_bf16 import EmulatedBF16
 from .fileio import atomic_write_text, write_json
 from .inference import freeze, model_input
 from .calibration import fit_platt, fit_temperature, model_prior_of
@@ -43,8 +42,8 @@ from .prevalence import sigmoid
 from .models import load_pretrained, pneumonia_logit, probabilities
 from .ood import fit_for_model
 from .rundir import REPLACED, prepare_run_dir, settle_replaced
-from .runtime import (Distributed, autocast, check_precision, init_distributed, keep_freed_memory, memory_format,
-                      peak_memory_mb, seed_everything, training_arithmetic)
+from .runtime import (Distributed, autocast, bf16_is_emulated, check_precision, init_distributed, keep_freed_memory,
+                      memory_format, peak_memory_mb, seed_everything, training_arithmetic)
 from .tracking import TensorBoardLogger
 
 log = logging.getLogger(__name__)
@@ -424,7 +423,7 @@ def _precision_checked(cfg: Config, dev: torch.device, cuda_graphs: bool, graphs
         return cuda_graphs
     log.info("training forward passes under %s autocast; weights, Adam's state, the loss and validation in FP32",
              cfg.train.precision.upper())
-    if isinstance(training_arithmetic(dev, cfg.train.precision), EmulatedBF16):
+    if bf16_is_emulated(dev, cfg.train.precision):
         log.info("this CPU has no BF16 arithmetic: BF16 products are emulated (FP32 sums of BF16 values, rounded "
                  "once), for BF16's numbers at no gain in speed")
     if cuda_graphs and graphs_by_default:
