@@ -28,7 +28,7 @@ import pytest
 import torch
 
 from pneumoscan import runtime
-from pneumoscan.cli import main
+from pneumoscan.cli import build_parser, main
 from pneumoscan.compare import compare
 from pneumoscan.emulated_bf16 import EmulatedBF16
 from pneumoscan.config import Config, DataConfig, Preprocessing, TrainConfig
@@ -258,6 +258,8 @@ def test_compare_trains_fp32_and_bf16_and_tests_their_difference(allow_bf16, tmp
         assert json.loads((tmp_path / "cmp" / folder / "config.json").read_text())["train"]["precision"] == precision
     assert {(t["a"], t["b"]) for t in result["tests"]} == {("prelu fp32", "prelu bf16")}
     assert "| prelu bf16 |" in (tmp_path / "cmp" / "compare.md").read_text()
+    for flag in ("--precisions", "--precision"):  # train's spelling is accepted too
+        assert build_parser().parse_args(["compare", "--out", "x", flag, "fp32", "bf16"]).precisions == ["fp32", "bf16"]
 
 
 def test_precision_is_a_checked_setting():

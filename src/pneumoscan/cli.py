@@ -113,7 +113,7 @@ def _add_compare(sub: argparse._SubParsersAction) -> None:
     _add_config_flags(p, activation=False, precision=False)
     p.add_argument("--out", required=True, help="comparison folder (finished runs inside are reused)")
     p.add_argument("--activations", nargs="+", choices=ACTIVATIONS, default=list(ACTIVATIONS))
-    p.add_argument("--precisions", nargs="+", choices=["fp32", "bf16"],
+    p.add_argument("--precisions", "--precision", nargs="+", choices=["fp32", "bf16"],
                    help="train each activation in each of these precisions, as train's --precision (default: fp32)")
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--split", default="val", choices=["val", "test"], help="split the table reports (default: val)")
