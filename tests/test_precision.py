@@ -7,10 +7,10 @@
   2-epoch BF16 run through the command line logs validation figures equal to `evaluate`'s.
 - `--precision bf16` is refused on a CPU without native BF16 arithmetic, unless forced.
 - On a GPU: BF16 steps replayed as a CUDA graph equal eager BF16 steps.
-
 - Emulated BF16 (a CPU without it, forced): each convolution and matrix product, forward and backward,
   equals the exactly rounded BF16 result (products of the BF16 values summed in float64, rounded once)
-  in all but a few elements, each of those one BF16 step away; training steps engage it only there.
+  in all but a few elements, each of those one BF16 step away (or 1e-6 of the largest value where terms
+  cancel); training steps engage it only there.
 - `compare --precisions fp32 bf16` trains both and tests their difference against the seed noise.
 
 These tests check numbers, not speed: on a CPU without native BF16 they run emulated (forced through
