@@ -6,6 +6,8 @@ from PIL import Image
 
 from pneumoscan.images import ImageLoadError, load_for_model, load_grey, resize
 
+from .conftest import REAL_DATA
+
 
 def _png(img: Image.Image, **kw) -> bytes:
     buf = io.BytesIO()
@@ -20,6 +22,54 @@ def test_rgb_and_grey_jpeg_give_the_same_grey(tmp_path):
     a, b = load_grey(tmp_path / "a.png"), load_grey(tmp_path / "b.png")
     assert a.shape == (48, 64) and a.dtype == np.uint8
     assert np.array_equal(a, b) and np.array_equal(a, grey)
+
+
+def _jpeg(pixels: np.ndarray, **kw) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="JPEG", **kw)
+    return buf.getvalue()
+
+
+def _colours_converted(data: bytes) -> np.ndarray:
+    """The reference: every colour channel decoded, then converted to grey."""
+    with Image.open(io.BytesIO(data)) as img:
+        return np.asarray(img.convert("RGB").convert("L"))
+
+
+@pytest.mark.parametrize("options", [{}, {"quality": 95, "subsampling": 0}, {"quality": 60, "progressive": True}])
+def test_a_colour_jpeg_of_grey_content_decodes_as_if_its_colours_were_converted(options):
+    """The loader has libjpeg decode a colour JPEG's luma alone; for grey content (an X-ray saved in
+    colour, as the Kaggle data set is) and for moderate colours that is the reference, pixel for pixel."""
+    rng = np.random.default_rng(0)
+    y, x = np.mgrid[0:96, 0:128]
+    grey = np.clip(128 + 90 * np.sin(x / 9) * np.cos(y / 13) + rng.normal(0, 6, x.shape), 0, 255).astype(np.uint8)
+    colours = np.clip(128 + 60 * np.stack([np.sin(x / 9), np.cos(y / 7), np.sin((x + y) / 11)], -1), 0, 255)
+    for pixels in (np.repeat(grey[..., None], 3, -1), colours.astype(np.uint8)):
+        data = _jpeg(pixels, **options)
+        assert np.array_equal(load_grey(data, name="x.jpeg"), _colours_converted(data))
+
+
+def test_the_kaggle_images_decode_as_if_their_colours_were_converted():
+    files = sorted((REAL_DATA / "train" / "NORMAL").glob("*.jpeg"))[:50] + \
+        sorted((REAL_DATA / "train" / "PNEUMONIA").glob("*.jpeg"))[:50]
+    if not files:
+        pytest.skip(f"real data not found at {REAL_DATA}")
+    for f in files:
+        assert np.array_equal(load_grey(f), _colours_converted(f.read_bytes())), f
+
+
+def test_a_saturated_colour_jpeg_decodes_to_its_stored_luma():
+    """Where colours clip on decoding, converting them loses the luma the JPEG stores (measured: up to
+    11 grey levels on pure red, blue and yellow); the loader gives the stored luma itself."""
+    pixels = np.zeros((64, 64, 3), np.uint8)
+    pixels[:32, :, 0], pixels[32:, :, 2], pixels[:, :16] = 255, 255, (255, 255, 0)
+    data = _jpeg(pixels, quality=90)
+    with Image.open(io.BytesIO(data)) as img:
+        img.draft("YCbCr", None)  # the decoded planes themselves, not converted to RGB
+        luma = np.asarray(img)[..., 0]
+    out = load_grey(data, name="x.jpeg")
+    assert np.array_equal(out, luma)
+    assert not np.array_equal(out, _colours_converted(data))  # the case this test is about
 
 
 @pytest.mark.parametrize("mode", ["LA", "RGBA", "P", "CMYK", "I;16"])

@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 CLASS_NAMES = ("NORMAL", "PNEUMONIA")  # the folders of the Kaggle layout
 TASK_CLASSES = {"binary": CLASS_NAMES, "three-class": ("NORMAL", "BACTERIAL", "VIRAL")}
 SPLITS = ("train", "val", "test", "kaggle_val")
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: a colour JPEG's grey is its stored luma (images._decode_raster)
 PROCESS_DECODE_MIN = 256  # fewer images are decoded in threads: starting worker processes would cost more
 
 _PATIENT_PATTERNS = (

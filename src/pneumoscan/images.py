@@ -112,6 +112,9 @@ def _decode_raster(data: bytes, label: str, max_megapixels: float) -> np.ndarray
             w, h = img.size
             if w * h > max_megapixels * 1_000_000:
                 raise ImageLoadError(label, f"image is {w}x{h} = {w * h / 1e6:.1f} megapixels, over the {max_megapixels:g} MP limit")
+            # a colour JPEG's grey is its luma: libjpeg decodes that channel alone, without the colour
+            # conversion; for grey content the same pixels as decoding the colours and converting them
+            img.draft("L", None)
             img.load()
             ImageOps.exif_transpose(img, in_place=True)  # in place: no copy when there is nothing to turn
             return _to_grey(img)
