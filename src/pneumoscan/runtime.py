@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import os
 import random
 import resource
@@ -43,8 +44,10 @@ NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 FORCE_BF16_ENV = "PNEUMOSCAN_ALLOW_EMULATED_BF16"
 
 
+@functools.cache
 def cpu_flags() -> frozenset[str]:
-    """The CPU's feature flags as Linux lists them in /proc/cpuinfo (empty where it is unreadable)."""
+    """The CPU's feature flags as Linux lists them in /proc/cpuinfo (empty where it is unreadable); read
+    once per process, since every BF16 training step asks (the file grows with the core count)."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith(("flags", "Features")):
