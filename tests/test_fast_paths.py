@@ -43,7 +43,7 @@ def test_the_cpu_training_stem_equals_the_two_literal_convolutions(shape):
     assert torch.allclose(composed, literal, atol=1e-12)
     with torch.no_grad():  # in-loop validation writes the border in place
         assert torch.allclose(fast.stem(x), literal, atol=1e-12)
-    params = lambda m: [m.conv1.weight, m.conv1.bias, m.conv2.weight, m.conv2.bias]
+    params = lambda m: [m.conv1.weight, m.conv1.bias, m.conv2.weight, m.conv2.bias]  # noqa: E731
     for a, b in zip(torch.autograd.grad(composed.square().sum(), params(fast)),
                     torch.autograd.grad(literal.square().sum(), params(plain))):
         assert torch.allclose(a, b, rtol=1e-9, atol=1e-9)
