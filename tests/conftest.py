@@ -9,7 +9,20 @@ import numpy as np
 import pytest
 from PIL import Image
 
-REAL_DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "chest_xray"
+# The real data set, where the README tells users to put it: $PNEUMOSCAN_DATA (`make test DATA=...` sets it).
+# Unset, the tests that need real radiographs skip and say why; set to a folder that is not there, they fail.
+DATA_VARIABLE = os.environ.get("PNEUMOSCAN_DATA", "")
+REAL_DATA = Path(DATA_VARIABLE).expanduser() if DATA_VARIABLE else None
+
+
+def real_train_folder() -> Path:
+    """ROOT/train of the real data set; skips the test when PNEUMOSCAN_DATA is unset, fails when it is wrong."""
+    if REAL_DATA is None:
+        pytest.skip("needs the real data set: set PNEUMOSCAN_DATA=/path/to/chest_xray (or make test DATA=...)")
+    train = REAL_DATA / "train"
+    if not (train / "NORMAL").is_dir() or not (train / "PNEUMONIA").is_dir():
+        pytest.fail(f"PNEUMOSCAN_DATA={DATA_VARIABLE}: no train/NORMAL and train/PNEUMONIA folders there")
+    return train
 
 
 @pytest.fixture(autouse=True)
@@ -55,11 +68,10 @@ def tiny_data(tmp_path) -> Path:
 
 
 def real_subset(dest: Path, per_class: int) -> Path:
-    """Symlinks to the first `per_class` images of each class of the real train split (skips if absent)."""
-    if not (REAL_DATA / "train").is_dir():
-        pytest.skip(f"real data not found at {REAL_DATA}")
+    """Symlinks to the first `per_class` images of each class of the real train split (`real_train_folder`)."""
+    train = real_train_folder()
     for cls in ("NORMAL", "PNEUMONIA"):
-        src = REAL_DATA / "train" / cls
+        src = train / cls
         out = dest / "train" / cls
         out.mkdir(parents=True)
         for f in sorted(src.iterdir())[:per_class]:

@@ -21,8 +21,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from .conftest import real_train_folder
+
 ORTHANC = Path("/usr/sbin/Orthanc")
-REAL_TRAIN = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "chest_xray" / "train"
 NODE_AET, PACS_AET = "PNEUMOSCAN", "ORTHANC"
 
 
@@ -208,9 +209,7 @@ def checkpoint(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def radiograph(tmp_path_factory) -> Path:
-    if not REAL_TRAIN.is_dir():
-        pytest.skip(f"real data not found at {REAL_TRAIN}")
-    jpeg = sorted((REAL_TRAIN / "PNEUMONIA").iterdir())[0]
+    jpeg = sorted((real_train_folder() / "PNEUMONIA").iterdir())[0]
     return make_radiograph(jpeg, tmp_path_factory.mktemp("radiograph") / "chest.dcm")
 
 

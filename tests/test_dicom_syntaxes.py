@@ -21,7 +21,7 @@ pydicom = pytest.importorskip("pydicom")
 from pneumoscan.dicom import read_dicom  # noqa: E402
 from pneumoscan.images import ImageLoadError, load_grey  # noqa: E402
 
-from .conftest import REAL_DATA  # noqa: E402
+from .conftest import real_train_folder  # noqa: E402
 
 NEAR = 2  # dcmcjpls +md: the largest difference a near-lossless stored value may have
 PSNR_FLOOR_DB = 40.0
@@ -52,9 +52,7 @@ def originals(tmp_path_factory) -> dict[int, Path]:
     """{8: 8-bit DICOM, 12: 12-bit DICOM} of the first NORMAL radiograph of the real train split."""
     from PIL import Image
 
-    folder = REAL_DATA / "train" / "NORMAL"
-    if not folder.is_dir():
-        pytest.skip(f"real data not found at {REAL_DATA}")
+    folder = real_train_folder() / "NORMAL"
     source = sorted(folder.iterdir())[0]
     grey = np.asarray(Image.open(source).convert("L"), dtype=np.float64)
     # 12 bits: the radiograph scaled by 16 and smoothed over 2x2, so the low 4 bits carry image content

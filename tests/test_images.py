@@ -6,7 +6,7 @@ from PIL import Image
 
 from pneumoscan.images import ImageLoadError, load_for_model, load_grey, resize
 
-from .conftest import REAL_DATA
+from .conftest import real_train_folder
 
 
 def _png(img: Image.Image, **kw) -> bytes:
@@ -50,10 +50,9 @@ def test_a_colour_jpeg_of_grey_content_decodes_as_if_its_colours_were_converted(
 
 
 def test_the_kaggle_images_decode_as_if_their_colours_were_converted():
-    files = sorted((REAL_DATA / "train" / "NORMAL").glob("*.jpeg"))[:50] + \
-        sorted((REAL_DATA / "train" / "PNEUMONIA").glob("*.jpeg"))[:50]
-    if not files:
-        pytest.skip(f"real data not found at {REAL_DATA}")
+    train = real_train_folder()
+    files = sorted((train / "NORMAL").glob("*.jpeg"))[:50] + sorted((train / "PNEUMONIA").glob("*.jpeg"))[:50]
+    assert files, f"no JPEG under {train}"
     for f in files:
         assert np.array_equal(load_grey(f), _colours_converted(f.read_bytes())), f
 

@@ -37,7 +37,7 @@ from pneumoscan.keras_import import KerasImportError, import_keras, keras_to_sta
 from pneumoscan.runtime import memory_format  # noqa: E402
 from pneumoscan.train import DeviceSplit, make_optimizer, make_step, model_loss  # noqa: E402
 
-from .conftest import REAL_DATA  # noqa: E402
+from .conftest import real_train_folder  # noqa: E402
 
 FIXTURES = Path(__file__).parent / "fixtures" / "keras"
 MANIFEST = json.loads((FIXTURES / "manifest.json").read_text())
@@ -234,9 +234,7 @@ def test_nearest_resize_equals_keras_load_img(images):
 
 
 def test_nearest_resize_equals_keras_on_the_fixture_radiographs(images):
-    root = REAL_DATA / "train"
-    if not root.is_dir():
-        pytest.skip(f"real data not found at {REAL_DATA}")
+    root = real_train_folder()
     for rel, expected in zip(images["paths"], images["pixels"]):
         np.testing.assert_array_equal(load_for_model(root / str(rel), SIZE, "nearest"), expected, err_msg=str(rel))
 

@@ -21,16 +21,21 @@ from .data import DataError
 from .images import ImageLoadError
 from .metrics import THRESHOLD_RULES
 
-DEFAULT_DATA = "../shared/data/chest_xray"
+DATA_HELP = "data root in Kaggle layout, ROOT/train/{NORMAL,PNEUMONIA} (default: $PNEUMOSCAN_DATA)"
 
 
 def default_data_root() -> str:
-    return os.environ.get("PNEUMOSCAN_DATA", DEFAULT_DATA)
+    """$PNEUMOSCAN_DATA, the data folder the README tells users to set; DataError when it is not set."""
+    root = os.environ.get("PNEUMOSCAN_DATA", "")
+    if not root:
+        raise DataError("no data folder given: pass --data ROOT or set PNEUMOSCAN_DATA=ROOT "
+                        "(ROOT holds train/NORMAL and train/PNEUMONIA)")
+    return root
 
 
 def _add_config_flags(p: argparse.ArgumentParser, activation: bool = True, precision: bool = True) -> None:
     """Flags that override fields of the recipe's Config (left out: the recipe's value)."""
-    p.add_argument("--data", default=None, help=f"data root in Kaggle layout (default: $PNEUMOSCAN_DATA or {DEFAULT_DATA})")
+    p.add_argument("--data", default=None, help=DATA_HELP)
     p.add_argument("--recipe", default="paper", choices=sorted(RECIPES), help="starting configuration (default: paper)")
     p.add_argument("--model", choices=MODEL_NAMES, help="registered model name")
     if activation:
@@ -221,7 +226,7 @@ def _add_fit_ood(sub: argparse._SubParsersAction) -> None:
 
 def _add_audit(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("audit", help="counts, patients, leaks, duplicates and image statistics of a data folder")
-    p.add_argument("--data", default=None, help=f"data root (default: $PNEUMOSCAN_DATA or {DEFAULT_DATA})")
+    p.add_argument("--data", default=None, help=DATA_HELP)
     p.add_argument("--out", required=True, help="folder for audit.json and counts.png")
     p.add_argument("--near-distance", type=int, default=2, help="near-identical: max difference-hash bit distance")
     p.add_argument("--max-mad", type=float, default=4.0,
@@ -266,7 +271,7 @@ def _add_import_keras(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--activation", choices=ACTIVATIONS, default=None,
                    help="checked against the file; needed for weights alone without PReLU slopes")
     p.add_argument("--image-size", type=int, default=None, help="weights alone: the input size (default: 150)")
-    p.add_argument("--data", default=None, help=f"data root recorded for evaluate (default: $PNEUMOSCAN_DATA or {DEFAULT_DATA})")
+    p.add_argument("--data", default=None, help="data root recorded for evaluate (default: $PNEUMOSCAN_DATA, else none: evaluate then needs --data)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -438,7 +443,7 @@ def cmd_import_keras(a: argparse.Namespace) -> int:
     from .keras_import import import_keras
 
     print(json.dumps(import_keras(a.model, a.out, activation=a.activation, image_size=a.image_size,
-                                  data_root=a.data or default_data_root())))
+                                  data_root=a.data or os.environ.get("PNEUMOSCAN_DATA", ""))))
     return 0
 
 

@@ -45,7 +45,7 @@ class Augmentation:
 class DataConfig:
     """Where the images are and how the patient-level validation split is carved out of train."""
 
-    root: str = "../shared/data/chest_xray"
+    root: str = ""  # the command line fills it from --data or $PNEUMOSCAN_DATA
     val_fraction: float = 0.15
     split_seed: int = 0
     # binary: NORMAL / PNEUMONIA; three-class: NORMAL / BACTERIAL / VIRAL (from Kermany's file names).

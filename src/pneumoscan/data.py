@@ -230,6 +230,9 @@ def split_samples(cfg: DataConfig) -> dict[str, list[Sample]]:
 
     A MedMNIST-format .npz file is accepted as root too (its own train/val/test split).
     """
+    if not cfg.root:
+        raise DataError("no data folder given: pass --data ROOT or set PNEUMOSCAN_DATA=ROOT "
+                        "(ROOT holds train/NORMAL and train/PNEUMONIA)")
     root = Path(cfg.root)
     if root.suffix == ".npz" and root.is_file():
         return npz_splits(root)
