@@ -219,3 +219,69 @@ def test_jpeg_frame_larger_than_the_header_is_refused_before_decoding():
         with pytest.raises(ImageLoadError, match="j.dcm: compressed frame is 3000x3000, larger than the 1x1 image"):
             load_grey(data, name="j.dcm")
     assert _peak_of(load) < 4 * 2**20
+
+
+# --- 8-bit grey without a window: the stored values as they are, as a PNG's ------------------------------
+
+def _eight_bit(grey: np.ndarray, photometric: str = "MONOCHROME2", **extra) -> bytes:
+    """An uncompressed 8-bit DICOM of `grey` (stored as given), no window, no VOI LUT."""
+    return make_dicom(None, photometric, Rows=grey.shape[0], Columns=grey.shape[1], BitsAllocated=8, BitsStored=8,
+                      HighBit=7, PixelRepresentation=0, PixelData=grey.tobytes(), **extra)
+
+
+def _png(grey: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(grey).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _narrow_grey() -> np.ndarray:
+    """A generated radiograph within 30..210: stretching it to its own min-max would change every level."""
+    from .conftest import synthetic_xray
+
+    grey = (30 + synthetic_xray(np.random.default_rng(7), 1, 64).astype(np.int64) * 180 // 255).astype(np.uint8)
+    assert grey.min() > 0 and grey.max() < 255
+    return grey
+
+
+@pytest.fixture(scope="module")
+def small_model(tmp_path_factory):
+    """The paper's network, trained one epoch on generated images."""
+    from pneumoscan.train import train
+
+    from .conftest import make_dataset
+    from .test_train_checkpoint import tiny_config
+
+    root = tmp_path_factory.mktemp("eight-bit")
+    train(tiny_config(make_dataset(root / "data"), epochs=1), root / "run", device="cpu", progress=False)
+    return root / "run" / "best.pt"
+
+
+@pytest.mark.parametrize("photometric, extra", [("MONOCHROME2", {}), ("MONOCHROME1", {}),
+                                                 ("MONOCHROME2", dict(RescaleSlope=1, RescaleIntercept=0))])
+def test_eight_bit_dicom_without_a_window_scores_as_the_same_png(small_model, photometric, extra):
+    from pneumoscan.images import load_for_model
+    from pneumoscan.predict import Predictor
+
+    grey = _narrow_grey()
+    stored = 255 - grey if photometric == "MONOCHROME1" else grey  # MONOCHROME1: low values are bright
+    dicom, png = _eight_bit(stored, photometric, **extra), _png(grey)
+    assert np.array_equal(load_grey(dicom, name="a.dcm"), grey) and np.array_equal(load_grey(png, name="a.png"), grey)
+    assert np.array_equal(load_for_model(dicom, 48, "nearest"), load_for_model(png, 48, "nearest"))
+    predictor = Predictor(small_model, device="cpu")
+    # the same uint8 input through the same network in one process: the same arithmetic, so equal exactly
+    as_dicom, as_png = predictor.predict_file(dicom, name="a.dcm"), predictor.predict_file(png, name="a.png")
+    assert as_dicom.error is None and as_dicom.probability == as_png.probability
+    assert as_dicom.ood_score == as_png.ood_score
+
+
+def test_eight_bit_dicom_with_a_window_is_still_windowed():
+    grey = _narrow_grey()
+    windowed = load_grey(_eight_bit(grey, WindowCenter=120.5, WindowWidth=64), name="w.dcm")
+    assert np.all(windowed[grey <= 88] == 0) and np.all(windowed[grey >= 152] == 255)
+
+
+def test_deeper_than_eight_bits_without_a_window_is_still_stretched_to_its_range():
+    twelve = _narrow_grey().astype(np.uint16) * 16  # 480 .. 3360 of 0 .. 4095
+    grey = load_grey(make_dicom(twelve, BitsStored=12, HighBit=11), name="t.dcm")
+    assert grey.min() == 0 and grey.max() == 255

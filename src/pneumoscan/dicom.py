@@ -2,7 +2,9 @@
 
 Order of operations, as the standard's display pipeline: stored values -> modality LUT (rescale
 slope/intercept or a modality LUT sequence) -> VOI LUT or window centre/width (the first window when
-several are given; the full range of values when none is) -> MONOCHROME1 inversion -> 0..255.
+several are given) -> MONOCHROME1 inversion -> 0..255. Without a VOI LUT or window, data of at most 8
+stored bits is shown over the range its bits can hold (through the modality LUT), so 8-bit grey levels
+stay as they are, as a JPEG's or PNG's do; deeper data is shown over the range of values the image has.
 
 Transfer syntaxes: uncompressed (implicit/explicit VR little endian), deflated and RLE lossless need only
 pydicom and numpy; JPEG baseline and extended (8/12-bit), JPEG lossless (process 14 and 14 SV1), JPEG-LS
@@ -364,6 +366,8 @@ def _display(values: np.ndarray, ds: Any, photometric: str, present: np.ndarray 
 def _to_uint8(pixels: np.ndarray, ds: Any, photometric: str) -> np.ndarray:
     """Decoded pixels -> 2-D uint8 grey: colour converted to L; grey through `_display`.
 
+    Without a window, grey of at most 8 stored bits is shown over every value those bits can hold (0..255
+    for 8 bits: the stored values unchanged), deeper grey over the values the image has.
     8- and 16-bit grey goes through a lookup table over every possible stored value, so the float
     arithmetic costs a table, not a copy of the image, and gives the same numbers as per pixel.
     """
@@ -389,6 +393,12 @@ def _to_uint8(pixels: np.ndarray, ds: Any, photometric: str) -> np.ndarray:
     levels = np.arange(2 ** (8 * unsigned.itemsize), dtype=np.int64).astype(unsigned).view(pixels.dtype)
     present = np.zeros(levels.shape, bool)
     present[codes] = True
+    bits = _whole_number(ds, "BitsStored", 8 * unsigned.itemsize)
+    if 1 <= bits <= 8 and "VOILUTSequence" not in ds and not ("WindowCenter" in ds and "WindowWidth" in ds):
+        # 8-bit data without a window is already display grey: stretching it to its own min-max would make
+        # the same pixels score differently as DICOM and as JPEG or PNG, which are used as they are
+        lo, hi = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if pixels.dtype.kind == "i" else (0, 2**bits - 1)
+        present = (levels >= lo) & (levels <= hi)
     return _display(levels, ds, photometric, present)[codes]
 
 
