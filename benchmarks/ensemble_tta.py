@@ -42,7 +42,7 @@ def scored(checkpoint: Path, out: Path, data: str | None, device: str) -> dict:
     with open(csv_path, newline="") as f:
         rows = list(csv.DictReader(f))
     return {"labels": np.array([r["true_label"] == "PNEUMONIA" for r in rows], dtype=int),
-            "probs": np.array([float(r["probability"]) for r in rows])}
+            "probs": np.array([float(r["p_pneumonia"]) for r in rows])}
 
 
 def figures(s: dict) -> dict:

@@ -197,7 +197,7 @@ def test_prevalence_reaches_evaluate_predict_explain_and_the_api(tuned_run, tmp_
     assert m["accuracy"] == m["at_model_prior"]["accuracy"] and m["threshold"] != m["at_model_prior"]["threshold"]
     assert m["roc_auc"] == pytest.approx(summary["best_val"]["roc_auc"], abs=1e-5)  # neither map changes ranking
     assert m["prevalence_estimate"]["interval"] and m["operating_point"]["calibration"]["method"] == "temperature"
-    assert {r["prior"] for r in _rows(tmp_path / "ev" / "predictions.csv")} == {"0.200000"}
+    assert {r["assumed_prevalence"] for r in _rows(tmp_path / "ev" / "predictions.csv")} == {"0.200000"}
     report = (tmp_path / "ev" / "report.html").read_text()
     assert "prevalence of 0.200" in report and "Calibration: temperature" in report and "95% bootstrap interval" in report
     files = sorted(str(f) for f in (data / "train" / "PNEUMONIA").iterdir())[:4]
@@ -205,11 +205,11 @@ def test_prevalence_reaches_evaluate_predict_explain_and_the_api(tuned_run, tmp_
     assert main(["predict", best, *files, "--out", str(tmp_path / "q.csv"), "--device", "cpu", "--prevalence", "estimated"]) == 0
     base, moved = _rows(tmp_path / "p.csv"), _rows(tmp_path / "q.csv")
     est = json.loads((tmp_path / "q.csv.prevalence.json").read_text())["estimate"]["prevalence"]
-    assert moved[0]["prior_source"] == "estimated" and float(moved[0]["prior"]) == pytest.approx(est, abs=1e-6)
+    assert moved[0]["prevalence_source"] == "estimated" and float(moved[0]["assumed_prevalence"]) == pytest.approx(est, abs=1e-6)
     for a, b in zip(base, moved):
-        assert float(b["probability"]) == pytest.approx(float(shift_prior(float(a["probability"]), 0.5, est)), abs=2e-6)
+        assert float(b["p_pneumonia"]) == pytest.approx(float(shift_prior(float(a["p_pneumonia"]), 0.5, est)), abs=2e-6)
     assert main(["explain", best, files[0], "--out", str(tmp_path / "cams"), "--device", "cpu", "--prevalence", "0.9"]) == 0
-    assert _rows(tmp_path / "cams" / "explanations.csv")[0]["prior"] == "0.900000"
+    assert _rows(tmp_path / "cams" / "explanations.csv")[0]["assumed_prevalence"] == "0.900000"
     assert main(["predict", best, *files, "--out", str(tmp_path / "x.csv"), "--prevalence", "1.5"]) == 2
     pytest.importorskip("fastapi")
     from fastapi.testclient import TestClient
@@ -220,11 +220,11 @@ def test_prevalence_reaches_evaluate_predict_explain_and_the_api(tuned_run, tmp_
     upload = [("files", ("a.jpeg", open(files[0], "rb").read(), "image/jpeg"))]
     plain = client.post("/api/predict?heatmap=false", files=upload).json()["results"][0]
     at = client.post("/api/predict?heatmap=false&prevalence=0.1", files=upload).json()["results"][0]
-    assert plain["prior"] == pytest.approx(0.5) and at["prior"] == 0.1 and at["prior_source"] == "given"
-    assert at["probability"] == pytest.approx(float(shift_prior(plain["probability"], 0.5, 0.1)), abs=1e-6)
+    assert plain["assumed_prevalence"] == pytest.approx(0.5) and at["assumed_prevalence"] == 0.1 and at["prevalence_source"] == "given"
+    assert at["p_pneumonia"] == pytest.approx(float(shift_prior(plain["p_pneumonia"], 0.5, 0.1)), abs=1e-6)
     assert client.post("/api/predict?prevalence=1", files=upload).status_code == 422
     info = client.get("/api/model").json()
-    assert info["calibration"]["method"] == "temperature" and info["threshold_interval"] and info["prior"] == 0.5
+    assert info["calibration"]["method"] == "temperature" and info["threshold_interval"] and info["assumed_prevalence"] == 0.5
 
 
 def test_an_old_checkpoint_keeps_its_raw_probabilities(tuned_run, tmp_path):

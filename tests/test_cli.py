@@ -34,8 +34,8 @@ def test_train_evaluate_predict_on_generated_images(tiny_data, tmp_path, capsys)
     rows = list(csv.DictReader(out_csv.open()))
     assert len(rows) == 25
     good = [r for r in rows if not r["error"]]
-    assert len(good) == 24 and all(0 <= float(r["probability"]) <= 1 and r["label"] in ("NORMAL", "PNEUMONIA") for r in good)
-    assert rows[-1]["path"] == str(bad) and "broken.jpeg" in rows[-1]["error"] and rows[-1]["probability"] == ""
+    assert len(good) == 24 and all(0 <= float(r["p_pneumonia"]) <= 1 and r["label"] in ("NORMAL", "PNEUMONIA") for r in good)
+    assert rows[-1]["path"] == str(bad) and "broken.jpeg" in rows[-1]["error"] and rows[-1]["p_pneumonia"] == ""
 
 
 def test_cli_errors_are_one_clear_line(tmp_path, capsys):
@@ -74,7 +74,7 @@ def test_export_and_onnx_prediction_agree_with_torch(tiny_data, tmp_path):
     onnx_rows = list(csv.DictReader((tmp_path / "o.csv").open()))
     assert [r["path"] for r in torch_rows] == [r["path"] for r in onnx_rows]
     for a, b in zip(torch_rows, onnx_rows):
-        assert abs(float(a["probability"]) - float(b["probability"])) < 1e-4
+        assert abs(float(a["p_pneumonia"]) - float(b["p_pneumonia"])) < 1e-4
 
 
 def test_compare_activations_over_seeds(tiny_data, tmp_path, capsys):

@@ -267,7 +267,7 @@ def test_a_radiograph_from_the_pacs_comes_back_as_a_structured_report(pacs_and_n
     assert main(["predict", str(checkpoint), str(radiograph), "--out", str(tmp_path / "p.csv"), "--device", "cpu"]) == 0
     with open(tmp_path / "p.csv", newline="") as f:
         [predicted] = list(csv.DictReader(f))
-    assert report["probability"] == pytest.approx(float(predicted["probability"]), abs=5e-7)  # the CSV's 6 decimals
+    assert report["probability"] == pytest.approx(float(predicted["p_pneumonia"]), abs=5e-7)  # the CSV's 6 decimals
     assert report["finding"] == ("233604007" if predicted["label"] == "PNEUMONIA" else "17621005")
     assert report["threshold"] == pytest.approx(float(predicted["threshold"]), abs=5e-7)
     assert report["source"] == (source.SOPClassUID, source.SOPInstanceUID)
@@ -277,7 +277,7 @@ def test_a_radiograph_from_the_pacs_comes_back_as_a_structured_report(pacs_and_n
 
     rows = {r["event"]: r for r in results(out) if r["sop_instance_uid"] == source.SOPInstanceUID}
     assert rows["scored"]["status"] == "0x0000" and rows["scored"]["calling_ae"] == PACS_AET
-    assert float(rows["scored"]["probability"]) == pytest.approx(float(predicted["probability"]), abs=1e-6)
+    assert float(rows["scored"]["p_pneumonia"]) == pytest.approx(float(predicted["p_pneumonia"]), abs=1e-6)
     assert rows["scored"]["study_instance_uid"] == source.StudyInstanceUID
     assert (out / rows["scored"]["file"]).read_bytes()[128:132] == b"DICM"
     assert rows["sr-sent"]["sent_sop_instance_uid"] == sr.SOPInstanceUID
@@ -383,7 +383,7 @@ def test_the_grad_cam_overlay_comes_back_as_a_secondary_capture(pacs_and_node, c
     assert (sc.PhotometricInterpretation, sc.SamplesPerPixel, sc.Rows, sc.Columns) == ("RGB", 3, source.Rows, source.Columns)
     assert sc.pixel_array.std(axis=2).max() > 0  # colour: the heatmap is drawn
     [scored] = [r for r in results(tmp_path / "node") if r["event"] == "scored"]
-    assert read_report(sr)["probability"] == pytest.approx(float(scored["probability"]), abs=5e-7)
+    assert read_report(sr)["probability"] == pytest.approx(float(scored["p_pneumonia"]), abs=5e-7)
 
 
 @needs_servers
@@ -558,3 +558,123 @@ def test_a_c_echo_is_answered_while_a_large_instance_is_being_stored(checkpoint,
         node.stop()
     assert status["s"] == 0x0000 and [r["event"] for r in results(tmp_path)] == ["scored"]
     assert echoed_s < 1.0, f"the C-ECHO took {echoed_s:.2f} s while an instance was being stored"
+
+
+# --- reports of de-identified headers, and the node's console ---------------------------------------------
+
+# a radiograph's patient and study attributes; de-identification removes or empties them
+IDENTIFIED = dict(PatientName="Test^Chest", PatientID="P-1", PatientBirthDate="20200101", PatientSex="F",
+                  PatientAge="004Y", StudyDate="20240102", StudyTime="101500", ReferringPhysicianName="Ref^Doc",
+                  AccessionNumber="A1", StudyID="S1", SeriesNumber="3", InstanceNumber="1", PatientOrientation="L\\F",
+                  Manufacturer="X-ray maker", InstitutionName="Hospital", SpecificCharacterSet="ISO_IR 100")
+UNREADABLE = dict(PatientSex="U", PatientBirthDate="1970-01-01", StudyDate="yesterday", StudyTime="12:00")
+
+
+def _source(how: str = "identified"):
+    """A DX header (no pixel data) whose patient and study attributes are given, absent, empty or (some) unreadable
+    to highdicom."""
+    from pydicom.dataset import Dataset
+    from pydicom.uid import generate_uid
+
+    ds = Dataset()
+    ds.SOPClassUID, ds.Modality = "1.2.840.10008.5.1.4.1.1.1.1", "DX"
+    ds.SOPInstanceUID, ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid(), generate_uid()
+    for keyword, value in IDENTIFIED.items():
+        setattr(ds, keyword, value)
+    for keyword in IDENTIFIED:
+        if how == "absent":
+            delattr(ds, keyword)
+        elif how == "empty" and keyword != "SpecificCharacterSet":
+            setattr(ds, keyword, None)
+    if how == "unreadable":
+        for keyword, value in UNREADABLE.items():
+            setattr(ds, keyword, value)
+    return ds
+
+
+def _round_trip(ds):
+    import io
+
+    import pydicom
+
+    buf = io.BytesIO()
+    pydicom.dcmwrite(buf, ds, enforce_file_format=True)
+    return pydicom.dcmread(io.BytesIO(buf.getvalue()))
+
+
+@pytest.mark.parametrize("how", ["absent", "empty", "unreadable"])
+def test_report_and_overlay_are_built_from_a_header_without_patient_and_study_attributes(how):
+    pytest.importorskip("highdicom")
+    from pneumoscan.dicom_sr import TYPE2_ATTRIBUTES, ModelInfo, Score, read_report, secondary_capture, structured_report
+
+    source = _source(how)
+    before = {k: source.get(k) for k in IDENTIFIED}
+    rgb = np.random.default_rng(0).integers(0, 256, (24, 16, 3), dtype=np.uint8)
+    sr = _round_trip(structured_report(source, Score(0.75, True, "PNEUMONIA", 0.5), ModelInfo("m", "0", "paper", "b.pt")))
+    sc = _round_trip(secondary_capture(source, rgb))
+    assert {k: source.get(k) for k in IDENTIFIED} == before  # the source is not changed
+    empty = set(UNREADABLE) if how == "unreadable" else set(TYPE2_ATTRIBUTES)
+    for ds in (sr, sc):
+        assert ds.StudyInstanceUID == source.StudyInstanceUID
+        for keyword in TYPE2_ATTRIBUTES:  # present, as Type 2 requires; empty where unknown: nothing is made up
+            expected = "" if keyword in empty else IDENTIFIED[keyword]
+            assert keyword in ds and str(ds[keyword].value or "") == expected, (ds.Modality, keyword, ds[keyword].value)
+    report = read_report(sr)
+    assert report["probability"] == 0.75 and report["source"] == (source.SOPClassUID, source.SOPInstanceUID)
+    assert sr.CurrentRequestedProcedureEvidenceSequence[0].StudyInstanceUID == source.StudyInstanceUID
+    assert np.array_equal(sc.pixel_array, rgb)
+    assert sc.SourceImageSequence[0].ReferencedSOPInstanceUID == source.SOPInstanceUID
+
+
+def test_the_node_logs_each_report_stored_and_each_not_stored(tmp_path, caplog):
+    """One INFO line for a report stored (source, destination, statuses), one WARNING for each that is not, with
+    why: a header highdicom cannot build from, and a destination that does not answer."""
+    pytest.importorskip("pynetdicom")
+    pytest.importorskip("highdicom")
+    import logging
+    from types import SimpleNamespace
+
+    from pynetdicom import AE, evt
+    from pynetdicom.sop_class import ComprehensiveSRStorage, SecondaryCaptureImageStorage
+
+    from pneumoscan.dicom_node import DicomNode, Destination, ResultLog, Sender
+    from pneumoscan.dicom_sr import ModelInfo, Score
+
+    stored: list[str] = []
+    pacs = AE(ae_title="STORESCP")
+    for sop in (ComprehensiveSRStorage, SecondaryCaptureImageStorage):
+        pacs.add_supported_context(sop)
+    port = free_port()
+    server = pacs.start_server(("127.0.0.1", port), block=False,
+                              evt_handlers=[(evt.EVT_C_STORE, lambda e: stored.append(e.request.AffectedSOPInstanceUID) or 0)])
+    node = SimpleNamespace(settings=SimpleNamespace(ae_title="PNEUMOSCAN", secondary_capture=True),
+                           model=ModelInfo("m", "0", "paper", "b.pt"), results=ResultLog(tmp_path / "results.csv"))
+    node.build_objects = lambda job: DicomNode.build_objects(node, job)
+
+    def job(source):
+        return {"source": source, "score": Score(0.75, True, "PNEUMONIA", 0.5), "heat": np.full((4, 4), 0.5),
+                "shown": np.full((32, 32), 100, np.uint8), "fields": {"sop_instance_uid": source.SOPInstanceUID}}
+
+    good, unbuildable, undelivered = _source("absent"), _source("absent"), _source("absent")
+    del unbuildable.StudyInstanceUID  # Type 1: no study to put the report in
+    pacs_at, nobody = Destination("STORESCP", "127.0.0.1", port), Destination("NOBODY", "127.0.0.1", free_port())
+    caplog.set_level(logging.INFO, logger="pneumoscan.dicom_node")
+    try:
+        for destination, sources in ((pacs_at, [good, unbuildable]), (nobody, [undelivered])):
+            sender = Sender(node, destination, attempts=1, retry_wait_s=0)
+            for source in sources:
+                sender.submit(job(source))
+            sender.stop()
+    finally:
+        server.shutdown()
+    lines = {(r.levelname, r.getMessage()) for r in caplog.records if r.name == "pneumoscan.dicom_node"}
+    [(level, sent)] = [line for line in lines if good.SOPInstanceUID in line[1]]
+    assert level == "INFO" and f"stored at {pacs_at}" in sent and len(stored) == 2
+    assert all(f"{uid} status 0x0000" in sent for uid in stored)
+    [(level, failed)] = [line for line in lines if unbuildable.SOPInstanceUID in line[1]]
+    assert level == "WARNING" and f"not stored at {pacs_at}: cannot build the report" in failed
+    [(level, failed)] = [line for line in lines if undelivered.SOPInstanceUID in line[1]]
+    assert level == "WARNING" and failed.endswith(f"not stored at {nobody}: no association with {nobody} (after 1 attempts)")
+    events = {r["sop_instance_uid"]: r["event"] for r in results(tmp_path)}
+    assert events == {good.SOPInstanceUID: "sr-sent", unbuildable.SOPInstanceUID: "sr-failed",
+                      undelivered.SOPInstanceUID: "sr-failed"}

@@ -133,7 +133,7 @@ def test_predict_csv_has_each_files_warnings(checkpoint, folder, tmp_path):
     rows = {r["path"].rsplit("/", 1)[-1]: r for r in csv.DictReader(out.open())}
     assert set(rows) == set(_files())
     for name, (_, expected) in _files().items():
-        assert rows[name]["probability"] != ""
+        assert rows[name]["p_pneumonia"] != ""
         _check(name, rows[name]["warnings"].split("; ") if rows[name]["warnings"] else [], expected)
 
 
@@ -158,7 +158,7 @@ def test_api_json_has_each_files_warnings(checkpoint):
                                                   files.items()]).json()["results"]
     assert [r["filename"] for r in results] == list(files)
     for r, (name, (_, expected)) in zip(results, files.items()):
-        assert r["error"] is None and r["probability"] is not None
+        assert r["error"] is None and r["p_pneumonia"] is not None
         _check(name, r["warnings"], expected)
     schema = client.get("/openapi.json").json()["components"]["schemas"]["FileResult"]["properties"]["warnings"]
     assert schema["type"] == "array" and schema["items"] == {"type": "string"}

@@ -76,7 +76,7 @@ def test_the_ensembles_probability_is_the_mean_of_its_members_logits_through_its
     expected = calibrated(ens, torch.stack(members).mean(0))
     assert main(["predict", str(runs["ens"]), *files, "--out", str(tmp_path / "p.csv"), "--device", "cpu"]) == 0
     got = read_csv(tmp_path / "p.csv")
-    np.testing.assert_allclose([float(got[f]["probability"]) for f in files], expected, atol=2e-6)
+    np.testing.assert_allclose([float(got[f]["p_pneumonia"]) for f in files], expected, atol=2e-6)
     for member in members:  # the mean is not any one member
         assert (member - torch.stack(members).mean(0)).abs().max() > 1e-3
 

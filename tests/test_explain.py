@@ -60,7 +60,7 @@ def test_explain_command_writes_pngs_and_carries_on_past_bad_files(trained, tiny
     assert rows[-1]["ood_score"] == rows[-1]["outside_training"] == ""
     for r in rows[:-1]:
         png = Image.open(tmp_path / "ex" / r["heatmap"])
-        assert png.size == (64, 64) and png.mode == "RGB" and 0 <= float(r["probability"]) <= 1
+        assert png.size == (64, 64) and png.mode == "RGB" and 0 <= float(r["p_pneumonia"]) <= 1
         assert float(r["ood_score"]) >= 0 and r["outside_training"] in ("yes", "no")
 
 

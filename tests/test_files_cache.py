@@ -42,7 +42,7 @@ def test_non_utf8_file_names_train_evaluate_predict_and_explain(tiny_data, tmp_p
     rows = _utf8_csv(out / f"eval-{which}" / "predictions.csv")
     assert str(normal / "IM-0999-0001-\\xff\\xfe.jpeg") in [r["path"] for r in rows]  # the bytes, escaped
 
-    results = predict_paths(out / "best.pt", [str(normal)], tmp_path / "p.csv", device="cpu")
+    results, _ = predict_paths(out / "best.pt", [str(normal)], tmp_path / "p.csv", device="cpu")
     rows = _utf8_csv(tmp_path / "p.csv")
     assert len(rows) == len(results) == 24 and not any(r["error"] for r in rows)
     assert str(normal / "IM-0999-0001-\\xff\\xfe.jpeg") in [r["path"] for r in rows]

@@ -83,7 +83,7 @@ def assert_every_path_agrees(checkpoint: Path, evaluated_csv: Path, tmp_path: Pa
     from pneumoscan.serve import create_app
 
     rows = read_csv(evaluated_csv)
-    evaluated = {p: float(r["probability"]) for p, r in rows.items()}
+    evaluated = {p: float(r["p_pneumonia"]) for p, r in rows.items()}
     ood = {p: float(r["ood_score"]) for p, r in rows.items()}
     files = sorted(evaluated)
     assert len(files) >= min_files and max(evaluated.values()) - min(evaluated.values()) > 0.02  # 200x the tolerance
@@ -95,14 +95,14 @@ def assert_every_path_agrees(checkpoint: Path, evaluated_csv: Path, tmp_path: Pa
               "explain": (read_csv(tmp_path / "cams" / "explanations.csv"), 1e-5)}
     for name, (scored_rows, tol) in scored.items():
         for path, row in scored_rows.items():
-            assert float(row["probability"]) == pytest.approx(evaluated[path], abs=tol), (name, path)
+            assert float(row["p_pneumonia"]) == pytest.approx(evaluated[path], abs=tol), (name, path)
             assert float(row["ood_score"]) == pytest.approx(ood[path], rel=1e-3, abs=2e-4), (name, path)
     client = TestClient(create_app(best))
     results = []
     for path in files[:n_api]:
         upload = [("files", (Path(path).name, Path(path).read_bytes(), "image/jpeg"))]
         result = client.post("/api/predict", files=upload).json()["results"][0]
-        assert result["probability"] == pytest.approx(evaluated[path], abs=1e-5), path
+        assert result["p_pneumonia"] == pytest.approx(evaluated[path], abs=1e-5), path
         assert result["ood_score"] == pytest.approx(ood[path], rel=1e-3, abs=2e-4), path
         results.append(result)
     return client, results
@@ -168,7 +168,7 @@ def test_em_recovers_resampled_prevalences_from_the_trained_checkpoints_validati
     _, run = trained
     rows = list(read_csv(run / "eval-val" / "predictions.csv").values())
     y = np.array([r["true_label"] == "PNEUMONIA" for r in rows], dtype=int)
-    p = np.array([float(r["probability"]) for r in rows])
+    p = np.array([float(r["p_pneumonia"]) for r in rows])
     # probabilities after 6 epochs on 120 images are ranked well but biased (all near 0.5): Platt scaling,
     # fitted on this validation split itself, gives EM calibrated posteriors at validation's prevalence
     t, b = fit_platt(y, np.log(p / (1 - p)))

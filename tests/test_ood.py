@@ -99,7 +99,7 @@ def test_an_older_checkpoint_gets_no_score_in_every_output(tiny_data, tmp_path):
     assert p.probability is not None and p.ood_score is None and p.outside_training is None
     assert main(["predict", str(tmp_path / "old.pt"), image, "--out", str(tmp_path / "p.csv")]) == 0
     row = next(csv.DictReader((tmp_path / "p.csv").open()))
-    assert row["ood_score"] == "" and row["outside_training"] == "" and row["probability"] != ""
+    assert row["ood_score"] == "" and row["outside_training"] == "" and row["p_pneumonia"] != ""
     # fit-ood adds a detector to it, from its own training split
     assert main(["fit-ood", str(tmp_path / "old.pt"), "--no-progress", "--device", "cpu"]) == 0
     assert Predictor(tmp_path / "old.pt", device="cpu").predict_file(image).outside_training in (True, False)
@@ -128,7 +128,7 @@ def test_foreign_images_are_flagged_and_validation_radiographs_are_not(tmp_path)
         (folder / n).write_bytes(src if isinstance(src, bytes) else Path(src).read_bytes())
     assert main(["predict", str(run / "best.pt"), str(folder), "--out", str(out)]) == 0
     rows = list(csv.DictReader(io.StringIO(out.read_text())))
-    assert list(rows[0])[-2:] == ["ood_score", "outside_training"] and len(rows) == 4
+    assert list(rows[0])[-3:] == ["ood_score", "ood_threshold", "outside_training"] and len(rows) == 4
 
 
 def test_a_model_that_names_no_ood_layers_trains_and_gets_no_score(tiny_data, tmp_path, monkeypatch):

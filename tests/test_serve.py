@@ -94,18 +94,18 @@ def test_predict_several_files_with_heatmaps_and_a_bad_one(client):
     res = r.json()["results"]
     assert [x["filename"] for x in res] == ["a.png", "passwd", "b.png"]  # names shown, never used as paths
     for x in (res[0], res[2]):
-        assert 0 <= x["probability"] <= 1 and x["label"] in x["class_names"] and x["error"] is None
+        assert 0 <= x["p_pneumonia"] <= 1 and x["label"] in x["class_names"] and x["error"] is None
         heat = Image.open(io.BytesIO(__import__("base64").b64decode(x["heatmap_png"])))
         assert heat.mode == "RGB"
     assert Image.open(io.BytesIO(__import__("base64").b64decode(res[2]["heatmap_png"]))).size == (80, 60)
-    assert "not a recognised image" in res[1]["error"] and res[1]["probability"] is None
+    assert "not a recognised image" in res[1]["error"] and res[1]["p_pneumonia"] is None
 
 
 def test_no_heatmap_on_request_and_same_probability(client):
     one = [("files", ("a.png", png(seed=1), "image/png"))]
     a = client.post("/api/predict", files=one).json()["results"][0]
     b = client.post("/api/predict?heatmap=false", files=one).json()["results"][0]
-    assert b["heatmap_png"] is None and abs(a["probability"] - b["probability"]) < 1e-6
+    assert b["heatmap_png"] is None and abs(a["p_pneumonia"] - b["p_pneumonia"]) < 1e-6
     # the out-of-distribution score rides along either way, with its flag against the model's threshold
     threshold = client.get("/api/model").json()["ood_threshold"]
     assert a["ood_score"] == pytest.approx(b["ood_score"], rel=1e-4) and a["ood_score"] >= 0

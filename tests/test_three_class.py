@@ -58,7 +58,7 @@ def test_three_class_train_evaluate_predict_explain_and_serve(tiny_data, tmp_pat
     with open(run / "eval-val" / "predictions.csv") as f:
         rows = list(csv.DictReader(f))
     assert {"p_NORMAL", "p_BACTERIAL", "p_VIRAL"} <= set(rows[0])
-    assert all(abs(1 - float(r["p_NORMAL"]) - float(r["probability"])) < 1e-5 for r in rows)
+    assert all(abs(1 - float(r["p_NORMAL"]) - float(r["p_pneumonia"])) < 1e-5 for r in rows)
 
     images = sorted((tiny_data / "train" / "PNEUMONIA").iterdir())[:3]
     assert main(["predict", str(run / "best.pt"), *map(str, images), "--out", str(tmp_path / "p.csv"), "--device", "cpu"]) == 0
@@ -79,4 +79,4 @@ def test_three_class_train_evaluate_predict_explain_and_serve(tiny_data, tmp_pat
     item = r.json()["results"][0]
     assert r.status_code == 200 and item["heatmap_png"] and item["label"] in ("NORMAL", "BACTERIAL", "VIRAL")
     assert set(item["probabilities"]) == {"NORMAL", "BACTERIAL", "VIRAL"}
-    assert item["probability"] == pytest.approx(1 - item["probabilities"]["NORMAL"], abs=1e-5)
+    assert item["p_pneumonia"] == pytest.approx(1 - item["probabilities"]["NORMAL"], abs=1e-5)

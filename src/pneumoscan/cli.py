@@ -346,10 +346,9 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
 def cmd_predict(a: argparse.Namespace) -> int:
     from .predict import predict_paths
 
-    results = predict_paths(a.checkpoint, a.paths, a.out, device=a.device, batch_size=a.batch_size, backend=a.backend,
-                            prevalence=a.prevalence, estimate=a.estimate_prevalence)
-    if a.estimate_prevalence or a.prevalence == "estimated":
-        _print_estimate(json.loads(Path(f"{a.out}.prevalence.json").read_text())["estimate"])
+    results, estimated = predict_paths(a.checkpoint, a.paths, a.out, device=a.device, batch_size=a.batch_size,
+                                       backend=a.backend, prevalence=a.prevalence, estimate=a.estimate_prevalence)
+    _print_estimate(estimated)
     return _report_batch([r.error for r in results], f"images scored; wrote {a.out}")
 
 

@@ -50,9 +50,19 @@ DOES_NOT_MATCH_SOP_CLASS = 0xA900
 CANNOT_UNDERSTAND = 0xC000
 PROCESSING_FAILURE = 0x0110
 
-COLUMNS = ["time", "event", "status", "sop_instance_uid", "sop_class_uid", "study_instance_uid",
-           "series_instance_uid", "calling_ae", "probability", "label", "threshold", "warnings", "ood_score",
-           "outside_training", "error", "file", "seconds", "sent_sop_instance_uid"]
+NODE_COLUMNS = ["time", "event", "status", "sop_instance_uid", "sop_class_uid", "study_instance_uid",
+                "series_instance_uid", "calling_ae"]
+TAIL_COLUMNS = ["file", "seconds", "sent_sop_instance_uid"]
+
+
+def result_log_columns(class_names: list[str]) -> list[str]:
+    """results.csv's columns: the node's own, the result record every command writes, then the node's again."""
+    from .records import result_columns
+
+    return [*NODE_COLUMNS, *result_columns(class_names), *TAIL_COLUMNS]
+
+
+COLUMNS = result_log_columns(["NORMAL", "PNEUMONIA"])  # a binary model's
 
 
 @dataclass(frozen=True)
@@ -118,15 +128,21 @@ class ResultLog:
     """OUT/results.csv, one row a line: each row is one write() to a file opened for appending, then fsync.
 
     A crash can at worst cut the last row short; the next start ends that line, so every later row is whole.
+    A file with other columns (another model, or an older pneumoscan) is kept under a dated name.
     """
 
-    def __init__(self, path: Path):
-        self.path = path
+    def __init__(self, path: Path, columns: list[str] = COLUMNS):
+        self.path, self.columns = path, list(columns)
         self.lock = threading.Lock()
+        buf = io.StringIO()
+        csv.writer(buf).writerow(self.columns)
+        header = buf.getvalue().encode()
+        if path.exists() and path.stat().st_size > 0 and not _starts_with(path, header):
+            kept = path.with_name(f"{path.stem}-until-{dt.datetime.now():%Y%m%d-%H%M%S}{path.suffix}")
+            os.replace(path, kept)
+            log.warning("%s had other columns: kept as %s, a new one is started", path, kept.name)
         if not path.exists() or path.stat().st_size == 0:
-            buf = io.StringIO()
-            csv.writer(buf).writerow(COLUMNS)
-            atomic_write_bytes(path, buf.getvalue().encode())
+            atomic_write_bytes(path, header)
         else:
             with open(path, "rb") as f:
                 f.seek(-1, os.SEEK_END)
@@ -147,9 +163,14 @@ class ResultLog:
         buf = io.StringIO()
         # one line a row: a decoder's message over several lines is joined into one
         csv.writer(buf).writerow(["" if fields.get(c) is None else re.sub(r"\s*[\r\n]+\s*", " ", str(fields[c]))
-                                  for c in COLUMNS])
+                                  for c in self.columns])
         with self.lock:
             self._append(buf.getvalue().encode("utf-8", "backslashreplace"))
+
+
+def _starts_with(path: Path, header: bytes) -> bool:
+    with open(path, "rb") as f:
+        return f.read(len(header)) == header
 
 
 class Rejected(Exception):
@@ -204,8 +225,20 @@ class Sender:
         try:
             self.jobs.put_nowait(job)
         except queue.Full:
-            self.node.results.write(event="sr-failed", error="the send queue is full: report not sent",
-                                    **job["fields"])
+            self._failed(job, "the send queue is full: report not sent")
+
+    def _sent(self, job: dict, objects: list, codes: list[int]) -> None:
+        """A report stored: its row, and an INFO line naming the source, the destination and each status."""
+        self.node.results.write(event="sr-sent", status=f"0x{SUCCESS:04X}",
+                                sent_sop_instance_uid=" ".join(o.SOPInstanceUID for o in objects), **job["fields"])
+        stored = ", ".join(f"{o.Modality} {o.SOPInstanceUID} status 0x{code:04X}" for o, code in zip(objects, codes))
+        log.info("report on %s stored at %s: %s", job["fields"].get("sop_instance_uid", ""), self.destination, stored)
+
+    def _failed(self, job: dict, error: str) -> None:
+        """A report not stored: its row, and a WARNING line with the reason (the console is often all that is watched)."""
+        self.node.results.write(event="sr-failed", error=error, **job["fields"])
+        log.warning("report on %s not stored at %s: %s", job["fields"].get("sop_instance_uid", ""), self.destination,
+                    error)
 
     def echo(self) -> int | None:
         """C-ECHO to the destination: its status, or None when no association could be made."""
@@ -240,7 +273,7 @@ class Sender:
                 except Exception as e:  # never the end of the thread: each report gets a row
                     log.exception("sending reports failed")
                     for j in batch:
-                        self.node.results.write(event="sr-failed", error=f"{type(e).__name__}: {e}", **j["fields"])
+                        self._failed(j, f"{type(e).__name__}: {e}")
             if job is None:
                 return
 
@@ -250,37 +283,35 @@ class Sender:
             try:
                 pending.append((job, self.node.build_objects(job)))
             except Exception as e:  # a header highdicom refuses: this report only
-                self.node.results.write(event="sr-failed", error=f"cannot build the report ({type(e).__name__}: {e})",
-                                        **job["fields"])
+                self._failed(job, f"cannot build the report ({type(e).__name__}: {e})")
         for attempt in range(1, self.attempts + 1):
             failed = []
-            for job, objects, error in self._store(pending):
+            for job, objects, error, codes in self._store(pending):
                 if error is None:
-                    self.node.results.write(event="sr-sent", status=f"0x{SUCCESS:04X}",
-                                            sent_sop_instance_uid=" ".join(o.SOPInstanceUID for o in objects),
-                                            **job["fields"])
+                    self._sent(job, objects, codes)
                 else:
                     failed.append((job, objects, error))
             if not failed:
                 return
             if attempt == self.attempts:
                 for job, _, error in failed:
-                    self.node.results.write(event="sr-failed", error=f"{error} (after {attempt} attempts)", **job["fields"])
+                    self._failed(job, f"{error} (after {attempt} attempts)")
                 return
             log.warning("%d report(s) not stored at %s (%s); trying again", len(failed), self.destination, failed[0][2])
             time.sleep(self.retry_wait_s * attempt)
             pending = [(job, objects) for job, objects, _ in failed]
 
-    def _store(self, pending: list[tuple[dict, list]]) -> list[tuple[dict, list, str | None]]:
-        """C-STORE every object of `pending` over one association: (job, objects, error or None) each."""
+    def _store(self, pending: list[tuple[dict, list]]) -> list[tuple[dict, list, str | None, list[int]]]:
+        """C-STORE every object of `pending` over one association: (job, objects, error or None, the statuses of
+        the objects stored) each."""
         d = self.destination
         assoc = self.ae.associate(d.host, d.port, ae_title=d.ae_title)
         if not assoc.is_established:
-            return [(job, objects, f"no association with {d}") for job, objects in pending]
+            return [(job, objects, f"no association with {d}", []) for job, objects in pending]
         results = []
         try:
             for job, objects in pending:
-                error = None
+                error, codes = None, []
                 for ds in objects:
                     status = assoc.send_c_store(ds) if assoc.is_established else None
                     code = int(status.Status) if status is not None and "Status" in status else None
@@ -288,7 +319,8 @@ class Sender:
                         error = (f"{d} answered C-STORE with status 0x{code:04X}" if code is not None
                                  else f"no C-STORE response from {d}")
                         break
-                results.append((job, objects, error))
+                    codes.append(code)
+                results.append((job, objects, error, codes))
         finally:
             if assoc.is_established:
                 assoc.release()
@@ -311,7 +343,7 @@ class DicomNode:
         self.predictor, self.settings = predictor, settings
         self.out = Path(settings.out)
         self.out.mkdir(parents=True, exist_ok=True)
-        self.results = ResultLog(self.out / "results.csv")
+        self.results = ResultLog(self.out / "results.csv", result_log_columns(predictor.class_names))
         self.batcher = InferenceBatcher(predictor, max_batch=settings.max_batch)
         self.model = self._model_info(checkpoint_name)
         self.syntaxes = decodable_syntaxes()
@@ -373,7 +405,7 @@ class DicomNode:
         self.results.write(event="scored", status=f"0x{SUCCESS:04X}", seconds=f"{time.perf_counter() - started:.3f}",
                            **row, **fields)
         log.info("scored %s from %s: %s %s", fields["sop_instance_uid"], fields["calling_ae"], row["label"],
-                 row["probability"])
+                 row["p_pneumonia"])
         if self.sender is not None:
             self.sender.submit(job)
         return SUCCESS
@@ -421,17 +453,13 @@ class DicomNode:
     def _result(self, ds: Any, prob: float, class_probs: Any, ood: float | None, warnings: list[str], heat: Any,
                 shown: Any, fields: dict) -> tuple[dict, dict]:
         from .dicom_sr import Score
-        from .ood import result_fields
-        from .predict import ood_cells
+        from .records import result_cells
 
         p = self.predictor
-        label = p.label_of(prob, class_probs)
-        oods = result_fields(ood, p.ood)
-        score = Score(float(prob), label != p.class_names[0], label, float(p.threshold), warnings,
-                      oods["ood_score"], oods["outside_training"])
-        ood_score, outside = ood_cells(oods["ood_score"], oods["outside_training"])
-        row = {"probability": f"{prob:.6f}", "label": label, "threshold": f"{p.threshold:.6f}",
-               "warnings": " | ".join(warnings), "ood_score": ood_score, "outside_training": outside}
+        result = p.prediction(fields["sop_instance_uid"], prob, class_probs, ood, warnings)
+        score = Score(result.p_pneumonia, result.label != p.class_names[0], result.label, result.threshold, warnings,
+                      result.ood_score, result.outside_training)
+        row = result_cells(result, p.class_names)
         del ds.PixelData  # the report needs the header only; the pixels are scored
         return row, {"source": ds, "score": score, "heat": heat, "shown": shown, "fields": dict(fields)}
 

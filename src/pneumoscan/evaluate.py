@@ -6,8 +6,6 @@ checkpoint (so `--split val` is exactly the validation set the run was trained a
 
 from __future__ import annotations
 
-import csv
-import io
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -19,13 +17,14 @@ from . import checkpoint as ckpt_io
 from . import plots
 from .ensemble import describe as describe_ensemble
 from .data import cache_images, load_split, split_summary, task_labels
-from .metrics import binary_metrics, bootstrap_ci, calibration, decide, multiclass_metrics, pr_points, roc_points
-from .fileio import atomic_write_text, write_json
-from .calibration import move, output_map
+from .metrics import binary_metrics, bootstrap_ci, calibration, multiclass_metrics, pr_points, roc_points
+from .fileio import write_json
+from .calibration import OutputMap, move, output_map
 from .inference import freeze, model_input, predict_logits
 from .models import probabilities
-from .ood import Detector, forward_with_features, result_fields
-from .predict import estimate_and_apply, ood_cells, parse_prevalence
+from .ood import Detector, forward_with_features
+from .predict import estimate_and_apply, image_result, parse_prevalence
+from .records import result_cells, result_columns, write_results_csv
 from .report import write_eval_report
 from .runtime import keep_freed_memory, select_device
 
@@ -86,7 +85,7 @@ def evaluate(checkpoint: str | Path, split: str, out: str | Path, data_root: str
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "metrics.json", result)
     _write_predictions(out / "predictions.csv", [s.path for s in cached.samples], classes, probs, class_probs,
-                       threshold, loaded.class_names, output.prior_used, ood_scores, detector)
+                       loaded.class_names, output, ood_scores, detector)
     _plots(out, loaded, result, labels, probs, threshold)
     write_eval_report(out)
     return result
@@ -138,25 +137,12 @@ def _unadjusted(labels, probs, output) -> dict[str, Any]:
     return {"prior": output.prior_used, **{k: m[k] for k in keys}}
 
 
-def _write_predictions(path: Path, paths: list[str], labels, probs, class_probs, threshold: float,
-                       class_names: list[str], prior: float | None, ood_scores=None, detector=None) -> None:
-    """One row per image: true and predicted class, P(pneumonia), each class's probability (three-class),
-    the prior the probability is at, the out-of-distribution score and flag (empty without a detector).
-    Bytes of a file name that are not UTF-8 are written as backslash escapes (`fileio.printable`)."""
-    buf = io.StringIO()
-    w = csv.writer(buf)
-    w.writerow(["path", "true_label", "probability", "predicted_label"] +
-               ([f"p_{name}" for name in class_names] if class_probs is not None else []) + ["prior"]
-               + ["ood_score", "outside_training"])
-    prior_text = "" if prior is None else f"{prior:.6f}"
-    predicted = decide(probs, threshold, class_probs)
+def _write_predictions(path: Path, paths: list[str], labels, probs, class_probs, class_names: list[str],
+                       output: OutputMap, ood_scores=None, detector=None) -> None:
+    """One row per image: its path and true class, then predict's result record (`records.result_columns`)."""
+    rows = []
     for i, (p, y, q) in enumerate(zip(paths, labels, probs)):
-        w.writerow([p, class_names[int(y)], f"{q:.6f}", class_names[int(predicted[i])]] +
-                   ([f"{c:.6f}" for c in class_probs[i]] if class_probs is not None else []) + [prior_text]
-                   + ood_cells(*_ood_pair(ood_scores, detector, i)))
-    atomic_write_text(path, buf.getvalue())
-
-
-def _ood_pair(scores, detector: Detector | None, i: int) -> tuple[float | None, bool | None]:
-    fields = result_fields(None if scores is None else float(scores[i]), detector)
-    return fields["ood_score"], fields["outside_training"]
+        r = image_result(p, float(q), None if class_probs is None else class_probs[i], class_names, output, detector,
+                         None if ood_scores is None else float(ood_scores[i]))
+        rows.append({"path": p, "true_label": class_names[int(y)], **result_cells(r, class_names)})
+    write_results_csv(path, ["path", "true_label", *result_columns(class_names)], rows)

@@ -10,7 +10,6 @@ the CSV and the job goes on.
 
 from __future__ import annotations
 
-import csv
 import io
 import os
 import warnings
@@ -23,12 +22,13 @@ import torch
 from PIL import Image
 from torch import nn
 
-from .fileio import atomic_write_bytes, atomic_write_text, optional_import
+from .fileio import atomic_write_bytes, optional_import
 from .inference import model_input
 from .images import ImageLoadError, load_grey_with_info, resize
 from .models import pneumonia_logit, probabilities
-from .ood import captured_features, result_fields
-from .predict import Predictor, expand_paths, ood_cells
+from .ood import captured_features
+from .predict import Predictor, expand_paths
+from .records import result_cells, result_columns, write_results_csv
 
 
 class _TwoDimLogits(nn.Module):
@@ -182,22 +182,17 @@ def _explain(predictor: Predictor, source: str | os.PathLike | bytes, name: str 
 
 def explain_paths(checkpoint: str | os.PathLike, inputs: Iterable[str], out_dir: str | os.PathLike,
                   device: str = "auto", prevalence: float | None = None) -> list[dict[str, str]]:
-    """Write OUT/<name>_gradcam.png per image and OUT/explanations.csv (path, probability, label, heatmap, error,
-    prior: the prevalence the probability is at, `prevalence` or the model's own; ood_score, outside_training:
-    empty without a detector; warnings: the header's, joined by "; "); bytes of a file name that
-    are not UTF-8 are written in the CSV as backslash escapes (`fileio.printable`)."""
+    """Write OUT/<name>_gradcam.png per image and OUT/explanations.csv: `path`, predict's result record
+    (`records.result_columns`) and `heatmap`, the PNG's file name. Returns the CSV's rows."""
     out = Path(out_dir)
     predictor = Predictor(checkpoint, device=device, prevalence=prevalence)
-    prior = predictor.output.prior_used
+    names = predictor.class_names
     rows, used = [], set()
     for path in expand_paths(inputs):
-        row = {"path": path, "probability": "", "label": "", "heatmap": "", "error": "",
-               "prior": "" if prior is None else f"{prior:.6f}", "ood_score": "", "outside_training": "", "warnings": ""}
         try:
             rgb, _, prob, class_probs, ood, found = _explain(predictor, path)
-            row["warnings"] = "; ".join(found)
         except ImageLoadError as e:
-            row["error"] = str(e)
+            rows.append({"path": path, **result_cells(predictor.failure(path, str(e)), names), "heatmap": ""})
         else:
             stem = Path(path).stem
             name = f"{stem}_gradcam.png"
@@ -207,14 +202,7 @@ def explain_paths(checkpoint: str | os.PathLike, inputs: Iterable[str], out_dir:
                 name = f"{stem}_{k}_gradcam.png"
             used.add(name)
             atomic_write_bytes(out / name, png_bytes(rgb))
-            row.update(probability=f"{prob:.6f}", label=predictor.label_of(prob, class_probs), heatmap=name)
-            fields = result_fields(ood, predictor.ood)
-            row["ood_score"], row["outside_training"] = ood_cells(fields["ood_score"], fields["outside_training"])
-        rows.append(row)
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=["path", "probability", "label", "heatmap", "error", "warnings", "prior",
-                                             "ood_score", "outside_training"])
-    writer.writeheader()
-    writer.writerows(rows)
-    atomic_write_text(out / "explanations.csv", buf.getvalue())
+            result = predictor.prediction(path, prob, class_probs, ood, found)
+            rows.append({"path": path, **result_cells(result, names), "heatmap": name})
+    write_results_csv(out / "explanations.csv", ["path", *result_columns(names), "heatmap"], rows)
     return rows

@@ -178,10 +178,13 @@ def fit_for_model(model: nn.Module, train_pixels: torch.Tensor, train_labels: np
 
 
 def result_fields(score: float | None, detector: Detector | None) -> dict[str, Any]:
-    """What every output records about one image: its score and whether it is flagged (None: no detector)."""
+    """What every output records about one image: its score, the detector's threshold and whether the image is
+    flagged (None: no detector, or no score)."""
     if detector is None or score is None:
-        return {"ood_score": None, "outside_training": None}
-    return {"ood_score": float(score) if np.isfinite(score) else None, "outside_training": bool(score >= detector.threshold)}
+        return {"ood_score": None, "ood_threshold": None if detector is None else detector.threshold,
+                "outside_training": None}
+    return {"ood_score": float(score) if np.isfinite(score) else None, "ood_threshold": detector.threshold,
+            "outside_training": bool(score >= detector.threshold)}
 
 
 def training_splits(cfg: Any, progress: bool = True) -> dict[str, Any]:

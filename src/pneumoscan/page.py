@@ -48,7 +48,7 @@ async function loadModel() {
   el.textContent = 'Model: ' + m.name + (m.name === 'seed' ? ' (' + m.activation + ')' : '') + ', recipe ' + m.recipe +
     ', threshold ' + num(m.threshold, 3) + (m.threshold_interval ? ' (95% interval ' + num(m.threshold_interval[0], 3) +
     '-' + num(m.threshold_interval[1], 3) + ')' : '') + ', calibration ' + (m.calibration ? m.calibration.method : 'none') +
-    ', prior (pneumonia prevalence) ' + num(m.prior, 3) + ' (' + m.prior_source + ')' +
+    ', prior (pneumonia prevalence) ' + num(m.assumed_prevalence, 3) + ' (' + m.prevalence_source + ')' +
     ', classes ' + m.class_names.join(' / ') + '.';
   const v = m.validation;
   if (v) {
@@ -66,7 +66,7 @@ function show(item, objectUrl) {
   img.src = heat || objectUrl; card.appendChild(img);
   const p = text('p', ''); p.appendChild(text('span', item.label, item.label));
   p.appendChild(document.createTextNode(' - probability of PNEUMONIA: ' +
-    num(item.probability, 3) + ' (threshold ' + num(item.threshold, 3) + ', prior ' + num(item.prior, 3) + ')'));
+    num(item.p_pneumonia, 3) + ' (threshold ' + num(item.threshold, 3) + ', prior ' + num(item.assumed_prevalence, 3) + ')'));
   p.className = 'prob'; card.appendChild(p);
   if (item.outside_training) {
     card.appendChild(text('p', 'This image is outside what this model was trained on (out-of-distribution score ' +

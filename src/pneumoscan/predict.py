@@ -6,10 +6,7 @@
 
 from __future__ import annotations
 
-import csv
-import io
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -21,24 +18,26 @@ from .images import ImageLoadError, LoadedImage, is_image_file, load_for_model_w
 from .calibration import OutputMap, move, output_map
 from .ensemble import describe as describe_ensemble
 from .metrics import decide
-from .fileio import atomic_write_text, write_json
+from .fileio import write_json
 from .inference import freeze, model_input
 from .models import probabilities
 from .ood import Detector, forward_with_features, result_fields
 from .prevalence import estimate_prevalence
+from .records import ImageResult, result_cells, result_columns, write_results_csv
 from .runtime import keep_freed_memory, select_device
 
+Prediction = ImageResult  # the name predict's Python API has always returned
 
-@dataclass
-class Prediction:
-    path: str
-    probability: float | None  # P(pneumonia), for either task
-    label: str | None
-    error: str | None = None
-    probabilities: dict[str, float] | None = None  # per class, three-class models only
-    ood_score: float | None = None  # distance to the training features (None: no detector, or unreadable)
-    outside_training: bool | None = None  # the score is at or above the checkpoint's threshold
-    warnings: list[str] = field(default_factory=list)  # what the file's header says the model was not trained for
+
+def image_result(path: str, probability: float, class_probs: np.ndarray | None, class_names: list[str],
+                 output: OutputMap, detector: Detector | None, ood_score: float | None = None,
+                 warnings: list[str] | None = None) -> ImageResult:
+    """The record of one scored image at `output`'s prior and threshold, flagged by `detector`."""
+    threshold = output.decision_threshold
+    chosen = decide(np.array([probability]), threshold, None if class_probs is None else np.asarray(class_probs)[None])
+    per_class = None if class_probs is None else {n: float(p) for n, p in zip(class_names, class_probs)}
+    return ImageResult(path, float(probability), class_names[int(chosen[0])], threshold, None, list(warnings or []),
+                       per_class, output.prior_used, output.source, **result_fields(ood_score, detector))
 
 
 class Predictor:
@@ -138,10 +137,13 @@ class Predictor:
                                            None if class_probs is None else np.asarray(class_probs)[None])[0])]
 
     def prediction(self, path: str, probability: float, class_probs: np.ndarray | None = None,
-                   ood_score: float | None = None, warnings: list[str] | None = None) -> Prediction:
-        probabilities = None if class_probs is None else {n: float(p) for n, p in zip(self.class_names, class_probs)}
-        return Prediction(path, float(probability), self.label_of(probability, class_probs), probabilities=probabilities,
-                          **result_fields(ood_score, self.ood), warnings=list(warnings or []))
+                   ood_score: float | None = None, warnings: list[str] | None = None) -> ImageResult:
+        """The record of one image scored by this predictor, at its prior."""
+        return image_result(path, probability, class_probs, self.class_names, self.output, self.ood, ood_score, warnings)
+
+    def failure(self, path: str, error: str) -> ImageResult:
+        """The record of an image that could not be scored."""
+        return ImageResult(path, None, None, error=error, ood_threshold=None if self.ood is None else self.ood.threshold)
 
     def predict_file(self, source: str | os.PathLike | bytes, name: str | None = None) -> Prediction:
         label = name or str(source)
@@ -149,7 +151,7 @@ class Predictor:
             image = self.load_with_info(source, name=name)
             probs, class_probs, ood = self.score(image.grey[None])
         except ImageLoadError as e:
-            return Prediction(label, None, None, str(e))
+            return self.failure(label, str(e))
         return self.prediction(label, probs[0], None if class_probs is None else class_probs[0],
                                None if ood is None else ood[0], image.warnings)
 
@@ -176,7 +178,7 @@ class Predictor:
                 batch.append((path, self.load_with_info(path)))
                 pending.append(None)
             except ImageLoadError as e:
-                pending.append(Prediction(path, None, None, str(e)))
+                pending.append(self.failure(path, str(e)))
             if len(batch) >= self.batch_size:
                 yield from flush()
         yield from flush()
@@ -231,51 +233,31 @@ def score_paths(checkpoint: str | os.PathLike, inputs: Iterable[str], device: st
     results = list(predictor.predict_files(expand_paths(inputs)))
     if fixed is not None or (prevalence is None and not estimate):
         return results, predictor, None
-    scored = [r for r in results if r.probability is not None]
+    scored = [i for i, r in enumerate(results) if r.p_pneumonia is not None]
     if not scored:
         raise ValueError("no image could be read, so no prevalence can be estimated")
     old = predictor.output.prior_used
-    predictor.output, estimated = estimate_and_apply(np.array([r.probability for r in scored]), predictor.output,
-                                                     prevalence, estimate)
-    for r in scored:
+    predictor.output, estimated = estimate_and_apply(np.array([results[i].p_pneumonia for i in scored]),
+                                                     predictor.output, prevalence, estimate)
+    for i in scored:
+        r = results[i]
         cp = None if r.probabilities is None else np.array([[r.probabilities[n] for n in predictor.class_names]])
-        p, cp = move(np.array([r.probability]), cp, old, predictor.output.prior_used)
-        moved = predictor.prediction(r.path, float(p[0]), None if cp is None else cp[0])
-        r.probability, r.label, r.probabilities = moved.probability, moved.label, moved.probabilities  # OOD fields stay
+        p, cp = move(np.array([r.p_pneumonia]), cp, old, predictor.output.prior_used)
+        results[i] = predictor.prediction(r.path, float(p[0]), None if cp is None else cp[0], r.ood_score, r.warnings)
     return results, predictor, estimated
 
 
 def predict_paths(checkpoint: str | os.PathLike, inputs: Iterable[str], out_csv: str | os.PathLike,
                   device: str = "auto", batch_size: int = 32, backend: str = "torch",
-                  prevalence: float | str | None = None, estimate: bool = False) -> list[Prediction]:
-    """Score every image under `inputs` and write `out_csv` (path, probability, label, error, warnings: the
-    file's header warnings joined by "; ", empty when none; prior, prior_source, threshold, ood_score,
-    outside_training: empty without a detector or for an unreadable file), valid UTF-8: bytes of a file name
-    that are not UTF-8 are written as backslash escapes (`fileio.printable`). With an estimate of the
-    prevalence, it is also written to OUT_CSV.prevalence.json."""
+                  prevalence: float | str | None = None, estimate: bool = False
+                  ) -> tuple[list[ImageResult], dict | None]:
+    """Score every image under `inputs` and write `out_csv`: `path`, then the result record's columns
+    (`records.result_columns`). With an estimate of the prevalence, it is also written to
+    OUT_CSV.prevalence.json. Returns (the records, the estimate or None)."""
     results, predictor, estimated = score_paths(checkpoint, inputs, device, batch_size, backend, prevalence, estimate)
-    buf = io.StringIO()
-    w = csv.writer(buf)
-    per_class = len(predictor.class_names) > 2  # three-class models: one more column per class
-    w.writerow(["path", "probability", "label", "error", "warnings"]
-               + ([f"p_{n}" for n in predictor.class_names] if per_class else [])
-               + ["prior", "prior_source", "threshold", "ood_score", "outside_training"])
-    prior = predictor.output.prior_used
-    tail = ["" if prior is None else f"{prior:.6f}", predictor.output.source, f"{predictor.threshold:.6f}"]
-    for r in results:
-        w.writerow([r.path, "" if r.probability is None else f"{r.probability:.6f}", r.label or "", r.error or "",
-                    "; ".join(r.warnings)] +
-                   ([f"{r.probabilities[n]:.6f}" if r.probabilities else "" for n in predictor.class_names] if per_class else [])
-                   + tail + ood_cells(r.ood_score, r.outside_training))
-    atomic_write_text(out_csv, buf.getvalue())
+    names = predictor.class_names
+    write_results_csv(out_csv, ["path", *result_columns(names)],
+                      [{"path": r.path, **result_cells(r, names)} for r in results])
     if estimated is not None:
         write_json(f"{out_csv}.prevalence.json", {"estimate": estimated, **predictor.output.describe()})
-    return results
-
-
-def ood_cells(score: float | None, outside: bool | None) -> list[str]:
-    """The CSV cells of an out-of-distribution score and its flag (empty when unavailable; an infinite score
-    is written as inf)."""
-    if outside is None:
-        return ["", ""]
-    return ["inf" if score is None else f"{score:.4f}", "yes" if outside else "no"]
+    return results, estimated

@@ -36,8 +36,8 @@ from .fileio import optional_import
 from .images import ImageLoadError, load_grey_with_info, resize
 from .modelcard import model_card, validation_metrics
 from .page import PAGE_HTML
-from .ood import result_fields
-from .predict import Predictor
+from .predict import Predictor, image_result
+from .records import ImageResult, result_json
 
 DISCLAIMER = "Research tool, not a medical device: not for diagnosis or treatment decisions."
 # the names a server on loopback answers to; "testserver" is the name Starlette's in-process test client sends
@@ -271,10 +271,10 @@ class DecodeSlots:
 def new_result(predictor: Predictor, name: str, output: Any = None) -> dict[str, Any]:
     """An empty result at the prior of `output` (an `OutputMap`; default: the server's)."""
     output = output or predictor.output
-    return {"filename": name, "probability": None, "label": None, "threshold": output.decision_threshold,
-            "class_names": predictor.class_names, "model": predictor.config.model.name, "heatmap_png": None,
-            "probabilities": None, "warnings": [], "error": None, "prior": output.prior_used,
-            "prior_source": output.source, "ood_score": None, "outside_training": None}
+    empty = ImageResult(name, None, None, output.decision_threshold, assumed_prevalence=output.prior_used,
+                        prevalence_source=output.source, ood_threshold=None if predictor.ood is None else predictor.ood.threshold)
+    return {"filename": name, **result_json(empty), "class_names": predictor.class_names,
+            "model": predictor.config.model.name, "heatmap_png": None}
 
 
 def prepare_upload(predictor: Predictor, name: str, data: bytes) -> tuple[np.ndarray, np.ndarray, list[str]]:
@@ -306,8 +306,8 @@ def describe_model(predictor: Predictor, checkpoint_name: str, validation: dict[
             "checkpoint": os.path.basename(checkpoint_name), "pneumoscan_version": __version__,
             "class_names": predictor.class_names, "threshold": predictor.threshold,
             "threshold_interval": predictor.output.threshold_interval,
-            "calibration": predictor.output.describe()["calibration"], "prior": predictor.output.prior_used,
-            "prior_source": predictor.output.source, "train_prevalence": predictor.output.train_prevalence,
+            "calibration": predictor.output.describe()["calibration"], "assumed_prevalence": predictor.output.prior_used,
+            "prevalence_source": predictor.output.source, "train_prevalence": predictor.output.train_prevalence,
             "model_prior": predictor.output.model_prior,
             "ood_threshold": None if predictor.ood is None else predictor.ood.threshold,
             "image_size": cfg.preprocessing.image_size, "ensemble": predictor.ensemble or None,
@@ -338,15 +338,17 @@ def api_models() -> Any:
         checkpoint: str = Field(description="the checkpoint's file name")
         pneumoscan_version: str
         class_names: list[str]
-        threshold: float = Field(description="label the image pneumonia at or above this probability (at `prior`)")
+        threshold: float = Field(description="label the image pneumonia at or above this probability (at "
+                                             "`assumed_prevalence`)")
         threshold_interval: list[float] | None = Field(
             description="95% bootstrap interval of the threshold chosen on validation (calibrated scale, model "
                         "prior); null for the fixed rule or a checkpoint that does not record one")
         calibration: dict[str, Any] = Field(description="method ('none', 'temperature' or 'platt'), temperature "
                                                              "and offset: reported = sigmoid(logit / temperature + offset)")
-        prior: float | None = Field(description="the pneumonia prevalence probabilities are reported at by default; "
-                                                "null when the checkpoint does not record its training prevalence")
-        prior_source: str = Field(description="'model': the model's own prior; 'given': the server's --prevalence")
+        assumed_prevalence: float | None = Field(
+            description="the share of pneumonia among the images that probabilities assume by default (Bayes' prior); "
+                        "null when the checkpoint does not record its training prevalence")
+        prevalence_source: str = Field(description="'model': the model's own prior; 'given': the server's --prevalence")
         train_prevalence: float | None = Field(description="pneumonia fraction of the training split, if known")
         model_prior: float | None = Field(description="the prior the calibrated probabilities refer to (0.5 when "
                                                       "training balanced the classes)")
@@ -359,9 +361,11 @@ def api_models() -> Any:
 
     class FileResult(BaseModel):
         filename: str = Field(description="the uploaded file's name, shown only")
-        probability: float | None = Field(ge=0, le=1, description="P(pneumonia); null when the file could not be read")
-        label: str | None
-        threshold: float
+        p_pneumonia: float | None = Field(ge=0, le=1, description="the probability of pneumonia, at "
+                                                                  "`assumed_prevalence`; null when the file could not be read")
+        label: str | None = Field(description="PNEUMONIA when `p_pneumonia` is at or above `threshold` (three-class "
+                                              "models: then the likelier type); null for an unreadable file")
+        threshold: float = Field(description="the decision threshold for `p_pneumonia`")
         class_names: list[str]
         model: str
         heatmap_png: str | None = Field(description="the Grad-CAM overlay as a base64 PNG (at most 512 px), or null")
@@ -370,12 +374,15 @@ def api_models() -> Any:
                                     "DICOM header says the model was not trained for (a lateral view, another body "
                                     "part or modality, an adult, colour, bits, field of view), then its size")
         error: str | None = Field(description="why the file could not be read, or null")
-        prior: float | None = Field(description="the pneumonia prevalence this probability is at")
-        prior_source: str = Field(description="'model' (the model's own prior), 'given' (the server's --prevalence "
-                                              "or this request's `prevalence`)")
+        assumed_prevalence: float | None = Field(description="the share of pneumonia among the images that "
+                                                             "`p_pneumonia` assumes (Bayes' prior)")
+        prevalence_source: str = Field(description="'model' (the model's own prior), 'given' (the server's "
+                                                   "--prevalence or this request's `prevalence`)")
         ood_score: float | None = Field(ge=0, description="Mahalanobis distance of the image's features to the "
                                                           "training split's; null without a detector, for an "
                                                           "unreadable file, or when infinite (flagged)")
+        ood_threshold: float | None = Field(description="the score at or above which an image is flagged; null "
+                                                        "without a detector")
         outside_training: bool | None = Field(description="true: the image is outside what this model was trained "
                                                           "on (its probability means little); null without a detector")
 
@@ -548,11 +555,9 @@ async def score_file(state: Any, name: str, data: bytes, heatmap: bool, output: 
         raise Refused(503, f"busy: inference did not finish within {state.inference_timeout_s:g} s", retry) from None
     moved, moved_classes = move(np.array([prob]), None if class_probs is None else np.asarray(class_probs)[None],
                                 predictor.output.prior_used, output.prior_used)
-    prob, class_probs = float(moved[0]), None if moved_classes is None else moved_classes[0]
-    label = predictor.label_of(prob, class_probs, output.decision_threshold)
-    probabilities = None if class_probs is None else {n: float(p) for n, p in zip(predictor.class_names, class_probs)}
-    result.update(probability=prob, label=label, probabilities=probabilities, warnings=warnings,
-                  **result_fields(ood, predictor.ood))
+    scored = image_result(name, float(moved[0]), None if moved_classes is None else moved_classes[0],
+                          predictor.class_names, output, predictor.ood, ood, warnings)
+    result.update(result_json(scored))
     if heatmap:
         result["heatmap_png"] = await run_in_threadpool(encode_overlay, shown, heat)
     return result
