@@ -573,6 +573,8 @@ UNREADABLE = dict(PatientSex="U", PatientBirthDate="1970-01-01", StudyDate="yest
 def _source(how: str = "identified"):
     """A DX header (no pixel data) whose patient and study attributes are given, absent, empty or (some) unreadable
     to highdicom."""
+    import warnings
+
     from pydicom.dataset import Dataset
     from pydicom.uid import generate_uid
 
@@ -587,8 +589,10 @@ def _source(how: str = "identified"):
         elif how == "empty" and keyword != "SpecificCharacterSet":
             setattr(ds, keyword, None)
     if how == "unreadable":
-        for keyword, value in UNREADABLE.items():
-            setattr(ds, keyword, value)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # pydicom's complaint about each value is the point
+            for keyword, value in UNREADABLE.items():
+                setattr(ds, keyword, value)
     return ds
 
 

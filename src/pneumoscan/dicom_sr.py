@@ -6,10 +6,15 @@ series of its own): the finding as a coded concept (SNOMED CT 233604007 "Pneumon
 algorithm identification: name, pneumoscan version, recipe and checkpoint), the research-use statement,
 each warning about the image as text, and a reference to the source image. `secondary_capture` makes a
 Secondary Capture image of a Grad-CAM overlay in the same study. (`pip install 'pneumoscan[dicom-node]'`)
+
+Both copy the source's patient and study attributes; `source_header` makes every Type 2 one that highdicom
+reads present, empty where the source lacks it or holds a value highdicom cannot read, as de-identified
+files often do.
 """
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -50,6 +55,46 @@ class ModelInfo:
 
 def _hd() -> Any:
     return optional_import("highdicom", "dicom-node", "DICOM Structured Reports")
+
+
+# Type 2 attributes of the Patient and General Study modules (PS3.3 C.7.1.1, C.7.2.1) that highdicom copies
+# from the source: a report must hold each, empty when unknown
+TYPE2_ATTRIBUTES = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
+                    "ReferringPhysicianName", "AccessionNumber", "StudyID")
+_PIXEL_TAGS = (0x7FE00008, 0x7FE00009, 0x7FE00010)  # Float, Double Float and Pixel Data
+
+
+def _readable(header: Any, keyword: str) -> bool:
+    """Whether `keyword` is in `header` with a value highdicom accepts: empty, or one it can parse."""
+    from pydicom.valuerep import DA, TM
+
+    parsers = {"PatientBirthDate": DA, "StudyDate": DA, "StudyTime": TM, "PatientSex": _hd().PatientSexValues}
+    if keyword not in header:
+        return False
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # pydicom's complaint about a value: the parser decides
+            value = header.get(keyword)
+            if value is not None and value != "" and keyword in parsers:
+                parsers[keyword](value)
+    except Exception:  # a value highdicom would refuse, whatever pydicom raises for it
+        return False
+    return True
+
+
+def source_header(source: Any) -> Any:
+    """A copy of the `source` dataset's header (no pixel data) with every TYPE2_ATTRIBUTES present: empty
+    where the source lacks it or holds a value highdicom cannot read (a date not YYYYMMDD, a sex not M, F
+    or O). The source is not changed."""
+    from pydicom.datadict import dictionary_VR, tag_for_keyword
+    from pydicom.dataset import Dataset
+
+    # a new dict of the same elements: setting one here replaces it in this copy only
+    header = Dataset({tag: source.get_item(tag) for tag in source.keys() if tag not in _PIXEL_TAGS})
+    for keyword in TYPE2_ATTRIBUTES:
+        if not _readable(header, keyword):
+            header.add_new(tag_for_keyword(keyword), dictionary_VR(keyword), None)
+    return header
 
 
 def codes() -> dict[str, Any]:
@@ -106,7 +151,7 @@ def structured_report(source: Any, score: Score, model: ModelInfo, sop_instance_
                                      referenced_sop_instance_uid=source.SOPInstanceUID, relationship_type="CONTAINS"))
     root.ContentSequence = items
     return sr.ComprehensiveSR(
-        evidence=[source], content=root, series_instance_uid=series_instance_uid or generate_uid(),
+        evidence=[source_header(source)], content=root, series_instance_uid=series_instance_uid or generate_uid(),
         series_number=SR_SERIES_NUMBER, sop_instance_uid=sop_instance_uid or generate_uid(), instance_number=1,
         manufacturer=MANUFACTURER, series_description=f"pneumoscan {model.name}: {RESEARCH_USE}"[:64])
 
@@ -119,7 +164,7 @@ def secondary_capture(source: Any, rgb: np.ndarray, sop_instance_uid: str | None
 
     orientation = source.get("PatientOrientation")
     sc = hd.sc.SCImage.from_ref_dataset(
-        ref_dataset=source, pixel_array=np.ascontiguousarray(rgb, dtype=np.uint8), photometric_interpretation="RGB",
+        ref_dataset=source_header(source), pixel_array=np.ascontiguousarray(rgb, dtype=np.uint8), photometric_interpretation="RGB",
         bits_allocated=8, coordinate_system="PATIENT", series_instance_uid=series_instance_uid or generate_uid(),
         series_number=SC_SERIES_NUMBER, sop_instance_uid=sop_instance_uid or generate_uid(), instance_number=1,
         manufacturer=MANUFACTURER,
