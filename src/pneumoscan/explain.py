@@ -4,12 +4,14 @@ Uses MONAI's maintained GradCAM (`pip install 'pneumoscan[models]'`) on the laye
 (`cam_layer`); for an ensemble, which names one layer per member, the mean of the members' maps. The
 map is computed at the model's input size on exactly the pixels the model saw, normalised to [0, 1],
 resized to the original image and drawn over it. `explain_paths` is the batch job
-behind `pneumoscan explain`: one PNG per image and a CSV of probabilities; a bad file gets its error in
-the CSV and the job goes on.
+behind `pneumoscan explain`: one PNG per image (the overlay, and below it the map's colour bar and a
+caption: file, P(pneumonia), label) and a CSV of probabilities; a bad file gets its error in the CSV and
+the job goes on.
 """
 
 from __future__ import annotations
 
+import functools
 import io
 import os
 import warnings
@@ -22,7 +24,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from .fileio import atomic_write_bytes, optional_import
+from .fileio import atomic_write_bytes, optional_import, printable
 from .inference import model_input
 from .images import ImageLoadError, load_grey_with_info, resize
 from .models import pneumonia_logit, probabilities
@@ -163,6 +165,79 @@ def png_bytes(rgb: np.ndarray, compress_level: int = 6) -> bytes:
     return buf.getvalue()
 
 
+DISCLAIMER = "Research tool, not a medical device: not for diagnosis or treatment decisions."
+MAP_SCALE = "Grad-CAM, normalised per image: relative evidence for pneumonia"
+_LEGEND_WIDTH = 480  # px: below this the caption would not fit legibly; a narrower image gets white beside it
+
+
+def caption(name: str, probability: float, label: str, threshold: float, prior: float | None = None) -> list[str]:
+    """The lines written under an explain PNG: the file's name, P(pneumonia) and the label at the decision
+    threshold (and the prevalence the probability is at, when one was given), and what the tool is for."""
+    at = "" if prior is None else f" at prevalence {prior:.3f}"
+    return [printable(name), f"P(pneumonia) = {probability:.3f}{at}: {label} at threshold {threshold:.3f}", DISCLAIMER]
+
+
+def colour_bar(width: int, height: int) -> np.ndarray:
+    """RGB uint8 (height, width): heatmap values 0 (left) to 1 (right) drawn by `overlay` over mid grey, so
+    the bar shows the colours (and the fading out of weak evidence) that the overlays show."""
+    ramp = np.tile(np.linspace(0, 1, width, dtype=np.float32), (height, 1))
+    return overlay(np.full((height, width), 128, dtype=np.uint8), ramp)
+
+
+def with_legend(rgb: np.ndarray, lines: Sequence[str]) -> np.ndarray:
+    """`rgb` unchanged at the top left, above a white strip holding the map's colour bar and `lines`; the
+    strip is at least `_LEGEND_WIDTH` wide, and its text scales with the image's width."""
+    from PIL import ImageDraw
+
+    h, w = rgb.shape[:2]
+    width = max(w, _LEGEND_WIDTH)
+    font = _font(max(12, round(width / 40)))
+    ascent, descent = font.getmetrics()
+    line, pad = ascent + descent, max(4, (ascent + descent) // 3)
+    inner = width - 2 * pad
+    text = [*_wrap(MAP_SCALE, font, inner), None, *(t for s in lines for t in _wrap(s, font, inner))]  # None: bar
+    canvas = Image.new("RGB", (width, h + pad + len(text) * line + line + pad), "white")
+    canvas.paste(Image.fromarray(np.ascontiguousarray(rgb, dtype=np.uint8)), (0, 0))
+    draw = ImageDraw.Draw(canvas)
+    y = h + pad
+    for t in text:
+        if t is None:  # the bar, with its two ends named on the line below it
+            canvas.paste(Image.fromarray(colour_bar(inner, line)), (pad, y))
+            draw.text((pad, y + line), "low", fill="black", font=font)
+            draw.text((width - pad, y + line), "high", fill="black", font=font, anchor="ra")
+            y += 2 * line
+        else:
+            draw.text((pad, y), t, fill="black", font=font)
+            y += line
+    return np.asarray(canvas)
+
+
+@functools.lru_cache(maxsize=8)
+def _font(size: int) -> Any:
+    """DejaVu Sans at `size` px: matplotlib (a dependency) ships it, so text looks the same everywhere."""
+    import matplotlib
+    from PIL import ImageFont
+
+    return ImageFont.truetype(str(Path(matplotlib.get_data_path()) / "fonts" / "ttf" / "DejaVuSans.ttf"), size)
+
+
+def _wrap(text: str, font: Any, width: int) -> list[str]:
+    """`text` broken at spaces into lines at most `width` px wide; a word wider than that (a long file name)
+    keeps its start and end around an ellipsis."""
+    lines: list[str] = []
+    for word in text.split(" "):
+        if font.getlength(word) > width:
+            keep = len(word)
+            while keep > 2 and font.getlength(word[:keep // 2] + "…" + word[len(word) - keep + keep // 2:]) > width:
+                keep -= 1
+            word = word[:keep // 2] + "…" + word[len(word) - keep + keep // 2:]
+        if lines and font.getlength(f"{lines[-1]} {word}") <= width:
+            lines[-1] = f"{lines[-1]} {word}"
+        else:
+            lines.append(word)
+    return lines
+
+
 def explain_image(predictor: Predictor, source: str | os.PathLike | bytes, name: str | None = None
                   ) -> tuple[np.ndarray, np.ndarray, float]:
     """(overlay RGB at the original size, heatmap at the original size in [0, 1], P(pneumonia)). Raises ImageLoadError."""
@@ -201,7 +276,9 @@ def explain_paths(checkpoint: str | os.PathLike, inputs: Iterable[str], out_dir:
                 k += 1
                 name = f"{stem}_{k}_gradcam.png"
             used.add(name)
-            atomic_write_bytes(out / name, png_bytes(rgb))
+            lines = caption(Path(path).name, prob, predictor.label_of(prob, class_probs), predictor.threshold,
+                            predictor.output.prior)
+            atomic_write_bytes(out / name, png_bytes(with_legend(rgb, lines)))
             result = predictor.prediction(path, prob, class_probs, ood, found)
             rows.append({"path": path, **result_cells(result, names), "heatmap": name})
     write_results_csv(out / "explanations.csv", ["path", *result_columns(names), "heatmap"], rows)
