@@ -203,3 +203,22 @@ def test_missing_optional_packages_name_the_extra(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "onnxscript", None)
     with pytest.raises(ImportError, match=r"onnxscript.*pneumoscan\[onnx\]"):
         export_onnx(tmp_path / "model.pt", tmp_path / "model.onnx")
+
+
+def test_the_exporter_logs_nothing_at_info_and_predict_refuses_the_onnx_file_in_one_line(tmp_path, capsys, caplog):
+    """`pneumoscan export` at the CLI's INFO level: no line of the exporter's own passes (onnx_ir, onnxscript);
+    predict given the exported .onnx instead of the checkpoint: one line that says which file to give."""
+    import logging
+
+    from pneumoscan.cli import main
+
+    pytest.importorskip("onnxscript")
+    ckpt = build_checkpoint(tmp_path / "model.pt", "prelu", 64)
+    with caplog.at_level(logging.INFO):
+        assert main(["export", str(ckpt), "--out", str(tmp_path / "model.onnx")]) == 0
+    chatter = [r for r in caplog.records if r.name.split(".")[0] in ("onnx_ir", "onnxscript", "torch")]
+    assert not chatter, [r.getMessage() for r in chatter[:3]]
+    capsys.readouterr()
+    assert main(["predict", str(tmp_path / "model.onnx"), str(tmp_path), "--out", str(tmp_path / "p.csv")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "model.onnx: an ONNX model, not a checkpoint" in err[0]

@@ -1,6 +1,7 @@
 import json
 import logging
 
+import numpy as np
 import pytest
 import torch
 
@@ -102,12 +103,24 @@ def test_cuda_request_without_gpu_is_an_error():
 
 
 def test_bad_checkpoint_file_is_a_clear_error(tmp_path):
+    """Each refusal is one line naming the file and the reason, never torch's advice to unpickle code."""
     bad = tmp_path / "x.pt"
     bad.write_bytes(b"garbage")
-    with pytest.raises(ValueError, match="x.pt: not a readable pneumoscan checkpoint"):
+    with pytest.raises(ValueError, match=r"x.pt: not a pneumoscan checkpoint \(not a file written by torch.save\)"):
         ckpt_io.load(bad)
+    (tmp_path / "model.onnx").write_bytes(b"\x08\x07")
+    with pytest.raises(ValueError, match="model.onnx: an ONNX model, not a checkpoint"):
+        ckpt_io.load(tmp_path / "model.onnx")
+    torch.save({"format": ckpt_io.FORMAT, "code": np.random.default_rng(0)}, bad)  # an object, not plain data
+    with pytest.raises(ValueError) as refused:
+        ckpt_io.load(bad)
+    assert "holds objects other than plain data" in str(refused.value) and "weights_only=False" not in str(refused.value)
+    assert "\n" not in str(refused.value)
     torch.save({"hello": 1}, bad)
     with pytest.raises(ValueError, match="not a pneumoscan checkpoint"):
+        ckpt_io.load(bad)
+    bad.write_bytes(bad.read_bytes()[:60])  # a zip cut short
+    with pytest.raises(ValueError, match="x.pt: not a readable pneumoscan checkpoint"):
         ckpt_io.load(bad)
 
 

@@ -108,10 +108,18 @@ def read(path: str | os.PathLike) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: checkpoint not found")
+    if path.suffix.lower() == ".onnx":
+        raise ValueError(f"{path}: an ONNX model, not a checkpoint; give the .pt checkpoint it was exported from "
+                         "(--backend onnx runs it with ONNX Runtime)")
+    with open(path, "rb") as f:
+        if f.read(4) != b"PK\x03\x04":  # torch.save writes a zip archive
+            raise ValueError(f"{path}: not a pneumoscan checkpoint (not a file written by torch.save)")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises several types for a bad file; all mean the same to a user
-        raise ValueError(f"{path}: not a readable pneumoscan checkpoint ({type(e).__name__}: {e})") from None
+        # torch's own message advises weights_only=False, which a checkpoint of plain data never needs
+        reason = "it holds objects other than plain data" if "weights_only" in str(e) else str(e).strip()[:200]
+        raise ValueError(f"{path}: not a readable pneumoscan checkpoint ({type(e).__name__}: {reason})") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise ValueError(f"{path}: not a pneumoscan checkpoint (format {ckpt.get('format') if isinstance(ckpt, dict) else type(ckpt).__name__})")
     return ckpt

@@ -64,7 +64,7 @@ def _require(module: str, purpose: str) -> ModuleType:
 @contextmanager
 def _quiet_exporter() -> Iterator[None]:
     """Silence the exporter's chatter (torchvision ops it skips, pytree deprecations); errors still raise."""
-    loggers = [logging.getLogger(name) for name in ("torch.onnx", "torch.export", "onnxscript")]
+    loggers = [logging.getLogger(name) for name in ("torch.onnx", "torch.export", "onnxscript", "onnx_ir")]
     levels = [lg.level for lg in loggers]
     for lg in loggers:
         lg.setLevel(logging.ERROR)
