@@ -7,19 +7,19 @@ what it needs when it runs (PyTorch alone takes seconds to load), so `--help` an
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import json
 import logging
 import os
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 from . import __version__
-from .config import ACTIVATIONS, MODEL_NAMES, RECIPES, Config, recipe
+from .config import ACTIVATIONS, RECIPES, SECTIONS, Config, recipe
 from .data import DataError
 from .images import ImageLoadError
-from .metrics import THRESHOLD_RULES
 
 DATA_HELP = "data root in Kaggle layout, ROOT/train/{NORMAL,PNEUMONIA} (default: $PNEUMOSCAN_DATA)"
 
@@ -33,69 +33,69 @@ def default_data_root() -> str:
     return root
 
 
-def _add_config_flags(p: argparse.ArgumentParser, activation: bool = True, precision: bool = True) -> None:
-    """Flags that override fields of the recipe's Config (left out: the recipe's value)."""
+def _config_fields(skip: Sequence[str] = ()) -> list[tuple[str, Any]]:
+    """(section, field) of every Config field that has a command-line flag (a `help` in its `setting`)."""
+    return [(section, f) for section, cls in SECTIONS.items() for f in dataclasses.fields(cls)
+            if f.metadata.get("help") and f.name not in skip]
+
+
+def _flag_of(f: Any) -> str:
+    name = f.metadata.get("flag") or "--" + f.name.replace("_", "-")
+    return name.replace("--", "--no-", 1) if f.metadata["rule"] == ("bool",) and f.default is True else name
+
+
+def _recipe_values(section: str, name: str) -> str:
+    """'150 (paper, large-batch, tuned), 224 (resnet18-224)': a field's value in each recipe, for the help."""
+    by_value: dict[str, list[str]] = {}
+    for r, c in RECIPES.items():
+        value = getattr(getattr(c, section), name)
+        by_value.setdefault("none" if value == "" else str(value).lower(), []).append(r)
+    if len(by_value) == 1:
+        return next(iter(by_value))
+    return ", ".join(f"{v} ({', '.join(rs)})" for v, rs in by_value.items())
+
+
+def _add_config_flags(p: argparse.ArgumentParser, skip: Sequence[str] = ()) -> None:
+    """One flag per Config field that has a help text (`config.setting`); left out, the recipe's value holds.
+    The help shows each recipe's value."""
     p.add_argument("--data", default=None, help=DATA_HELP)
     p.add_argument("--recipe", default="paper", choices=sorted(RECIPES), help="starting configuration (default: paper)")
-    p.add_argument("--model", choices=MODEL_NAMES, help="registered model name")
-    if activation:
-        p.add_argument("--activation", choices=ACTIVATIONS, help="the paper's model: one of Table IV's rectifiers")
-    p.add_argument("--pretrained", metavar="FILE", help="resnet18 / densenet121: local ImageNet weights (torchvision layout)")
-    p.add_argument("--batchnorm-momentum", type=float,
-                   help="the paper's model: weight of each batch in BatchNorm's running statistics (paper: 0.01)")
-    p.add_argument("--epochs", type=int)
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--lr", type=float)
-    p.add_argument("--task", choices=["binary", "three-class"],
-                   help="binary: normal / pneumonia (default); three-class: normal / bacterial / viral")
-    p.add_argument("--val-fraction", type=float, help="share of train patients carved out for validation")
-    p.add_argument("--split-seed", type=int, help="seed of the patient-level validation split")
-    p.add_argument("--image-size", type=int)
-    p.add_argument("--resize-filter", choices=["nearest", "bilinear", "bicubic", "area", "lanczos"])
-    p.add_argument("--zoom", type=float, help="zoom range: factor drawn in [1-z, 1+z] per axis (0 turns it off)")
-    p.add_argument("--no-vertical-flip", dest="vertical_flip", action="store_false", default=None)
-    p.add_argument("--horizontal-flip", action="store_true", default=None)
-    p.add_argument("--gamma", type=float, help="intensity augmentation: power drawn in [1-g, 1+g] (default 0: off)")
-    p.add_argument("--contrast", type=float, help="intensity augmentation: contrast factor in [1-c, 1+c] (default 0: off)")
-    p.add_argument("--brightness", type=float, help="intensity augmentation: offset in [-b, b] (default 0: off)")
-    p.add_argument("--threshold-rule", choices=THRESHOLD_RULES,
-                   help="how the decision threshold is chosen on validation after training (paper: fixed 0.5)")
-    p.add_argument("--target-sensitivity", type=float, help="for --threshold-rule sensitivity (default 0.95)")
-    p.add_argument("--threshold-resamples", type=int,
-                   help="youden / sensitivity: the threshold is the median of the rule's optimum over this many "
-                        "bootstrap resamples of validation (default 200; 0: the optimum on validation itself)")
-    p.add_argument("--calibration", choices=["none", "temperature", "platt"],
-                   help="calibrate probabilities on validation: one temperature (keeps decisions at 0.5; the tuned "
-                        "recipes) or Platt scaling (temperature and offset: 0.5 is even odds at validation's prevalence)")
-    p.add_argument("--class-weight", choices=["none", "balanced"], help="weight the loss by inverse class frequency")
-    p.add_argument("--sampling", choices=["shuffle", "balanced"], help="balanced: draw both classes equally often")
-    p.add_argument("--early-stopping", action="store_true", default=None,
-                   help="stop when validation accuracy stops improving (Keras semantics of the notebook)")
-    if precision:
-        p.add_argument("--precision", choices=["fp32", "bf16"],
-                       help="training arithmetic: bf16 runs forward passes under BF16 autocast (weights, optimizer state, "
-                            "loss and validation stay FP32; on a CPU without native BF16 refused, or emulated with "
-                            "PNEUMOSCAN_ALLOW_EMULATED_BF16=1) (default: fp32)")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda (auto picks CUDA when present)")
+    for section, f in _config_fields(skip):
+        rule, dest = f.metadata["rule"], f"{section}.{f.name}"
+        text = f.metadata["help"].replace("%", "%%")
+        if rule == ("bool",):
+            negated = f.default is True
+            p.add_argument(_flag_of(f), dest=dest, action="store_false" if negated else "store_true", default=None,
+                           help=f"{'do not ' if negated else ''}{text} (recipes: {_recipe_values(section, f.name)})")
+            continue
+        text += f" (default: the recipe's: {_recipe_values(section, f.name)})"
+        if rule and rule[0] in ("int", "float"):
+            p.add_argument(_flag_of(f), dest=dest, type=int if rule[0] == "int" else float,
+                           metavar="N" if rule[0] == "int" else "X", help=text)
+        else:
+            p.add_argument(_flag_of(f), dest=dest, choices=rule, metavar=None if rule else "FILE", help=text)
+    _add_device_flag(p)
     p.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false", default=None,
                    help="on CUDA, run every step eagerly instead of replaying it as a CUDA graph")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
+def _add_device_flag(p: argparse.ArgumentParser, default: str = "auto") -> None:
+    p.add_argument("--device", default=default, help=f"auto | cpu | cuda | cuda:N (auto: CUDA when there is a GPU; "
+                                                     f"default: {default})")
+
+
 def config_from_args(a: argparse.Namespace) -> Config:
-    cfg = recipe(a.recipe)
-    cfg = cfg.override("data", root=a.data or default_data_root(), val_fraction=a.val_fraction, split_seed=a.split_seed,
-                       task=a.task)
-    cfg = cfg.override("model", name=a.model, activation=getattr(a, "activation", None), pretrained=a.pretrained,
-                       batchnorm_momentum=a.batchnorm_momentum)
-    cfg = cfg.override("train", epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, seed=getattr(a, "seed", None),
-                       early_stopping=a.early_stopping, threshold_rule=a.threshold_rule,
-                       target_sensitivity=a.target_sensitivity, class_weight=a.class_weight, sampling=a.sampling,
-                       threshold_resamples=a.threshold_resamples, calibration=a.calibration)
-    cfg = cfg.override("train", precision=getattr(a, "precision", None))
-    cfg = cfg.override("preprocessing", image_size=a.image_size, resize_filter=a.resize_filter)
-    return cfg.override("augmentation", zoom=a.zoom, vertical_flip=a.vertical_flip, horizontal_flip=a.horizontal_flip,
-                        gamma=a.gamma, contrast=a.contrast, brightness=a.brightness)
+    """The recipe's Config with every flag given on the command line put in its place."""
+    cfg = recipe(a.recipe).override("data", root=a.data or default_data_root())
+    given: dict[str, dict[str, Any]] = {}
+    for section, f in _config_fields():
+        value = getattr(a, f"{section}.{f.name}", None)
+        if value is not None:
+            given.setdefault(section, {})[f.name] = value
+    for section, values in given.items():
+        cfg = cfg.override(section, **values)
+    return cfg.override("train", seed=getattr(a, "seed", None))
 
 
 def _add_train(sub: argparse._SubParsersAction) -> None:
@@ -115,12 +115,14 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
 
 def _add_compare(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("compare", help="Table IV properly: activations x seeds, mean +- sd, differences vs noise")
-    _add_config_flags(p, activation=False, precision=False)
+    _add_config_flags(p, skip=("activation", "precision"))
     p.add_argument("--out", required=True, help="comparison folder (finished runs inside are reused)")
-    p.add_argument("--activations", nargs="+", choices=ACTIVATIONS, default=list(ACTIVATIONS))
+    p.add_argument("--activations", nargs="+", choices=ACTIVATIONS, default=list(ACTIVATIONS),
+                   help="rectifiers of the paper's model to train (default: all four of Table IV)")
     p.add_argument("--precisions", "--precision", nargs="+", choices=["fp32", "bf16"],
                    help="train each activation in each of these precisions, as train's --precision (default: fp32)")
-    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], metavar="S",
+                   help="seeds to train each row with (default: 0 1 2)")
     p.add_argument("--split", default="val", choices=["val", "test"], help="split the table reports (default: val)")
 
 
@@ -128,10 +130,15 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("evaluate", help="score a checkpoint on a split; writes metrics.json, predictions.csv and plots")
     p.add_argument("checkpoint")
     p.add_argument("--data", default=None, help="data root (default: the one the model was trained on)")
-    p.add_argument("--split", default="val", choices=["train", "val", "test", "kaggle_val"])
+    p.add_argument("--split", default="val", choices=["train", "val", "test", "kaggle_val"],
+                   help="val: the patient-level validation split carved out of ROOT/train, exactly as in training; "
+                        "test: ROOT/test; kaggle_val: ROOT/val; train: the rest of ROOT/train (default: val)")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--allow-training-images", action="store_true",
+                   help="score images the checkpoint was trained on (refused by default: their figures say "
+                        "nothing about new patients)")
+    _add_device_flag(p)
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     _add_prevalence_flags(p, estimate=True)
 
 
@@ -164,13 +171,13 @@ def _add_checkpoint_and_images(p: argparse.ArgumentParser, out_help: str) -> Non
     p.add_argument("checkpoint")
     p.add_argument("paths", nargs="+", help="image files or folders (searched recursively)")
     p.add_argument("--out", required=True, help=out_help)
-    p.add_argument("--device", default="auto")
+    _add_device_flag(p)
 
 
 def _add_predict(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("predict", help="probabilities for image files and folders, as a CSV")
     _add_checkpoint_and_images(p, "CSV to write (path, probability, label, error)")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--batch-size", type=int, default=32, metavar="N", help="images scored together (default: 32)")
     p.add_argument("--backend", choices=["torch", "onnx"], default="torch",
                    help="onnx: export in memory and run with ONNX Runtime on the CPU (pip install 'pneumoscan[onnx]')")
     _add_prevalence_flags(p, estimate=True)
@@ -185,9 +192,10 @@ def _add_explain(sub: argparse._SubParsersAction) -> None:
 def _add_serve(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="web page and HTTP API around one checkpoint (pip install 'pneumoscan[serve]')")
     p.add_argument("checkpoint")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default: 127.0.0.1, this machine only; 0.0.0.0: every interface)")
+    p.add_argument("--port", type=int, default=8000, help="TCP port (default: 8000)")
+    _add_device_flag(p, "cpu")
     p.add_argument("--token", default=os.environ.get("PNEUMOSCAN_TOKEN"),
                    help="require 'Authorization: Bearer TOKEN' on /api (default: $PNEUMOSCAN_TOKEN, else open)")
     p.add_argument("--max-upload-mb", type=float, default=20, help="largest request body (413 above it)")
@@ -220,8 +228,8 @@ def _add_fit_ood(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default=None, help="the checkpoint to write (default: CHECKPOINT itself, atomically)")
     p.add_argument("--quantile", type=float, default=0.99,
                    help="flag images scoring above this quantile of validation (default: 0.99)")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--no-progress", action="store_true")
+    _add_device_flag(p)
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
 def _add_audit(sub: argparse._SubParsersAction) -> None:
@@ -248,7 +256,7 @@ def _add_dicom_node(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-instance-mb", type=float, default=64, help="largest instance accepted (0xA700 above it)")
     p.add_argument("--no-keep", action="store_true", help="do not keep received instances under --out")
     p.add_argument("--send-attempts", type=int, default=3, help="tries to store each report before giving up")
-    p.add_argument("--device", default="cpu")
+    _add_device_flag(p, "cpu")
 
 
 def _add_ensemble(sub: argparse._SubParsersAction) -> None:
@@ -260,8 +268,8 @@ def _add_ensemble(sub: argparse._SubParsersAction) -> None:
                    help="zoom: also average over central zooms by 0.9 and 1.1 and, if the recipe flips, an up-down "
                         "flip (the views its training augmentation taught); default none")
     p.add_argument("--data", default=None, help="data root (default: the one the members were trained on)")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--no-progress", action="store_true")
+    _add_device_flag(p)
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
 def _add_import_keras(sub: argparse._SubParsersAction) -> None:
@@ -334,7 +342,10 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
     from .evaluate import evaluate
 
     result = evaluate(a.checkpoint, a.split, a.out, data_root=a.data, device=a.device, progress=not a.no_progress,
-                      prevalence=a.prevalence, estimate=a.estimate_prevalence)
+                      prevalence=a.prevalence, estimate=a.estimate_prevalence,
+                      allow_training_images=a.allow_training_images)
+    for warning in result["warnings"]:
+        print(f"warning: {warning}", file=sys.stderr)
     keys = ("split", "n", "accuracy", "precision", "recall", "specificity", "f1", "roc_auc", "threshold", "confusion_matrix",
             "prior", "prior_source")
     print(json.dumps({k: result[k] for k in keys}))

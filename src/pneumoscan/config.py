@@ -14,14 +14,30 @@ from typing import Any
 import numpy as np
 
 
+_INT, _FLOAT, _BOOL = "int", "float", "bool"
+# Named here rather than in models.py, so the command line can offer them without importing PyTorch.
+MODEL_NAMES = ("densenet121", "resnet18", "seed")  # the builders registered in models.py
+ACTIVATIONS = ("relu", "leaky_relu", "leaky_relu_30", "prelu")  # Table IV's rectifiers, for the paper's model
+RESIZE_FILTERS = ("nearest", "bilinear", "bicubic", "area", "lanczos")
+
+
+def setting(default: Any, rule: tuple[Any, ...] | None = None, help: str | None = None, flag: str | None = None) -> Any:
+    """A config field: its default; `rule`, its type and range (`(kind, min, max)` with both ends included, or a
+    tuple of the allowed values), which `Config.check` enforces; and `help`, which gives it a command-line
+    flag (`flag`, or --field-name; a boolean that defaults to true gets --no-field-name)."""
+    return field(default=default, metadata={"rule": rule, "help": help, "flag": flag})
+
+
 @dataclass(frozen=True)
 class Preprocessing:
     """How a decoded grey image becomes model input (the paper: 150x150, /255, grey to 3 channels)."""
 
-    image_size: int = 150
-    channels: int = 3  # the model's input channels; a grey image is replicated
-    resize_filter: str = "nearest"  # Keras load_img's default interpolation
-    scale: float = 1.0 / 255.0
+    image_size: int = setting(150, (_INT, 8, 1024), "side of the square model input in pixels")
+    channels: int = setting(3, (1, 3))  # the model's input channels; a grey image is replicated
+    resize_filter: str = setting("nearest", RESIZE_FILTERS,
+                                 "how images are resized to the input (nearest: Keras load_img's, as the paper; "
+                                 "area averages and does not alias full-size originals)")
+    scale: float = setting(1.0 / 255.0, (_FLOAT, 1e-12, 1.0))
 
     def normalize(self, pixels: "np.ndarray | Any") -> Any:
         """uint8 grey pixels -> floats the model expects (numpy or torch, any leading shape)."""
@@ -33,12 +49,15 @@ class Augmentation:
     """Training-time augmentation: the paper's is Keras ImageDataGenerator(zoom_range=0.5, vertical_flip=True);
     intensity changes (off in the paper) mimic another site's exposure and processing."""
 
-    zoom: float = 0.5  # zoom factor drawn uniformly in [1 - zoom, 1 + zoom], per axis independently
-    vertical_flip: bool = True
-    horizontal_flip: bool = False
-    gamma: float = 0.0  # pixel values (0..1) raised to a power drawn in [1 - gamma, 1 + gamma]
-    contrast: float = 0.0  # deviation from the image's mean scaled by a factor drawn in [1 - contrast, 1 + contrast]
-    brightness: float = 0.0  # an offset drawn in [-brightness, brightness], then values clipped to 0..1
+    zoom: float = setting(0.5, (_FLOAT, 0.0, 0.99), "zoom range: a factor drawn in [1-z, 1+z] per axis (0: off)")
+    vertical_flip: bool = setting(True, (_BOOL,), "flip images upside down at random")
+    horizontal_flip: bool = setting(False, (_BOOL,), "flip images left to right at random")
+    gamma: float = setting(0.0, (_FLOAT, 0.0, 0.9), "intensity augmentation: pixel values (0..1) raised to a "
+                                                    "power drawn in [1-g, 1+g] (0: off)")
+    contrast: float = setting(0.0, (_FLOAT, 0.0, 0.9), "intensity augmentation: deviations from the image's mean "
+                                                       "scaled by a factor in [1-c, 1+c] (0: off)")
+    brightness: float = setting(0.0, (_FLOAT, 0.0, 0.5), "intensity augmentation: an offset drawn in [-b, b], then "
+                                                         "values clipped to 0..1 (0: off)")
 
 
 @dataclass(frozen=True)
@@ -46,59 +65,61 @@ class DataConfig:
     """Where the images are and how the patient-level validation split is carved out of train."""
 
     root: str = ""  # the command line fills it from --data or $PNEUMOSCAN_DATA
-    val_fraction: float = 0.15
-    split_seed: int = 0
+    val_fraction: float = setting(0.15, (_FLOAT, 1e-6, 0.5 - 1e-6), "share of the training patients carved out "
+                                                                    "for validation")
+    split_seed: int = setting(0, (_INT, 0, 2**32 - 1), "seed of the patient-level validation split")
     # binary: NORMAL / PNEUMONIA; three-class: NORMAL / BACTERIAL / VIRAL (from Kermany's file names).
     # The validation split is the same for both.
-    task: str = "binary"
-
-
-# Named here rather than in models.py, so the command line can offer them without importing PyTorch.
-MODEL_NAMES = ("densenet121", "resnet18", "seed")  # the builders registered in models.py
-ACTIVATIONS = ("relu", "leaky_relu", "leaky_relu_30", "prelu")  # Table IV's rectifiers, for the paper's model
+    task: str = setting("binary", ("binary", "three-class"),
+                        "binary: normal / pneumonia; three-class: normal / bacterial / viral")
 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    name: str = "seed"
-    activation: str = "prelu"  # the paper's model only
-    pretrained: str = ""  # reference models: local file of ImageNet weights in torchvision's layout
-    # the paper's model: weight of each batch in BatchNorm's running statistics (PyTorch's convention;
-    # Keras' momentum=0.99 is 0.01 here). Larger batches mean fewer steps per epoch: 1 - 0.99 ** (B / 16)
-    # keeps the paper's horizon measured in images.
-    batchnorm_momentum: float = 0.01
+    name: str = setting("seed", MODEL_NAMES, "registered model: seed (the paper's CNN), resnet18, densenet121",
+                        flag="--model")
+    activation: str = setting("prelu", ACTIVATIONS, "the paper's model: one of Table IV's rectifiers")
+    pretrained: str = setting("", None, "resnet18 / densenet121: a local file of ImageNet weights (torchvision layout)")
+    # PyTorch's convention: Keras' momentum=0.99 is 0.01 here. Larger batches mean fewer steps per epoch:
+    # 1 - 0.99 ** (B / 16) keeps the paper's horizon measured in images.
+    batchnorm_momentum: float = setting(0.01, (_FLOAT, 0.0, 1.0), "the paper's model: weight of each batch in "
+                                                                 "BatchNorm's running statistics")
 
 
 @dataclass(frozen=True)
 class TrainConfig:
     """The paper's recipe: Adam 1e-3 (Keras defaults), BCE, batch 16, 11 epochs, LR x0.3 after 2 flat epochs."""
 
-    epochs: int = 11
-    batch_size: int = 16
-    lr: float = 1e-3
-    adam_eps: float = 1e-7  # Keras' Adam epsilon
-    lr_factor: float = 0.3
-    lr_patience: int = 2
-    early_stopping: bool = False
-    early_stopping_patience: int = 3
-    early_stopping_min_delta: float = 0.1  # on validation accuracy, as the notebook defined it
-    drop_last: bool = True  # Keras: steps_per_epoch = samples // batch_size
-    class_weight: str = "none"  # none | balanced: weight each class's loss by N / (2 * N_class)
-    sampling: str = "shuffle"  # shuffle | balanced: draw each class equally often (with replacement)
-    eval_batch_size: int = 64
-    seed: int = 0
-    threshold: float = 0.5  # used as is by the 'fixed' rule
-    threshold_rule: str = "fixed"  # fixed | youden | sensitivity: chosen on validation after training
-    target_sensitivity: float = 0.95  # for the 'sensitivity' rule
-    # youden / sensitivity: the threshold is the median of the rule's optimum over this many bootstrap
-    # resamples of validation (0: the rule's optimum on validation itself, which may sit at a plateau's edge)
-    threshold_resamples: int = 200
-    # none | temperature | platt: probabilities calibrated on validation by one temperature (decisions at 0.5
-    # unchanged) or by Platt scaling (a temperature and an offset: 0.5 is even odds at validation's prevalence)
-    calibration: str = "none"
-    # fp32 | bf16: bf16 runs the training forward pass under BF16 autocast (weights, optimizer state,
-    # loss and BatchNorm statistics stay FP32; validation and inference run in FP32)
-    precision: str = "fp32"
+    epochs: int = setting(11, (_INT, 1, 100_000), "passes over the training split")
+    batch_size: int = setting(16, (_INT, 1, 65_536), "images per training step (per process)")
+    lr: float = setting(1e-3, (_FLOAT, 1e-12, 10.0), "Adam's learning rate")
+    adam_eps: float = setting(1e-7, (_FLOAT, 1e-30, 1.0))  # Keras' Adam epsilon
+    lr_factor: float = setting(0.3, (_FLOAT, 1e-6, 1.0))
+    lr_patience: int = setting(2, (_INT, 0, 100_000))
+    early_stopping: bool = setting(False, (_BOOL,), "stop when validation accuracy stops improving (Keras "
+                                                    "semantics of the notebook)")
+    early_stopping_patience: int = setting(3, (_INT, 1, 100_000))
+    early_stopping_min_delta: float = setting(0.1, (_FLOAT, 0.0, 1.0))  # on validation accuracy, as the notebook
+    drop_last: bool = setting(True, (_BOOL,))  # Keras: steps_per_epoch = samples // batch_size
+    class_weight: str = setting("none", ("none", "balanced"), "balanced: weight each class's loss by N / (2 N_class)")
+    sampling: str = setting("shuffle", ("shuffle", "balanced"), "balanced: draw both classes equally often")
+    eval_batch_size: int = setting(64, (_INT, 1, 65_536))
+    seed: int = setting(0, (_INT, 0, 2**31 - 1))  # train's own --seed (compare runs several)
+    threshold: float = setting(0.5, (_FLOAT, 0.0, 1.0))  # used as is by the 'fixed' rule
+    threshold_rule: str = setting("fixed", ("fixed", "youden", "sensitivity"),
+                                  "how the decision threshold is chosen on validation after training")
+    target_sensitivity: float = setting(0.95, (_FLOAT, 1e-6, 1.0), "for --threshold-rule sensitivity")
+    threshold_resamples: int = setting(200, (_INT, 0, 100_000),
+                                       "youden / sensitivity: the threshold is the median of the rule's optimum over "
+                                       "this many bootstrap resamples of validation (0: the optimum on validation "
+                                       "itself, which may sit at a plateau's edge)")
+    calibration: str = setting("none", ("none", "temperature", "platt"),
+                               "calibrate probabilities on validation: one temperature (keeps decisions at 0.5) or "
+                               "Platt scaling (temperature and offset: 0.5 is even odds at validation's prevalence)")
+    precision: str = setting("fp32", ("fp32", "bf16"),
+                             "training arithmetic: bf16 runs forward passes under BF16 autocast (weights, optimizer "
+                             "state, loss and validation stay FP32; on a CPU without native BF16 refused, or "
+                             "emulated with PNEUMOSCAN_ALLOW_EMULATED_BF16=1)")
 
 
 @dataclass(frozen=True)
@@ -149,12 +170,12 @@ def _from_dict(cls: type, d: dict[str, Any]) -> Any:
         raise ValueError(f"unknown {cls.__name__} settings: {', '.join(sorted(unknown))}")
     kwargs = {}
     for name, value in d.items():
-        sub = _SECTIONS.get(name) if cls is Config else None
+        sub = SECTIONS.get(name) if cls is Config else None
         kwargs[name] = _from_dict(sub, value) if sub else value
     return cls(**kwargs)
 
 
-_SECTIONS = {
+SECTIONS = {
     "data": DataConfig,
     "preprocessing": Preprocessing,
     "augmentation": Augmentation,
@@ -162,46 +183,10 @@ _SECTIONS = {
     "train": TrainConfig,
 }
 
-_INT, _FLOAT, _BOOL = "int", "float", "bool"
-# (section, field) -> (type, minimum, maximum) with both ends included, or a tuple of the allowed values
+# (section, field) -> its rule (see `setting`), for every field that has one
 LIMITS: dict[tuple[str, str], tuple[Any, ...]] = {
-    ("data", "val_fraction"): (_FLOAT, 1e-6, 0.5 - 1e-6),
-    ("data", "split_seed"): (_INT, 0, 2**32 - 1),
-    ("data", "task"): ("binary", "three-class"),
-    ("preprocessing", "image_size"): (_INT, 8, 1024),
-    ("preprocessing", "channels"): (1, 3),
-    ("preprocessing", "scale"): (_FLOAT, 1e-12, 1.0),
-    ("augmentation", "zoom"): (_FLOAT, 0.0, 0.99),
-    ("augmentation", "vertical_flip"): (_BOOL,),
-    ("augmentation", "horizontal_flip"): (_BOOL,),
-    ("augmentation", "gamma"): (_FLOAT, 0.0, 0.9),
-    ("augmentation", "contrast"): (_FLOAT, 0.0, 0.9),
-    ("augmentation", "brightness"): (_FLOAT, 0.0, 0.5),
-    ("model", "name"): MODEL_NAMES,
-    ("model", "activation"): ACTIVATIONS,
-    ("model", "batchnorm_momentum"): (_FLOAT, 0.0, 1.0),
-    ("train", "epochs"): (_INT, 1, 100_000),
-    ("train", "batch_size"): (_INT, 1, 65_536),
-    ("train", "eval_batch_size"): (_INT, 1, 65_536),
-    ("train", "lr"): (_FLOAT, 1e-12, 10.0),
-    ("train", "adam_eps"): (_FLOAT, 1e-30, 1.0),
-    ("train", "lr_factor"): (_FLOAT, 1e-6, 1.0),
-    ("train", "lr_patience"): (_INT, 0, 100_000),
-    ("train", "early_stopping"): (_BOOL,),
-    ("train", "early_stopping_patience"): (_INT, 1, 100_000),
-    ("train", "early_stopping_min_delta"): (_FLOAT, 0.0, 1.0),
-    ("train", "drop_last"): (_BOOL,),
-    ("train", "class_weight"): ("none", "balanced"),
-    ("train", "sampling"): ("shuffle", "balanced"),
-    ("train", "seed"): (_INT, 0, 2**31 - 1),
-    ("train", "threshold"): (_FLOAT, 0.0, 1.0),
-    ("train", "threshold_rule"): ("fixed", "youden", "sensitivity"),
-    ("train", "target_sensitivity"): (_FLOAT, 1e-6, 1.0),
-    ("train", "threshold_resamples"): (_INT, 0, 100_000),
-    ("train", "calibration"): ("none", "temperature", "platt"),
-    ("train", "precision"): ("fp32", "bf16"),
-}
-
+    (section, f.name): f.metadata["rule"] for section, cls in SECTIONS.items() for f in fields(cls)
+    if f.metadata.get("rule")}
 
 def _check_value(value: Any, rule: tuple[Any, ...]) -> str:
     """'' when `value` obeys `rule` (see LIMITS), else what is wrong with it."""
