@@ -194,6 +194,7 @@ def build_ensemble(paths: Sequence[str | os.PathLike], out: str | os.PathLike, t
     from .inference import freeze
     from .models import pneumonia_logit
     from .ood import fit_for_model, training_splits
+    from .overlap import training_record
     from .runtime import select_device
     from .train import DeviceSplit, operating_point, validation_logits
 
@@ -216,6 +217,7 @@ def build_ensemble(paths: Sequence[str | os.PathLike], out: str | os.PathLike, t
     ckpt = ckpt_io.make_checkpoint(plain, cfg, threshold=cfg.train.threshold, metrics={"val": val})
     ckpt.update(operating_point(cfg, val_labels, pneumonia_logit(logits).cpu().numpy(), train_prevalence))
     ckpt["cam_layer"] = list(plain.cam_layer)
+    ckpt["training_images"] = training_record(cached["train"].pixels, [s.patient for s in cached["train"].samples])
     if hasattr(model, "ood_layers"):
         ckpt["ood"] = fit_for_model(model, data["train"].pixels, data["train"].labels.cpu().numpy(),
                                     data["val"].pixels, cfg.preprocessing, cfg.train.eval_batch_size).to_checkpoint()

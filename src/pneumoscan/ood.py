@@ -206,6 +206,7 @@ def fit_checkpoint(checkpoint: str, data_root: str | None = None, out: str | Non
     from . import checkpoint as ckpt_io
     from .data import task_labels
     from .inference import freeze
+    from .overlap import training_record
     from .runtime import select_device
 
     dev = select_device(device)
@@ -219,7 +220,8 @@ def fit_checkpoint(checkpoint: str, data_root: str | None = None, out: str | Non
                              task_labels(cached["train"].samples, cfg.data.task),
                              torch.from_numpy(cached["val"].pixels).to(dev), cfg.preprocessing,
                              cfg.train.eval_batch_size, quantile)
-    raw = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    raw = dict(loaded.checkpoint)
     raw["ood"] = detector.to_checkpoint()
+    raw.setdefault("training_images", training_record(cached["train"].pixels, [s.patient for s in cached["train"].samples]))
     ckpt_io.save(raw, out or checkpoint)
     return detector

@@ -41,6 +41,7 @@ from .metrics import binary_metrics, choose_threshold, decide, stable_threshold
 from .prevalence import sigmoid
 from .models import load_pretrained, pneumonia_logit, probabilities
 from .ood import fit_for_model
+from .overlap import training_record
 from .rundir import REPLACED, prepare_run_dir, settle_replaced
 from .runtime import (Distributed, autocast, bf16_is_emulated, check_precision, init_distributed, keep_freed_memory,
                       memory_format, peak_memory_mb, seed_everything, training_arithmetic)
@@ -462,6 +463,10 @@ def _train(cfg: Config, out: Path, dev: torch.device, ddp: Distributed, resume: 
     # epoch trains (PyTorch releases the GIL inside its kernels)
     threading.Thread(target=_import_quietly, args=("sklearn.metrics",), daemon=True).start()
 
+    if ddp.is_main and getattr(run.model, "regularization_loss", None):
+        log.info("train_loss and val_loss are Keras' loss, by which best.pt is chosen: the cross-entropy plus the "
+                 "L2 penalty of the dense kernels (0.01 x their squared weights, as the paper); val_bce is the "
+                 "cross-entropy alone")
     for epoch in range(run.start_epoch, cfg.train.epochs + 1):
         row, va, stop = run_epoch(run, net, data, epoch, ddp, progress, class_weights, graphs, val_graphs)
         improved, run.best_loss = va["loss"] < run.best_loss, min(run.best_loss, va["loss"])
@@ -483,7 +488,7 @@ def _train(cfg: Config, out: Path, dev: torch.device, ddp: Distributed, resume: 
         tracker.close()
     if not ddp.is_main:
         return {}
-    summary = finish(out, run, data, val_graphs)
+    summary = finish(out, run, data, val_graphs, [s.patient for s in cached["train"].samples])
     summary.update(unreadable_files={**cached["train"].errors, **cached["val"].errors}, started=round(started, 3),
                    device=str(dev), processes=ddp.world_size, threads=torch.get_num_threads(),
                    wall_seconds=round(time.perf_counter() - marks["start"], 1),
@@ -516,11 +521,12 @@ def run_epoch(run: Run, net: nn.Module, data: dict[str, DeviceSplit], epoch: int
     return row, va, stop
 
 
-def finish(out: Path, run: Run, data: dict[str, DeviceSplit], val_graphs: dict[str, CudaGraphForward] | None) -> dict[str, Any]:
+def finish(out: Path, run: Run, data: dict[str, DeviceSplit], val_graphs: dict[str, CudaGraphForward] | None,
+           train_patients: list[str]) -> dict[str, Any]:
     """Give best.pt the complete history (for the curves), its operating point chosen on validation
-    (`operating_point`): calibration, the threshold and its interval, the training prevalence, and its
-    out-of-distribution detector (fitted on the training split, threshold on validation); return the
-    summary's training figures."""
+    (`operating_point`): calibration, the threshold and its interval, the training prevalence, its
+    out-of-distribution detector (fitted on the training split, threshold on validation) and the record of
+    its training images (`overlap.training_record`); return the summary's training figures."""
     best = torch.load(out / "best.pt", map_location="cpu", weights_only=True)
     run.model.load_state_dict(best["state_dict"])
     val_logits = pneumonia_logit(validation_logits(run.model, data["val"], run.cfg, val_graphs).float()).cpu().numpy()
@@ -532,6 +538,7 @@ def finish(out: Path, run: Run, data: dict[str, DeviceSplit], val_graphs: dict[s
     else:
         log.warning("%s names no ood_layers: this checkpoint gets no out-of-distribution score", type(run.model).__name__)
     best["history"] = run.history
+    best["training_images"] = training_record(data["train"].pixels.cpu().numpy(), train_patients)
     ckpt_io.save(best, out / "best.pt")
     epochs_run = [h for h in run.history if h["epoch"] >= run.start_epoch]
     steady = [h["train_images_per_s"] for h in epochs_run[1:]] or [h["train_images_per_s"] for h in epochs_run]
