@@ -135,9 +135,20 @@ def test_model_info_card_page_and_openapi(client):
     card = client.get("/api/model-card").text
     assert "## Intended use" in card and "## Limitations" in card and "Pediatric" in card
     assert f"at or above {info['ood_threshold']:.2f}" in card and "outside what this model was trained on" in card
-    page = client.get("/").text
-    assert "not a medical device" in page and "api/predict" in page
+    page = client.get("/")
+    assert "not a medical device" in page.text and "api/predict" in page.text
+    assert page.headers["content-type"].startswith("text/html")
     assert "/api/predict" in client.get("/openapi.json").json()["paths"]
+
+
+def test_the_page_is_the_packaged_file_and_links_the_docs_and_the_model_card(client):
+    from importlib.resources import files
+
+    packaged = files("pneumoscan").joinpath("static", "index.html").read_text(encoding="utf-8")
+    page = client.get("/").text
+    assert page == packaged
+    assert 'href="docs"' in page and 'href="api/model-card"' in page  # relative: they work behind a path prefix
+    assert client.get("/docs").status_code == 200
 
 
 def test_model_card_reports_confidence_intervals_from_an_evaluation(checkpoint):
