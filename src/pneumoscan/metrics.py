@@ -229,3 +229,28 @@ def bootstrap_ci(labels: np.ndarray, probs: np.ndarray, threshold: float, n_boot
     alpha = (1 - level) / 2
     return {k: ([float(np.quantile(v, alpha)), float(np.quantile(v, 1 - alpha))] if len(v) >= n_boot // 2 else None)
             for k, v in samples.items()}
+
+
+TRADE_OFF_THRESHOLDS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+
+
+def threshold_table(labels: np.ndarray, probs: np.ndarray, thresholds: Any = TRADE_OFF_THRESHOLDS) -> list[dict[str, Any]]:
+    """One row per distinct threshold, in increasing order: the counts (tp, fp, tn, fn) and sensitivity,
+    specificity, PPV, NPV and accuracy when pneumonia is called at P >= threshold. A rate whose denominator is
+    empty is None."""
+    labels = np.asarray(labels).astype(int)
+    probs = np.asarray(probs, dtype=np.float64)
+    positive = labels == 1
+
+    def ratio(a: int, b: int) -> float | None:
+        return a / b if b else None
+
+    rows = []
+    for t in sorted({float(t) for t in thresholds}):
+        called = probs >= t
+        tp, fp = int(np.sum(called & positive)), int(np.sum(called & ~positive))
+        fn, tn = int(np.sum(~called & positive)), int(np.sum(~called & ~positive))
+        rows.append({"threshold": t, "tp": tp, "fp": fp, "tn": tn, "fn": fn,
+                     "sensitivity": ratio(tp, tp + fn), "specificity": ratio(tn, tn + fp),
+                     "ppv": ratio(tp, tp + fp), "npv": ratio(tn, tn + fn), "accuracy": ratio(tp + tn, len(labels))})
+    return rows
