@@ -1,12 +1,15 @@
-"""PNG plots of a run: training curves, ROC curve, confusion matrix (matplotlib, no display needed)."""
+"""PNG plots of a run: training curves, ROC and PR curves, confusion matrix, reliability diagram, score
+histograms per class (matplotlib, no display needed)."""
 
 from __future__ import annotations
 
 import io
+import math
 from pathlib import Path
 from typing import Any, Sequence
 
 import matplotlib
+import numpy as np
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -57,17 +60,45 @@ def roc_curve_plot(fpr: Sequence[float], tpr: Sequence[float], auc: float | None
 
 
 def confusion_matrix_plot(cm: Sequence[Sequence[int]], class_names: Sequence[str], out: Path, threshold: float) -> Path:
-    fig, ax = plt.subplots(figsize=(4, 3.6))
-    ax.imshow(cm, cmap="Blues")
-    top = max(max(row) for row in cm) or 1
+    """Counts with the share of their true class (row percentages): a row reads as that class's outcomes."""
+    fig, ax = plt.subplots(figsize=(4.4, 3.8))
+    shares = row_shares(cm)
+    ax.imshow(shares, cmap="Blues", vmin=0, vmax=1)  # shaded by share, so a rare class's row is as readable
     for i, row in enumerate(cm):
         for j, v in enumerate(row):
-            ax.text(j, i, str(v), ha="center", va="center", color="white" if v > top / 2 else "black", fontsize=13)
+            share = "n/a" if math.isnan(shares[i][j]) else f"{100 * shares[i][j]:.1f}%"
+            ax.text(j, i, f"{v}\n{share}", ha="center", va="center", fontsize=12,
+                    color="white" if shares[i][j] > 0.5 else "black")
     ax.set_xticks(range(len(class_names)), class_names)
     ax.set_yticks(range(len(class_names)), class_names)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
-    ax.set_title(f"Confusion matrix (threshold {threshold:.2f})")
+    ax.set_xlabel("predicted class")
+    ax.set_ylabel("true class")
+    ax.set_title(f"Confusion matrix (threshold {threshold:.2f})\ncount and % of the true class", fontsize=10)
+    return _save(fig, out)
+
+
+def row_shares(cm: Sequence[Sequence[int]]) -> list[list[float]]:
+    """Each count as a fraction of its row (its true class); NaN for a class with no images."""
+    return [[v / sum(row) if sum(row) else float("nan") for v in row] for row in cm]
+
+
+def score_histograms(labels: Sequence[int], probs: Sequence[float], threshold: float, out: Path,
+                     class_names: Sequence[str] = ("NORMAL", "PNEUMONIA")) -> Path:
+    """P(pneumonia) per true class, as two histograms over [0, 1], with the decision threshold drawn."""
+    labels, probs = np.asarray(labels).astype(int), np.asarray(probs, dtype=np.float64)
+    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    bins = np.linspace(0, 1, 26)
+    for k, (name, colour) in enumerate(zip(class_names, ("tab:blue", "tab:orange"))):
+        scores = probs[labels == k]  # filled and outlined, so a small class stays visible behind a large one
+        ax.hist(scores, bins=bins, color=colour, alpha=0.3)
+        ax.hist(scores, bins=bins, color=colour, histtype="step", lw=1.8, label=f"true {name} (n = {len(scores)})")
+    ax.axvline(threshold, color="crimson", ls="--", lw=1.5, label=f"threshold {threshold:.3f}")
+    ax.set_xlim(0, 1)
+    ax.set_xlabel("predicted probability of pneumonia")
+    ax.set_ylabel("images")
+    ax.set_title("Scores per true class")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
     return _save(fig, out)
 
 
