@@ -24,8 +24,10 @@ from .inference import freeze, model_input, predict_logits
 from .models import probabilities
 from .ood import Detector, forward_with_features
 from .predict import estimate_and_apply, image_result, parse_prevalence
+from .provenance import provenance
 from .records import result_cells, result_columns, write_results_csv
 from .report import write_eval_report
+from .review import write_review
 from .runtime import keep_freed_memory, select_device
 
 
@@ -79,6 +81,7 @@ def evaluate(checkpoint: str | Path, split: str, out: str | Path, data_root: str
         "data": split_summary(cached.samples),
         "unreadable_files": cached.errors,
         "ood": _ood_summary(detector, ood_scores),
+        "provenance": provenance(checkpoint, cfg.data.root, split, dev),
     }
     if class_probs is not None:  # the figures above are pneumonia vs normal; these are per class
         result["three_class"] = multiclass_metrics(classes, class_probs, threshold, loaded.class_names)
@@ -87,6 +90,7 @@ def evaluate(checkpoint: str | Path, split: str, out: str | Path, data_root: str
     _write_predictions(out / "predictions.csv", [s.path for s in cached.samples], classes, probs, class_probs,
                        loaded.class_names, output, ood_scores, detector)
     _plots(out, loaded, result, labels, probs, threshold)
+    write_review(out, loaded, [s.path for s in cached.samples], cached.pixels, labels, probs, threshold, dev)
     write_eval_report(out)
     return result
 
