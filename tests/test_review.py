@@ -164,3 +164,22 @@ def _has_monai() -> bool:
     import importlib.util
 
     return importlib.util.find_spec("monai") is not None
+
+
+def test_the_review_of_an_earlier_evaluation_into_the_same_folder_is_replaced(tmp_path, monkeypatch):
+    from pneumoscan import review as review_module
+
+    monkeypatch.setattr(review_module, "gradcam_maps", lambda *a: (None, "not in this test"))
+    gallery = tmp_path / "gallery"
+    gallery.mkdir()
+    for name in ("false_positive-9.jpg", "true_positive-1-gradcam.jpg", "colour_bar.png", "notes.txt"):
+        (gallery / name).write_bytes(b"earlier")
+    labels = np.array([0, 0, 0, 1, 1, 1])
+    probs = np.array([0.9, 0.2, 0.1, 0.3, 0.8, 0.7])
+    pixels = np.random.default_rng(0).integers(0, 256, (6, 32, 32), dtype=np.uint8)
+    review = review_module.write_review(tmp_path, None, [f"/d/{i}.png" for i in range(6)], pixels, labels, probs, 0.5,
+                                        None)
+    assert [(e["kind"], e["path"]) for e in review["gallery"]] == [("false_positive", "/d/0.png"),
+                                                                   ("false_negative", "/d/3.png")]
+    assert sorted(p.name for p in gallery.iterdir()) == ["false_negative-1.jpg", "false_positive-1.jpg", "notes.txt"]
+    assert json.loads((tmp_path / "review.json").read_text()) == review

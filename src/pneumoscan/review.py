@@ -77,7 +77,20 @@ def write_review(out: str | os.PathLike, loaded: Any, paths: list[str], pixels: 
     review = {"threshold": float(threshold), "trade_offs": table, "gallery": entries,
               "gradcam": {"available": heats is not None, "reason": reason}}
     write_json(out / "review.json", review)
+    _forget_earlier(out / "gallery", {Path(e[k]).name for e in entries for k in ("thumbnail", "gradcam") if e[k]}
+                    | ({"colour_bar.png"} if heats is not None else set()))
     return review
+
+
+def _forget_earlier(folder: Path, kept: set[str]) -> None:
+    """Remove what an earlier evaluation into the same folder left in gallery/ (its other mistakes), so the
+    folder shows this evaluation's examples only; files of other names are not ours and stay."""
+    if not folder.is_dir():
+        return
+    for f in folder.iterdir():
+        ours = f.name == "colour_bar.png" or f.name.startswith(tuple(f"{k}-" for k in KINDS))
+        if ours and f.name not in kept and f.is_file():
+            f.unlink(missing_ok=True)
 
 
 @dataclass
