@@ -63,14 +63,17 @@ def _gradcam(model: nn.Module, cam_layer: str | Sequence[str]):
     # frozen, autograd's graph starts at those layers and the backward pass skips the layers below them.
     for param in model.parameters():
         param.requires_grad_(False)
-    for layer in layers:
-        for param in model.get_submodule(layer).parameters():
-            param.requires_grad_(True)
+    hooked = [param for layer in layers for param in model.get_submodule(layer).parameters()]
+    for param in hooked:
+        param.requires_grad_(True)
     # MONAI puts the module back in the mode it found it in: give it the model's (eval) mode.
     # MONAI's default post-processing maps each map's (min, max) to (1, 0), flipping it: scale it the right way up.
     targets = [f"model.{layer}" for layer in layers]
-    return GradCAM(nn_module=_TwoDimLogits(model).train(model.training),
-                   target_layers=targets[0] if len(targets) == 1 else targets, postprocessing=_min_max)
+    cam = GradCAM(nn_module=_TwoDimLogits(model).train(model.training),
+                  target_layers=targets[0] if len(targets) == 1 else targets, postprocessing=_min_max)
+    # A hooked layer without parameters (ReLU, LeakyReLU) starts no graph: the input's gradient must start it.
+    cam.needs_input_grad = not hooked
+    return cam
 
 
 def _cam_maps(cam: Any, x: torch.Tensor) -> torch.Tensor:
@@ -81,6 +84,8 @@ def _cam_maps(cam: Any, x: torch.Tensor) -> torch.Tensor:
     more rows than `x` (an ensemble's test-time views) give the maps of their first N rows, the images as
     they are."""
     n = len(x)
+    if getattr(cam, "needs_input_grad", False):
+        x = x.detach().requires_grad_(True)
     if len(cam.nn_module.target_layers) == 1:
         return cam(x, class_idx=0)[:n]
     _, activations, gradients = cam.nn_module(x, class_idx=0)
