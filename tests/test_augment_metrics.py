@@ -119,3 +119,36 @@ def test_bootstrap_intervals_contain_the_point_estimate_and_shrink_with_n():
     y2, p2 = data(3000)
     ci2 = bootstrap_ci(y2, p2, 0.5, n_boot=300)
     assert ci2["accuracy"][1] - ci2["accuracy"][0] < ci["accuracy"][1] - ci["accuracy"][0]
+
+
+def test_probabilities_within_float32_noise_rank_as_ties_in_every_ranking_metric():
+    """A nearly constant model scored by two inference forms whose outputs differ in float32's last bits
+    gets one ROC AUC (0.5, all tied), not two chance values; well separated scores keep scikit-learn's."""
+    from sklearn.metrics import roc_auc_score
+
+    from pneumoscan.metrics import binary_metrics, bootstrap_ci, ranking_scores, roc_points
+
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 400)
+    base = 0.7310586
+    one, other = (base + rng.uniform(-2e-7, 2e-7, 400) for _ in range(2))
+    assert roc_auc_score(y, one) != roc_auc_score(y, other)  # what float noise alone does to a raw AUC
+    assert binary_metrics(y, one)["roc_auc"] == binary_metrics(y, other)["roc_auc"] == 0.5
+    assert bootstrap_ci(y, one, 0.5, n_boot=50)["roc_auc"] == [0.5, 0.5]
+    assert len(roc_points(y, one)[0]) == 2  # one step: every score tied
+    p = rng.permutation(np.linspace(0.001, 0.999, 400))  # neighbours 2.5e-3 apart: no tie
+    assert binary_metrics(y, p)["roc_auc"] == roc_auc_score(y, p)
+    assert np.array_equal(ranking_scores(p), p) and ranking_scores(np.array([])).size == 0
+
+
+def test_wilson_intervals_do_not_collapse_where_every_image_is_right():
+    from pneumoscan.metrics import confidence_intervals, wilson_interval
+
+    assert wilson_interval(12, 12) == pytest.approx([0.7575, 1.0], abs=1e-4)
+    assert wilson_interval(0, 12)[0] == 0.0 and wilson_interval(0, 0) is None
+    lo, hi = wilson_interval(706, 745)  # the textbook formula, and the bootstrap's neighbourhood at this size
+    assert lo == pytest.approx(0.9292, abs=1e-4) and hi == pytest.approx(0.9615, abs=1e-4)
+    y = np.array([0] * 6 + [1] * 6)
+    intervals, degenerate = confidence_intervals(y, np.where(y == 1, 0.9, 0.1), 0.5)
+    assert intervals["accuracy"][0] < 0.8 and intervals["accuracy"][1] == 1.0
+    assert set(degenerate) == {"f1", "roc_auc", "average_precision"}

@@ -123,3 +123,35 @@ def test_help_does_not_load_pytorch_or_scikit_learn(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "pneumoscan", "audit", "--data", str(missing), "--out", str(tmp_path / "a")],
                           capture_output=True, text=True)
     assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [f"pneumoscan audit: error: {missing}: data folder not found (pass --data or set PNEUMOSCAN_DATA)"]
+
+
+def test_evaluate_refuses_images_the_checkpoint_was_trained_on_and_warns_on_few(tiny_data, tmp_path, capsys):
+    """Another root holding copies of training images (renamed, so no patient id gives them away): evaluate's
+    "val" of it is refused in one line, or scored with --allow-training-images under loud warnings, with
+    intervals that do not collapse to [1, 1]."""
+    import shutil
+
+    run = tmp_path / "run"
+    assert main(["train", "--data", str(tiny_data), "--out", str(run), "--epochs", "1", "--image-size", "48",
+                 "--batch-size", "8", "--no-eval", "--no-progress", "--device", "cpu"]) == 0
+    trained = json.loads((run / "split.json").read_text())["train"]["files"]
+    subset = tmp_path / "subset"
+    for cls, prefix in (("NORMAL", "IM-9"), ("PNEUMONIA", "person9")):
+        (subset / "train" / cls).mkdir(parents=True)
+        for k, f in enumerate([f for f in trained if f"/{cls}/" in f][:8]):
+            name = f"{prefix}{k:03d}-0001.jpeg" if cls == "NORMAL" else f"{prefix}{k:03d}_virus_1.jpeg"
+            shutil.copy(f, subset / "train" / cls / name)
+    capsys.readouterr()
+    args = ["evaluate", str(run / "best.pt"), "--data", str(subset), "--split", "val", "--out", str(tmp_path / "ev"),
+            "--no-progress"]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "images best.pt was trained on" in err[0].replace(str(run) + "/", "") and "--allow-training-images" in err[0]
+    assert main(args + ["--allow-training-images"]) == 0
+    m = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    assert m["training_overlap"]["images"] == m["n"] and m["training_overlap"]["patients"] == 0
+    assert any("training images of this checkpoint" in w for w in m["warnings"])
+    assert any(w.startswith("few images") for w in m["warnings"])
+    assert "Wilson" in m["ci_method"] and all(0 <= lo < hi <= 1 for lo, hi in (m["ci95"][k] for k in ("accuracy", "recall")))
+    assert m["ci95"]["accuracy"][0] < 0.9  # a handful of images bounds nothing tightly, whatever the model scored
+    assert "warning: " in capsys.readouterr().err

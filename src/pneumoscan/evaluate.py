@@ -16,13 +16,14 @@ import torch
 from . import checkpoint as ckpt_io
 from . import plots
 from .ensemble import describe as describe_ensemble
-from .data import cache_images, load_split, split_summary, task_labels
-from .metrics import binary_metrics, bootstrap_ci, calibration, multiclass_metrics, pr_points, roc_points
+from .data import DataError, cache_images, load_split, split_summary, task_labels
+from .metrics import CI_METHOD, binary_metrics, calibration, confidence_intervals, multiclass_metrics, pr_points, roc_points
 from .fileio import write_json
 from .calibration import OutputMap, move, output_map
 from .inference import freeze, model_input, predict_logits
 from .models import probabilities
 from .ood import Detector, forward_with_features
+from .overlap import training_overlap
 from .predict import estimate_and_apply, image_result, parse_prevalence
 from .provenance import provenance
 from .records import result_cells, result_columns, write_results_csv
@@ -31,14 +32,21 @@ from .review import write_review
 from .runtime import keep_freed_memory, select_device
 
 
+# Fewer images of a class than this, or an accuracy interval wider than MAX_INTERVAL, gets a warning.
+MIN_PER_CLASS = 30
+MAX_INTERVAL = 0.10
+
+
 def evaluate(checkpoint: str | Path, split: str, out: str | Path, data_root: str | None = None, device: str = "auto",
-             progress: bool = True, prevalence: float | str | None = None, estimate: bool = False) -> dict[str, Any]:
+             progress: bool = True, prevalence: float | str | None = None, estimate: bool = False,
+             allow_training_images: bool = False) -> dict[str, Any]:
     """Score `checkpoint` on `split` of the data; writes metrics.json, predictions.csv and PNG plots into `out`.
 
     Probabilities go through the checkpoint's `OutputMap`, as in predict: calibration, then `prevalence`
     (a number, or "estimated": the EM estimate from the images alone, never their labels). `estimate`
     records the estimate without using it. When the prior moved, the figures at the model's own prior are
-    kept under "at_model_prior" for comparison."""
+    kept under "at_model_prior" for comparison. Images the checkpoint was trained on are refused (DataError)
+    unless `split` is "train" or `allow_training_images`; what makes the figures weak is in "warnings"."""
     out = Path(out)
     keep_freed_memory()
     dev = select_device(device)
@@ -48,6 +56,13 @@ def evaluate(checkpoint: str | Path, split: str, out: str | Path, data_root: str
         cfg = replace(cfg, data=replace(cfg.data, root=str(data_root)))
     samples = load_split(cfg.data, split)
     cached = cache_images(samples, cfg.preprocessing, progress=progress)
+    overlap = training_overlap(loaded.checkpoint, cached.pixels, [s.path for s in cached.samples],
+                               [s.patient for s in cached.samples])
+    if split != "train" and overlap["images"] and not allow_training_images:
+        raise DataError(f"{overlap['images']} of the {len(cached.samples)} images of the {split} split under "
+                        f"{cfg.data.root} are images {checkpoint} was trained on (pixel for pixel), e.g. "
+                        f"{', '.join(overlap['examples'][:3])}: their figures would say nothing about new patients. "
+                        "Evaluate on images the model has not seen, or pass --allow-training-images to score them anyway")
     classes = task_labels(cached.samples, cfg.data.task)
     pixels = torch.from_numpy(cached.pixels).to(dev)
     detector = Detector.from_checkpoint(loaded.checkpoint)
@@ -61,6 +76,7 @@ def evaluate(checkpoint: str | Path, split: str, out: str | Path, data_root: str
     labels = (classes > 0).astype(int)
     metrics = binary_metrics(labels, probs, threshold)
     calib = calibration(labels, probs)
+    intervals, degenerate = confidence_intervals(labels, probs, threshold)
     result = {
         "checkpoint": str(checkpoint),
         "split": split,
@@ -74,8 +90,10 @@ def evaluate(checkpoint: str | Path, split: str, out: str | Path, data_root: str
         "prior_source": output.source,
         "prevalence_estimate": estimated,
         "at_model_prior": _unadjusted(labels, model_probs, base) if output.prior is not None else None,
-        "ci95": bootstrap_ci(labels, probs, threshold),
-        "ci_method": "percentile bootstrap over images, 1000 resamples",
+        "ci95": intervals,
+        "ci_method": CI_METHOD,
+        "warnings": evaluation_warnings(split, labels, intervals, degenerate, overlap),
+        "training_overlap": overlap,
         "calibration": calib,
         "class_names": loaded.class_names,
         "data": split_summary(cached.samples),
@@ -93,6 +111,32 @@ def evaluate(checkpoint: str | Path, split: str, out: str | Path, data_root: str
     write_review(out, loaded, [s.path for s in cached.samples], cached.pixels, labels, probs, threshold, dev)
     write_eval_report(out)
     return result
+
+
+def evaluation_warnings(split: str, labels: np.ndarray, intervals: dict[str, Any], degenerate: list[str],
+                        overlap: dict[str, Any]) -> list[str]:
+    """What a reader of these figures must know: too few images, intervals that collapsed, training images
+    or training patients among the scored ones, or a checkpoint that cannot tell."""
+    found = []
+    counts = {"NORMAL": int((labels == 0).sum()), "PNEUMONIA": int((labels == 1).sum())}
+    few = [f"{n} {name}" for name, n in counts.items() if n < MIN_PER_CLASS]
+    acc = intervals.get("accuracy")
+    if few or (acc and acc[1] - acc[0] > MAX_INTERVAL):
+        found.append(f"few images: {len(labels)} ({', '.join(few) or 'both classes'} under {MIN_PER_CLASS} or an "
+                     f"accuracy interval of {acc[0]:.3f}-{acc[1]:.3f}); these figures are imprecise")
+    if degenerate:
+        found.append(f"the bootstrap intervals of {', '.join(degenerate)} collapsed to one value: too few images "
+                     "(or errors) to resample, not certainty")
+    if split != "train":
+        if overlap["images"]:
+            found.append(f"{overlap['images']} images are training images of this checkpoint, pixel for pixel")
+        if overlap["patients"]:
+            found.append(f"{overlap['patients']} images belong to patients the checkpoint was trained on (by file "
+                         "name): figures overstate what to expect on new patients")
+        if not overlap["checked"]:
+            found.append("the checkpoint records no training images (written before pneumoscan recorded them; "
+                         "`pneumoscan fit-ood` adds the record): overlap with its training split was not checked")
+    return found
 
 
 @torch.no_grad()

@@ -108,7 +108,7 @@ def metrics_section(m: dict[str, Any], eval_dir: Path) -> str:
                  f"<span class='theirs'>{_cm_text(PAPER_TEST['confusion_matrix'])}</span>"])
     rows.append(["Images", str(m["n"]), f"<span class='theirs'>{PAPER_TEST['n']}</span>"])
     cal = m.get("calibration", {})
-    return (f"<h2>Results on the {html.escape(split)} split</h2>"
+    return (f"<h2>Results on the {html.escape(split)} split</h2>" + _warnings_box(m.get("warnings") or []) +
             f"<p>Decision threshold {_fmt(m['threshold'], 3)} (rule: <code>{html.escape(rule)}</code>, chosen on validation). "
             + _operating_point_text(m) + _ood_text(m) +
             f"Intervals: {html.escape(m.get('ci_method', 'none'))}, 95%.</p>"
@@ -125,6 +125,14 @@ def metrics_section(m: dict[str, Any], eval_dir: Path) -> str:
                                                         ("confusion_matrix.png", "confusion matrix"),
                                                         ("reliability.png", "reliability diagram")))
             + _three_class_section(m, eval_dir))
+
+
+def _warnings_box(warnings: list[str]) -> str:
+    """What evaluate found that weakens these figures (few images, training images among them), in a box."""
+    if not warnings:
+        return ""
+    items = "".join(f"<li>{html.escape(w)}</li>" for w in warnings)
+    return f"<div class='note'><strong>Read these figures with care:</strong><ul>{items}</ul></div>"
 
 
 def _confusion_table(cm: list[list[int]], names: Iterable[str]) -> str:
