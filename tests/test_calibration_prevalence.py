@@ -97,7 +97,8 @@ def test_temperature_scaling_lowers_validation_nll_and_keeps_auc_and_even_odds_d
     assert 2 < t < 5
     assert nll(y, logits, t) < nll(y, logits) - 0.05
     raw, cal = sigmoid(logits), sigmoid(logits / t)
-    assert binary_metrics(y, cal)["roc_auc"] == pytest.approx(binary_metrics(y, raw)["roc_auc"], abs=1e-12)
+    # the same ranking; only pairs within metrics.TIE_TOLERANCE of a logit may group differently as ties
+    assert binary_metrics(y, cal)["roc_auc"] == pytest.approx(binary_metrics(y, raw)["roc_auc"], abs=1e-4)
     assert np.array_equal(raw >= 0.5, cal >= 0.5)
     assert OutputMap(temperature=t).apply(raw)[0] == pytest.approx(cal, rel=1e-6)
 
@@ -112,7 +113,8 @@ def test_platt_scaling_corrects_a_biased_model_that_a_temperature_cannot():
     assert t == pytest.approx(0.05, rel=0.15) and b == pytest.approx(-8, rel=0.15)
     assert nll(y, biased, t, b) < nll(y, biased, fit_temperature(y, biased)) - 0.1
     cal = sigmoid(biased / t + b)
-    assert binary_metrics(y, cal)["roc_auc"] == pytest.approx(binary_metrics(y, sigmoid(biased))["roc_auc"], abs=1e-12)
+    # the same ranking; only pairs within metrics.TIE_TOLERANCE of a logit may group differently as ties
+    assert binary_metrics(y, cal)["roc_auc"] == pytest.approx(binary_metrics(y, sigmoid(biased))["roc_auc"], abs=1e-4)
     assert cal.mean() == pytest.approx(y.mean(), abs=0.01)  # 0.5 means even odds at validation's prevalence
     assert estimate_prevalence(cal, float(y.mean()), n_boot=0)["prevalence"] == pytest.approx(y.mean(), abs=0.02)
     assert fit_platt(y, -biased) == (1.0, 0.0)  # a reversed ranking is never fitted

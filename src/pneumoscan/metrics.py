@@ -13,30 +13,31 @@ from typing import Any
 
 import numpy as np
 
-# Probabilities closer than this to the lowest of their group rank as ties in ROC AUC, average precision and
-# their curves. The inference forms of one model (training's network, the frozen form, ONNX) agree to
-# float32's last bits, about 1e-7; without a tolerance the ranking of a nearly constant model is decided by
-# those bits, and two forms of one checkpoint report different AUCs.
-TIE_TOLERANCE = 1e-6
+# Probabilities whose logits lie within this fraction of their size (and 1e-5 of each other below 1) rank as
+# ties in ROC AUC, average precision and their curves. The inference forms of one model (training's network,
+# the frozen form, ONNX) agree to float32's last bits, about 1e-6 of a logit; without a tolerance the ranking
+# of a nearly constant model is decided by those bits, and two forms of one checkpoint report different AUCs.
+# Measured on logits, the grouping does not change when a temperature rescales them.
+TIE_TOLERANCE = 1e-5
 
 
 def ranking_scores(probs: np.ndarray, tolerance: float = TIE_TOLERANCE) -> np.ndarray:
-    """`probs` with each group of values within `tolerance` of the group's lowest replaced by that lowest,
-    so that ranking metrics count them as ties (groups are formed greedily from the lowest value up)."""
+    """`probs` with each group of values whose logits lie within `tolerance` x max(1, |logit|) of the group's
+    lowest replaced by that lowest, so that ranking metrics count them as ties (groups are formed greedily
+    from the lowest value up)."""
     p = np.asarray(probs, dtype=np.float64)
     if p.size == 0:
         return p
-    order = np.argsort(p, kind="stable")
-    ranked = p[order]
-    out = np.empty_like(ranked)
-    start = ranked[0]
+    z = np.log(np.clip(p, 1e-300, None)) - np.log(np.clip(1 - p, 1e-300, None))
+    order = np.argsort(z, kind="stable")
+    ranked = z[order]
+    out = np.empty_like(p)
+    start, first = ranked[0], p[order[0]]
     for i, v in enumerate(ranked):  # sequential by nature; a few milliseconds for 100,000 scores
-        if v - start > tolerance:
-            start = v
-        out[i] = start
-    result = np.empty_like(p)
-    result[order] = out
-    return result
+        if v - start > tolerance * max(1.0, abs(start)):
+            start, first = v, p[order[i]]
+        out[order[i]] = first
+    return out
 
 
 def binary_metrics(labels: np.ndarray, probs: np.ndarray, threshold: float = 0.5) -> dict[str, Any]:
