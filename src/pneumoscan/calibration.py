@@ -101,7 +101,7 @@ class OutputMap:
     offset: float = 0.0  # Platt scaling's intercept, added to logit / temperature
     model_prior: float | None = None
     prior: float | None = None  # None: the model's own prior
-    source: str = "model"  # model | given | estimated
+    source: str = "model"  # model | given | estimated | adapted
     threshold: float = 0.5
     moves_threshold: bool = False  # youden / sensitivity: an ROC point, moved with the probabilities
     train_prevalence: float | None = None
@@ -190,7 +190,9 @@ def split_prevalence(checkpoint_path: str | Path) -> float | None:
 
 def output_map(ckpt: dict[str, Any], path: str | Path, threshold: float) -> OutputMap:
     """The map a checkpoint asks for. A checkpoint without these fields keeps its raw probabilities
-    (temperature 1) and takes its training prevalence from split.json beside it, when there is one."""
+    (temperature 1) and takes its training prevalence from split.json beside it, when there is one. An
+    adapted checkpoint (`pneumoscan adapt`) reports at its site's prevalence (source "adapted");
+    `.with_prior(None)` gives the map at the model's own prior."""
     from .config import Config
 
     temperature, offset = calibration_of(ckpt)
@@ -202,6 +204,9 @@ def output_map(ckpt: dict[str, Any], path: str | Path, threshold: float) -> Outp
         model_prior = model_prior_of(train_prev, t.class_weight, t.sampling)
     rule = (ckpt.get("threshold_rule") or {}).get("rule", "fixed")
     interval = ckpt.get("threshold_interval")
-    return OutputMap(temperature=temperature, offset=offset, model_prior=None if model_prior is None else float(model_prior),
-                     threshold=float(threshold), moves_threshold=rule in ("youden", "sensitivity"),
-                     train_prevalence=train_prev, threshold_interval=list(interval) if interval else None)
+    at_model = OutputMap(temperature=temperature, offset=offset,
+                         model_prior=None if model_prior is None else float(model_prior), threshold=float(threshold),
+                         moves_threshold=rule in ("youden", "sensitivity"), train_prevalence=train_prev,
+                         threshold_interval=list(interval) if interval else None)
+    site = (ckpt.get("adaptation") or {}).get("prevalence")
+    return at_model.with_prior(float(site["prevalence"]), "adapted") if site else at_model

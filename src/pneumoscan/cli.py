@@ -214,6 +214,19 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     _add_prevalence_flags(p, estimate=False)
 
 
+def _add_adapt(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("adapt", help="fit a checkpoint to a site from a batch of its images (BatchNorm statistics, "
+                                     "prevalence; with --labels, calibration and the rates to expect)")
+    _add_checkpoint_and_images(p, "the adapted checkpoint to write (.pt)")
+    p.add_argument("--labels", metavar="LABELS.csv",
+                   help="CSV with columns path,label (NORMAL or PNEUMONIA) for some of the images, at least 10 of each "
+                        "class: refits the calibration on them and estimates the site's sensitivity, specificity "
+                        "and accuracy")
+    p.add_argument("--no-batchnorm", dest="batchnorm", action="store_false",
+                   help="keep the training BatchNorm statistics (adapt only the prevalence, and the calibration "
+                        "with --labels)")
+
+
 def _add_export(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("export", help="export a checkpoint to ONNX (self-describing; checked against PyTorch)")
     p.add_argument("checkpoint")
@@ -293,6 +306,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_predict(sub)
     _add_explain(sub)
     _add_serve(sub)
+    _add_adapt(sub)
     _add_export(sub)
     _add_fit_ood(sub)
     _add_audit(sub)
@@ -396,6 +410,37 @@ def cmd_serve(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_adapt(a: argparse.Namespace) -> int:
+    from .adapt import adapt_checkpoint
+
+    record = adapt_checkpoint(a.checkpoint, a.paths, a.out, labels_csv=a.labels, batchnorm=a.batchnorm,
+                              device="cpu" if a.device == "auto" else a.device)
+    for path, reason in record["unreadable"].items():
+        print(f"error: {path}: {reason}", file=sys.stderr)
+    print("\n".join(adaptation_lines(record)))
+    for warning in record["warnings"]:
+        print(f"warning: {warning}", file=sys.stderr)
+    print(f"wrote {a.out}")
+    return 0
+
+
+def adaptation_lines(record: dict) -> list[str]:
+    """What `adapt` tells the user: the images used, the prevalence and its check, the rates to expect."""
+    p = record["prevalence"]
+    lo, hi = p["interval"] or (float("nan"), float("nan"))
+    lines = [f"adapted to {record['images']} images ({len(record['unreadable'])} unreadable); BatchNorm statistics "
+             f"{'re-estimated' if record['batchnorm'] else 'kept'}",
+             f"site prevalence {p['prevalence']:.3f} (95% interval {lo:.3f}-{hi:.3f}; {p['source']}) "
+             f"{'trusted' if p['trusted'] else 'NOT TRUSTED'}"
+             + (f"; black-box shift estimate {p['bbse']:.3f}" if p.get("bbse") is not None else "")]
+    expected = (record.get("labelled") or {}).get("expected")
+    if expected:
+        lines.append("expected at the site: " + ", ".join(
+            f"{k} {expected[k]:.3f} ({expected[k + '_ci95'][0]:.3f}-{expected[k + '_ci95'][1]:.3f})"
+            for k in ("accuracy", "sensitivity", "specificity")) + f" [{expected['method']}]")
+    return lines
+
+
 def cmd_export(a: argparse.Namespace) -> int:
     from .export import export_onnx
 
@@ -460,7 +505,7 @@ def cmd_import_keras(a: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    commands = {"train": cmd_train, "compare": cmd_compare, "evaluate": cmd_evaluate, "predict": cmd_predict, "export": cmd_export, "explain": cmd_explain, "serve": cmd_serve,
+    commands = {"train": cmd_train, "compare": cmd_compare, "adapt": cmd_adapt, "evaluate": cmd_evaluate, "predict": cmd_predict, "export": cmd_export, "explain": cmd_explain, "serve": cmd_serve,
                 "fit-ood": cmd_fit_ood, "audit": cmd_audit, "ensemble": cmd_ensemble, "dicom-node": cmd_dicom_node,
                 "import-keras": cmd_import_keras}
     try:

@@ -19,6 +19,7 @@ from .ensemble import describe as describe_ensemble
 from .data import DataError, cache_images, load_split, split_summary, task_labels
 from .metrics import CI_METHOD, binary_metrics, calibration, confidence_intervals, multiclass_metrics, pr_points, roc_points
 from .fileio import write_json
+from .adapt import summary as adaptation_summary
 from .calibration import OutputMap, move, output_map
 from .inference import freeze, model_input, predict_logits
 from .models import probabilities
@@ -68,9 +69,10 @@ def evaluate(checkpoint: str | Path, split: str, out: str | Path, data_root: str
     detector = Detector.from_checkpoint(loaded.checkpoint)
     logits, ood_scores = _scores(freeze(loaded.model), pixels, cfg.preprocessing, cfg.train.eval_batch_size, detector)
     raw_probs, raw_class_probs = probabilities(logits)  # P(pneumonia) for either task; per class for three classes
-    base = output_map(loaded.checkpoint, checkpoint, loaded.threshold)
+    default = output_map(loaded.checkpoint, checkpoint, loaded.threshold)  # an adapted site's prior, or the model's
+    base = default.with_prior(None)
     model_probs, model_class_probs = base.apply(raw_probs, raw_class_probs)
-    output, estimated = estimate_and_apply(model_probs, base, parse_prevalence(prevalence), estimate)
+    output, estimated = estimate_and_apply(model_probs, default, parse_prevalence(prevalence), estimate)
     probs, class_probs = move(model_probs, model_class_probs, base.prior_used, output.prior_used)
     threshold = output.decision_threshold
     labels = (classes > 0).astype(int)
@@ -89,6 +91,7 @@ def evaluate(checkpoint: str | Path, split: str, out: str | Path, data_root: str
         "prior": output.prior_used,
         "prior_source": output.source,
         "prevalence_estimate": estimated,
+        "adaptation": adaptation_summary(loaded.checkpoint),
         "at_model_prior": _unadjusted(labels, model_probs, base) if output.prior is not None else None,
         "ci95": intervals,
         "ci_method": CI_METHOD,

@@ -1,4 +1,4 @@
-"""What a checkpoint was trained on, and how much of an evaluated split it has already seen.
+"""What a checkpoint was trained and validated on, and how much of an evaluated split it has already seen.
 
 Training records in the checkpoint a 64-bit BLAKE2b fingerprint of every training image's pixels as the
 model saw them (8 bytes an image: 35 KB for the Kaggle training split) and the training patients' ids.
@@ -41,3 +41,10 @@ def training_overlap(ckpt: dict[str, Any], pixels: np.ndarray, paths: Sequence[s
     known = set(record.get("patients", ()))
     return {"checked": True, "images": len(same), "patients": sum(p in known for p in patients),
             "examples": [paths[i] for i in same[:5]]}
+
+
+def validation_record(pneumonia_logits: np.ndarray, labels: np.ndarray) -> dict[str, Any]:
+    """The checkpoint's "validation_outputs" entry: the raw pneumonia logit and the class of every validation
+    image (5 bytes an image), from which `adapt` takes the validation confusion matrix at any threshold."""
+    return {"logits": torch.as_tensor(np.asarray(pneumonia_logits, dtype=np.float32)),
+            "labels": torch.as_tensor(np.asarray(labels).astype(np.uint8))}

@@ -65,7 +65,9 @@ class Predictor:
         loaded = ckpt_io.load(checkpoint, self.device)
         self.model = freeze(loaded.model)  # the frozen inference form: derived weights computed once, here
         self.config = loaded.config
-        self.output = output_map(loaded.checkpoint, checkpoint, loaded.threshold).with_prior(prevalence)
+        self.output = output_map(loaded.checkpoint, checkpoint, loaded.threshold)  # at an adapted site's prior
+        if prevalence is not None:
+            self.output = self.output.with_prior(prevalence)
         self.class_names = loaded.class_names
         if backend == "onnx" and len(self.class_names) > 2:
             raise ValueError("the onnx backend exports P(pneumonia) only; run three-class models with the torch backend")
@@ -211,15 +213,17 @@ def parse_prevalence(value: str | float | None) -> float | str | None:
 
 def estimate_and_apply(probs: np.ndarray, output: OutputMap, prevalence: float | str | None, estimate: bool
                        ) -> tuple[OutputMap, dict | None]:
-    """For probabilities reported at the model's prior: the EM estimate of their prevalence when asked for
-    (`estimate`, or `prevalence="estimated"`), and the map to report with (the given prevalence, the
-    estimate when `prevalence="estimated"`, else the model's own prior)."""
+    """For probabilities reported at the model's own prior: the EM estimate of their prevalence when asked
+    for (`estimate`, or `prevalence="estimated"`), and the map to report with: the given prevalence, the
+    estimate when `prevalence="estimated"`, else `output` as the checkpoint gives it (its model's prior,
+    or an adapted site's)."""
     estimated = None
+    at_model = output.with_prior(None)
     if estimate or prevalence == "estimated":
-        estimated = estimate_prevalence(probs, output.model_prior)
+        estimated = estimate_prevalence(probs, at_model.model_prior)
     if prevalence == "estimated":
-        return output.with_prior(estimated["prevalence"], "estimated"), estimated
-    return output.with_prior(prevalence, "given") if prevalence is not None else output, estimated
+        return at_model.with_prior(estimated["prevalence"], "estimated"), estimated
+    return at_model.with_prior(prevalence, "given") if prevalence is not None else output, estimated
 
 
 def score_paths(checkpoint: str | os.PathLike, inputs: Iterable[str], device: str = "auto", batch_size: int = 32,
@@ -236,9 +240,9 @@ def score_paths(checkpoint: str | os.PathLike, inputs: Iterable[str], device: st
     scored = [i for i, r in enumerate(results) if r.p_pneumonia is not None]
     if not scored:
         raise ValueError("no image could be read, so no prevalence can be estimated")
-    old = predictor.output.prior_used
-    predictor.output, estimated = estimate_and_apply(np.array([results[i].p_pneumonia for i in scored]),
-                                                     predictor.output, prevalence, estimate)
+    old, model_prior = predictor.output.prior_used, predictor.output.model_prior
+    at_model, _ = move(np.array([results[i].p_pneumonia for i in scored]), None, old, model_prior)
+    predictor.output, estimated = estimate_and_apply(at_model, predictor.output, prevalence, estimate)
     for i in scored:
         r = results[i]
         cp = None if r.probabilities is None else np.array([[r.probabilities[n] for n in predictor.class_names]])

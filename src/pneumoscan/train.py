@@ -41,7 +41,7 @@ from .metrics import binary_metrics, choose_threshold, decide, stable_threshold
 from .prevalence import sigmoid
 from .models import load_pretrained, pneumonia_logit, probabilities
 from .ood import fit_for_model
-from .overlap import training_record
+from .overlap import training_record, validation_record
 from .rundir import REPLACED, prepare_run_dir, settle_replaced
 from .runtime import (Distributed, autocast, bf16_is_emulated, check_precision, init_distributed, keep_freed_memory,
                       memory_format, peak_memory_mb, seed_everything, training_arithmetic)
@@ -539,6 +539,7 @@ def finish(out: Path, run: Run, data: dict[str, DeviceSplit], val_graphs: dict[s
         log.warning("%s names no ood_layers: this checkpoint gets no out-of-distribution score", type(run.model).__name__)
     best["history"] = run.history
     best["training_images"] = training_record(data["train"].pixels.cpu().numpy(), train_patients)
+    best["validation_outputs"] = validation_record(val_logits, data["val"].labels.cpu().numpy())
     ckpt_io.save(best, out / "best.pt")
     epochs_run = [h for h in run.history if h["epoch"] >= run.start_epoch]
     steady = [h["train_images_per_s"] for h in epochs_run[1:]] or [h["train_images_per_s"] for h in epochs_run]
