@@ -179,3 +179,7 @@ def test_labelled_rows_refit_the_calibration_and_say_what_to_expect(trained, tmp
                  "--out", str(tmp_path / "ev"), "--no-progress"]) == 0
     m = json.loads((tmp_path / "ev" / "metrics.json").read_text())
     assert m["adaptation"]["labelled_rows"] == {"NORMAL": 10, "PNEUMONIA": 10} and m["prior_source"] == "adapted"
+    from pneumoscan.modelcard import model_card
+
+    card = model_card(tmp_path / "adapted.pt")
+    assert "## Adapted to a site" in card and "leave-one-out over 20 labelled images" in card

@@ -12,8 +12,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-import torch
-
+from . import checkpoint as ckpt_io
 from .config import Config
 from .ensemble import describe as describe_ensemble
 
@@ -33,7 +32,7 @@ def validation_metrics(checkpoint: str | os.PathLike, metrics_json: str | os.Pat
     if metrics_json and Path(metrics_json).is_file():
         m = json.loads(Path(metrics_json).read_text())
         return {"split": m.get("split", "val"), "n": m.get("n"), **{k: m.get(k) for k in METRICS}}
-    val = torch.load(checkpoint, map_location="cpu", weights_only=True).get("metrics", {}).get("val", {})
+    val = ckpt_io.read(checkpoint).get("metrics", {}).get("val", {})
     return {"split": "val", "n": None, **{k: val.get(k) for k in METRICS if k in val}}
 
 
@@ -48,7 +47,7 @@ def _calibration_text(ckpt: dict[str, Any]) -> str:
 
 
 def model_card(checkpoint: str | os.PathLike, metrics_json: str | os.PathLike | None = None) -> str:
-    ckpt = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    ckpt = ckpt_io.read(checkpoint)
     cfg = Config.from_dict(ckpt["config"])
     rule = ckpt.get("threshold_rule", {"rule": "fixed"})
     lines = [
@@ -73,6 +72,7 @@ def model_card(checkpoint: str | os.PathLike, metrics_json: str | os.PathLike | 
         f"{fmt(ckpt.get('model_prior'), '.3f')} (training split: {fmt(ckpt.get('train_prevalence'), '.3f')}). "
         "Another site's prevalence: `--prevalence P` (Bayes' rule) or `--prevalence estimated`.",
         "",
+        *_adaptation_lines(ckpt),
         "## Intended use",
         "- Research and teaching: studying pneumonia classifiers on pediatric chest X-rays, comparing methods.",
         "- Not intended for clinical use, for adults, for other views than anterior-posterior, or for other hospitals'",
@@ -113,6 +113,30 @@ def model_card(checkpoint: str | os.PathLike, metrics_json: str | os.PathLike | 
         "",
     ]
     return "\n".join(lines)
+
+
+def _adaptation_lines(ckpt: dict) -> list[str]:
+    """The card's section on a checkpoint fitted to a site by `pneumoscan adapt` (none for one that was not)."""
+    record = ckpt.get("adaptation")
+    if not record:
+        return []
+    p = record.get("prevalence", {})
+    interval = p.get("interval") or [float("nan")] * 2
+    lines = ["## Adapted to a site",
+             f"- Fitted by `pneumoscan adapt` to {record.get('images')} images of the site: BatchNorm statistics "
+             + ("re-estimated on them (classes weighted as in training)" if record.get("batchnorm") else "kept") + ".",
+             f"- Probabilities are reported at the site's estimated pneumonia prevalence {fmt(p.get('prevalence'), '.3f')} "
+             f"(95% interval {interval[0]:.3f}-{interval[1]:.3f}; {p.get('source')}); "
+             + ("the estimate passed its check." if p.get("trusted") else
+                "the estimate is NOT to be trusted: " + "; ".join(p.get("reasons", [])) + ".")]
+    expected = (record.get("labelled") or {}).get("expected")
+    if expected:
+        lines.append("- Expected at the site (leave-one-out over {} labelled images): ".format(
+            sum(expected["labelled"].values())) + ", ".join(
+            f"{k} {expected[k]:.3f} ({expected[k + '_ci95'][0]:.3f}-{expected[k + '_ci95'][1]:.3f})"
+            for k in ("accuracy", "sensitivity", "specificity")) + "; calibration refitted on those images.")
+    lines += [f"- Warning: {w}" for w in record.get("warnings", [])]
+    return lines + [""]
 
 
 def _ood_line(ood: dict | None) -> str:
