@@ -105,10 +105,33 @@ def _with_labels(loaded, path: str, pixels: np.ndarray, labels: np.ndarray, seed
             "expected_accuracy_ci95": expected["accuracy_ci95"]}
 
 
-def run_checkpoint(path: str, data: str | None, shifts, mixes, size: int, methods) -> list[dict]:
+def group_root(data: str, group: str, out: Path) -> Path:
+    """A copy of `data` (symlinks) without the normal images whose names start with `group`."""
+    for cls in ("NORMAL", "PNEUMONIA"):
+        (out / "train" / cls).mkdir(parents=True, exist_ok=True)
+        for f in sorted((Path(data) / "train" / cls).iterdir()):
+            if not (cls == "NORMAL" and f.name.startswith(group)) and not (out / "train" / cls / f.name).exists():
+                os.symlink(f.resolve(), out / "train" / cls / f.name)
+    return out
+
+
+def site_samples(cfg, data: str | None, group_site: str | None) -> list:
+    """The site's labelled images: the checkpoint's validation split (under `data` when given); or, for a run
+    trained without the normals named `group_site`*, its validation pneumonia images and those normals."""
+    from pneumoscan.data import Sample
+
+    if not group_site:
+        return split_samples(replace(cfg.data, root=data) if data else cfg.data)["val"]
+    val = split_samples(cfg.data)["val"]  # carved from the run's own data, which lacks the group
+    held = sorted((Path(data) / "train" / "NORMAL").iterdir())
+    return [s for s in val if s.label > 0] + [Sample(str(f), 0, f.stem) for f in held if f.name.startswith(group_site)]
+
+
+def run_checkpoint(path: str, data: str | None, shifts, mixes, size: int, methods, group_site: str | None = None
+                   ) -> list[dict]:
     loaded = ckpt_io.load(path, "cpu")
-    cfg = loaded.config if not data else replace(loaded.config, data=replace(loaded.config.data, root=data))
-    val = split_samples(cfg.data)["val"]
+    cfg = loaded.config
+    val = site_samples(cfg, data, group_site)
     greys = [load_grey(s.path) for s in val]
     labels = np.array([int(s.label > 0) for s in val])
     rows = []
@@ -119,7 +142,8 @@ def run_checkpoint(path: str, data: str | None, shifts, mixes, size: int, method
             started = time.perf_counter()
             found = score_methods(loaded, path, pixels[idx], labels[idx], methods, seed=int((mix or 0) * 1000))
             for method, f in found.items():
-                rows.append({"checkpoint": path, "seed": cfg.train.seed, "recipe": cfg.recipe, "shift": shift,
+                rows.append({"checkpoint": path, "seed": cfg.train.seed, "recipe": cfg.recipe,
+                             "shift": f"{group_site} normals, {shift}" if group_site else shift,
                              "mix": float(labels[idx].mean()), "n": int(len(idx)), "method": method, **f})
             print(f"{Path(path).parent.name} {shift:>34} mix {labels[idx].mean():.2f}: " + "  ".join(
                 f"{m} {f['accuracy']:.3f}/{f['roc_auc']:.3f}" for m, f in found.items())
@@ -167,13 +191,21 @@ def main() -> int:
     ap.add_argument("--size", type=int, default=300, help="images per site (fewer when a class runs out)")
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     ap.add_argument("--json", help="write every row here")
+    ap.add_argument("--group-site", metavar="PREFIX",
+                    help="checkpoints trained without the normals named PREFIX* (see --make-group-root): the site is "
+                         "those normals and the run's validation pneumonia images (--data: the full data set)")
+    ap.add_argument("--make-group-root", nargs=2, metavar=("PREFIX", "OUT"),
+                    help="write OUT, the data set without the normals named PREFIX* (symlinks), and stop")
     a = ap.parse_args()
+    if a.make_group_root:
+        print(group_root(a.data, a.make_group_root[0], Path(a.make_group_root[1])))
+        return 0
     import torch
 
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; CPU: {_cpu_name()}", flush=True)
     rows = []
     for path in a.checkpoints:
-        rows += run_checkpoint(path, a.data, a.shifts, a.mixes, a.size, a.methods)
+        rows += run_checkpoint(path, a.data, a.shifts, a.mixes, a.size, a.methods, a.group_site)
         if a.json:
             Path(a.json).write_text(json.dumps(rows, indent=1))
     print("\n".join(summarise(rows)))
