@@ -190,7 +190,7 @@ def test_page_shows_each_files_warnings_beside_its_result(checkpoint, folder):
         browser.close()
     assert visible
     for name, (_, expected) in files.items():
-        assert "probability of PNEUMONIA" in texts[name]
+        assert "probability of pneumonia" in texts[name]
         _check(name, [w.removeprefix("Warning: ") for w in shown[name]], expected)
 
 

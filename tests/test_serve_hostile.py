@@ -226,7 +226,7 @@ def test_undefined_metrics_read_na_and_the_server_starts(undefined_metrics_check
     evaluation = (ckpt.parent / "eval-val" / "report.html").read_text()
     run_report = write_run_report(ckpt.parent, ckpt.parent / "eval-val").read_text()
     for report in (evaluation, run_report):
-        assert "<td>precision</td><td>n/a" in report and "<td>f1</td><td>n/a" in report and "None" not in report
+        assert "<td>Precision (PPV)</td><td>n/a" in report and "<td>F1 score</td><td>n/a" in report and "None" not in report
     # without an evaluation file the card lists the checkpoint's own validation record, undefined ones as n/a
     import torch
 

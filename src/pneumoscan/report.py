@@ -259,7 +259,7 @@ def _gallery_section(review: dict[str, Any], eval_dir: Path) -> str:
     for kind, title in (("false_positive", "False positives"), ("false_negative", "False negatives")):
         shown = [e for e in review["gallery"] if e["kind"] == kind]
         parts.append(f"<h3>{title}</h3>" + ("".join(_figure(eval_dir, e, e["thumbnail"]) for e in shown)
-                                            or "<p>None at this threshold.</p>"))
+                                            or f"<p>No {title.lower()} at this threshold.</p>"))
     return "".join(parts)
 
 
