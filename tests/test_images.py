@@ -1,4 +1,7 @@
 import io
+import os
+import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -202,3 +205,38 @@ def test_sixteen_bit_stretch_matches_the_float_formula():
     lo, hi = float(a.min()), float(a.max())
     expected = np.round((a.astype(np.float64) - lo) / (hi - lo) * 255.0).astype(np.uint8)
     assert np.array_equal(load_grey(_png(Image.fromarray(a))), expected)
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs FIFOs (POSIX)")
+def test_what_is_not_a_regular_file_is_refused_before_it_is_opened(tmp_path):
+    """A FIFO would block open() for ever and a device read for ever: each is refused from its stat(), as are
+    links that lead nowhere; the error names the file and what it is."""
+    fifo, loop, dangling, folder = tmp_path / "x.png", tmp_path / "loop.png", tmp_path / "gone.jpeg", tmp_path / "d.png"
+    os.mkfifo(fifo)
+    os.symlink(loop.name, loop)
+    os.symlink(tmp_path / "nowhere.jpeg", dangling)
+    folder.mkdir()
+    cases = {fifo: "not a regular file (a FIFO)", folder: "not a regular file (a directory)",
+             loop: "a symbolic link that loops", dangling: "a broken symbolic link (its target does not exist)"}
+    if os.path.exists("/dev/zero"):
+        cases[Path("/dev/zero")] = "not a regular file (a character device)"
+    release = threading.Timer(20, _release_a_reader, [fifo])  # should open() block on the FIFO, the test fails
+    release.start()
+    try:
+        for path, reason in cases.items():
+            with pytest.raises(ImageLoadError) as e:
+                load_grey(path)
+            assert str(e.value).startswith(f"{path}: {reason}"), e.value
+        os.symlink(fifo, tmp_path / "to-fifo.png")  # a link is judged by what it leads to
+        with pytest.raises(ImageLoadError, match="a FIFO"):
+            load_grey(tmp_path / "to-fifo.png")
+    finally:
+        release.cancel()
+
+
+def _release_a_reader(fifo: Path) -> None:
+    """Let an open() blocked on `fifo` return: open its write end (possible only while a reader waits) and close it."""
+    try:
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+    except OSError:  # no reader waiting: nothing to release
+        pass

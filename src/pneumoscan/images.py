@@ -7,8 +7,10 @@ record it and carry on. Only the formats in `ACCEPTED_FORMATS` are decoded: the 
 
 from __future__ import annotations
 
+import errno
 import io
 import os
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -58,6 +60,50 @@ class ImageLoadError(Exception):
 
 def is_image_file(path: Path) -> bool:
     return path.suffix.lower() in IMAGE_SUFFIXES and not path.name.startswith(".")
+
+
+def is_image_candidate(path: Path) -> bool:
+    """An entry of a searched folder that gets a result: an image name that is not a folder. FIFOs, devices
+    and broken symbolic links are candidates too, so that they get their error instead of vanishing."""
+    return is_image_file(path) and not path.is_dir()
+
+
+_KINDS = ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISDIR, "a directory"), (stat.S_ISSOCK, "a socket"),
+          (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"))
+
+
+def _not_regular(mode: int) -> str:
+    kind = next((name for test, name in _KINDS if test(mode)), "an unknown kind of file")
+    return f"not a regular file ({kind})"
+
+
+def _unreachable(path: str | os.PathLike, e: OSError) -> str:
+    """Why stat() failed, naming a broken symbolic link as such."""
+    if e.errno == errno.ELOOP:
+        return "a symbolic link that loops (too many levels of symbolic links)"
+    if e.errno == errno.ENOENT and os.path.islink(path):
+        return "a broken symbolic link (its target does not exist)"
+    return f"cannot read file ({e.strerror or e})"
+
+
+def read_file(path: str | os.PathLike, label: str | None = None) -> bytes:
+    """The bytes of a regular file, or ImageLoadError naming it and the reason. A FIFO, socket, device or
+    folder is refused before it is opened: reading one can block for ever or never end."""
+    label = label or str(path)
+    try:
+        mode = os.stat(path).st_mode
+        if stat.S_ISREG(mode):
+            # O_NONBLOCK: should the file have been swapped for a FIFO since stat(), open() still returns at once
+            fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+            with open(fd, "rb") as f:
+                mode = os.fstat(f.fileno()).st_mode
+                if stat.S_ISREG(mode):
+                    return f.read()
+    except OSError as e:
+        raise ImageLoadError(label, _unreachable(path, e)) from None
+    except ValueError as e:  # a path with a NUL character
+        raise ImageLoadError(label, f"cannot read file ({e})") from None
+    raise ImageLoadError(label, _not_regular(mode))
 
 
 def _accepted() -> str:
@@ -149,10 +195,7 @@ def load_grey_with_info(source: str | os.PathLike | bytes, name: str | None = No
     nothing else, for any bytes.
     """
     label = name or (str(source) if not isinstance(source, bytes) else "<upload>")
-    try:
-        data = source if isinstance(source, bytes) else Path(source).read_bytes()
-    except (OSError, ValueError) as e:  # ValueError: a path with a NUL character
-        raise ImageLoadError(label, f"cannot read file ({getattr(e, 'strerror', None) or e})") from None
+    data = source if isinstance(source, bytes) else read_file(source, label)
     if not data:
         raise ImageLoadError(label, "file is empty (0 bytes)")
     found: list[str] = []

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from . import checkpoint as ckpt_io
-from .images import ImageLoadError, LoadedImage, is_image_file, load_for_model_with_info
+from .images import ImageLoadError, LoadedImage, is_image_candidate, load_for_model_with_info
 from .calibration import OutputMap, move, output_map
 from .ensemble import describe as describe_ensemble
 from .metrics import decide
@@ -187,12 +187,13 @@ class Predictor:
 
 
 def expand_paths(inputs: Iterable[str]) -> list[str]:
-    """Files as given, folders searched recursively for images; a missing path is kept so it gets an error row."""
+    """Files as given, folders searched recursively for images; a missing path is kept so it gets an error row,
+    and so is a folder's FIFO, device or broken symbolic link with an image name (`images.is_image_candidate`)."""
     found = []
     for item in inputs:
         p = Path(item)
         if p.is_dir():
-            found.extend(str(f) for f in sorted(p.rglob("*")) if f.is_file() and is_image_file(f))
+            found.extend(str(f) for f in sorted(p.rglob("*")) if is_image_candidate(f))
         else:
             found.append(str(p))
     return found

@@ -16,6 +16,10 @@ The columns, for a person reading the CSV:
   `given` (`--prevalence`) or `estimated` (`--prevalence estimated`);
 - `ood_score`, `ood_threshold`, `outside_training`: the out-of-distribution score, the score at or above
   which an image is flagged, and the flag (empty for a checkpoint without a detector).
+
+A text cell that a spreadsheet would run as a formula (it starts with `=`, `+`, `-`, `@`, a tab or a carriage
+return, after any single quotes) is written with a single quote in front (`spreadsheet_safe`, OWASP's
+convention for CSV injection); `original_cell` takes it off again. Numbers are written as they are.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import csv
 import io
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -91,11 +96,31 @@ def result_json(r: ImageResult) -> dict[str, Any]:
             "ood_score": score, "ood_threshold": r.ood_threshold, "outside_training": r.outside_training}
 
 
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")  # what makes a spreadsheet read a cell as a formula
+_NUMBER = re.compile(r"-?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")  # a number, which may start with "-"
+
+
+def spreadsheet_safe(cell: str) -> str:
+    """`cell` as a spreadsheet shows it without running it: a leading quote when it starts with a formula
+    character (after any quotes of its own, so that `original_cell` gives back exactly what was written).
+    A number such as -0.5 is left as it is: it is a value, not a formula."""
+    if cell.lstrip("'")[:1] in FORMULA_STARTS and not _NUMBER.fullmatch(cell):
+        return "'" + cell
+    return cell
+
+
+def original_cell(cell: str) -> str:
+    """The text `spreadsheet_safe` was given: a cell that starts with quotes followed by a formula character
+    loses its first quote; any other cell is as written."""
+    return cell[1:] if cell.startswith("'") and cell.lstrip("'")[:1] in FORMULA_STARTS else cell
+
+
 def write_results_csv(path: str | os.PathLike, columns: Sequence[str], rows: Iterable[Mapping[str, str]]) -> None:
     """Every per-image CSV pneumoscan writes: a header of `columns`, one row per image, written atomically as
-    valid UTF-8 (bytes of a file name that are not UTF-8 become backslash escapes, `fileio.printable`)."""
+    valid UTF-8 (bytes of a file name that are not UTF-8 become backslash escapes, `fileio.printable`), every
+    text cell `spreadsheet_safe` (a file called `=1+2.png` is not a formula)."""
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=list(columns))
     writer.writeheader()
-    writer.writerows(rows)
+    writer.writerows({k: spreadsheet_safe(v) if isinstance(v, str) else v for k, v in row.items()} for row in rows)
     atomic_write_text(path, buf.getvalue())
