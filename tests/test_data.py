@@ -185,3 +185,55 @@ def test_a_dead_decoding_worker_falls_back_to_threads(tmp_path, monkeypatch, cap
     got = cache_images(samples, prep, cache_dir=tmp_path / "b", processes=True)
     assert np.array_equal(got.pixels, expected.pixels) and not got.errors
     assert "decoding them again in threads" in caplog.text
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs FIFOs (POSIX)")
+def test_a_fifo_and_broken_links_in_a_class_folder_are_listed_as_unreadable(tmp_path):
+    """Not skipped silently (a count that does not add up) and not opened (a FIFO would hang the split)."""
+    root = make_dataset(tmp_path / "d", patients_per_class=6)
+    normal = root / "train" / "NORMAL"
+    os.mkfifo(normal / "IM-9990-0001.jpeg")
+    os.symlink("IM-9991-0001.jpeg", normal / "IM-9991-0001.jpeg")  # a link to itself
+    os.symlink(tmp_path / "gone.jpeg", normal / "IM-9992-0001.jpeg")
+    splits = split_samples(DataConfig(root=str(root), val_fraction=0.25))
+    samples = splits["train"] + splits["val"]
+    assert len(samples) == 12 * 2 + 3
+    errors = {**cache_images(splits["train"], Preprocessing(image_size=24), cache_dir=tmp_path / "c").errors,
+              **cache_images(splits["val"], Preprocessing(image_size=24), cache_dir=tmp_path / "c").errors}
+    assert {Path(p).name: reason for p, reason in errors.items()} == {
+        "IM-9990-0001.jpeg": "not a regular file (a FIFO)",
+        "IM-9991-0001.jpeg": "a symbolic link that loops (too many levels of symbolic links)",
+        "IM-9992-0001.jpeg": "a broken symbolic link (its target does not exist)"}
+
+
+def test_a_class_folder_that_is_a_link_to_the_other_is_refused(tmp_path):
+    root = make_dataset(tmp_path / "d", patients_per_class=6)
+    pneumonia = root / "train" / "PNEUMONIA"
+    shutil.rmtree(pneumonia)
+    pneumonia.symlink_to(root / "train" / "NORMAL", target_is_directory=True)
+    with pytest.raises(DataError) as e:
+        split_samples(DataConfig(root=str(root), val_fraction=0.25))
+    message = str(e.value)
+    assert "\n" not in message and "NORMAL and PNEUMONIA are one folder" in message and str(root / "train") in message
+
+
+@pytest.mark.parametrize("how", ["copy", "link"])
+def test_one_image_under_both_classes_is_refused(tmp_path, how):
+    """A copy (the same bytes) or a link to a file of the other class: the image would carry both labels."""
+    root = make_dataset(tmp_path / "d", patients_per_class=6)
+    source = sorted((root / "train" / "NORMAL").iterdir())[3]
+    twin = root / "train" / "PNEUMONIA" / "person99_virus_1.jpeg"
+    shutil.copy(source, twin) if how == "copy" else twin.symlink_to(source)
+    with pytest.raises(DataError) as e:
+        split_samples(DataConfig(root=str(root), val_fraction=0.25))
+    message = str(e.value)
+    assert "\n" not in message and str(source) in message and str(twin) in message
+    assert "under two classes, NORMAL and PNEUMONIA" in message
+
+
+def test_byte_identical_files_within_one_class_are_accepted(tmp_path):
+    root = make_dataset(tmp_path / "d", patients_per_class=6)
+    files = sorted((root / "train" / "PNEUMONIA").iterdir())
+    shutil.copy(files[0], files[0].with_name("person99_virus_1.jpeg"))
+    splits = split_samples(DataConfig(root=str(root), val_fraction=0.25))
+    assert len(splits["train"]) + len(splits["val"]) == 25

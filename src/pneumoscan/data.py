@@ -31,7 +31,7 @@ from PIL import Image
 
 from .config import DataConfig, Preprocessing
 from .fileio import atomic_write_text, current_umask
-from .images import ImageLoadError, is_image_file, load_for_model, resize
+from .images import ImageLoadError, is_image_candidate, load_for_model, read_file, resize
 
 log = logging.getLogger(__name__)
 
@@ -104,23 +104,52 @@ def _class_dirs(split_dir: Path) -> dict[int, Path]:
 
 
 def scan_folder(split_dir: Path) -> list[Sample]:
-    """All image files under split_dir/{NORMAL,PNEUMONIA}, sorted by path."""
+    """All image files under split_dir/{NORMAL,PNEUMONIA}, sorted by path. A FIFO, device or broken symbolic
+    link with an image name is listed too: decoding then reports it as unreadable instead of skipping it."""
     dirs = _class_dirs(split_dir)
     if len(dirs) != len(CLASS_NAMES):
         raise DataError(f"{split_dir}: expected sub-folders {' and '.join(CLASS_NAMES)} (any case), found "
                         f"{sorted(p.name for p in split_dir.iterdir() if p.is_dir()) if split_dir.is_dir() else 'no such folder'}")
     samples = [Sample(str(p), label, patient_id(p.name), pneumonia_type(p.name) if label else "")
-               for label, d in sorted(dirs.items()) for p in sorted(d.rglob("*")) if p.is_file() and is_image_file(p)]
+               for label, d in sorted(dirs.items()) for p in sorted(d.rglob("*")) if is_image_candidate(p)]
     if not samples:
         raise DataError(f"{split_dir}: no JPEG or PNG images found")
     return samples
 
 
+def check_one_label(samples: list[Sample], split_dir: Path) -> None:
+    """DataError when one file is under two class folders: a class folder that leads to the other, or a link
+    to a file of another class. Training would see it with both labels and learn nothing from it."""
+    dirs = {CLASS_NAMES[label]: d.resolve() for label, d in _class_dirs(split_dir).items()}
+    if len(set(dirs.values())) < len(dirs):
+        raise DataError(f"{split_dir}: the class folders {' and '.join(dirs)} are one folder ({next(iter(dirs.values()))}); "
+                        "each class needs its own images")
+    first: dict[str, Sample] = {}
+    for s in samples:
+        other = first.setdefault(os.path.realpath(s.path), s)
+        if other.label != s.label:
+            raise DataError(f"{other.path} and {s.path} are one file ({os.path.realpath(s.path)}) under two classes, "
+                            f"{CLASS_NAMES[other.label]} and {CLASS_NAMES[s.label]}; each image needs one label")
+
+
 def _file_digest(path: str) -> str:
-    return hashlib.blake2b(Path(path).read_bytes(), digest_size=16).hexdigest()
+    try:
+        return hashlib.blake2b(read_file(path), digest_size=16).hexdigest()
+    except ImageLoadError:  # unreadable (decoding will say why): a group of its own
+        return f"unreadable:{path}"
 
 
-def _groups(samples: list[Sample]) -> np.ndarray:
+def check_one_content(samples: list[Sample], digests: list[str]) -> None:
+    """DataError when byte-identical files are under two classes (a copy of one image in both folders)."""
+    first: dict[str, Sample] = {}
+    for s, digest in zip(samples, digests):
+        other = first.setdefault(digest, s)
+        if other.label != s.label:
+            raise DataError(f"{other.path} and {s.path} are the same image, byte for byte, under two classes, "
+                            f"{CLASS_NAMES[other.label]} and {CLASS_NAMES[s.label]}; each image needs one label")
+
+
+def _groups(samples: list[Sample], digests: list[str]) -> np.ndarray:
     """Group index per sample: same patient or byte-identical file -> same group (union-find)."""
     parent = list(range(len(samples)))
 
@@ -131,8 +160,6 @@ def _groups(samples: list[Sample]) -> np.ndarray:
         return i
 
     first_by_key: dict[str, int] = {}
-    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
-        digests = list(pool.map(_file_digest, (s.path for s in samples)))
     for i, s in enumerate(samples):
         for key in ("p:" + s.patient, "h:" + digests[i]):
             j = first_by_key.setdefault(key, i)
@@ -146,12 +173,16 @@ def carve_validation(samples: list[Sample], fraction: float, seed: int) -> tuple
     """Split train into (train, val) by patient group, stratified by class, deterministic for a seed.
 
     Uses scikit-learn's StratifiedGroupKFold with round(1/fraction) folds and keeps fold 0 as validation.
+    DataError when one image (byte for byte) is under both classes.
     """
     from sklearn.model_selection import StratifiedGroupKFold
 
     if not 0 < fraction < 0.5:
         raise ValueError(f"validation fraction must be in (0, 0.5), got {fraction}")
-    groups = _groups(samples)
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        digests = list(pool.map(_file_digest, (s.path for s in samples)))
+    check_one_content(samples, digests)
+    groups = _groups(samples, digests)
     labels = np.array([s.label for s in samples])
     n_splits = max(2, round(1 / fraction))
     if len(np.unique(groups)) < n_splits:
@@ -166,7 +197,8 @@ def _remembered_carve(samples: list[Sample], fraction: float, seed: int) -> tupl
     takes seconds. Keyed like the pixel cache, plus the fraction, the seed and scikit-learn's version."""
     from importlib.metadata import version
 
-    settings = f"split|{fraction}|{seed}|scikit-learn {version('scikit-learn')}"
+    # "one label": splits remembered before check_one_content ran are carved (and checked) again
+    settings = f"split|{fraction}|{seed}|scikit-learn {version('scikit-learn')}|one label"
     path = default_cache_dir() / "splits" / f"{_files_key(samples, settings)}.json"
     try:
         val_paths = set(json.loads(path.read_text())["val"])
@@ -240,12 +272,18 @@ def split_samples(cfg: DataConfig) -> dict[str, list[Sample]]:
         raise DataError(f"{root}: data folder not found (pass --data or set PNEUMOSCAN_DATA)")
     if not (root / "train").is_dir():
         raise DataError(f"{root}: expected a train/ folder (Kaggle layout ROOT/train/{{NORMAL,PNEUMONIA}})")
-    train, val = _remembered_carve(scan_folder(root / "train"), cfg.val_fraction, cfg.split_seed)
+    train, val = _remembered_carve(_scan_checked(root / "train"), cfg.val_fraction, cfg.split_seed)
     splits = {"train": train, "val": val}
     for name, folder in (("test", "test"), ("kaggle_val", "val")):
         if (root / folder).is_dir():
-            splits[name] = scan_folder(root / folder)
+            splits[name] = _scan_checked(root / folder)
     return splits
+
+
+def _scan_checked(split_dir: Path) -> list[Sample]:
+    samples = scan_folder(split_dir)
+    check_one_label(samples, split_dir)
+    return samples
 
 
 def load_split(cfg: DataConfig, split: str) -> list[Sample]:
@@ -274,10 +312,19 @@ def _files_key(samples: list[Sample], settings: str) -> str:
     """Hash of the files' paths, sizes and modification times, and of the settings that shaped a result."""
     h = hashlib.sha256(f"v{CACHE_VERSION}|{settings}".encode())
     for s in samples:
-        st = os.stat(s.path.partition(NPZ_SEPARATOR)[0] if NPZ_SEPARATOR in s.path else s.path)
         # a path's bytes as the file system holds them: names that are not UTF-8 hash too
-        h.update(b"|" + os.fsencode(os.path.abspath(s.path)) + f"|{st.st_size}|{st.st_mtime_ns}".encode())
+        h.update(b"|" + os.fsencode(os.path.abspath(s.path)) + _file_state(s.path).encode())
     return h.hexdigest()[:32]
+
+
+def _file_state(path: str) -> str:
+    """'|size|mtime' of a sample's file; of the link itself for a broken symbolic link (no file behind it)."""
+    path = path.partition(NPZ_SEPARATOR)[0] if NPZ_SEPARATOR in path else path
+    try:
+        st = os.stat(path)
+    except OSError:
+        st = os.lstat(path)
+    return f"|{st.st_size}|{st.st_mtime_ns}"
 
 
 def _decode(path: str, prep: Preprocessing) -> np.ndarray | str:
