@@ -5,10 +5,12 @@ unwrapped model's state_dict, the run's config, preprocessing, class names, deci
 Grad-CAM layer, metrics, training history and the pneumoscan version. An ensemble's checkpoint
 (`pneumoscan.ensemble`) adds an "ensemble" record (members, test-time views); `load` rebuilds it.
 Checkpoints are written atomically (`fileio.save_torch`), so a crash never leaves a half-written file.
+The best weights of a run still training (`best.partial.pt`) are marked `unfinished` and refused by `read`.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +26,8 @@ from .fileio import save_torch
 from .models import create_model
 
 FORMAT = "pneumoscan-checkpoint-1"
+UNFINISHED = "unfinished"  # True in a run's best weights until `train.finish` gives them their operating point
+log = logging.getLogger(__name__)
 
 
 save = save_torch  # written atomically
@@ -122,4 +126,20 @@ def read(path: str | os.PathLike) -> dict[str, Any]:
         raise ValueError(f"{path}: not a readable pneumoscan checkpoint ({type(e).__name__}: {reason})") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise ValueError(f"{path}: not a pneumoscan checkpoint (format {ckpt.get('format') if isinstance(ckpt, dict) else type(ckpt).__name__})")
+    _check_finished(ckpt, path)
     return ckpt
+
+
+def _check_finished(ckpt: dict[str, Any], path: Path) -> None:
+    """ValueError for the best weights of a run that has not ended: they lack the threshold chosen on validation,
+    the calibration and the out-of-distribution detector, so every answer from them would be off. A best.pt
+    written by an older pneumoscan in a run that never finished cannot be told for sure: it gets a warning."""
+    if ckpt.get(UNFINISHED):
+        raise ValueError(f"{path}: the best weights of a training run that has not finished (no threshold chosen on "
+                         f"validation, calibration or out-of-distribution detector yet); continue the run with "
+                         f"`pneumoscan train --out {path.parent} --resume` and use its best.pt")
+    run = path.parent
+    if ("calibration" not in ckpt and "ensemble" not in ckpt and path.name == "best.pt"
+            and (run / "last.pt").is_file() and not (run / "summary.json").is_file()):
+        log.warning("%s: its run has no summary.json and this checkpoint no calibration: it looks like the best "
+                    "weights of a run that never finished; `pneumoscan train --out %s --resume` finishes it", path, run)

@@ -15,7 +15,7 @@ import os
 import tempfile
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import Any, NoReturn
 
 
 def optional_import(module: str, extra: str, purpose: str) -> ModuleType:
@@ -39,9 +39,26 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp creates 0600; honour the umask as open() would
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
-        raise
+        _raise_naming(e, path)
+
+
+def _raise_naming(error: BaseException, path: str | os.PathLike) -> NoReturn:
+    """Raise `error`, naming `path` when it is an OSError that names no file: a failed write says only
+    "[Errno 28] No space left on device", and the user needs to know which file, on which disk."""
+    if isinstance(error, OSError) and error.filename is None and error.errno is not None:
+        raise OSError(error.errno, error.strerror or str(error), str(path)) from None  # the subclass the errno gives
+    raise error
+
+
+def append_text(path: str | os.PathLike, text: str) -> None:
+    """Append `text` (UTF-8) to `path`; an error names the file."""
+    try:
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(text)
+    except OSError as e:
+        _raise_naming(e, path)
 
 
 def current_umask() -> int:

@@ -3,10 +3,13 @@
 `prepare_run_dir` refuses to reuse a folder unless asked (--resume, --overwrite). With --overwrite the
 earlier run's files are set aside in `.replaced/` and deleted only once the new run has written its
 first checkpoint; if the new run fails or is killed before that, `settle_replaced` puts them back.
+While a run trains, its best weights are `best.partial.pt`; `best.pt` appears only once the run has
+finalised them, so a `best.pt` is always finished. `incomplete` says what a run that failed left.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import shutil
@@ -20,7 +23,8 @@ class RunDirError(OSError):
 
 
 REPLACED = ".replaced"  # a run folder's earlier files while a run started with --overwrite has no checkpoint yet
-RUN_FILES = ("best.pt", "last.pt", "metrics.jsonl", "config.json", "split.json", "summary.json", "report.html",
+PARTIAL_BEST = "best.partial.pt"  # the best weights while the run trains: not yet what best.pt must be
+RUN_FILES = ("best.pt", PARTIAL_BEST, "last.pt", "metrics.jsonl", "config.json", "split.json", "summary.json", "report.html",
              "tensorboard")
 
 
@@ -73,3 +77,32 @@ def prepare_run_dir(out: Path, resume: bool, overwrite: bool) -> None:
             for path in earlier:
                 os.replace(path, out / REPLACED / path.name)
     out.mkdir(parents=True, exist_ok=True)
+
+
+class RunIncomplete(OSError):
+    """A run stopped by a file it could not write or read; the message names the file and what is left."""
+
+
+def incomplete(out: Path, error: OSError, restored: bool) -> RunIncomplete:
+    """The error to report when `error` stopped the run in `out`: which file, why, that the run is unfinished and
+    whether `--resume` can continue it (`restored`: the earlier run replaced by --overwrite is back instead)."""
+    where = f"{error.filename}: " if error.filename else ""
+    what = f"{where}{error.strerror or error}; the run in {out} is incomplete"
+    if restored:
+        return RunIncomplete(f"{what} (it wrote no checkpoint; the earlier run's files are back in place)")
+    room = " once there is room" if error.errno in (errno.ENOSPC, errno.EDQUOT) else ""
+    epoch = _last_epoch(out / "last.pt")
+    if epoch is None:
+        return RunIncomplete(f"{what}: it wrote no checkpoint to resume from; start it again{room} (--overwrite)")
+    return RunIncomplete(f"{what}: `pneumoscan train --out {out} --resume` continues it{room} from last.pt "
+                         f"(epoch {epoch})")
+
+
+def _last_epoch(path: Path) -> int | None:
+    """The epoch a last.pt holds, None when there is none that can be read."""
+    import torch
+
+    try:
+        return int(torch.load(path, map_location="cpu", weights_only=True, mmap=True)["epoch"])
+    except Exception:  # missing, cut short or not a checkpoint: nothing to resume from
+        return None

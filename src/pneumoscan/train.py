@@ -3,7 +3,8 @@
 The whole split lives in memory as uint8 (on the training device), batches are sliced from it and
 augmented as tensors, so no image is decoded after the first run. Each epoch appends one JSON line to
 `metrics.jsonl`; `last.pt` holds everything needed to resume (optimizer, scheduler, random states);
-`best.pt` holds the weights with the lowest validation loss, as Keras' ModelCheckpoint did.
+`best.partial.pt` holds the weights with the lowest validation loss, as Keras' ModelCheckpoint did, until
+`finish` gives them their operating point and detector and writes them as `best.pt`.
 
 Validation runs the model being trained, in eval mode; `evaluate` of `best.pt` gives the same figures.
 Device-specific speed lives elsewhere: `cpu_kernels` (the CPU stem), `cuda_graphs` (replayed steps).
@@ -34,7 +35,7 @@ from .config import Config
 from .cpu_kernels import for_cpu_training
 from .cuda_graphs import CudaGraphForward, CudaGraphStep, start_warm_up
 from .data import CachedImages, DataError, cache_images, class_names, split_samples, split_summary, task_labels
-from .fileio import atomic_write_text, write_json
+from .fileio import append_text, atomic_write_text, write_json
 from .inference import freeze, model_input
 from .calibration import fit_platt, fit_temperature, model_prior_of
 from .metrics import binary_metrics, choose_threshold, decide, stable_threshold
@@ -42,7 +43,7 @@ from .prevalence import sigmoid
 from .models import load_pretrained, pneumonia_logit, probabilities
 from .ood import fit_for_model
 from .overlap import training_record, validation_record
-from .rundir import REPLACED, prepare_run_dir, settle_replaced
+from .rundir import PARTIAL_BEST, REPLACED, incomplete, prepare_run_dir, settle_replaced
 from .runtime import (Distributed, autocast, bf16_is_emulated, check_precision, init_distributed, keep_freed_memory,
                       memory_format, peak_memory_mb, seed_everything, training_arithmetic)
 from .tracking import TensorBoardLogger
@@ -404,16 +405,27 @@ def train(cfg: Config, out: str | Path, device: str = "auto", resume: bool = Fal
         try:
             return _train(cfg, out, dev, ddp, resume, progress and ddp.is_main, tensorboard and ddp.is_main, strict,
                           cuda_graphs, graphs_by_default)
-        except BaseException:
-            if ddp.is_main:
-                try:
-                    settle_replaced(out)
-                except OSError as e:
-                    log.error("%s: could not put the earlier run's files back from %s/ (%s)", out, REPLACED, e)
+        except BaseException as e:
+            if not ddp.is_main:
+                raise
+            restored = _settle_after_failure(out)
+            if isinstance(e, OSError):  # a full disk, a folder gone read-only: which file, and what is left
+                raise incomplete(out, e, restored) from e
             raise
     finally:
         if ddp.enabled:
             torch.distributed.destroy_process_group()
+
+
+def _settle_after_failure(out: Path) -> bool:
+    """Put an earlier run replaced by --overwrite back when the failed run wrote no checkpoint; True if it did."""
+    restoring = (out / REPLACED).is_dir() and not (out / "last.pt").is_file()
+    try:
+        settle_replaced(out)
+    except OSError as e:
+        log.error("%s: could not put the earlier run's files back from %s/ (%s)", out, REPLACED, e)
+        return False
+    return restoring
 
 
 def _precision_checked(cfg: Config, dev: torch.device, cuda_graphs: bool, graphs_by_default: bool) -> bool:
@@ -472,10 +484,10 @@ def _train(cfg: Config, out: Path, dev: torch.device, ddp: Distributed, resume: 
         improved, run.best_loss = va["loss"] < run.best_loss, min(run.best_loss, va["loss"])
         if ddp.is_main:
             _log_epoch(out, row, tracker)
-            if improved:
-                ckpt_io.save(ckpt_io.make_checkpoint(run.model, cfg, threshold=cfg.train.threshold,
-                                                     metrics={"val": va, "epoch": epoch}, history=run.history, epoch=epoch),
-                             out / "best.pt")
+            if improved:  # not best.pt: that name is kept for weights the run has finalised (`finish`)
+                ckpt_io.save({**ckpt_io.make_checkpoint(run.model, cfg, threshold=cfg.train.threshold,
+                                                        metrics={"val": va, "epoch": epoch}, history=run.history,
+                                                        epoch=epoch), ckpt_io.UNFINISHED: True}, out / PARTIAL_BEST)
             ckpt_io.save(run.resumable_state(epoch), out / "last.pt")
             settle_replaced(out)  # the new run has a checkpoint: an earlier run's files go now
         if stop:
@@ -523,11 +535,14 @@ def run_epoch(run: Run, net: nn.Module, data: dict[str, DeviceSplit], epoch: int
 
 def finish(out: Path, run: Run, data: dict[str, DeviceSplit], val_graphs: dict[str, CudaGraphForward] | None,
            train_patients: list[str]) -> dict[str, Any]:
-    """Give best.pt the complete history (for the curves), its operating point chosen on validation
-    (`operating_point`): calibration, the threshold and its interval, the training prevalence, its
+    """Write best.pt: the best weights (best.partial.pt; best.pt itself when a finished run is resumed with
+    no better epoch) with the complete history (for the curves), their operating point chosen on validation
+    (`operating_point`): calibration, the threshold and its interval, the training prevalence, their
     out-of-distribution detector (fitted on the training split, threshold on validation) and the record of
-    its training images (`overlap.training_record`); return the summary's training figures."""
-    best = torch.load(out / "best.pt", map_location="cpu", weights_only=True)
+    their training images (`overlap.training_record`); return the summary's training figures."""
+    partial = out / PARTIAL_BEST
+    best = torch.load(partial if partial.is_file() else out / "best.pt", map_location="cpu", weights_only=True)
+    best.pop(ckpt_io.UNFINISHED, None)
     run.model.load_state_dict(best["state_dict"])
     val_logits = pneumonia_logit(validation_logits(run.model, data["val"], run.cfg, val_graphs).float()).cpu().numpy()
     train_prevalence = float((data["train"].labels > 0).float().mean())
@@ -541,6 +556,7 @@ def finish(out: Path, run: Run, data: dict[str, DeviceSplit], val_graphs: dict[s
     best["training_images"] = training_record(data["train"].pixels.cpu().numpy(), train_patients)
     best["validation_outputs"] = validation_record(val_logits, data["val"].labels.cpu().numpy())
     ckpt_io.save(best, out / "best.pt")
+    partial.unlink(missing_ok=True)
     epochs_run = [h for h in run.history if h["epoch"] >= run.start_epoch]
     steady = [h["train_images_per_s"] for h in epochs_run[1:]] or [h["train_images_per_s"] for h in epochs_run]
     return {"best_epoch": best["epoch"], "best_val": best["metrics"]["val"], "epochs": len(run.history),
@@ -592,8 +608,7 @@ def _epoch_row(epoch: int, lr: float, tr: dict[str, Any], va: dict[str, Any], va
 
 def _log_epoch(out: Path, row: dict[str, Any], tracker: Any) -> None:
     print(json.dumps(row), flush=True)
-    with open(out / "metrics.jsonl", "a") as f:
-        f.write(json.dumps(row) + "\n")
+    append_text(out / "metrics.jsonl", json.dumps(row) + "\n")
     if tracker:
         tracker.log_epoch(row)
 
