@@ -33,6 +33,7 @@ from pneumoscan import checkpoint as ckpt_io
 from pneumoscan.adapt import _raw_logits, adapt_model
 from pneumoscan.calibration import output_map
 from pneumoscan.data import split_samples
+from pneumoscan.fileio import atomic_write_text
 from pneumoscan.images import load_grey, resize
 from pneumoscan.metrics import binary_metrics
 from pneumoscan.prevalence import estimate_prevalence, shift_prior, sigmoid
@@ -101,7 +102,7 @@ def _with_labels(loaded, path: str, pixels: np.ndarray, labels: np.ndarray, seed
     z = _raw_logits(model, pixels[rest], loaded.config.preprocessing)
     probs = shift_prior(sigmoid(z / cal["temperature"] + cal["offset"]), cal["model_prior"], est)
     expected = record["labelled"]["expected"]
-    return {**figures(labels[rest], probs, 0.5, est), "expected_accuracy": expected["accuracy"],
+    return {**figures(labels[rest], probs, 0.5, est), "mix": float(labels[rest].mean()), "expected_accuracy": expected["accuracy"],
             "expected_accuracy_ci95": expected["accuracy_ci95"]}
 
 
@@ -190,7 +191,8 @@ def main() -> int:
                     help="pneumonia shares of the sites (0: the validation split's own)")
     ap.add_argument("--size", type=int, default=300, help="images per site (fewer when a class runs out)")
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
-    ap.add_argument("--json", help="write every row here")
+    ap.add_argument("--json", help="write every row here once every checkpoint is scored (JSON.partial until "
+                                    "then: a run resumes from it, scoring only the options it lacks)")
     ap.add_argument("--group-site", metavar="PREFIX",
                     help="checkpoints trained without the normals named PREFIX* (see --make-group-root): the site is "
                          "those normals and the run's validation pneumonia images (--data: the full data set)")
@@ -203,11 +205,17 @@ def main() -> int:
     import torch
 
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; CPU: {_cpu_name()}", flush=True)
-    rows = []
+    partial = Path(f"{a.json}.partial") if a.json else None
+    rows = json.loads(partial.read_text()) if partial and partial.is_file() else []  # a run cut short resumes
     for path in a.checkpoints:
-        rows += run_checkpoint(path, a.data, a.shifts, a.mixes, a.size, a.methods, a.group_site)
-        if a.json:
-            Path(a.json).write_text(json.dumps(rows, indent=1))
+        todo = [m for m in a.methods if not any(r["checkpoint"] == path and r["method"] == m for r in rows)]
+        if todo:  # options missing from the rows kept (all, for a checkpoint not scored yet)
+            rows += run_checkpoint(path, a.data, a.shifts, a.mixes, a.size, todo, a.group_site)
+        if partial:
+            atomic_write_text(partial, json.dumps(rows, indent=1))
+    if partial:  # the finished file appears only once every checkpoint is in it
+        atomic_write_text(a.json, json.dumps(rows, indent=1))
+        partial.unlink()
     print("\n".join(summarise(rows)))
     return 0
 

@@ -26,7 +26,7 @@ train() {  # name data seed out
   .venv/bin/pneumoscan train ${FLAGS[$1]} --data "$2" --seed "$3" --out "$4" --overwrite --no-progress > "$4.log" 2>&1
 }
 
-for name in tuned paper tuned-appearance; do
+for name in tuned tuned-appearance paper; do
   for seed in 0 1 2; do
     train "$name" "$DATA" "$seed" "$OUT/$name-s$seed"
     train "$name" "$GROUP" "$seed" "$OUT/$name-group-s$seed"

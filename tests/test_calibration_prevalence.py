@@ -120,6 +120,25 @@ def test_platt_scaling_corrects_a_biased_model_that_a_temperature_cannot():
     assert fit_platt(y, -biased) == (1.0, 0.0)  # a reversed ranking is never fitted
 
 
+def test_platt_targets_keep_a_few_separable_rows_from_making_certainties():
+    """20 labelled rows per class that the model separates: the plain fit's slope runs away (every probability 0
+    or 1, so EM reads the class mix as the share called); with Platt's targets (1 / 22 and 21 / 22) it stays
+    near the logits' own, and EM on a site's other images lands near its mix."""
+    rng = np.random.default_rng(7)
+    y = np.repeat([0, 1], 20)
+    z = np.where(y == 1, rng.uniform(1.0, 6.0, 40), rng.uniform(-6.0, -1.0, 40))  # separable at 0
+    t_plain, b_plain = fit_platt(y, z)
+    t, b = fit_platt(y, z, smoothed=True)
+    assert t_plain < 0.2 * t  # the plain slope is at least five times steeper
+    assert 0.5 < t < 2
+    site_y = (rng.random(2000) < 0.25).astype(int)  # the site: a quarter pneumonia, a few cases called wrong
+    site_z = rng.normal(np.where(site_y == 1, 3.0, -3.0), 2.0)
+    smoothed = estimate_prevalence(sigmoid(site_z / t + b), 0.5, n_boot=0)["prevalence"]
+    plain = estimate_prevalence(sigmoid(site_z / t_plain + b_plain), 0.5, n_boot=0)["prevalence"]
+    assert abs(smoothed - site_y.mean()) < abs(plain - site_y.mean())
+    assert smoothed == pytest.approx(site_y.mean(), abs=0.03)
+
+
 def test_the_operating_point_training_stores_for_each_calibration():
     from pneumoscan.train import operating_point
 

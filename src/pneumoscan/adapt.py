@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import csv
 import os
+from functools import partial
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -100,15 +101,15 @@ def fit_labels(logits: np.ndarray, labels: np.ndarray, record: dict[str, Any]) -
     if min(counts.values()) < MIN_LABELLED_PER_CLASS:
         raise DataError(f"labels: {counts['NORMAL']} NORMAL and {counts['PNEUMONIA']} PNEUMONIA rows; refitting the "
                         f"calibration needs at least {MIN_LABELLED_PER_CLASS} of each")
-    temperature, offset = fit_platt(y, z)
+    temperature, offset = fit_platt(y, z, smoothed=True)
     labelled_mix = float(y.mean())
     rest = logits[~known] if (~known).sum() >= MIN_IMAGES else logits
     em = estimate_prevalence(sigmoid(rest / temperature + offset), labelled_mix)
-    decisions = leave_one_out_rates(z, y, em["prevalence"], fit_platt)
+    decisions = leave_one_out_rates(z, y, em["prevalence"], partial(fit_platt, smoothed=True))
     record["prevalence"].update(prevalence=em["prevalence"], interval=em["interval"],
                                 source="unlabelled images, calibrated on the labelled rows", trusted=True,
                                 n=em["n"], labelled_check=record["prevalence"].get("prevalence"))
-    return {"rows": counts, "calibration": {"method": "platt", "temperature": temperature, "offset": offset,
+    return {"rows": counts, "calibration": {"method": "platt (smoothed targets)", "temperature": temperature, "offset": offset,
                                             "fitted_on": "site labels", "model_prior": labelled_mix},
             "expected": expected_rates(decisions, y, em["prevalence"], em["interval"])}
 
