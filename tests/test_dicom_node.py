@@ -24,6 +24,8 @@ from PIL import Image
 from .conftest import real_train_folder
 
 ORTHANC = Path("/usr/sbin/Orthanc")
+# DCMTK's tools by their full path: pynetdicom installs Python scripts of the same names into the virtualenv
+STORESCU, ECHOSCU = "/usr/bin/storescu", "/usr/bin/echoscu"
 NODE_AET, PACS_AET = "PNEUMOSCAN", "ORTHANC"
 
 
@@ -242,7 +244,7 @@ def test_c_echo_both_ways(pacs_and_node):
     pacs, node, _ = pacs_and_node
     assert "C-ECHO to ORTHANC@127.0.0.1" in node.wait_for("C-ECHO to") and "status 0x0000" in "".join(node.output)
     assert pacs.http.post("/modalities/pneumoscan/echo", json={}).status_code == 200
-    echo = subprocess.run(["echoscu", "-aet", NODE_AET, "-aec", PACS_AET, "127.0.0.1", str(pacs.dicom_port)],
+    echo = subprocess.run([ECHOSCU, "-aet", NODE_AET, "-aec", PACS_AET, "127.0.0.1", str(pacs.dicom_port)],
                           capture_output=True, text=True, timeout=60)
     assert echo.returncode == 0, echo.stderr
 
@@ -682,3 +684,143 @@ def test_the_node_logs_each_report_stored_and_each_not_stored(tmp_path, caplog):
     events = {r["sop_instance_uid"]: r["event"] for r in results(tmp_path)}
     assert events == {good.SOPInstanceUID: "sr-sent", unbuildable.SOPInstanceUID: "sr-failed",
                       undelivered.SOPInstanceUID: "sr-failed"}
+
+
+# --- who may associate: the called AE title, and --allow-calling -----------------------------------------
+
+needs_dcmtk = pytest.mark.skipif(not (Path(STORESCU).exists() and Path(ECHOSCU).exists()),
+                                 reason=f"needs DCMTK ({STORESCU}, {ECHOSCU}), as .ci/run installs")
+
+
+def dcmtk(tool: str, calling: str, called: str, port: int, *files: Path) -> subprocess.CompletedProcess:
+    """A DCMTK SCU (echoscu or storescu) run against the node on loopback; storescu proposes JPEG-LS lossless,
+    the radiograph's transfer syntax."""
+    options = ["-xt"] if tool == STORESCU else []
+    return subprocess.run([tool, *options, "-aet", calling, "-aec", called, "127.0.0.1", str(port), *map(str, files)],
+                          capture_output=True, text=True, timeout=60)
+
+
+@pytest.fixture
+def start_node(checkpoint, tmp_path):
+    """Starts an in-process node (no destination) with the given settings; stops it after the test."""
+    pytest.importorskip("pynetdicom")
+    from pneumoscan.dicom_node import DicomNode, NodeSettings
+    from pneumoscan.predict import Predictor
+
+    nodes = []
+
+    def start(**settings):
+        settings = NodeSettings(out=tmp_path / "node", port=free_port(), **settings)
+        node = DicomNode(Predictor(checkpoint, device="cpu"), settings)
+        node.start()
+        nodes.append(node)
+        return node
+
+    yield start
+    for node in nodes:
+        node.stop()
+
+
+@needs_dcmtk
+def test_a_wrong_called_ae_title_is_refused_recorded_and_nothing_is_scored(start_node, radiograph, tmp_path):
+    node = start_node()
+    wrong = dcmtk(STORESCU, "MODALITY", "WRONGAE", node.port, radiograph)
+    assert wrong.returncode != 0 and "Called AE Title Not Recognized" in wrong.stderr + wrong.stdout, wrong
+    [refused] = results(tmp_path / "node")
+    assert refused["event"] == "refused" and refused["calling_ae"] == "MODALITY"
+    assert refused["error"] == "association from 127.0.0.1 called 'WRONGAE', not this node's AE title 'PNEUMOSCAN'"
+    assert not (tmp_path / "node" / "instances").exists()
+
+    right = dcmtk(STORESCU, "MODALITY", NODE_AET, node.port, radiograph)  # the same sender, the node's title
+    assert right.returncode == 0, right
+    assert [r["event"] for r in results(tmp_path / "node")] == ["refused", "scored"]
+
+
+@needs_dcmtk
+def test_only_the_allowed_calling_ae_titles_from_their_hosts_are_accepted(start_node, tmp_path):
+    """MODALITY is allowed from 127.0.0.2 only: from there it is accepted; from 127.0.0.1 (DCMTK), or another
+    title from 127.0.0.2, is refused with 'calling AE title not recognised', each with its row."""
+    from pynetdicom import AE
+    from pynetdicom.sop_class import Verification
+
+    from pneumoscan.dicom_node import CallingPeer
+
+    node = start_node(allow_calling=(CallingPeer.parse("MODALITY@127.0.0.2"), CallingPeer.parse("WORKSTATION@localhost")))
+
+    def associate_from(address: str, title: str):
+        ae = AE(ae_title=title)
+        ae.add_requested_context(Verification)
+        return ae.associate("127.0.0.1", node.port, ae_title=NODE_AET, bind_address=(address, 0))
+
+    allowed = associate_from("127.0.0.2", "MODALITY")
+    assert allowed.is_established and allowed.send_c_echo().Status == 0x0000
+    allowed.release()
+    other_title = associate_from("127.0.0.2", "OTHER")
+    assert other_title.is_rejected and other_title.acceptor.primitive.diagnostic == 0x03
+    other_host = dcmtk(ECHOSCU, "MODALITY", NODE_AET, node.port)
+    assert other_host.returncode != 0 and "Calling AE Title Not Recognized" in other_host.stderr + other_host.stdout
+    by_name = dcmtk(ECHOSCU, "WORKSTATION", NODE_AET, node.port)  # localhost, looked up at start
+    assert by_name.returncode == 0, by_name
+
+    rows = results(tmp_path / "node")
+    assert [(r["event"], r["calling_ae"]) for r in rows] == [("refused", "OTHER"), ("refused", "MODALITY")]
+    assert rows[0]["error"].startswith("association from 127.0.0.2 with calling AE title 'OTHER', which --allow-calling")
+    assert rows[1]["error"] == ("association from 127.0.0.1 with calling AE title 'MODALITY', which --allow-calling "
+                                "does not allow (MODALITY@127.0.0.2, WORKSTATION@localhost)")
+
+
+def test_allow_calling_is_parsed_or_refused_on_the_command_line_before_the_model_is_loaded(tmp_path, capsys):
+    from pneumoscan.cli import main
+    from pneumoscan.dicom_node import CallingPeer
+
+    peer = CallingPeer.parse(" PACS@[::1] ")
+    assert (peer.ae_title, peer.host, str(peer)) == ("PACS", "::1", "PACS@::1")
+    assert peer.allows("PACS  ", "::1") and not peer.allows("PACS", "127.0.0.1") and not peer.allows("pacs", "::1")
+    assert CallingPeer.parse("PACS@127.0.0.1").allows("PACS", "::ffff:127.0.0.1")  # IPv4 over an IPv6 socket
+    for bad, reason in (("PACS", "must be AE@HOST"), ("@127.0.0.1", "must be AE@HOST"), ("CT\u00c9@127.0.0.1", "must be AE@HOST"),
+                        ("A_TITLE_LONGER_THAN_16@127.0.0.1", "must be AE@HOST"), ("BACK\\SLASH@127.0.0.1", "must be AE@HOST"),
+                        ("PACS@no-such-host.invalid", "cannot look up the host 'no-such-host.invalid'")):
+        code = main(["dicom-node", str(tmp_path / "missing.pt"), "--out", str(tmp_path / "out"),
+                     "--allow-calling", "PACS@127.0.0.1", "--allow-calling", bad])
+        err = capsys.readouterr().err
+        assert code == 2 and err.startswith("pneumoscan dicom-node: error: --allow-calling") and reason in err, err
+        assert repr(bad) in err or bad in err
+        assert err.count("\n") == 1 and "Traceback" not in err and "missing.pt" not in err
+
+
+@needs_dcmtk
+def test_hostile_ae_titles_and_header_text_are_written_spreadsheet_safe(checkpoint, radiograph, tmp_path):
+    """`pneumoscan dicom-node` with two --allow-calling peers, one of them '=HYPERLINK(A1)': its radiograph, whose
+    series UID is a formula, is scored; '+SUM(1)' is refused. Each such cell has a leading quote in results.csv,
+    so a spreadsheet shows it as text, and reads back exactly."""
+    import warnings
+
+    import pydicom
+
+    from pneumoscan.records import original_cell
+
+    hostile_series = '=HYPERLINK("http://example.invalid","x")'
+    ds = pydicom.dcmread(radiograph)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # pydicom's warning about the invalid UID is the point
+        ds.SeriesInstanceUID = hostile_series
+        ds.save_as(tmp_path / "hostile.dcm", enforce_file_format=True)
+    port, out = free_port(), tmp_path / "node"
+    node = NodeProcess([str(checkpoint), "--out", str(out), "--port", str(port), "--allow-calling", "=HYPERLINK(A1)@127.0.0.1",
+                        "--allow-calling", "MODALITY@localhost"], tmp_path / "cache")
+    try:
+        started = node.wait_for("listening on")
+        assert started.rstrip().endswith("calling AE titles allowed: =HYPERLINK(A1)@127.0.0.1, MODALITY@localhost")
+        assert dcmtk(STORESCU, "=HYPERLINK(A1)", NODE_AET, port, tmp_path / "hostile.dcm").returncode == 0
+        refused = dcmtk(ECHOSCU, "+SUM(1)", NODE_AET, port)  # (DCMTK reads '@...' as a file of arguments)
+        assert refused.returncode != 0 and "Calling AE Title Not Recognized" in refused.stderr + refused.stdout
+    finally:
+        node.stop()
+    with open(out / "results.csv", newline="") as f:
+        rows = list(csv.reader(f))
+    header, scored, refused = rows[0], dict(zip(rows[0], rows[1])), dict(zip(rows[0], rows[2]))
+    assert (scored["event"], refused["event"]) == ("scored", "refused") and len(rows) == 3
+    assert scored["calling_ae"] == "'=HYPERLINK(A1)" and scored["series_instance_uid"] == "'" + hostile_series
+    assert refused["calling_ae"] == "'+SUM(1)" and "'+SUM(1)'" in refused["error"]
+    assert [original_cell(scored[c]) for c in ("calling_ae", "series_instance_uid")] == ["=HYPERLINK(A1)", hostile_series]
+    assert not [cell for row in rows[1:] for cell in row if cell[:1] in ("=", "+", "-", "@", "\t")]

@@ -259,7 +259,11 @@ def _add_dicom_node(sub: argparse._SubParsersAction) -> None:
                                           "Structured Reports (pip install 'pneumoscan[dicom-node]')")
     p.add_argument("checkpoint")
     p.add_argument("--out", required=True, help="folder for results.csv and the received instances")
-    p.add_argument("--ae-title", default="PNEUMOSCAN", help="this node's AE title (default: PNEUMOSCAN)")
+    p.add_argument("--ae-title", default="PNEUMOSCAN",
+                   help="this node's AE title; associations calling another are refused (default: PNEUMOSCAN)")
+    p.add_argument("--allow-calling", action="append", default=[], metavar="AE@HOST",
+                   help="accept associations only from this calling AE title at this host (repeatable; the host's "
+                        "addresses are looked up at start). Without it any calling AE title is accepted")
     p.add_argument("--port", type=int, default=11112, help="DICOM port (default: 11112; 0: any free port)")
     p.add_argument("--bind", default="127.0.0.1", help="address to listen on (default: loopback only)")
     p.add_argument("--send-to", metavar="AE@HOST:PORT", help="store a Structured Report of each scored image there")
@@ -470,10 +474,11 @@ def cmd_dicom_node(a: argparse.Namespace) -> int:
     import signal
     import threading
 
-    from .dicom_node import Destination, NodeSettings, run_node
+    from .dicom_node import CallingPeer, Destination, NodeSettings, run_node
 
     settings = NodeSettings(out=Path(a.out), ae_title=a.ae_title, bind=a.bind, port=a.port,
                             send_to=Destination.parse(a.send_to) if a.send_to else None,
+                            allow_calling=tuple(CallingPeer.parse(text) for text in a.allow_calling),
                             secondary_capture=a.secondary_capture, max_associations=a.max_associations,
                             max_instance_mb=a.max_instance_mb, keep_instances=not a.no_keep,
                             send_attempts=a.send_attempts)

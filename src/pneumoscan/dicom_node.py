@@ -22,10 +22,12 @@ from __future__ import annotations
 import csv
 import datetime as dt
 import io
+import ipaddress
 import logging
 import os
 import queue
 import re
+import socket
 import threading
 import time
 from concurrent.futures import TimeoutError as FutureTimeout
@@ -86,6 +88,42 @@ class Destination:
 
 
 @dataclass(frozen=True)
+class CallingPeer:
+    """A calling AE title the node accepts (`--allow-calling`), and the addresses of the host it may come from,
+    looked up once, at start."""
+
+    ae_title: str
+    host: str
+    addresses: frozenset
+
+    @classmethod
+    def parse(cls, text: str) -> "CallingPeer":
+        """'AE@HOST' -> CallingPeer, HOST an address or a name looked up now; ValueError naming what is wrong."""
+        m = re.fullmatch(r"([^@\\]{1,16})@(.+)", text.strip())
+        if not m or not (m.group(1).isascii() and m.group(1).isprintable()):
+            raise ValueError(f"--allow-calling must be AE@HOST (an AE title of at most 16 printable ASCII characters, "
+                             f"no backslash), not {text!r}")
+        host = m.group(2).strip().strip("[]")
+        try:
+            found = {info[4][0] for info in socket.getaddrinfo(host, None)}
+        except (OSError, UnicodeError) as e:
+            raise ValueError(f"--allow-calling {text}: cannot look up the host {host!r} ({e})") from None
+        return cls(m.group(1).strip(), host, frozenset(_address(a) for a in found))
+
+    def allows(self, ae_title: str, address: str) -> bool:
+        return ae_title.strip() == self.ae_title and _address(address) in self.addresses
+
+    def __str__(self) -> str:
+        return f"{self.ae_title}@{self.host}"
+
+
+def _address(text: str) -> Any:
+    """An IP address as one value whether a peer reaches an IPv6 socket over IPv4 or not (::ffff:a.b.c.d)."""
+    ip = ipaddress.ip_address(text.split("%")[0])  # an IPv6 scope (%eth0) is not part of the address
+    return getattr(ip, "ipv4_mapped", None) or ip
+
+
+@dataclass(frozen=True)
 class NodeSettings:
     out: Path
     ae_title: str = "PNEUMOSCAN"
@@ -100,6 +138,7 @@ class NodeSettings:
     retry_wait_s: float = 2.0
     score_timeout_s: float = 120.0
     max_batch: int = 16
+    allow_calling: tuple[CallingPeer, ...] = ()  # none: any calling AE title, from any host
 
     def __post_init__(self) -> None:
         if self.max_associations < 1 or self.send_attempts < 1 or not self.max_instance_mb > 0:
@@ -159,11 +198,14 @@ class ResultLog:
             os.close(fd)
 
     def write(self, **fields: Any) -> None:
+        """Append one row; text a sender chose (an AE title, a header's words) cannot become a spreadsheet formula."""
+        from .records import spreadsheet_safe
+
         fields.setdefault("time", dt.datetime.now(dt.timezone.utc).isoformat(timespec="milliseconds"))
         buf = io.StringIO()
         # one line a row: a decoder's message over several lines is joined into one
-        csv.writer(buf).writerow(["" if fields.get(c) is None else re.sub(r"\s*[\r\n]+\s*", " ", str(fields[c]))
-                                  for c in self.columns])
+        cells = ["" if fields.get(c) is None else re.sub(r"\s*[\r\n]+\s*", " ", str(fields[c])) for c in self.columns]
+        csv.writer(buf).writerow([spreadsheet_safe(cell) for cell in cells])
         with self.lock:
             self._append(buf.getvalue().encode("utf-8", "backslashreplace"))
 
@@ -349,6 +391,10 @@ class DicomNode:
         self.syntaxes = decodable_syntaxes()
         ae = pynetdicom.AE(ae_title=settings.ae_title)
         ae.maximum_associations = settings.max_associations
+        # `check_association` refuses first, with a row; should it ever fail to, pynetdicom's own checks still
+        # refuse a wrong called AE title and (by title only) a calling AE title off the allow-list
+        ae.require_called_aet = True
+        ae.require_calling_aet = sorted({p.ae_title for p in settings.allow_calling})
         ae.add_supported_context(Verification)
         for context in StoragePresentationContexts:  # every storage class: the others get a status saying why
             ae.add_supported_context(context.abstract_syntax, self.syntaxes)
@@ -370,7 +416,8 @@ class DicomNode:
     def start(self) -> None:
         from pynetdicom import evt
 
-        handlers = [(evt.EVT_C_ECHO, lambda event: SUCCESS), (evt.EVT_C_STORE, self.handle_store)]
+        handlers = [(evt.EVT_REQUESTED, self.check_association), (evt.EVT_C_ECHO, lambda event: SUCCESS),
+                    (evt.EVT_C_STORE, self.handle_store)]
         self.server = self.ae.start_server((self.settings.bind, self.settings.port), block=False, evt_handlers=handlers)
 
     def stop(self, grace_s: float = 30) -> None:
@@ -384,6 +431,39 @@ class DicomNode:
             assoc.abort()
         if self.sender is not None:
             self.sender.stop()
+
+    def refusal(self, calling: str, called: str, address: str) -> tuple[int, str] | None:
+        """(A-ASSOCIATE-RJ diagnostic, reason) for an association this node refuses, None for one it accepts."""
+        own = self.settings.ae_title.strip()
+        if called.strip() != own:
+            return 0x07, f"association from {address} called {called.strip()!r}, not this node's AE title {own!r}"
+        allowed = self.settings.allow_calling
+        if allowed and not any(p.allows(calling, address) for p in allowed):
+            return 0x03, (f"association from {address} with calling AE title {calling.strip()!r}, which "
+                          f"--allow-calling does not allow ({', '.join(map(str, allowed))})")
+        return None
+
+    def check_association(self, event: Any) -> None:
+        """EVT_REQUESTED: an association `refusal` refuses gets a WARNING and a row, then A-ASSOCIATE-RJ (permanent,
+        by the service user), and ends there. pynetdicom logs and ignores a handler's exception, which would let
+        the association through: a request that cannot be checked is refused too."""
+        assoc = event.assoc
+        calling = address = ""
+        try:
+            request = assoc.requestor.primitive
+            calling, address = str(request.calling_ae_title).strip(), str(assoc.requestor.address)
+            refused = self.refusal(calling, str(request.called_ae_title), address)
+        except Exception as e:
+            refused = 0x01, f"association from {address or 'an unknown address'} not checked ({type(e).__name__}: {e})"
+        if refused is None:
+            return
+        diagnostic, reason = refused
+        try:  # recorded before the peer is answered, as a C-STORE is
+            log.warning("refused an %s", reason)
+            self.results.write(event="refused", calling_ae=calling, error=reason)
+        finally:
+            assoc.acse.send_reject(0x01, 0x01, diagnostic)
+            assoc.kill()  # as pynetdicom's own refusals: without it the connection closes before the reject is sent
 
     def handle_store(self, event: Any) -> Any:
         """C-STORE: the instance checked, kept, decoded, scored and recorded; the DIMSE status says how it went."""
@@ -485,8 +565,10 @@ def run_node(checkpoint: str, settings: NodeSettings, device: str = "cpu", stop:
     node = DicomNode(predictor, settings, checkpoint_name=checkpoint)
     node.start()
     try:
+        peers = ", ".join(map(str, settings.allow_calling))
+        allowed = f"; calling AE titles allowed: {peers}" if peers else ""
         print(f"pneumoscan dicom-node: {settings.ae_title} listening on {settings.bind}:{node.port}; "
-              f"results in {Path(settings.out) / 'results.csv'}", flush=True)
+              f"results in {Path(settings.out) / 'results.csv'}{allowed}", flush=True)
         if node.sender is not None:
             status = node.sender.echo()
             print(f"pneumoscan dicom-node: C-ECHO to {settings.send_to}: "
