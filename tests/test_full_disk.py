@@ -133,7 +133,8 @@ def test_room_for_the_best_weights_but_not_last_pt_leaves_no_best_pt_and_the_run
     assert refused.startswith(f"{run / 'best.partial.pt'}: the best weights of a training run that has not finished")
     assert refused.endswith(f"continue the run with `pneumoscan train --out {run} --resume` and use its best.pt")
     missing = the_error(pneumoscan("predict", run / "best.pt", image, "--out", tmp_path / "p.csv"), "predict")
-    assert missing == f"{run / 'best.pt'}: checkpoint not found"
+    assert missing == (f"{run / 'best.pt'}: checkpoint not found; the run in {run} has not finished (it left "
+                       f"best.partial.pt): `pneumoscan train --out {run} --resume` finishes it")
     assert not (tmp_path / "p.csv").exists()
 
     (small_disk / "filler").unlink()

@@ -111,6 +111,10 @@ def read(path: str | os.PathLike) -> dict[str, Any]:
     """A checkpoint's dict, as written by `save` (FileNotFoundError or ValueError naming `path`)."""
     path = Path(path)
     if not path.is_file():
+        unfinished = path.with_name("best.partial.pt") if path.name == "best.pt" else None
+        if unfinished is not None and unfinished.is_file():
+            raise FileNotFoundError(f"{path}: checkpoint not found; the run in {path.parent} has not finished (it left "
+                                    f"best.partial.pt): `pneumoscan train --out {path.parent} --resume` finishes it")
         raise FileNotFoundError(f"{path}: checkpoint not found")
     if path.suffix.lower() == ".onnx":
         raise ValueError(f"{path}: an ONNX model, not a checkpoint; give the .pt checkpoint it was exported from "
