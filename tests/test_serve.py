@@ -59,14 +59,17 @@ def png(size=(64, 64), seed=0) -> bytes:
     return buf.getvalue()
 
 @contextlib.contextmanager
-def live(app):
-    """The app under a real uvicorn on a free loopback port, in a thread; yields its base URL."""
+def live(app, **config):
+    """The app under a real uvicorn on a free loopback port, in a thread, configured as `pneumoscan serve`
+    configures it (`serve_http.server_config`, `config` passed on); yields its base URL."""
     import uvicorn
+
+    from pneumoscan.serve_http import server_config
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    server = uvicorn.Server(server_config(app, port=port, log_level="warning", **config))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     for _ in range(100):
@@ -78,7 +81,6 @@ def live(app):
     finally:
         server.should_exit = True
         thread.join(timeout=10)
-
 
 
 @pytest.fixture

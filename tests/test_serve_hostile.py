@@ -263,3 +263,77 @@ def test_schemathesis_finds_no_failure_and_no_5xx_against_the_live_server(checkp
                               "--no-color", "--request-timeout", "20"],
                              check=False, capture_output=True, text=True, timeout=240, cwd=tmp_path)
     assert run.returncode == 0 and "No issues found" in run.stdout, run.stdout[-4000:] + run.stderr[-2000:]
+
+
+def raw_request(port, head, body=b""):
+    """A loopback socket that has sent `head` (and the first bytes of a body), then nothing more."""
+    s = socket.create_connection(("127.0.0.1", port), timeout=10)
+    send_if_open(s, head + body)  # a refusal may close it before the body is all sent: its answer is still there
+    return s
+
+
+def send_if_open(s, data):
+    """Send `data` on `s` unless the server has closed the connection."""
+    try:
+        s.sendall(data)
+    except OSError:
+        pass
+
+
+def read_until_closed(s, deadline):
+    """What the server sent on `s`, and whether it closed the connection before `deadline` (perf_counter)."""
+    data = b""
+    try:
+        while (left := deadline - time.perf_counter()) > 0:
+            s.settimeout(left)
+            chunk = s.recv(65536)
+            if not chunk:
+                return data, True
+            data += chunk
+    except TimeoutError:
+        pass
+    except ConnectionResetError:  # closed with the client's bytes unread: a reset, after the answer
+        return data, True
+    return data, False
+
+
+def slow_head(port, seconds):
+    """Send a request head a byte every 0.1 s; how long the server let it go on and what it answered."""
+    s = socket.create_connection(("127.0.0.1", port), timeout=10)
+    head = b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: " + b"x" * 100
+    t0 = time.perf_counter()
+    data, closed = b"", False
+    with s:
+        for i in range(int(seconds / 0.1)):
+            try:
+                s.sendall(head[i:i + 1])
+            except OSError:
+                closed = True
+                break
+            data, closed = read_until_closed(s, time.perf_counter() + 0.1)
+            if closed:
+                break
+    return time.perf_counter() - t0, data, closed
+
+
+def test_slow_and_silent_head_senders_are_cut_off_and_health_stays_up(checkpoint):  # noqa: F811
+    with live(create_app(checkpoint), max_connections=16, head_timeout_s=1) as url:
+        port = int(url.rsplit(":", 1)[1])
+        with ThreadPoolExecutor(28) as pool:
+            slow = [pool.submit(slow_head, port, 6) for _ in range(24)]  # 3x the 8 that may wait for a head
+            silent = [raw_request(port, b"") for _ in range(4)]  # connect and send nothing
+            time.sleep(0.5)
+            for _ in range(5):
+                t0 = time.perf_counter()
+                assert httpx.get(f"{url}/health", timeout=2).json() == {"status": "ok"}
+                assert time.perf_counter() - t0 < 1
+                time.sleep(0.2)
+            answers = [f.result(30) for f in slow]
+            cut = [read_until_closed(s, time.perf_counter() + 3) for s in silent]
+    for waited, data, closed in answers:
+        assert closed and waited < 2.5, (waited, data)
+        assert data == b"" or data.startswith(b"HTTP/1.1 408"), data  # 408 once part of a head came
+    assert any(data.startswith(b"HTTP/1.1 408") for _, data, _ in answers)
+    assert all(closed and data == b"" for data, closed in cut)
+    for s in silent:
+        s.close()

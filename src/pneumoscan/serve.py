@@ -564,11 +564,14 @@ async def score_file(state: Any, name: str, data: bytes, heatmap: bool, output: 
 
 
 def serve(checkpoint: str, host: str = "127.0.0.1", port: int = 8000, allow_hosts: Iterable[str] = (),
-          max_connections: int = 64, **kwargs: Any) -> None:
-    """Run the app under uvicorn: answers 503 beyond `max_connections`; idle keep-alive connections close after 5 s.
+          max_connections: int = 64, head_timeout_s: float | None = None, **kwargs: Any) -> None:
+    """Run the app under uvicorn (`serve_http.server_config`): 503 beyond `max_connections`, idle keep-alive
+    connections closed after 5 s, request heads due within `head_timeout_s` (default `serve_http.HEAD_TIMEOUT_S`).
     The server answers to loopback names, the address it listens on and `allow_hosts` ("*": any)."""
     import uvicorn
 
+    from .serve_http import HEAD_TIMEOUT_S, server_config
+
     hosts = [*LOCAL_HOSTS, *([host] if host not in ("0.0.0.0", "::") else []), *allow_hosts]
-    uvicorn.run(create_app(checkpoint, allowed_hosts=hosts, **kwargs), host=host, port=port, log_level="info",
-                limit_concurrency=max_connections, timeout_keep_alive=5)
+    app = create_app(checkpoint, allowed_hosts=hosts, **kwargs)
+    uvicorn.Server(server_config(app, host, port, max_connections, head_timeout_s or HEAD_TIMEOUT_S)).run()
