@@ -179,7 +179,9 @@ def test_labelled_rows_refit_the_calibration_and_say_what_to_expect(trained, tmp
     expected = ckpt["adaptation"]["labelled"]["expected"]
     assert expected["labelled"] == {"PNEUMONIA": 10, "NORMAL": 10}
     assert 0 <= expected["accuracy_ci95"][0] <= expected["accuracy"] <= expected["accuracy_ci95"][1] <= 1
-    assert ckpt["calibration"]["fitted_on"] == "site labels" and ckpt["threshold"] == 0.5
+    assert ckpt["calibration"]["fitted_on"].startswith("site labels") and ckpt["threshold"] == 0.5
+    source = ckpt_io.read(trained / "best.pt")["calibration"]  # the temperature is validation's, the offset refitted
+    assert ckpt["calibration"]["temperature"] == source["temperature"] and ckpt["calibration"]["method"] == "platt"
     assert main(["evaluate", str(tmp_path / "adapted.pt"), "--data", str(trained.parent / "data"), "--split", "val",
                  "--out", str(tmp_path / "ev"), "--no-progress"]) == 0
     m = json.loads((tmp_path / "ev" / "metrics.json").read_text())

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from pneumoscan.calibration import OutputMap, fit_platt, fit_temperature, nll, output_map
+from pneumoscan.calibration import OutputMap, fit_offset, fit_platt, fit_temperature, nll, output_map
 from pneumoscan.cli import main
 from pneumoscan.config import Config, DataConfig, Preprocessing, TrainConfig
 from pneumoscan.metrics import binary_metrics, choose_threshold, stable_threshold
@@ -120,23 +120,23 @@ def test_platt_scaling_corrects_a_biased_model_that_a_temperature_cannot():
     assert fit_platt(y, -biased) == (1.0, 0.0)  # a reversed ranking is never fitted
 
 
-def test_platt_targets_keep_a_few_separable_rows_from_making_certainties():
-    """20 labelled rows per class that the model separates: the plain fit's slope runs away (every probability 0
-    or 1, so EM reads the class mix as the share called); with Platt's targets (1 / 22 and 21 / 22) it stays
-    near the logits' own, and EM on a site's other images lands near its mix."""
+def test_an_offset_alone_stays_determined_where_a_few_separable_rows_make_platt_run_away():
+    """20 labelled rows per class that the model separates: Platt's slope runs away (probabilities of 0 and 1,
+    so EM reads the class mix as the share called); the offset alone, the temperature kept, recovers a
+    known shift of the logits, and EM on a site's other images lands near its mix."""
     rng = np.random.default_rng(7)
     y = np.repeat([0, 1], 20)
-    z = np.where(y == 1, rng.uniform(1.0, 6.0, 40), rng.uniform(-6.0, -1.0, 40))  # separable at 0
-    t_plain, b_plain = fit_platt(y, z)
-    t, b = fit_platt(y, z, smoothed=True)
-    assert t_plain < 0.2 * t  # the plain slope is at least five times steeper
-    assert 0.5 < t < 2
-    site_y = (rng.random(2000) < 0.25).astype(int)  # the site: a quarter pneumonia, a few cases called wrong
-    site_z = rng.normal(np.where(site_y == 1, 3.0, -3.0), 2.0)
-    smoothed = estimate_prevalence(sigmoid(site_z / t + b), 0.5, n_boot=0)["prevalence"]
-    plain = estimate_prevalence(sigmoid(site_z / t_plain + b_plain), 0.5, n_boot=0)["prevalence"]
-    assert abs(smoothed - site_y.mean()) < abs(plain - site_y.mean())
-    assert smoothed == pytest.approx(site_y.mean(), abs=0.03)
+    true_z = np.where(y == 1, rng.uniform(1.0, 6.0, 40), rng.uniform(-6.0, -1.0, 40))  # separable at 0
+    t_plain, _ = fit_platt(y, true_z + 1.5)
+    assert t_plain < 0.3  # the slope is at least three times steeper than the logits'
+    b = fit_offset(y, true_z + 1.5, 1.0)
+    assert b == pytest.approx(-1.5, abs=0.6)
+    site_y = (rng.random(2000) < 0.25).astype(int)  # the site: a quarter pneumonia, its logits shifted by 1.5
+    site_z = rng.normal(np.where(site_y == 1, 3.0, -3.0), 2.0) + 1.5
+    estimate = estimate_prevalence(sigmoid(site_z + b), 0.5, n_boot=0)["prevalence"]
+    assert estimate == pytest.approx(site_y.mean(), abs=0.03)
+    with pytest.raises(ValueError, match="both classes"):
+        fit_offset(np.zeros(5), np.arange(5.0), 1.0)
 
 
 def test_the_operating_point_training_stores_for_each_calibration():

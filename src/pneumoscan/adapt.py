@@ -12,7 +12,6 @@ from __future__ import annotations
 import copy
 import csv
 import os
-from functools import partial
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -20,7 +19,7 @@ import numpy as np
 import torch
 
 from . import checkpoint as ckpt_io
-from .calibration import fit_platt, output_map
+from .calibration import fit_offset, output_map
 from .data import DataError
 from .images import ImageLoadError
 from .inference import freeze, model_input, predict_logits
@@ -88,29 +87,35 @@ def adapt_model(loaded: Any, ckpt_path: str | os.PathLike, pixels: np.ndarray, l
     record["prevalence"] = prevalence_check(p_model, output.model_prior, output.threshold, validation_record(ckpt, output))
     record["prevalence"]["source"] = "unlabelled images"
     if labels is not None and (labels >= 0).any():
-        record["labelled"] = fit_labels(_raw_logits(model, pixels, prep), labels, record)
+        record["labelled"] = fit_labels(_raw_logits(model, pixels, prep), labels, record, output.temperature)
     return model, record
 
 
-def fit_labels(logits: np.ndarray, labels: np.ndarray, record: dict[str, Any]) -> dict[str, Any]:
-    """The calibration refitted (Platt) on the labelled rows, the prevalence re-estimated by EM on the rest with
-    it, and the rates to expect at the site by leave-one-out. DataError when a class has too few rows."""
+def fit_labels(logits: np.ndarray, labels: np.ndarray, record: dict[str, Any], temperature: float) -> dict[str, Any]:
+    """The calibration's offset refitted on the labelled rows (the temperature kept from validation), the
+    prevalence re-estimated by EM on the rest with it, and the rates to expect at the site by leave-one-out.
+    DataError when a class has too few rows."""
     known = labels >= 0
     y, z = labels[known].astype(int), logits[known]
     counts = {name: int((y == v).sum()) for name, v in LABELS.items()}
     if min(counts.values()) < MIN_LABELLED_PER_CLASS:
         raise DataError(f"labels: {counts['NORMAL']} NORMAL and {counts['PNEUMONIA']} PNEUMONIA rows; refitting the "
                         f"calibration needs at least {MIN_LABELLED_PER_CLASS} of each")
-    temperature, offset = fit_platt(y, z, smoothed=True)
+
+    def fit(y_: np.ndarray, z_: np.ndarray) -> tuple[float, float]:
+        return temperature, fit_offset(y_, z_, temperature)
+
+    offset = fit(y, z)[1]
     labelled_mix = float(y.mean())
     rest = logits[~known] if (~known).sum() >= MIN_IMAGES else logits
     em = estimate_prevalence(sigmoid(rest / temperature + offset), labelled_mix)
-    decisions = leave_one_out_rates(z, y, em["prevalence"], partial(fit_platt, smoothed=True))
+    decisions = leave_one_out_rates(z, y, em["prevalence"], fit)
     record["prevalence"].update(prevalence=em["prevalence"], interval=em["interval"],
                                 source="unlabelled images, calibrated on the labelled rows", trusted=True,
                                 n=em["n"], labelled_check=record["prevalence"].get("prevalence"))
-    return {"rows": counts, "calibration": {"method": "platt (smoothed targets)", "temperature": temperature, "offset": offset,
-                                            "fitted_on": "site labels", "model_prior": labelled_mix},
+    return {"rows": counts, "calibration": {"method": "platt", "temperature": temperature, "offset": offset,
+                                            "fitted_on": "site labels (the offset; the temperature from validation)",
+                                            "model_prior": labelled_mix},
             "expected": expected_rates(decisions, y, em["prevalence"], em["interval"])}
 
 

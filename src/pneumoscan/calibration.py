@@ -60,34 +60,42 @@ def fit_temperature(labels: np.ndarray, logits: np.ndarray) -> float:
     return t if nll(y, z, t) <= nll(y, z, 1.0) else 1.0  # never worse on validation than leaving it alone
 
 
-def fit_platt(labels: np.ndarray, logits: np.ndarray, smoothed: bool = False) -> tuple[float, float]:
-    """(temperature, offset) minimising the NLL of sigmoid(logit / temperature + offset): Platt scaling on
-    the logit, fitted with scipy's BFGS from (1, 0). A fit whose slope is not positive (it would reverse the
-    ranking) or that is no better than leaving the logits alone gives (1, 0).
-
-    `smoothed`: Platt's own targets, (n+ + 1) / (n+ + 2) for a positive and 1 / (n- + 2) for a negative,
-    instead of 1 and 0. For a few dozen labelled images, which a model often separates perfectly, the
-    plain fit makes the slope as steep as the optimiser allows: probabilities of 0 and 1 that then read
-    every called case as certain (and a class mix estimated from them as the share called)."""
+def fit_platt(labels: np.ndarray, logits: np.ndarray) -> tuple[float, float]:
+    """(temperature, offset) minimising the validation NLL of sigmoid(logit / temperature + offset): Platt
+    scaling on the logit, fitted with scipy's BFGS from (1, 0). A fit whose slope is not positive (it would
+    reverse the ranking) or that is no better than leaving the logits alone gives (1, 0)."""
     from scipy.optimize import minimize
 
     y = np.asarray(labels).astype(int)
     if len(np.unique(y)) < 2:
         raise ValueError("fitting a calibration needs both classes in the validation labels")
     z = np.asarray(logits, dtype=np.float64)
-    n_pos, n_neg = int(y.sum()), int((1 - y).sum())
-    t = np.where(y == 1, (n_pos + 1) / (n_pos + 2), 1 / (n_neg + 2)) if smoothed else y.astype(np.float64)
 
     def loss(ab: np.ndarray) -> tuple[float, np.ndarray]:
         s = ab[0] * z + ab[1]
-        r = sigmoid(s) - t  # d loss / d s
-        return float(np.mean(np.logaddexp(0.0, s) - t * s)), np.array([np.mean(r * z), np.mean(r)])
+        r = sigmoid(s) - y  # d loss / d s
+        return float(np.mean(np.logaddexp(0.0, s) - y * s)), np.array([np.mean(r * z), np.mean(r)])
 
     res = minimize(loss, np.array([1.0, 0.0]), jac=True, method="BFGS")
     a, b = (float(v) for v in res.x)
-    if not (np.isfinite(a) and np.isfinite(b)) or a <= 1e-6 or loss(res.x)[0] > loss(np.array([1.0, 0.0]))[0]:
+    if not (np.isfinite(a) and np.isfinite(b)) or a <= 1e-6 or nll(y, z, 1 / a, b) > nll(y, z):
         return 1.0, 0.0
     return 1 / a, b
+
+
+def fit_offset(labels: np.ndarray, logits: np.ndarray, temperature: float) -> float:
+    """The offset minimising the NLL of sigmoid(logit / temperature + offset), the temperature kept: Platt
+    scaling's intercept alone. For a few dozen labelled images, which a model often separates perfectly, a
+    fitted slope runs away (probabilities of 0 and 1); one parameter stays well determined."""
+    from scipy.optimize import minimize_scalar
+
+    y = np.asarray(labels).astype(int)
+    if len(np.unique(y)) < 2:
+        raise ValueError("fitting an offset needs both classes in the labels")
+    s = np.asarray(logits, dtype=np.float64) / temperature
+    res = minimize_scalar(lambda b: float(np.mean(np.logaddexp(0.0, s + b) - y * (s + b))), bounds=(-30.0, 30.0),
+                          method="bounded", options={"xatol": 1e-8})
+    return float(res.x)
 
 
 def model_prior_of(train_prevalence: float | None, class_weight: str, sampling: str) -> float | None:
