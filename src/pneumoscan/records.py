@@ -13,7 +13,7 @@ The columns, for a person reading the CSV:
 - `warnings`: what about the image may make the answer less reliable, joined by "; ";
 - `assumed_prevalence`: the share of pneumonia among the images that `p_pneumonia` assumes (Bayes' prior);
   `prevalence_source` says where it comes from: `model` (the training split's mix, after calibration),
-  `given` (`--prevalence`) or `estimated` (`--prevalence estimated`);
+  `given` (`--prevalence`), `estimated` (`--prevalence estimated`) or `adapted` (`pneumoscan adapt`);
 - `ood_score`, `ood_threshold`, `outside_training`: the out-of-distribution score, the score at or above
   which an image is flagged, and the flag (empty for a checkpoint without a detector).
 
