@@ -17,6 +17,7 @@ pytest.importorskip("monai")
 from pneumoscan.serve import create_app  # noqa: E402
 
 from .test_serve import checkpoint, live, undefined_metrics_checkpoint  # noqa: E402,F401  (module-scoped fixtures)
+from .test_serve_browser import wait_until  # noqa: E402  (the page's policy forbids wait_for_function's eval)
 
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
@@ -52,7 +53,7 @@ def test_upload_shows_probability_heatmap_toggle_and_per_file_error(server, tmp_
     Image.fromarray((np.indices((64, 64)).sum(0) // 8 % 2 * 255).astype(np.uint8)).save(checker)
     with browser_page(server) as page:
         assert "not a medical device" in page.inner_text("body")
-        page.wait_for_function(MODEL_LOADED)
+        wait_until(page, MODEL_LOADED)
         page.set_input_files("#files", [str(good), str(bad), str(checker)])
         page.wait_for_selector(".card >> nth=2", timeout=30_000)
         cards = page.query_selector_all(".card")
@@ -80,7 +81,7 @@ def test_probabilities_read_as_percentages_that_never_round_to_0_or_100(server):
                          "100%", "n/a"]
         # beside its threshold, a probability reads differently from it
         assert page.evaluate("[pct(0.49996, 0.5), pct(0.5, 0.49996)]") == ["49.996%", "50.000%"]
-        page.wait_for_function(MODEL_LOADED)
+        wait_until(page, MODEL_LOADED)
         page.evaluate("""show({filename: 'near-one.png', p_pneumonia: 0.9997, label: 'PNEUMONIA', threshold: 0.5,
                                probabilities: null, error: null, warnings: [], assumed_prevalence: 0.743,
                                prevalence_source: 'model', ood_score: 40.5, ood_threshold: 12.25, outside_training: true,
@@ -94,7 +95,7 @@ def test_probabilities_read_as_percentages_that_never_round_to_0_or_100(server):
 
 def test_model_line_uses_plain_names_and_links_the_docs_and_the_model_card(server):
     with browser_page(server) as page:
-        page.wait_for_function(MODEL_LOADED)
+        wait_until(page, MODEL_LOADED)
         model, validation = page.inner_text("#model"), page.inner_text("#validation")
         assert "the paper's CNN, PReLU activations" in model and "seed (prelu)" not in model
         assert re.search(r"Probabilities assume \d+\.\d% pneumonia among the images \(the training mix\)", model)
@@ -105,24 +106,24 @@ def test_model_line_uses_plain_names_and_links_the_docs_and_the_model_card(serve
         assert page.is_visible("#card-link")  # no token: a plain link works
         assert "## Intended use" in page.request.get(page.eval_on_selector("#card-link", "a => a.href")).text()
         page.click("#card summary")
-        page.wait_for_function("document.getElementById('card-text').textContent.includes('## Limitations')")
+        wait_until(page, "document.getElementById('card-text').textContent.includes('## Limitations')")
 
 
 def test_with_a_token_the_page_fetches_model_info_and_card_with_it(checkpoint):  # noqa: F811
     with live(create_app(checkpoint, token="s3cret")) as url, browser_page(url) as page:
-        page.wait_for_function("document.getElementById('model').textContent.includes('needs the API token')")
+        wait_until(page, "document.getElementById('model').textContent.includes('needs the API token')")
         assert not page.is_visible("#card-link")  # a link could not carry the token
         page.click("#card summary")
-        page.wait_for_function("document.getElementById('card-text').textContent.includes('needs the API token')")
+        wait_until(page, "document.getElementById('card-text').textContent.includes('needs the API token')")
         page.fill("#token", "s3cret")
         page.dispatch_event("#token", "change")
-        page.wait_for_function(MODEL_LOADED)
-        page.wait_for_function("document.getElementById('card-text').textContent.includes('## Intended use')")
+        wait_until(page, MODEL_LOADED)
+        wait_until(page, "document.getElementById('card-text').textContent.includes('## Intended use')")
 
 
 def test_undefined_validation_metrics_read_na_on_the_page(undefined_metrics_checkpoint):  # noqa: F811
     with live(create_app(undefined_metrics_checkpoint)) as url, browser_page(url) as page:
-        page.wait_for_function("document.getElementById('validation').textContent.startsWith('Validation')")
+        wait_until(page, "document.getElementById('validation').textContent.startsWith('Validation')")
         shown = page.inner_text("#validation")
     assert "Precision (positive predictive value) n/a" in shown and "F1 score n/a" in shown
     assert "Accuracy 0.500" in shown

@@ -58,6 +58,7 @@ def png(size=(64, 64), seed=0) -> bytes:
     Image.fromarray(np.random.default_rng(seed).integers(0, 255, size[::-1], dtype=np.uint8)).save(buf, format="PNG")
     return buf.getvalue()
 
+
 @contextlib.contextmanager
 def live(app, **config):
     """The app under a real uvicorn on a free loopback port, in a thread, configured as `pneumoscan serve`
@@ -124,11 +125,74 @@ def test_bad_requests_get_clear_4xx_and_the_server_stays_up(client):
     assert client.post("/api/predict", files=[("files", ("a.png", png(), "image/png"))]).status_code == 200
 
 
-def test_token_protects_the_api_but_not_the_page(checkpoint):
+def test_token_protects_the_api_and_its_schema_but_not_the_page(checkpoint):
     client = TestClient(create_app(checkpoint, token="s3cret"))
-    assert client.get("/api/model").status_code == 401
-    assert client.get("/api/model", headers={"Authorization": "Bearer s3cret"}).status_code == 200
-    assert client.get("/health").status_code == 200 and client.get("/").status_code == 200
+    for route in ("/api/model", "/api/model-card", "/openapi.json", "/redoc", "/no-such-route"):
+        r = client.get(route)
+        assert r.status_code == 401 and r.headers["www-authenticate"].startswith("Bearer"), route
+        assert "Authorization: Bearer <token>" in r.json()["detail"] and r.headers["connection"] == "close"
+    for scheme in ("Bearer", "bearer", "BEARER"):  # RFC 7235: the scheme's name is case-insensitive
+        assert client.get("/api/model", headers={"Authorization": f"{scheme} s3cret"}).status_code == 200, scheme
+    for wrong in ("Bearer s3cre", "Bearer s3cret2", "Basic s3cret", "s3cret", "Bearer", "Bearers3cret"):
+        r = client.get("/api/model", headers={"Authorization": wrong})
+        assert r.status_code == 401 and 'error="invalid_token"' in r.headers["www-authenticate"], wrong
+    r = client.post("/api/predict", files=[("files", ("a.png", png(), "image/png"))], headers={"Authorization": "bearer s3cret"})
+    assert r.status_code == 200
+    for route in ("/", "/health", "/docs", "/static/docs.js", "/static/swagger-ui-bundle.js", "/static/swagger-ui.css"):
+        assert client.get(route).status_code == 200, route  # open: the page, the health check, the docs' files
+
+
+def test_the_openapi_document_declares_the_bearer_scheme_a_generated_client_sends(checkpoint):
+    schema = TestClient(create_app(checkpoint, token="s3cret")).get(
+        "/openapi.json", headers={"Authorization": "Bearer s3cret"}).json()
+    assert schema["components"]["securitySchemes"]["bearer"] == {
+        "type": "http", "scheme": "bearer", "description": schema["components"]["securitySchemes"]["bearer"]["description"]}
+    assert schema["security"] == [{"bearer": []}]  # every operation needs it...
+    assert schema["paths"]["/health"]["get"]["security"] == []  # ...but the health check
+    assert "security" not in schema["paths"]["/api/predict"]["post"]
+    open_schema = TestClient(create_app(checkpoint)).get("/openapi.json").json()  # no token: the scheme, not required
+    assert "bearer" in open_schema["components"]["securitySchemes"] and "security" not in open_schema
+
+
+SECURITY_HEADERS = {"x-content-type-options": "nosniff", "x-frame-options": "DENY", "referrer-policy": "no-referrer"}
+
+
+def test_every_answer_carries_the_security_headers_and_a_policy_of_self(client):
+    import base64
+    import hashlib
+    import re
+
+    page = client.get("/")
+    policy = dict(d.strip().split(" ", 1) for d in page.headers["content-security-policy"].split(";"))
+    assert policy["default-src"] == "'self'" and policy["frame-ancestors"] == "'none'"
+    assert policy["object-src"] == "'none'" and policy["base-uri"] == "'none'"
+    assert "unsafe" not in page.headers["content-security-policy"] and "http" not in page.headers["content-security-policy"]
+    for tag in ("script", "style"):  # the page's inline blocks are allowed by their hash, and nothing else inline
+        blocks = re.findall(rf"<{tag}>(.*?)</{tag}>", page.text, re.DOTALL)
+        digests = [f"'sha256-{base64.b64encode(hashlib.sha256(b.encode()).digest()).decode()}'" for b in blocks]
+        assert len(blocks) == 1 and policy[f"{tag}-src"].split() == ["'self'", *digests]
+    big = client.post("/api/predict", files=[("files", ("big.png", b"\0" * (2 * 1024 * 1024), "image/png"))])
+    for r in (page, client.get("/health"), client.get("/docs"), client.get("/api/model"), big,
+              client.get("/api/model", headers={"host": "evil.example"})):
+        assert {k: r.headers.get(k) for k in SECURITY_HEADERS} == SECURITY_HEADERS, r.url
+        assert r.headers["content-security-policy"] == page.headers["content-security-policy"]
+    assert big.status_code == 413 and big.headers["connection"] == "close"
+
+
+def test_the_docs_page_loads_swagger_ui_from_this_server_only(client):
+    import re
+
+    docs = client.get("/docs")
+    assert docs.headers["content-type"].startswith("text/html") and "<script>" not in docs.text and "style=" not in docs.text
+    assert "//" not in docs.text  # no URL of another host, absolute or protocol-relative
+    assets = re.findall(r'(?:src|href)="([^"]+)"', docs.text)
+    assert sorted(assets) == ["static/docs.js", "static/swagger-ui-bundle.js", "static/swagger-ui.css"]
+    kinds = {".js": "text/javascript", ".css": "text/css"}
+    for asset in assets:
+        r = client.get(f"/{asset}")
+        assert r.status_code == 200 and r.headers["content-type"].startswith(kinds[asset[asset.rfind("."):]]), asset
+    assert "SwaggerUIBundle" in client.get("/static/swagger-ui-bundle.js").text
+    assert client.get("/redoc").status_code == 404  # ReDoc is not served (see docs/serving.md)
 
 
 def test_model_info_card_page_and_openapi(client):

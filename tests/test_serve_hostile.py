@@ -4,6 +4,7 @@ metrics, and Schemathesis (a client no one here wrote) against the live server's
 
 Every server here listens on 127.0.0.1 only, and every loop and wait is bounded."""
 
+import contextlib
 import io
 import json
 import shutil
@@ -295,6 +296,60 @@ def read_until_closed(s, deadline):
     except ConnectionResetError:  # closed with the client's bytes unread: a reset, after the answer
         return data, True
     return data, False
+
+
+@contextlib.contextmanager
+def refused_and_left_open(port, head, body, count):
+    """`count` connections, one after another: each sends `head` and waits for the answer, then sends
+    `body` (a client still sending its upload) and nothing more, and stays open on this side. Yields each
+    connection's answer and whether the server closed it within 2 s of answering (it stops at the first one left open)."""
+    sockets, answers = [], []
+    try:
+        for _ in range(count):
+            sockets.append(s := raw_request(port, head))
+            data, closed = read_until_closed(s, time.perf_counter() + 1)  # the answer, and the close
+            send_if_open(s, body)
+            more, closed_later = read_until_closed(s, time.perf_counter() + (0 if closed else 1))
+            answers.append((data + more, closed or closed_later))
+            if not answers[-1][1]:
+                break
+        yield answers
+    finally:
+        for s in sockets:
+            s.close()
+
+
+def test_64_idle_refused_connections_are_closed_and_health_stays_up(checkpoint):  # noqa: F811
+    # 64 is serve's --max-connections: refused connections left open would take every place
+    head = (b"POST /api/predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+            b"Content-Length: 2097152\r\nAuthorization: Bearer wrong\r\n\r\n")
+    with live(create_app(checkpoint, token="s3cret"), max_connections=64) as url:
+        port = int(url.rsplit(":", 1)[1])
+        with refused_and_left_open(port, head, b"\0" * 65536, 64) as answers:  # part of the 2 MB, then idle
+            t0 = time.perf_counter()
+            assert httpx.get(f"{url}/health", timeout=5).json() == {"status": "ok"}  # the 64 still open on this side
+            assert time.perf_counter() - t0 < 2
+    assert len(answers) == 64
+    for data, closed in answers:
+        head = data.lower()
+        assert head.startswith(b"http/1.1 401") and b"\r\nconnection: close\r\n" in head, data[:300]
+        assert b"\r\nwww-authenticate: bearer" in head and closed
+
+
+def test_64_oversize_chunked_uploads_get_413_and_their_connections_closed(checkpoint):  # noqa: F811
+    part = b'--b\r\nContent-Disposition: form-data; name="files"; filename="a.png"\r\nContent-Type: image/png\r\n\r\n'
+    head = (b"POST /api/predict HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\n"
+            b"Content-Type: multipart/form-data; boundary=b\r\n\r\n") + b"%x\r\n%s\r\n" % (len(part), part)
+    chunks = (b"10000\r\n" + b"\0" * 65536 + b"\r\n") * 20  # 1.25 MB of a body with no end, over the 1 MB limit
+    with live(create_app(checkpoint, max_upload_mb=1), max_connections=64) as url:
+        port = int(url.rsplit(":", 1)[1])
+        with refused_and_left_open(port, head + chunks, chunks, 64) as answers:
+            assert httpx.get(f"{url}/health", timeout=5).json() == {"status": "ok"}
+        assert httpx.post(f"{url}/api/predict", files=ONE, timeout=30).status_code == 200
+    assert len(answers) == 64
+    for data, closed in answers:
+        assert data.startswith(b"HTTP/1.1 413") and b"limit is 1 MB" in data and closed, data[:300]
+        assert b"\r\nconnection: close\r\n" in data.lower()
 
 
 def slow_head(port, seconds):

@@ -8,8 +8,10 @@ size (413) and in the time the client may take to send them (408); at most one d
 once (`DecodeSlots`), and a request that finds them all busy for too long gets 503 with Retry-After.
 Each file is decoded by the same loader as every other command, so a bad file gets its own error while
 the others are scored. User file names are only echoed back, never used as paths. Requests naming a
-host the server does not serve (DNS rebinding) and cross-site form posts are refused. An optional bearer
-token protects the /api routes. (`pip install 'pneumoscan[serve]'`)
+host the server does not serve (DNS rebinding) and cross-site form posts are refused, and every refusal
+closes its connection. An optional bearer token protects every path but the page, /health and the
+documentation page's files (the OpenAPI document included). Every answer carries a Content-Security-Policy
+of 'self' and the other security headers (`security_headers`). (`pip install 'pneumoscan[serve]'`)
 """
 
 # no `from __future__ import annotations`: FastAPI must see the real types of the route parameters
@@ -17,10 +19,12 @@ token protects the /api routes. (`pip install 'pneumoscan[serve]'`)
 import asyncio
 import base64
 import functools
+import hashlib
 import hmac
 import json
 import os
 import queue
+import re
 import threading
 from concurrent.futures import Future, InvalidStateError
 from pathlib import Path
@@ -38,11 +42,17 @@ from .modelcard import model_card, validation_metrics
 from .page import PAGE_HTML
 from .predict import Predictor, image_result
 from .records import ImageResult, result_json
+from .serve_docs import DOCS_PATHS, add_docs_routes
 
 DISCLAIMER = "Research tool, not a medical device: not for diagnosis or treatment decisions."
 # the names a server on loopback answers to; "testserver" is the name Starlette's in-process test client sends
 LOCAL_HOSTS = ("localhost", "127.0.0.1", "::1", "testserver")
 RETRY_AFTER_S = 2
+# the answers that refuse a request outright: each closes its connection
+REFUSALS = frozenset({400, 401, 403, 408, 413})
+# what a token does not protect: the page, the health check, the documentation page and its files (the
+# OpenAPI document they show is protected)
+OPEN_PATHS = frozenset({"/", "/health", *DOCS_PATHS})
 
 
 class Refused(Exception):
@@ -62,32 +72,48 @@ def host_name(host_header: str) -> str:
 
 
 class Guard:
-    """ASGI middleware in front of the app: refuses foreign Host headers (400), cross-site posts (403),
-    bodies over `limit` bytes (413, announced or chunked) and bodies not received within `body_timeout_s` (408)."""
+    """ASGI middleware in front of the app: refuses foreign Host headers (400), cross-site posts (403), requests
+    without the token where one is set (401, except on `open_paths`), bodies over `limit` bytes (413, announced
+    or chunked) and bodies not received within `body_timeout_s` (408). Every answer carries the security
+    headers; a refusal, and any answer sent before the request's body was read to its end, closes the connection."""
 
-    def __init__(self, app: Any, limit: int, allowed_hosts: Iterable[str] = LOCAL_HOSTS, body_timeout_s: float = 60):
+    def __init__(self, app: Any, limit: int, allowed_hosts: Iterable[str] = LOCAL_HOSTS, body_timeout_s: float = 60,
+                 token: str | None = None, open_paths: Iterable[str] = ("/", "/health"),
+                 headers: Iterable[tuple[str, str]] = ()):
         self.app, self.limit, self.body_timeout_s = app, limit, body_timeout_s
         self.allowed = {host_name(h) for h in allowed_hosts}
+        self.token, self.open_paths = token, frozenset(open_paths)
+        self.headers = [(k.lower().encode(), v.encode()) for k, v in headers]
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        try:
-            self.check_headers(scope)
-        except Refused as e:
-            return await send_problem(send, e)
+        body = BodyReader(receive, scope, self.limit, self.body_timeout_s, self.too_large())
         started = False
 
-        async def tracked_send(message: dict) -> None:
+        async def guarded_send(message: dict) -> None:
             nonlocal started
-            started = started or message["type"] == "http.response.start"
+            if message["type"] == "http.response.start":
+                started = True
+                message = {**message, "headers": self.answer_headers(message, body.complete)}
             await send(message)
 
         try:
-            await self.app(scope, self.guarded_receive(receive), tracked_send)
-        except Refused as e:  # raised while the body was read, by a route that did not answer it itself
+            self.check_headers(scope)
+            await self.app(scope, body, guarded_send)
+        except Refused as e:  # from the head, or raised while the body was read by a route that did not answer it
             if not started:
-                await send_problem(send, e)
+                await send_problem(guarded_send, e)
+
+    def answer_headers(self, start: dict, body_read: bool) -> list[tuple[bytes, bytes]]:
+        """The app's headers, the security headers it did not set, and `connection: close` for a refusal or
+        an answer sent before the body was read to its end (the client may still be sending it)."""
+        headers = list(start.get("headers") or [])
+        names = {k.lower() for k, _ in headers}
+        headers += [(k, v) for k, v in self.headers if k not in names]
+        if (start["status"] in REFUSALS or not body_read) and b"connection" not in names:
+            headers.append((b"connection", b"close"))
+        return headers
 
     def check_headers(self, scope: dict) -> None:
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers") or []}
@@ -100,6 +126,8 @@ class Guard:
             if (site is not None and site not in ("same-origin", "none")) or (
                     origin is not None and (origin == "null" or urlsplit(origin).netloc.lower() != host.lower())):
                 raise Refused(403, "cross-site request refused: post from the server's own page or a non-browser client")
+        if self.token is not None and route_path(scope) not in self.open_paths:
+            check_bearer(headers.get("authorization"), self.token)
         length = headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > self.limit:
             raise Refused(413, self.too_large())
@@ -107,26 +135,49 @@ class Guard:
     def too_large(self) -> str:
         return f"upload too large: the limit is {self.limit / (1024 * 1024):g} MB per request"
 
-    def guarded_receive(self, receive: Any) -> Any:
+
+def route_path(scope: dict) -> str:
+    """The request's path below the server's root path (the path the routes match)."""
+    path, root = scope["path"], scope.get("root_path") or ""
+    return path[len(root):] if root and path.startswith(root) else path
+
+
+def check_bearer(authorization: str | None, token: str) -> None:
+    """Refuse (401, with `WWW-Authenticate: Bearer`) an Authorization header that is not the bearer `token`;
+    the scheme's name is case-insensitive (RFC 7235), the token is compared in constant time."""
+    scheme, _, given = (authorization or "").strip().partition(" ")
+    if not authorization:
+        raise Refused(401, "missing API token: send 'Authorization: Bearer <token>'",
+                      {"WWW-Authenticate": 'Bearer realm="pneumoscan"'})
+    if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token.encode()):
+        raise Refused(401, "wrong API token or scheme: send 'Authorization: Bearer <token>'",
+                      {"WWW-Authenticate": 'Bearer realm="pneumoscan", error="invalid_token"'})
+
+
+class BodyReader:
+    """The request body as the app receives it (an ASGI `receive`): counted against `limit` (413), due within
+    `timeout_s` of the head (408); `complete` once it was read to its end (at once for a request without one)."""
+
+    def __init__(self, receive: Any, scope: dict, limit: int, timeout_s: float, too_large: str):
+        self.receive, self.limit, self.timeout_s, self.too_large = receive, limit, timeout_s, too_large
+        self.deadline = asyncio.get_running_loop().time() + timeout_s
+        headers = dict(scope.get("headers") or [])
+        self.complete = b"transfer-encoding" not in headers and headers.get(b"content-length", b"0").strip() in (b"", b"0")
+        self.seen = 0
+
+    async def __call__(self) -> dict:
+        if self.complete:  # after the body, only the disconnect remains: no deadline on waiting for it
+            return await self.receive()
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.body_timeout_s
-        seen, complete = 0, False
-
-        async def guarded() -> dict:
-            nonlocal seen, complete
-            if complete:  # after the body, only the disconnect remains: no deadline on waiting for it
-                return await receive()
-            try:
-                message = await asyncio.wait_for(receive(), max(deadline - loop.time(), 0.001))
-            except TimeoutError:
-                raise Refused(408, f"the request body did not arrive within {self.body_timeout_s:g} s") from None
-            seen += len(message.get("body", b""))
-            if seen > self.limit:
-                raise Refused(413, self.too_large())
-            complete = message["type"] != "http.request" or not message.get("more_body", False)
-            return message
-
-        return guarded
+        try:
+            message = await asyncio.wait_for(self.receive(), max(self.deadline - loop.time(), 0.001))
+        except TimeoutError:
+            raise Refused(408, f"the request body did not arrive within {self.timeout_s:g} s") from None
+        self.seen += len(message.get("body", b""))
+        if self.seen > self.limit:
+            raise Refused(413, self.too_large)
+        self.complete = message["type"] != "http.request" or not message.get("more_body", False)
+        return message
 
 
 async def send_problem(send: Any, e: Refused) -> None:
@@ -135,6 +186,46 @@ async def send_problem(send: Any, e: Refused) -> None:
     headers += [(k.lower().encode(), v.encode()) for k, v in e.headers.items()]
     await send({"type": "http.response.start", "status": e.status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
+
+
+def content_security_policy(*pages: str) -> str:
+    """Only the server's own files, plus the inline <script> and <style> blocks of `pages` by their SHA-256
+    (so any change to them is refused until the server reads them again); images may also be data: and
+    blob: URLs (the heatmaps and the uploads shown); no page may frame this one."""
+    def hashes(tag: str) -> str:
+        blocks = [b for page in pages for b in re.findall(rf"<{tag}>(.*?)</{tag}>", page, re.DOTALL)]
+        return "".join(f" 'sha256-{base64.b64encode(hashlib.sha256(b.encode()).digest()).decode()}'" for b in blocks)
+
+    return (f"default-src 'self'; script-src 'self'{hashes('script')}; style-src 'self'{hashes('style')}; "
+            "img-src 'self' data: blob:; object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'")
+
+
+def security_headers(*pages: str) -> list[tuple[str, str]]:
+    """The headers every answer carries: the Content-Security-Policy for `pages`, no MIME sniffing, no
+    framing (for browsers that predate frame-ancestors too), no Referer sent from the page."""
+    return [("Content-Security-Policy", content_security_policy(*pages)), ("X-Content-Type-Options", "nosniff"),
+            ("X-Frame-Options", "DENY"), ("Referrer-Policy", "no-referrer")]
+
+
+def declare_bearer(app: Any, required: bool) -> None:
+    """Make the OpenAPI document declare the bearer token scheme, and (`required`) require it on every
+    operation but those of `OPEN_PATHS`, so that a client generated from it sends the token."""
+    generate = app.openapi
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            schema = generate()
+            schema.setdefault("components", {})["securitySchemes"] = {"bearer": {
+                "type": "http", "scheme": "bearer",
+                "description": "the server's --token, sent as 'Authorization: Bearer <token>'"}}
+            if required:
+                schema["security"] = [{"bearer": []}]
+                for path in OPEN_PATHS & set(schema["paths"]):
+                    for operation in schema["paths"][path].values():
+                        operation["security"] = []
+        return app.openapi_schema
+
+    app.openapi = openapi
 
 
 class WorkerStopped(RuntimeError):
@@ -441,7 +532,9 @@ def create_app(checkpoint: str | os.PathLike, device: str = "cpu", token: str | 
     MultiPartParser.spool_max_size = max(MultiPartParser.spool_max_size, limit + 1)
     predictor = Predictor(checkpoint, device=device, prevalence=prevalence)
     metrics_path = Path(metrics_json) if metrics_json else Path(checkpoint).parent / "eval-val" / "metrics.json"
-    app = FastAPI(title="pneumoscan", version=__version__, description=f"Pneumonia vs normal on chest X-rays. {DISCLAIMER}")
+    # /docs is served from local files (serve_docs); ReDoc is left out: its script injects inline styles
+    app = FastAPI(title="pneumoscan", version=__version__, description=f"Pneumonia vs normal on chest X-rays. {DISCLAIMER}",
+                  docs_url=None, redoc_url=None)
     app.state.predictor = predictor
     app.state.batcher = InferenceBatcher(predictor, max_batch)
     app.state.slots = DecodeSlots(decode_slots, max_waiting, decode_wait_s)
@@ -449,23 +542,19 @@ def create_app(checkpoint: str | os.PathLike, device: str = "cpu", token: str | 
     app.state.card = model_card(checkpoint, metrics)
     app.state.info = describe_model(predictor, Path(checkpoint).name, validation_metrics(checkpoint, metrics))
     app.state.inference_timeout_s = inference_timeout_s
-    _add_routes(app, token, limit, max_files)
-    return Guard(app, limit, allowed_hosts, body_timeout_s)
+    _add_routes(app, limit, max_files)
+    add_docs_routes(app)
+    declare_bearer(app, required=token is not None)
+    return Guard(app, limit, allowed_hosts, body_timeout_s, token=token, open_paths=OPEN_PATHS,
+                 headers=security_headers(PAGE_HTML))
 
 
-def _add_routes(app: Any, token: str | None, limit: int, max_files: int) -> None:
-    from fastapi import Depends, HTTPException, Query, Request
+def _add_routes(app: Any, limit: int, max_files: int) -> None:
+    from fastapi import HTTPException, Query, Request
     from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
 
     m = api_models()
     state = app.state
-
-    async def check_token(request: Request) -> None:
-        if token is None:
-            return
-        given = request.headers.get("authorization", "")
-        if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
-            raise HTTPException(401, "missing or wrong API token (send 'Authorization: Bearer <token>')")
 
     @app.exception_handler(Refused)
     async def refused(request: Request, e: Refused) -> Any:
@@ -482,20 +571,18 @@ def _add_routes(app: Any, token: str | None, limit: int, max_files: int) -> None
             return {"status": "ok"}
         return JSONResponse({"status": f"inference worker stopped: {state.batcher.stopped}"}, status_code=503)
 
-    @app.get("/api/model", response_model=m.ModelInfo, dependencies=[Depends(check_token)],
-             responses={401: {"model": m.Problem}})
+    @app.get("/api/model", response_model=m.ModelInfo, responses={401: {"model": m.Problem}})
     async def model_info() -> Any:
         return state.info
 
-    @app.get("/api/model-card", response_class=PlainTextResponse, dependencies=[Depends(check_token)],
+    @app.get("/api/model-card", response_class=PlainTextResponse,
              responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}}, 401: {"model": m.Problem}})
     async def model_card_md() -> str:
         return state.card
 
     body, answers = predict_openapi(max_files)
 
-    @app.post("/api/predict", dependencies=[Depends(check_token)], response_model=m.PredictResponse,
-              responses=answers, openapi_extra=body)
+    @app.post("/api/predict", response_model=m.PredictResponse, responses=answers, openapi_extra=body)
     async def predict(request: Request, heatmap: bool = True,
                       prevalence: float | None = Query(None, gt=0, lt=1, description=(
                           "this site's pneumonia prevalence: probabilities are moved to it by Bayes' rule "
