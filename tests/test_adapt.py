@@ -190,3 +190,11 @@ def test_labelled_rows_refit_the_calibration_and_say_what_to_expect(trained, tmp
 
     card = model_card(tmp_path / "adapted.pt")
     assert "## Adapted to a site" in card and "leave-one-out over 20 labelled images" in card
+    from fastapi.testclient import TestClient
+
+    from pneumoscan.serve import create_app
+
+    info = TestClient(create_app(tmp_path / "adapted.pt")).get("/api/model").json()
+    assert info["prevalence_source"] == "adapted" and info["adaptation"]["images"] == len(paths)
+    assert info["adaptation"]["labelled_rows"] == {"NORMAL": 10, "PNEUMONIA": 10}
+    assert info["adaptation"]["expected"]["accuracy"] == pytest.approx(expected["accuracy"])

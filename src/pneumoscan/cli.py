@@ -197,7 +197,8 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--port", type=int, default=8000, help="TCP port (default: 8000)")
     _add_device_flag(p, "cpu")
     p.add_argument("--token", default=os.environ.get("PNEUMOSCAN_TOKEN"),
-                   help="require 'Authorization: Bearer TOKEN' on /api (default: $PNEUMOSCAN_TOKEN, else open)")
+                   help="require 'Authorization: Bearer TOKEN' on every path but the page (/), /health and /docs "
+                        "(default: $PNEUMOSCAN_TOKEN, else open)")
     p.add_argument("--max-upload-mb", type=float, default=20, help="largest request body (413 above it)")
     p.add_argument("--max-batch", type=int, default=16,
                    help="most images of concurrent requests scored together (1: one at a time)")

@@ -16,6 +16,7 @@ import torch
 from . import checkpoint as ckpt_io
 from .images import ImageLoadError, LoadedImage, is_image_candidate, load_for_model_with_info
 from .calibration import OutputMap, move, output_map
+from .adapt import summary as adaptation_summary
 from .ensemble import describe as describe_ensemble
 from .metrics import decide
 from .fileio import write_json
@@ -74,6 +75,7 @@ class Predictor:
         self.cam_layer = loaded.checkpoint.get("cam_layer") or getattr(self.model, "cam_layer", "")
         self.ood = Detector.from_checkpoint(loaded.checkpoint)
         self.ensemble = describe_ensemble(loaded.checkpoint)  # '' for a single model
+        self.adaptation = adaptation_summary(loaded.checkpoint)  # None unless fitted to a site by `adapt`
         self.prep = self.config.preprocessing
         self.batch_size = batch_size
         self.onnx = None

@@ -402,7 +402,7 @@ def describe_model(predictor: Predictor, checkpoint_name: str, validation: dict[
             "model_prior": predictor.output.model_prior,
             "ood_threshold": None if predictor.ood is None else predictor.ood.threshold,
             "image_size": cfg.preprocessing.image_size, "ensemble": predictor.ensemble or None,
-            "validation": validation, "disclaimer": DISCLAIMER}
+            "adaptation": predictor.adaptation, "validation": validation, "disclaimer": DISCLAIMER}
 
 
 @functools.cache
@@ -439,7 +439,8 @@ def api_models() -> Any:
         assumed_prevalence: float | None = Field(
             description="the share of pneumonia among the images that probabilities assume by default (Bayes' prior); "
                         "null when the checkpoint does not record its training prevalence")
-        prevalence_source: str = Field(description="'model': the model's own prior; 'given': the server's --prevalence")
+        prevalence_source: str = Field(description="'model': the model's own prior; 'given': the server's --prevalence; "
+                                                    "'adapted': the site's prevalence recorded by `pneumoscan adapt`")
         train_prevalence: float | None = Field(description="pneumonia fraction of the training split, if known")
         model_prior: float | None = Field(description="the prior the calibrated probabilities refer to (0.5 when "
                                                       "training balanced the classes)")
@@ -447,6 +448,10 @@ def api_models() -> Any:
                                                         "what the model was trained on; null without a detector")
         image_size: int
         ensemble: str | None = Field(description="an ensemble's members (seeds) and test-time views; null for one model")
+        adaptation: dict[str, Any] | None = Field(
+            None, description="a checkpoint fitted to a site by `pneumoscan adapt`: images, BatchNorm, the site's "
+                              "prevalence, its interval and whether to trust it, labelled rows and the expected rates; "
+                              "null when not adapted")
         validation: Validation | None = Field(description="validation figures; an undefined one is null")
         disclaimer: str
 
