@@ -1,8 +1,6 @@
-"""The tables of docs/experiments.md "Honest at a new site", from the files experiments/shift_candidates.sh writes.
-
-Per training option and adaptation option: mean ± sd over the three seeds of each figure averaged over the
-synthetic sites (RECIPE-sites.json) and over the held-out group of normals (RECIPE-group.json), and the worst
-site; then the held-out group per seed and class mix.
+"""The tables of docs/experiments.md "Honest at a new site", from the files experiments/shift_candidates.sh
+writes under RUNS: mean ± sd over the three seeds of each figure averaged over a run's sites, and the worst
+site.
 
     .venv/bin/python experiments/shift_table.py runs/shift
 """
@@ -16,7 +14,8 @@ from pathlib import Path
 import numpy as np
 
 OPTIONS = ("none", "em", "bn", "adapt", "labels")
-RECIPES = ("paper", "tuned", "tuned-appearance")
+FIGURES = ("accuracy", "roc_auc", "sensitivity", "specificity", "prevalence_error")
+HEADER = "| accuracy | ROC AUC | sensitivity | specificity | prevalence error | worst site (accuracy) |"
 
 
 def per_seed(rows: list[dict], method: str, key: str) -> list[float]:
@@ -39,39 +38,38 @@ def _value(row: dict, key: str) -> float | None:
 def cell(values: list[float]) -> str:
     if not values:
         return "–"
-    sd = np.std(values, ddof=1) if len(values) > 1 else 0.0
-    return f"{np.mean(values):.3f} ± {sd:.3f}"
+    return f"{np.mean(values):.3f} ± {np.std(values, ddof=1) if len(values) > 1 else 0.0:.3f}"
 
 
-def summary_table(runs: Path) -> list[str]:
-    lines = ["| training | adaptation | synthetic sites: accuracy | ROC AUC | prevalence error | worst site | "
-             "held-out normals: accuracy | ROC AUC | specificity | prevalence error |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
-    for recipe in RECIPES:
-        sites, group = (_rows(runs / f"{recipe}-{kind}.json") for kind in ("sites", "group"))
-        if not sites and not group:
-            continue
-        for method in OPTIONS:
-            worst = min((r for r in sites if r["method"] == method), key=lambda r: r["accuracy"], default=None)
-            lines.append(f"| `{recipe}` | {method} | " + " | ".join(
-                [cell(per_seed(sites, method, k)) for k in ("accuracy", "roc_auc", "prevalence_error")]
-                + [f"{worst['accuracy']:.3f} ({worst['shift']}, {worst['mix']:.1f})" if worst else "–"]
-                + [cell(per_seed(group, method, k)) for k in ("accuracy", "roc_auc", "specificity", "prevalence_error")])
-                + " |")
+def rows_of(rows: list[dict], method: str) -> str:
+    worst = min((r for r in rows if r["method"] == method), key=lambda r: r["accuracy"])
+    return " | ".join([cell(per_seed(rows, method, k)) for k in FIGURES]
+                      + [f"{worst['accuracy']:.3f} ({worst['shift']}, {worst['mix']:.2f})"])
+
+
+def table(runs: Path, files: list[tuple[str, str]]) -> list[str]:
+    """One row per (training, option) present in the files, as (label, file name)."""
+    lines = ["| training | adaptation " + HEADER, "|---|---|---|---|---|---|---|---|"]
+    for label, name in files:
+        rows = _rows(runs / name)
+        lines += [f"| {label} | {m} | {rows_of(rows, m)} |" for m in OPTIONS if any(r["method"] == m for r in rows)]
     return lines
 
 
-def group_table(runs: Path) -> list[str]:
+def per_site(runs: Path, names: list[str]) -> list[str]:
     lines = ["| training | seed | pneumonia share | " + " | ".join(OPTIONS) + " | prevalence estimate (adapt) |",
              "|---|---|---|" + "---|" * (len(OPTIONS) + 1)]
-    for recipe in RECIPES:
-        rows = _rows(runs / f"{recipe}-group.json")
-        for seed, mix in sorted({(r["seed"], round(r["mix"], 2)) for r in rows}):
-            at = {r["method"]: r for r in rows if r["seed"] == seed and round(r["mix"], 2) == mix}
+    for name in names:
+        rows = _rows(runs / f"{name}-group.json")
+        sites = sorted({(r["seed"], round(r["mix"], 2)) for r in rows if r["method"] == "none"})
+        for seed, mix in sites:
+            # a labelled row's mix is that of the images it was scored on (the site less its 40 labelled ones)
+            at = {r["method"]: r for r in rows if r["seed"] == seed and mix == min(
+                (m for s, m in sites if s == seed), key=lambda m: abs(m - r["mix"]))}
             adapt = at.get("adapt", {}).get("prevalence_estimate")
-            lines.append(f"| `{recipe}` | {seed} | {mix:.2f} | " + " | ".join(
+            lines.append(f"| `{name}` | {seed} | {mix:.2f} | " + " | ".join(
                 f"{at[m]['accuracy']:.3f}" if m in at else "–" for m in OPTIONS)
-                + f" | {adapt:.3f} |" if adapt is not None else " | – |")
+                + (f" | {adapt:.3f} |" if adapt is not None else " | – |"))
     return lines
 
 
@@ -81,4 +79,12 @@ def _rows(path: Path) -> list[dict]:
 
 if __name__ == "__main__":
     runs = Path(sys.argv[1] if len(sys.argv) > 1 else "runs/shift")
-    print("\n".join(summary_table(runs)) + "\n\n" + "\n".join(group_table(runs)))
+    print("Synthetic sites, runs trained on all of train:\n")
+    print("\n".join(table(runs, [("`tuned`", "tuned-sites.json")])))
+    print("\nThe held-out normals, runs trained without them:\n")
+    print("\n".join(table(runs, [("`tuned`", "tuned-group.json"), ("`tuned` + appearance", "tuned-appearance-group.json")])))
+    print("\nSynthetic sites, the same runs:\n")
+    print("\n".join(table(runs, [("`tuned`", "tuned-group-sites.json"),
+                                 ("`tuned` + appearance", "tuned-appearance-group-sites.json")])))
+    print("\nThe held-out normals per seed and class mix (accuracy):\n")
+    print("\n".join(per_site(runs, ["tuned", "tuned-appearance"])))
