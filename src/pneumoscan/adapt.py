@@ -159,8 +159,7 @@ def _label_of(path: Any, row_no: int, text: str | None) -> int:
 
 def decode_site(inputs: Iterable[str], prep: Any) -> tuple[list[str], np.ndarray, dict[str, str]]:
     """(the readable images' paths, their (N, S, S) pixels, {path: reason} for the rest)."""
-    from .images import load_for_model
-    from .predict import expand_paths
+    from .images import expand_paths, load_for_model
 
     paths, pixels, errors = [], [], {}
     for path in expand_paths(inputs):

@@ -13,6 +13,7 @@ import os
 import stat
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterable
 
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, JpegImagePlugin, PngImagePlugin
@@ -66,6 +67,19 @@ def is_image_candidate(path: Path) -> bool:
     """An entry of a searched folder that gets a result: an image name that is not a folder. FIFOs, devices
     and broken symbolic links are candidates too, so that they get their error instead of vanishing."""
     return is_image_file(path) and not path.is_dir()
+
+
+def expand_paths(inputs: Iterable[str]) -> list[str]:
+    """Files as given, folders searched recursively for images; a missing path is kept so it gets an error row,
+    and so is a folder's FIFO, device or broken symbolic link with an image name (`is_image_candidate`)."""
+    found = []
+    for item in inputs:
+        p = Path(item)
+        if p.is_dir():
+            found.extend(str(f) for f in sorted(p.rglob("*")) if is_image_candidate(f))
+        else:
+            found.append(str(p))
+    return found
 
 
 _KINDS = ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISDIR, "a directory"), (stat.S_ISSOCK, "a socket"),
