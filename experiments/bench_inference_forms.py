@@ -15,7 +15,7 @@ All on the same fresh checkpoint (with an out-of-distribution detector, as `benc
   one process, alternating over `--torch-rounds`: images/s over 256 images in batches of 32, p50 of one
   image over 50 calls.
 
-    .venv/bin/python benchmarks/bench_inference_forms.py [--rounds 15] [--torch-rounds 12]
+    .venv/bin/python experiments/bench_inference_forms.py [--rounds 15] [--torch-rounds 12]
 
 Prints each round and the medians, then one JSON line.
 """
@@ -33,8 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))  # bench_predict.py
 
 WAYS = {  # name: (ONNX PReLU form, BatchNorm folded)
     "PRelu, BatchNorm kept": ("prelu", False),

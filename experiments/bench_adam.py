@@ -4,7 +4,7 @@ with three optimizers, alternating over rounds: `adam.KerasAdam` as training bui
 kernel with Keras' epsilon), its reference multi-tensor form (`fused=False`, the form CUDA graphs
 capture), and `torch.optim.Adam(fused=True)`. Each round times 20 steps after 3 warm-up steps.
 
-    .venv/bin/python benchmarks/bench_adam.py [--rounds 3]
+    .venv/bin/python experiments/bench_adam.py [--rounds 3]
 
 Prints ms per step for each round and the medians, then one JSON line.
 """

@@ -9,7 +9,7 @@
 2. Speed: a training step of the paper's network on a batch of 32 at 150x150 (what `pneumoscan train`
    runs), in FP32, emulated BF16 and PyTorch's BF16 kernels, alternating in each round.
 
-    .venv/bin/python benchmarks/bf16_emulation.py [--rounds 3] [--steps 2]
+    .venv/bin/python experiments/bf16_emulation.py [--rounds 3] [--steps 2]
 
 Prints both tables and one JSON line. Emulation is for measuring BF16's accuracy, never for speed.
 """

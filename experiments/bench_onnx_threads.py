@@ -8,7 +8,7 @@ first 256 images). Single-image latency: `predict_file` on JPEG bytes, the three
 call over `--calls` calls each, after 30 untimed calls; p50 and p99. Folders: `predict_files` on the first
 64 images, the ways alternating over `--rounds` after an untimed batch each; the median images/s.
 
-    .venv/bin/python benchmarks/bench_onnx_threads.py [--calls 400] [--rounds 5]
+    .venv/bin/python experiments/bench_onnx_threads.py [--calls 400] [--rounds 5]
 
 Prints both tables, then one JSON line.
 """
@@ -25,9 +25,9 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
-from bench_predict import ROOT, choose_files, fresh_checkpoint  # noqa: E402 (the module beside this script)
+from bench_predict import ROOT, choose_files, fresh_checkpoint  # noqa: E402 (benchmarks/bench_predict.py)
 
 from pneumoscan.export import remembered_onnx_bytes  # noqa: E402
 from pneumoscan.predict import Predictor  # noqa: E402

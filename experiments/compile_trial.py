@@ -12,7 +12,7 @@ epoch, 3,069 in all) then costs, in training steps alone,
 Inference: the frozen form (`inference.freeze`, what predict and serve run) on batches of 32 and on
 single images, eager and compiled (`dynamic=False`: one graph per batch shape, each compile counted).
 
-    .venv/bin/python benchmarks/compile_trial.py [--steps 30] [--mode default|max-autotune-no-cudagraphs]
+    .venv/bin/python experiments/compile_trial.py [--steps 30] [--mode default|max-autotune-no-cudagraphs]
 
 Prints a table and one JSON line. Eager and compiled alternate in rounds, so a noisy minute does not
 land on one side only.

@@ -7,7 +7,7 @@ prediction with the ONNX Runtime backend (`predict_file` on JPEG bytes, p50 of 3
 alternating call by call), the latency where the detector's share is largest. The same images, model and detector as
 `bench_predict.py`'s default; the scores must agree to 1e-9 (relative) for every image.
 
-    .venv/bin/python benchmarks/bench_ood_scoring.py [--limit 512] [--rounds 3]
+    .venv/bin/python experiments/bench_ood_scoring.py [--limit 512] [--rounds 3]
 
 Prints each way's figures per round and the medians, then one JSON line.
 """
@@ -25,9 +25,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
-from bench_predict import ROOT, choose_files, fresh_checkpoint  # noqa: E402 (the module beside this script)
+from bench_predict import ROOT, choose_files, fresh_checkpoint  # noqa: E402 (benchmarks/bench_predict.py)
 
 from pneumoscan import ood  # noqa: E402
 from pneumoscan.predict import Predictor  # noqa: E402
