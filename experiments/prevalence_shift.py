@@ -13,7 +13,7 @@ are drawn with replacement, per class, so that a fraction P is pneumonia (seeded
 - the EM estimate after a temperature fitted on the whole validation split (in sample: the resamples
   are drawn from the same images, so this column shows what calibration can do, not a held-out figure).
 
-    .venv/bin/python benchmarks/prevalence_shift.py runs/paper-quickstart/best.pt \\
+    .venv/bin/python experiments/prevalence_shift.py runs/paper-quickstart/best.pt \\
         --data DATA_ROOT
 
 Prints a Markdown table, then one JSON line (the last line) with every figure.

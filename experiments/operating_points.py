@@ -10,7 +10,7 @@ at any prevalence P: P * sensitivity + (1 - P) * specificity. The threshold's sp
 shows how stable the rule is. A last variant keeps 0.5 on temperature-calibrated probabilities moved by
 Bayes' rule from the model's prior to each P (`--prevalence P` with the site's true prevalence).
 
-    .venv/bin/python benchmarks/operating_points.py RUN_A/best.pt RUN_B/best.pt ... --data DATA_ROOT
+    .venv/bin/python experiments/operating_points.py RUN_A/best.pt RUN_B/best.pt ... --data DATA_ROOT
 
 Prints a Markdown table (mean over repeats and checkpoints; +- the sd over checkpoints), then one JSON
 line (the last line) with every figure.

@@ -6,7 +6,7 @@ after training, on validation, by `train.operating_point`; this rewrites it as a
 given `--threshold-rule` / `--calibration` would have it, so a rule can be compared on checkpoints that
 already exist without training them again. The out-of-distribution detector is kept as it is.
 
-    .venv/bin/python benchmarks/refit_operating_point.py RUN/best.pt OUT.pt --threshold-rule fixed [--data DATA_ROOT]
+    .venv/bin/python experiments/refit_operating_point.py RUN/best.pt OUT.pt --threshold-rule fixed [--data DATA_ROOT]
 """
 
 from __future__ import annotations

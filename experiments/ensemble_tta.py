@@ -12,7 +12,7 @@ Accuracy, sensitivity and specificity are at 0.5 on the checkpoint's calibrated 
 ensembles); each candidate is compared with the single runs by Welch's t-test, and the ensemble of all K
 by a paired bootstrap of the ROC AUC difference over validation images (1,000 resamples).
 
-    .venv/bin/python benchmarks/ensemble_tta.py RUN0/best.pt RUN1/best.pt RUN2/best.pt --data DATA_ROOT --work DIR
+    .venv/bin/python experiments/ensemble_tta.py RUN0/best.pt RUN1/best.pt RUN2/best.pt --data DATA_ROOT --work DIR
 
 Prints a Markdown table and one JSON line (the last line).
 """

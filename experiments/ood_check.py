@@ -8,7 +8,7 @@ nobody here made (tests/foreign.py: scikit-learn's and scikit-image's sample pho
 CT_small and MR_small, blank and uniform-noise images) and reports the fraction flagged per set, with
 the validation split's.
 
-    .venv/bin/python benchmarks/ood_check.py runs/paper-quickstart/best.pt --data DATA_ROOT
+    .venv/bin/python experiments/ood_check.py runs/paper-quickstart/best.pt --data DATA_ROOT
 
 Prints a Markdown table, then one JSON line (the last line) with every figure.
 """

@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # The candidates for a shifted site, three seeds each, on a lent GPU in one call: the paper and tuned
 # recipes with and without intensity augmentation (`pneumoscan compare`, validation split), then
-# benchmarks/operating_points.py (threshold rules cross-fitted on validation patients) on each
-# candidate's seeds, and benchmarks/prevalence_shift.py on the paper recipe's. The tuned candidate
+# experiments/operating_points.py (threshold rules cross-fitted on validation patients) on each
+# candidate's seeds, and experiments/prevalence_shift.py on the paper recipe's. The tuned candidate
 # with the higher mean validation ROC AUC has its three best.pt copied to OUT (for ensembles and
 # test-time augmentation, measured on a CPU); everything else comes back as OUT/results.tgz.
 #
-#   bash benchmarks/gpu_shift_candidates.sh DATA_ROOT OUT [BUDGET_SECONDS] [DEVICE] [EXTRA_COMPARE_FLAGS...]
+#   bash experiments/gpu_shift_candidates.sh DATA_ROOT OUT [BUDGET_SECONDS] [DEVICE] [EXTRA_COMPARE_FLAGS...]
 #
 # DEVICE `cpu` with a tiny data set and "--epochs 1 --seeds 0 1" checks the script itself without a GPU.
 set -u
@@ -37,10 +37,10 @@ for name in paper paper-intensity tuned tuned-intensity; do
   echo "== $name"; tail -n 25 "$WORK/logs/$name.log"
   ckpts=("$WORK/$name"/prelu-s*/best.pt)
   [ -f "${ckpts[0]}" ] || continue
-  timeout "$(left)" python3 benchmarks/operating_points.py "${ckpts[@]}" --data "$DATA" >"$WORK/logs/operating-$name.log" 2>&1 &
+  timeout "$(left)" python3 experiments/operating_points.py "${ckpts[@]}" --data "$DATA" >"$WORK/logs/operating-$name.log" 2>&1 &
 done
 for c in "$WORK"/paper/prelu-s*/best.pt; do
-  [ -f "$c" ] && timeout "$(left)" python3 benchmarks/prevalence_shift.py "$c" --data "$DATA" \
+  [ -f "$c" ] && timeout "$(left)" python3 experiments/prevalence_shift.py "$c" --data "$DATA" \
     >"$WORK/logs/prevalence-$(basename "$(dirname "$c")").log" 2>&1 &
 done
 wait; pack
