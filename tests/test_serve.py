@@ -235,7 +235,7 @@ def test_concurrent_images_are_batched_and_each_gets_its_own_result(checkpoint):
 
     from pneumoscan.explain import cam_for_pixels
     from pneumoscan.predict import Predictor
-    from pneumoscan.serve import InferenceBatcher
+    from pneumoscan.scoring import InferenceBatcher
 
     predictor = Predictor(checkpoint, device="cpu")
     batcher = InferenceBatcher(predictor, max_batch=4)
@@ -252,7 +252,7 @@ def test_concurrent_images_are_batched_and_each_gets_its_own_result(checkpoint):
 
 def test_an_inference_failure_reaches_the_request_and_the_batcher_lives_on(checkpoint):
     from pneumoscan.predict import Predictor
-    from pneumoscan.serve import InferenceBatcher
+    from pneumoscan.scoring import InferenceBatcher
 
     batcher = InferenceBatcher(Predictor(checkpoint, device="cpu"))
     with pytest.raises(RuntimeError):

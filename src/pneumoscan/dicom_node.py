@@ -8,9 +8,9 @@ deflated and RLE always, the JPEG, JPEG-LS and JPEG 2000 families when pydicom h
 PACS transcodes anything else before sending.
 
 For each instance, on the association's own thread: size and SOP class checks, the received bytes kept
-under OUT/instances (atomically), decoding by the one loader. The pixels are then scored on the single
-inference thread of `serve.InferenceBatcher` (instances arriving on several associations are scored as
-one batch), and the C-STORE is answered once the result is in OUT/results.csv: success means scored and
+under OUT/instances (atomically), then decoding and scoring by the one scoring service
+(`scoring.ScoringService`, whose single inference thread scores instances arriving on several associations
+as one batch), and the C-STORE is answered once the result is in OUT/results.csv: success means scored and
 recorded. C-ECHO runs on its own association's thread and never waits for scoring. With a destination,
 a sender thread builds the Structured Report (and optionally a Grad-CAM Secondary Capture) of each
 scored instance and stores it there, retrying a bounded number of times; a failure is a row of
@@ -30,7 +30,6 @@ import re
 import socket
 import threading
 import time
-from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -374,7 +373,7 @@ class DicomNode:
     end (aborting those still open after `grace_s`), then sends the reports still waiting."""
 
     def __init__(self, predictor: Any, settings: NodeSettings, checkpoint_name: str = "checkpoint"):
-        from .serve import InferenceBatcher
+        from .scoring import ScoringService
 
         pynetdicom = optional_import("pynetdicom", "dicom-node", "the DICOM node")
         if settings.send_to:
@@ -386,7 +385,7 @@ class DicomNode:
         self.out = Path(settings.out)
         self.out.mkdir(parents=True, exist_ok=True)
         self.results = ResultLog(self.out / "results.csv", result_log_columns(predictor.class_names))
-        self.batcher = InferenceBatcher(predictor, max_batch=settings.max_batch)
+        self.scoring = ScoringService(predictor, max_batch=settings.max_batch)
         self.model = self._model_info(checkpoint_name)
         self.syntaxes = decodable_syntaxes()
         ae = pynetdicom.AE(ae_title=settings.ae_title)
@@ -492,8 +491,7 @@ class DicomNode:
 
     def _process(self, event: Any, fields: dict[str, str]) -> tuple[dict, dict]:
         """One instance from check to score: (the row's result fields, the sender's job). Raises Rejected."""
-        from .images import ImageLoadError
-        from .serve import WorkerStopped, prepare_upload
+        from .scoring import WorkerStopped
 
         limit = self.settings.max_instance_mb * 2**20
         size = len(event.request.DataSet.getvalue()) if event.request.DataSet is not None else 0
@@ -518,30 +516,27 @@ class DicomNode:
             atomic_write_bytes(self.out / kept, data)
             fields["file"] = str(kept)
         try:
-            pixels, shown, warnings = prepare_upload(self.predictor, fields["sop_instance_uid"], data)
-        except ImageLoadError as e:
-            raise Rejected(CANNOT_UNDERSTAND, e.reason) from None
-        try:
-            heat, prob, class_probs, ood = self.batcher.score(pixels, self.settings.secondary_capture,
-                                                              self.settings.score_timeout_s)
-        except FutureTimeout:
+            scored = self.scoring.score(data, fields["sop_instance_uid"], self.settings.secondary_capture,
+                                        timeout=self.settings.score_timeout_s)
+        except TimeoutError:
             raise Rejected(OUT_OF_RESOURCES, f"not scored within {self.settings.score_timeout_s:g} s: the node is busy") from None
         except WorkerStopped as e:
             raise Rejected(OUT_OF_RESOURCES, str(e)) from None
-        return self._result(ds, prob, class_probs, ood, warnings, heat, shown, fields)
+        if scored.result.error is not None:
+            raise Rejected(CANNOT_UNDERSTAND, scored.result.error)
+        return self._result(ds, scored, fields)
 
-    def _result(self, ds: Any, prob: float, class_probs: Any, ood: float | None, warnings: list[str], heat: Any,
-                shown: Any, fields: dict) -> tuple[dict, dict]:
+    def _result(self, ds: Any, scored: Any, fields: dict) -> tuple[dict, dict]:
+        """(the row's result fields, the sender's job) of a scored instance."""
         from .dicom_sr import Score
         from .records import result_cells
 
-        p = self.predictor
-        result = p.prediction(fields["sop_instance_uid"], prob, class_probs, ood, warnings)
-        score = Score(result.p_pneumonia, result.label != p.class_names[0], result.label, result.threshold, warnings,
-                      result.ood_score, result.outside_training)
-        row = result_cells(result, p.class_names)
+        result, class_names = scored.result, self.predictor.class_names
+        score = Score(result.p_pneumonia, result.label != class_names[0], result.label, result.threshold,
+                      result.warnings, result.ood_score, result.outside_training)
+        row = result_cells(result, class_names)
         del ds.PixelData  # the report needs the header only; the pixels are scored
-        return row, {"source": ds, "score": score, "heat": heat, "shown": shown, "fields": dict(fields)}
+        return row, {"source": ds, "score": score, "heat": scored.heat, "shown": scored.shown, "fields": dict(fields)}
 
     def build_objects(self, job: dict) -> list:
         """The report (and the Grad-CAM Secondary Capture when asked for) of one scored instance."""

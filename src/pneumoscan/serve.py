@@ -1,9 +1,8 @@
 """The server: an HTTP API (FastAPI, OpenAPI docs at /docs) and a web page, around one loaded checkpoint.
 
 `create_app(checkpoint)` loads the model once; every request reuses it. Images of concurrent requests
-are scored together: one inference thread takes every image waiting (`InferenceBatcher`), which on a
-CPU costs less per image than one at a time, and never runs two inferences at once (concurrent OpenMP
-regions stall each other on few cores). Uploads are read into memory (never written to disk), capped in
+are scored together by the one scoring service (`scoring.ScoringService`), whose single inference
+thread takes every image waiting. Uploads are read into memory (never written to disk), capped in
 size (413) and in the time the client may take to send them (408); at most one decode per core runs at
 once (`DecodeSlots`), and a request that finds them all busy for too long gets 503 with Retry-After.
 Each file is decoded by the same loader as every other command, so a bad file gets its own error while
@@ -23,10 +22,8 @@ import hashlib
 import hmac
 import json
 import os
-import queue
 import re
 import threading
-from concurrent.futures import Future, InvalidStateError
 from pathlib import Path
 from typing import Any, Iterable
 from urllib.parse import urlsplit
@@ -34,14 +31,14 @@ from urllib.parse import urlsplit
 import numpy as np
 
 from . import __version__
-from .calibration import move
-from .explain import cam_for_batch, overlay, png_bytes
+from .explain import overlay, png_bytes
 from .fileio import optional_import
-from .images import ImageLoadError, load_grey_with_info, resize
+from .images import ImageLoadError
 from .modelcard import model_card, validation_metrics
 from .page import PAGE_HTML
-from .predict import Predictor, image_result
+from .predict import Predictor
 from .records import ImageResult, result_json
+from .scoring import ScoringService, WorkerStopped
 from .serve_docs import DOCS_PATHS, add_docs_routes
 
 DISCLAIMER = "Research tool, not a medical device: not for diagnosis or treatment decisions."
@@ -228,94 +225,6 @@ def declare_bearer(app: Any, required: bool) -> None:
     app.openapi = openapi
 
 
-class WorkerStopped(RuntimeError):
-    """The inference thread has stopped: no image can be scored until the server restarts."""
-
-
-class InferenceBatcher:
-    """One inference thread for the whole server: each request queues its image and waits; the thread
-    takes everything queued (up to `max_batch`), runs it as one batch and hands each result back. If the
-    thread dies, every waiting and later request gets `WorkerStopped`, and `stopped` says why."""
-
-    def __init__(self, predictor: Predictor, max_batch: int = 16):
-        self.predictor, self.max_batch = predictor, max_batch
-        self.jobs: "queue.Queue[tuple[np.ndarray, bool, Future]]" = queue.Queue()
-        self.stopped: str | None = None
-        self._current: list = []
-        self.thread = threading.Thread(target=self._serve_until_stopped, name="pneumoscan-inference", daemon=True)
-        self.thread.start()
-
-    @property
-    def alive(self) -> bool:
-        return self.stopped is None and self.thread.is_alive()
-
-    def submit(self, pixels: np.ndarray, heatmap: bool) -> Future:
-        """Queue one (S, S) uint8 image; the future gives (Grad-CAM map or None, P(pneumonia), per-class
-        probabilities or None, out-of-distribution score or None)."""
-        if not self.alive:
-            raise WorkerStopped(f"the inference worker has stopped ({self.stopped or 'thread ended'})")
-        done: Future = Future()
-        self.jobs.put((pixels, heatmap, done))
-        if not self.alive:  # stopped while this job was queued: nobody will take it
-            self._fail_pending()
-        return done
-
-    def score(self, pixels: np.ndarray, heatmap: bool, timeout: float | None = None) -> tuple:
-        """`submit`, then wait (at most `timeout` seconds) for the result."""
-        return self.submit(pixels, heatmap).result(timeout)
-
-    def _serve_until_stopped(self) -> None:
-        try:
-            self._serve()
-        except BaseException as e:  # noqa: B036  (the thread must record any way it ends)
-            self.stopped = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
-        finally:
-            self.stopped = self.stopped or "thread ended"
-            self._fail_pending()
-
-    def _fail_pending(self) -> None:
-        pending = list(self._current)
-        while True:
-            try:
-                pending.append(self.jobs.get_nowait())
-            except queue.Empty:
-                break
-        for _, _, done in pending:
-            try:
-                done.set_exception(WorkerStopped(f"the inference worker has stopped ({self.stopped})"))
-            except InvalidStateError:  # already answered, or its request gave up
-                pass
-
-    def _serve(self) -> None:
-        while True:
-            jobs = [self.jobs.get()]
-            while len(jobs) < self.max_batch and not self.jobs.empty():
-                jobs.append(self.jobs.get_nowait())
-            jobs = [j for j in jobs if j[2].set_running_or_notify_cancel()]  # drop those whose request gave up
-            self._current = jobs
-            for wants_map in (True, False):
-                group = [j for j in jobs if j[1] == wants_map]
-                if group:
-                    self._run(group, wants_map)
-            self._current = []
-
-    def _run(self, group: list, wants_map: bool) -> None:
-        try:
-            pixels = np.stack([j[0] for j in group])
-            if wants_map:
-                heats, probs, class_probs, ood = cam_for_batch(self.predictor, pixels)
-            else:
-                heats = [None] * len(group)
-                probs, class_probs, ood = self.predictor.score(pixels)
-            for i, (_, _, done) in enumerate(group):
-                done.set_result((heats[i], float(probs[i]), None if class_probs is None else class_probs[i],
-                                 None if ood is None else float(ood[i])))
-        except Exception as e:  # the requests get the error; the thread lives on
-            for _, _, done in group:
-                if not done.done():
-                    done.set_exception(e)
-
-
 def usable_cores() -> int:
     """The cores this process may run on (its CPU affinity where the OS says, else all of them)."""
     try:
@@ -357,32 +266,6 @@ class DecodeSlots:
     def busy(self) -> Refused:
         return Refused(503, f"busy: all {self.slots} decoding slots are taken; retry in {RETRY_AFTER_S} s",
                        {"Retry-After": str(RETRY_AFTER_S)})
-
-
-def new_result(predictor: Predictor, name: str, output: Any = None) -> dict[str, Any]:
-    """An empty result at the prior of `output` (an `OutputMap`; default: the server's)."""
-    output = output or predictor.output
-    empty = ImageResult(name, None, None, output.decision_threshold, assumed_prevalence=output.prior_used,
-                        prevalence_source=output.source, ood_threshold=None if predictor.ood is None else predictor.ood.threshold)
-    return {"filename": name, **result_json(empty), "class_names": predictor.class_names,
-            "model": predictor.config.model.name, "heatmap_png": None}
-
-
-def prepare_upload(predictor: Predictor, name: str, data: bytes) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """Decode one upload (in a decoding slot): the model's input, the image to draw an overlay on (at most
-    512 px, enough for a browser), and warnings about the image: its header's (`dicom.acquisition_warnings`),
-    then its size's. Raises `ImageLoadError`."""
-    image = load_grey_with_info(data, name=name)
-    grey = image.grey
-    prep = predictor.config.preprocessing
-    h, w = grey.shape
-    warnings = list(image.warnings)
-    if max(h, w) < prep.image_size:
-        warnings.append(f"image is {w}x{h} px, smaller than the model's {prep.image_size}x{prep.image_size} input: enlarged")
-    if max(h, w) > 2 * min(h, w):
-        warnings.append(f"image is {w}x{h} px: squeezed into a square, which distorts it")
-    shown = resize(grey, 512, "area") if max(grey.shape) > 512 else grey
-    return resize(grey, prep.image_size, prep.resize_filter), shown, warnings
 
 
 def encode_overlay(shown: np.ndarray, heat: np.ndarray) -> str:
@@ -522,12 +405,18 @@ def predict_openapi(max_files: int) -> tuple[dict, dict]:
     return body, answers
 
 
+def file_json(predictor: Predictor, result: ImageResult, heatmap_png: str | None = None) -> dict[str, Any]:
+    """One file's entry of /api/predict's `results`: the record, with the model's names and the overlay."""
+    return {"filename": result.path, **result_json(result), "class_names": predictor.class_names,
+            "model": predictor.config.model.name, "heatmap_png": heatmap_png}
+
+
 def create_app(checkpoint: str | os.PathLike, device: str = "cpu", token: str | None = None, max_upload_mb: float = 20,
                max_files: int = 16, metrics_json: str | os.PathLike | None = None, max_batch: int = 16,
                allowed_hosts: Iterable[str] = LOCAL_HOSTS, decode_slots: int | None = None,
                max_waiting: int | None = None, decode_wait_s: float = 10, body_timeout_s: float = 60,
                inference_timeout_s: float = 120, prevalence: float | None = None) -> Any:
-    """The ASGI app (`Guard` around the FastAPI app, which is its `.app`; the batcher is `.app.state.batcher`)."""
+    """The ASGI app (`Guard` around the FastAPI app, which is its `.app`; the scoring service is `.app.state.service`)."""
     optional_import("fastapi", "serve", "serving")
     from fastapi import FastAPI
     from starlette.formparsers import MultiPartParser
@@ -541,7 +430,7 @@ def create_app(checkpoint: str | os.PathLike, device: str = "cpu", token: str | 
     app = FastAPI(title="pneumoscan", version=__version__, description=f"Pneumonia vs normal on chest X-rays. {DISCLAIMER}",
                   docs_url=None, redoc_url=None)
     app.state.predictor = predictor
-    app.state.batcher = InferenceBatcher(predictor, max_batch)
+    app.state.service = ScoringService(predictor, max_batch)
     app.state.slots = DecodeSlots(decode_slots, max_waiting, decode_wait_s)
     metrics = metrics_path if metrics_path.is_file() else None
     app.state.card = model_card(checkpoint, metrics)
@@ -572,9 +461,9 @@ def _add_routes(app: Any, limit: int, max_files: int) -> None:
     @app.get("/health", response_model=m.Health, responses={503: {"model": m.Health, "description": "the inference worker stopped"}})
     async def health() -> Any:
         """Whether the inference worker is alive (200) or stopped (503); needs no token and never waits."""
-        if state.batcher.alive:
+        if state.service.alive:
             return {"status": "ok"}
-        return JSONResponse({"status": f"inference worker stopped: {state.batcher.stopped}"}, status_code=503)
+        return JSONResponse({"status": f"inference worker stopped: {state.service.stopped}"}, status_code=503)
 
     @app.get("/api/model", response_model=m.ModelInfo, responses={401: {"model": m.Problem}})
     async def model_info() -> Any:
@@ -629,30 +518,20 @@ async def score_file(state: Any, name: str, data: bytes, heatmap: bool, output: 
     reported at the prior of `output` (an `OutputMap`; default: the server's)."""
     from starlette.concurrency import run_in_threadpool
 
-    predictor, batcher = state.predictor, state.batcher
-    output = output or predictor.output
-    result = new_result(predictor, name, output)
+    service = state.service
     try:
-        pixels, shown, warnings = await run_in_threadpool(state.slots.run, prepare_upload, predictor, name, data)
+        decoded = await run_in_threadpool(state.slots.run, service.decode, data, name)
     except ImageLoadError as e:
-        result["error"] = e.reason
-        return result
+        return file_json(service.predictor, service.unreadable(name, e.reason, output))
     retry = {"Retry-After": str(RETRY_AFTER_S)}
     try:
-        waiting = asyncio.wrap_future(batcher.submit(pixels, heatmap))
-        heat, prob, class_probs, ood = await asyncio.wait_for(waiting, state.inference_timeout_s)
+        scored = await service.score_decoded(decoded, name, heatmap, output, state.inference_timeout_s)
     except WorkerStopped as e:
         raise Refused(503, f"{e}; restart the server", retry) from None
     except TimeoutError:
         raise Refused(503, f"busy: inference did not finish within {state.inference_timeout_s:g} s", retry) from None
-    moved, moved_classes = move(np.array([prob]), None if class_probs is None else np.asarray(class_probs)[None],
-                                predictor.output.prior_used, output.prior_used)
-    scored = image_result(name, float(moved[0]), None if moved_classes is None else moved_classes[0],
-                          predictor.class_names, output, predictor.ood, ood, warnings)
-    result.update(result_json(scored))
-    if heatmap:
-        result["heatmap_png"] = await run_in_threadpool(encode_overlay, shown, heat)
-    return result
+    png = await run_in_threadpool(encode_overlay, scored.shown, scored.heat) if heatmap else None
+    return file_json(service.predictor, scored.result, png)
 
 
 def serve(checkpoint: str, host: str = "127.0.0.1", port: int = 8000, allow_hosts: Iterable[str] = (),
