@@ -140,7 +140,7 @@ def test_an_offset_alone_stays_determined_where_a_few_separable_rows_make_platt_
 
 
 def test_the_operating_point_training_stores_for_each_calibration():
-    from pneumoscan.train import operating_point
+    from pneumoscan.fitting import operating_point
 
     rng = np.random.default_rng(5)
     y = (rng.random(600) < 0.7).astype(int)

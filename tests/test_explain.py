@@ -8,6 +8,7 @@ import torch
 from PIL import Image
 
 from pneumoscan import checkpoint as ckpt_io
+from pneumoscan import models
 from pneumoscan.cli import main
 from pneumoscan.explain import cam_for_pixels, explain_image
 from pneumoscan.predict import Predictor
@@ -74,7 +75,7 @@ def test_gradcam_works_for_the_reference_models(name, tmp_path):
     from pneumoscan.config import Config, Preprocessing
 
     cfg = Config(preprocessing=Preprocessing(image_size=64)).override("model", name=name)
-    model = ckpt_io.build_model(cfg)
+    model = models.build_model(cfg)
     ckpt_io.save(ckpt_io.make_checkpoint(model, cfg, threshold=0.5), tmp_path / "m.pt")
     predictor = Predictor(tmp_path / "m.pt", device="cpu")
     pixels = (np.random.default_rng(0).integers(0, 255, (64, 64))).astype(np.uint8)
@@ -113,7 +114,7 @@ def test_grad_cam_of_every_activation_equals_the_map_by_hand(activation, tiny_da
 
     cfg = tiny_config(tiny_data)
     cfg = replace(cfg, model=replace(cfg.model, activation=activation))
-    model = ckpt_io.build_model(cfg)
+    model = models.build_model(cfg)
     torch.manual_seed(0)  # PyTorch's default initialisation: evidence in every map, unlike Keras' zero PReLU slopes
     for m in model.modules():
         if hasattr(m, "reset_parameters") and m is not model:

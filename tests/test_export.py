@@ -15,6 +15,7 @@ pytest.importorskip("onnxruntime")
 
 from pneumoscan import __version__  # noqa: E402
 from pneumoscan import checkpoint as ckpt_io  # noqa: E402
+from pneumoscan import models  # noqa: E402
 from pneumoscan.config import Config, ModelConfig, Preprocessing  # noqa: E402
 from pneumoscan.export import FORMAT, OnnxPredictor, export_onnx  # noqa: E402
 from pneumoscan.predict import Predictor, expand_paths  # noqa: E402
@@ -46,7 +47,7 @@ def build_checkpoint(path, activation: str, size: int, seed: int = 0):
     """
     cfg = Config(preprocessing=Preprocessing(image_size=size), model=ModelConfig(activation=activation))
     torch.manual_seed(seed)  # the builder's own initialisation draws from the global generator
-    model = ckpt_io.build_model(cfg)
+    model = models.build_model(cfg)
     g = torch.Generator().manual_seed(seed)
     bns = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
     with torch.no_grad():

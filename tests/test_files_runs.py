@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from pneumoscan import checkpoint as ckpt_io
+from pneumoscan import models
 from pneumoscan.compare import compare
 from pneumoscan.data import DataError
 from pneumoscan.fileio import atomic_write_bytes, atomic_write_text
@@ -105,7 +106,7 @@ def test_a_checkpoint_config_out_of_range_is_refused_before_the_model_is_built(t
     from pneumoscan.config import Config, Preprocessing
 
     cfg = Config(preprocessing=Preprocessing(image_size=32))
-    ckpt = ckpt_io.make_checkpoint(ckpt_io.build_model(cfg), cfg, threshold=0.5)
+    ckpt = ckpt_io.make_checkpoint(models.build_model(cfg), cfg, threshold=0.5)
     ckpt["config"][section][name] = value
     path = tmp_path / "odd.pt"
     ckpt_io.save(ckpt, path)

@@ -74,7 +74,7 @@ def test_replayed_graph_steps_equal_eager_steps_and_follow_the_learning_rate():
 
 def test_validation_on_the_gpu_matches_the_cpu_eager_and_replayed_also_after_the_weights_change():
     """Padded training-size batches, eager and as a CUDA graph; the graph must read the weights in place."""
-    from pneumoscan.checkpoint import build_model
+    from pneumoscan.models import build_model
     from pneumoscan.config import TrainConfig
     from pneumoscan.train import validation_logits as predict_logits
 

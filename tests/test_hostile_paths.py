@@ -23,11 +23,12 @@ needs_fifos = pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs FIFOs 
 def checkpoint(tmp_path_factory) -> Path:
     """An untrained paper network at 32 px: what is tested here is which rows are written, not the scores."""
     from pneumoscan import checkpoint as ckpt_io
+    from pneumoscan import models
     from pneumoscan.config import Config, Preprocessing
 
     cfg = Config(preprocessing=Preprocessing(image_size=32))
     path = tmp_path_factory.mktemp("ckpt") / "model.pt"
-    ckpt_io.save(ckpt_io.make_checkpoint(ckpt_io.build_model(cfg), cfg, threshold=0.5), path)
+    ckpt_io.save(ckpt_io.make_checkpoint(models.build_model(cfg), cfg, threshold=0.5), path)
     return path
 
 

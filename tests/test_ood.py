@@ -132,17 +132,17 @@ def test_foreign_images_are_flagged_and_validation_radiographs_are_not(tmp_path)
 
 
 def test_a_model_that_names_no_ood_layers_trains_and_gets_no_score(tiny_data, tmp_path, monkeypatch):
-    from pneumoscan import checkpoint as ckpt_io
+    from pneumoscan import models, train
     from pneumoscan.predict import Predictor
 
-    build = ckpt_io.build_model
+    build = models.build_model
 
     def without_layers(cfg):
         model = build(cfg)
         model.ood_layers = ()
         return model
 
-    monkeypatch.setattr(ckpt_io, "build_model", without_layers)
+    monkeypatch.setattr(train, "build_model", without_layers)
     run = tmp_path / "run"
     assert main(["train", "--data", str(tiny_data), "--out", str(run), "--epochs", "1", "--image-size", "48",
                  "--batch-size", "8", "--val-fraction", "0.25", "--no-progress", "--device", "cpu"]) == 0

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from pneumoscan import checkpoint as ckpt_io
+from pneumoscan import models
 from pneumoscan.config import Config, DataConfig, Preprocessing, TrainConfig
 from pneumoscan.rundir import RunDirError
 from pneumoscan.train import EarlyStopping, train
@@ -216,9 +217,9 @@ def test_every_recipe_round_trips_and_builds_its_model():
         cfg = recipe(name)
         assert cfg.recipe == name and Config.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
         size = cfg.preprocessing.image_size
-        model = ckpt_io.build_model(cfg).eval()
+        model = models.build_model(cfg).eval()
         assert model(torch.zeros(2, 1, size, size)).shape == (2,)
-    momenta = {m.momentum for m in ckpt_io.build_model(recipe("large-batch")).modules() if isinstance(m, torch.nn.BatchNorm2d)}
+    momenta = {m.momentum for m in models.build_model(recipe("large-batch")).modules() if isinstance(m, torch.nn.BatchNorm2d)}
     assert len(momenta) == 1 and momenta.pop() == pytest.approx(1 - 0.99 ** 16, abs=1e-4)
 
 

@@ -3,7 +3,8 @@
 A checkpoint is a dict of plain types that loads with `torch.load(path, weights_only=True)`: the
 unwrapped model's state_dict, the run's config, preprocessing, class names, decision threshold, the
 Grad-CAM layer, metrics, training history and the pneumoscan version. An ensemble's checkpoint
-(`pneumoscan.ensemble`) adds an "ensemble" record (members, test-time views); `load` rebuilds it.
+(`pneumoscan.ensemble`) adds an "ensemble" record (members, test-time views); `load` rebuilds it
+(`ensemble_model.Ensemble`). Every checkpoint read goes through `read`.
 Checkpoints are written atomically (`fileio.save_torch`), so a crash never leaves a half-written file.
 The best weights of a run still training (`best.partial.pt`) are marked `unfinished` and refused by `read`.
 """
@@ -12,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,8 @@ from . import __version__
 from .config import Config
 from .data import class_names
 from .fileio import save_torch
-from .models import create_model
+from .ensemble_model import Ensemble
+from .models import build_model
 
 FORMAT = "pneumoscan-checkpoint-1"
 UNFINISHED = "unfinished"  # True in a run's best weights until `train.finish` gives them their operating point
@@ -61,14 +63,6 @@ def make_checkpoint(model: nn.Module, cfg: Config, *, threshold: float, metrics:
     }
 
 
-def build_model(cfg: Config) -> nn.Module:
-    """The model a config describes, freshly initialised."""
-    n = len(class_names(cfg.data.task))
-    return create_model(cfg.model.name, activation=cfg.model.activation, in_channels=cfg.preprocessing.channels,
-                        image_size=cfg.preprocessing.image_size, batchnorm_momentum=cfg.model.batchnorm_momentum,
-                        num_outputs=1 if n == 2 else n)
-
-
 def config_of(ckpt: dict[str, Any], path: str | os.PathLike) -> Config:
     """The checkpoint's config, range-checked before any model is built from it (ValueError naming `path`)."""
     try:
@@ -88,8 +82,6 @@ class LoadedModel:
 
 def _ensemble_of(ckpt: dict[str, Any], cfg: Config, path: str | os.PathLike) -> nn.Module:
     """An ensemble checkpoint's model: one freshly built member per recorded member, and its views."""
-    from .ensemble import Ensemble
-
     record = ckpt["ensemble"]
     try:
         return Ensemble([build_model(cfg) for _ in record["members"]], record["views"])
@@ -97,18 +89,26 @@ def _ensemble_of(ckpt: dict[str, Any], cfg: Config, path: str | os.PathLike) -> 
         raise ValueError(f"{path}: the checkpoint's ensemble record cannot be used ({e})") from None
 
 
-def load(path: str | os.PathLike, device: str | torch.device = "cpu") -> LoadedModel:
-    """Load a checkpoint written by `save` and rebuild its model (in eval mode) on `device`."""
+def with_data_root(cfg: Config, data_root: str | os.PathLike | None) -> Config:
+    """`cfg` with its images under `data_root` instead (unchanged when None or empty)."""
+    return replace(cfg, data=replace(cfg.data, root=str(data_root))) if data_root else cfg
+
+
+def load(path: str | os.PathLike, device: str | torch.device = "cpu",
+         data_root: str | os.PathLike | None = None) -> LoadedModel:
+    """Load a checkpoint written by `save` and rebuild its model (in eval mode) on `device`; its config's
+    images are under `data_root` when given."""
     ckpt = read(path)
     cfg = config_of(ckpt, path)
     model = _ensemble_of(ckpt, cfg, path) if "ensemble" in ckpt else build_model(cfg)
     model.load_state_dict(ckpt["state_dict"])
     model.to(device).eval()
-    return LoadedModel(model, cfg, float(ckpt["threshold"]), list(ckpt["class_names"]), ckpt)
+    return LoadedModel(model, with_data_root(cfg, data_root), float(ckpt["threshold"]), list(ckpt["class_names"]), ckpt)
 
 
-def read(path: str | os.PathLike) -> dict[str, Any]:
-    """A checkpoint's dict, as written by `save` (FileNotFoundError or ValueError naming `path`)."""
+def read(path: str | os.PathLike, allow_unfinished: bool = False) -> dict[str, Any]:
+    """A checkpoint's dict, as written by `save` (FileNotFoundError or ValueError naming `path`). The best
+    weights of an unfinished run are refused unless `allow_unfinished` (training itself, finishing them)."""
     path = Path(path)
     if not path.is_file():
         unfinished = path.with_name("best.partial.pt") if path.name == "best.pt" else None
@@ -130,7 +130,8 @@ def read(path: str | os.PathLike) -> dict[str, Any]:
         raise ValueError(f"{path}: not a readable pneumoscan checkpoint ({type(e).__name__}: {reason})") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise ValueError(f"{path}: not a pneumoscan checkpoint (format {ckpt.get('format') if isinstance(ckpt, dict) else type(ckpt).__name__})")
-    _check_finished(ckpt, path)
+    if not allow_unfinished:
+        _check_finished(ckpt, path)
     return ckpt
 
 

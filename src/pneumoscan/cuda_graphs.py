@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from .augment import augment_batch, draw_augmentation
-from .checkpoint import build_model
+from .models import build_model
 from .config import Config
 from .runtime import memory_format
 

@@ -6,7 +6,6 @@ checkpoint (so `--split val` is exactly the validation set the run was trained a
 
 from __future__ import annotations
 
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +14,7 @@ import torch
 
 from . import checkpoint as ckpt_io
 from . import plots
-from .ensemble import describe as describe_ensemble
+from .ensemble_model import describe as describe_ensemble
 from .data import DataError, cache_images, load_split, split_summary, task_labels
 from .metrics import CI_METHOD, binary_metrics, calibration, confidence_intervals, multiclass_metrics, pr_points, roc_points
 from .fileio import write_json
@@ -51,10 +50,8 @@ def evaluate(checkpoint: str | Path, split: str, out: str | Path, data_root: str
     out = Path(out)
     keep_freed_memory()
     dev = select_device(device)
-    loaded = ckpt_io.load(checkpoint, dev)
+    loaded = ckpt_io.load(checkpoint, dev, data_root)
     cfg = loaded.config
-    if data_root:
-        cfg = replace(cfg, data=replace(cfg.data, root=str(data_root)))
     samples = load_split(cfg.data, split)
     cached = cache_images(samples, cfg.preprocessing, progress=progress)
     overlap = training_overlap(loaded.checkpoint, cached.pixels, [s.path for s in cached.samples],

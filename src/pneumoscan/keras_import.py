@@ -393,7 +393,7 @@ def load_keras_model(path: str | os.PathLike, activation: str | None = None, ima
     """(SeedCNN with the file's weights, its Config, the KerasFile); KerasImportError for a file that differs."""
     import torch
 
-    from .checkpoint import build_model
+    from .models import build_model
 
     kf = read_keras_file(path)
     act = _choose_activation(kf, activation)

@@ -14,7 +14,7 @@ from typing import Any
 
 from . import checkpoint as ckpt_io
 from .config import Config
-from .ensemble import describe as describe_ensemble
+from .ensemble_model import describe as describe_ensemble
 
 METRICS = ("accuracy", "precision", "recall", "specificity", "f1", "roc_auc")
 

@@ -1,7 +1,7 @@
 """Model registry and the paper's CNN, written as the paper draws it and as Keras computes it.
 
-Models are built by name (`create_model("seed", activation="prelu")`); an unknown name lists the
-registered ones. Every model returns one logit per image (sigmoid gives P(pneumonia)), or three for
+Models are built by name (`create_model("seed", activation="prelu")`; `build_model(cfg)` from a run's
+config); an unknown name lists the registered ones. Every model returns one logit per image (sigmoid gives P(pneumonia)), or three for
 the three-class task, and names the layer Grad-CAM should hook (`cam_layer`). Penalties that Keras adds
 to the loss (L2 on Dense kernels) are exposed through `regularization_loss()`.
 
@@ -19,7 +19,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .config import ACTIVATIONS
+from .config import ACTIVATIONS, Config
+from .data import class_names
 from .fileio import optional_import
 
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {}
@@ -42,6 +43,14 @@ def create_model(name: str, **kwargs: object) -> nn.Module:
     if name not in _REGISTRY:
         raise ValueError(f"unknown model {name!r}; registered models: {', '.join(model_names())}")
     return _REGISTRY[name](**kwargs)
+
+
+def build_model(cfg: Config) -> nn.Module:
+    """The model a config describes, freshly initialised."""
+    n = len(class_names(cfg.data.task))
+    return create_model(cfg.model.name, activation=cfg.model.activation, in_channels=cfg.preprocessing.channels,
+                        image_size=cfg.preprocessing.image_size, batchnorm_momentum=cfg.model.batchnorm_momentum,
+                        num_outputs=1 if n == 2 else n)
 
 
 def pneumonia_logit(out: torch.Tensor) -> torch.Tensor:

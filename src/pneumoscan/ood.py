@@ -201,8 +201,6 @@ def fit_checkpoint(checkpoint: str, data_root: str | None = None, out: str | Non
     """Fit the detector for an existing checkpoint on its own training split (rebuilt from its config, the
     data under `data_root` if given), threshold on its validation split; write the checkpoint with it to
     `out` (default: in place, atomically)."""
-    from dataclasses import replace as dc_replace
-
     from . import checkpoint as ckpt_io
     from .data import task_labels
     from .inference import freeze
@@ -210,10 +208,8 @@ def fit_checkpoint(checkpoint: str, data_root: str | None = None, out: str | Non
     from .runtime import select_device
 
     dev = select_device(device)
-    loaded = ckpt_io.load(checkpoint, dev)
+    loaded = ckpt_io.load(checkpoint, dev, data_root)
     cfg = loaded.config
-    if data_root:
-        cfg = dc_replace(cfg, data=dc_replace(cfg.data, root=str(data_root)))
     cached = training_splits(cfg, progress)
     model = freeze(loaded.model)
     detector = fit_for_model(model, torch.from_numpy(cached["train"].pixels).to(dev),

@@ -7,17 +7,16 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Iterable, Iterator
 
 import numpy as np
 import torch
 
 from . import checkpoint as ckpt_io
-from .images import ImageLoadError, LoadedImage, is_image_candidate, load_for_model_with_info
+from .images import ImageLoadError, LoadedImage, expand_paths, load_for_model_with_info
 from .calibration import OutputMap, move, output_map
 from .adapt import summary as adaptation_summary
-from .ensemble import describe as describe_ensemble
+from .ensemble_model import describe as describe_ensemble
 from .metrics import decide
 from .fileio import write_json
 from .inference import freeze, model_input
@@ -186,19 +185,6 @@ class Predictor:
             if len(batch) >= self.batch_size:
                 yield from flush()
         yield from flush()
-
-
-def expand_paths(inputs: Iterable[str]) -> list[str]:
-    """Files as given, folders searched recursively for images; a missing path is kept so it gets an error row,
-    and so is a folder's FIFO, device or broken symbolic link with an image name (`images.is_image_candidate`)."""
-    found = []
-    for item in inputs:
-        p = Path(item)
-        if p.is_dir():
-            found.extend(str(f) for f in sorted(p.rglob("*")) if is_image_candidate(f))
-        else:
-            found.append(str(p))
-    return found
 
 
 def parse_prevalence(value: str | float | None) -> float | str | None:

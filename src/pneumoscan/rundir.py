@@ -4,7 +4,8 @@
 earlier run's files are set aside in `.replaced/` and deleted only once the new run has written its
 first checkpoint; if the new run fails or is killed before that, `settle_replaced` puts them back.
 While a run trains, its best weights are `best.partial.pt`; `best.pt` appears only once the run has
-finalised them, so a `best.pt` is always finished. `incomplete` says what a run that failed left.
+finalised them, so a `best.pt` is always finished. `incomplete` and `settle_after_failure` say and put
+right what a run that failed left.
 """
 
 from __future__ import annotations
@@ -79,6 +80,17 @@ def prepare_run_dir(out: Path, resume: bool, overwrite: bool) -> None:
     out.mkdir(parents=True, exist_ok=True)
 
 
+def settle_after_failure(out: Path) -> bool:
+    """Put an earlier run replaced by --overwrite back when the failed run wrote no checkpoint; True if it did."""
+    restoring = (out / REPLACED).is_dir() and not (out / "last.pt").is_file()
+    try:
+        settle_replaced(out)
+    except OSError as e:
+        log.error("%s: could not put the earlier run's files back from %s/ (%s)", out, REPLACED, e)
+        return False
+    return restoring
+
+
 class RunIncomplete(OSError):
     """A run stopped by a file it could not write or read; the message names the file and what is left."""
 
@@ -100,9 +112,9 @@ def incomplete(out: Path, error: OSError, restored: bool) -> RunIncomplete:
 
 def _last_epoch(path: Path) -> int | None:
     """The epoch a last.pt holds, None when there is none that can be read."""
-    import torch
+    from .checkpoint import read
 
     try:
-        return int(torch.load(path, map_location="cpu", weights_only=True, mmap=True)["epoch"])
+        return int(read(path)["epoch"])
     except Exception:  # missing, cut short or not a checkpoint: nothing to resume from
         return None

@@ -25,7 +25,6 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from torch.nn import functional as F
 from torch.utils.data import DistributedSampler
 
 from . import checkpoint as ckpt_io
@@ -35,55 +34,16 @@ from .config import Config
 from .cpu_kernels import for_cpu_training
 from .cuda_graphs import CudaGraphForward, CudaGraphStep, start_warm_up
 from .data import CachedImages, DataError, cache_images, class_names, split_samples, split_summary, task_labels
-from .fileio import append_text, atomic_write_text, write_json
-from .inference import freeze, model_input
-from .calibration import fit_platt, fit_temperature, model_prior_of
-from .metrics import binary_metrics, choose_threshold, decide, stable_threshold
-from .prevalence import sigmoid
-from .models import load_pretrained, pneumonia_logit, probabilities
-from .ood import fit_for_model
+from .fileio import atomic_write_text, write_json
+from .fitting import DeviceSplit, fit_operating_point, model_loss, validation_figures, validation_logits
+from .models import build_model, load_pretrained, pneumonia_logit
 from .overlap import training_record, validation_record
-from .rundir import PARTIAL_BEST, REPLACED, incomplete, prepare_run_dir, settle_replaced
+from .rundir import PARTIAL_BEST, incomplete, prepare_run_dir, settle_after_failure, settle_replaced
 from .runtime import (Distributed, autocast, bf16_is_emulated, check_precision, init_distributed, keep_freed_memory,
                       memory_format, peak_memory_mb, seed_everything, training_arithmetic)
-from .tracking import TensorBoardLogger
+from .tracking import TensorBoardLogger, epoch_row, log_epoch
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class DeviceSplit:
-    """A split's pixels and labels as tensors on the training device."""
-
-    pixels: torch.Tensor  # (N, S, S) uint8
-    labels: torch.Tensor  # (N,) float32 class index: 0/1, or 0/1/2 for the three-class task
-
-    @classmethod
-    def from_cache(cls, cached: CachedImages, device: torch.device, task: str = "binary") -> "DeviceSplit":
-        labels = torch.from_numpy(task_labels(cached.samples, task))
-        return cls(torch.from_numpy(cached.pixels).to(device), labels.float().to(device))
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def inputs(self, idx: torch.Tensor | slice, cfg: Config) -> torch.Tensor:
-        return model_input(self.pixels[idx], cfg.preprocessing)
-
-
-def model_loss(model: nn.Module, logits: torch.Tensor, targets: torch.Tensor,
-               class_weights: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(total loss, cross-entropy) — total adds the model's own penalties (Keras' L2 on Dense kernels).
-
-    One logit per image: binary cross-entropy; several (three-class): softmax cross-entropy.
-    `class_weights` (one per class) weights each image's loss by its class.
-    """
-    if logits.dim() == 2:
-        bce = F.cross_entropy(logits, targets.long(), weight=class_weights)
-    else:
-        weight = class_weights[targets.long()] if class_weights is not None else None
-        bce = F.binary_cross_entropy_with_logits(logits, targets, weight=weight)
-    penalty = getattr(ckpt_io.unwrap(model), "regularization_loss", None)
-    return (bce + penalty() if penalty else bce), bce
 
 
 def total_loss(model: nn.Module, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -190,46 +150,10 @@ def train_one_epoch(model: nn.Module, data: DeviceSplit, order: torch.Tensor, cf
             "images_per_s": seen / elapsed, "images": seen}
 
 
-@torch.no_grad()
-def validation_logits(model: nn.Module, data: DeviceSplit, cfg: Config,
-                      graphs: dict[str, CudaGraphForward] | None = None) -> torch.Tensor:
-    """The model's eval-mode outputs for every row of `data`, in batches of cfg.train.eval_batch_size.
-
-    On a GPU, in batches of the training batch size instead, the last one padded: every batch then has
-    the shape the training step already ran, whose cuDNN plans are loaded. With `graphs` (a dict kept
-    across calls on the same `data`) each batch is a replayed CUDA graph.
-    """
-    model.eval()
-    n = len(data)
-    if data.pixels.device.type != "cuda":
-        bs = cfg.train.eval_batch_size
-        return torch.cat([model(data.inputs(slice(i, i + bs), cfg)) for i in range(0, n, bs)])
-    bs = cfg.train.batch_size
-    rows = torch.arange(-(-n // bs) * bs, device=data.pixels.device).clamp_(max=n - 1)  # pad with the last row
-
-    def forward(r: torch.Tensor) -> torch.Tensor:
-        return model(data.inputs(r, cfg))
-
-    if graphs is not None:
-        if "validation" not in graphs:
-            graphs["validation"] = CudaGraphForward(forward, bs, data.pixels.device)
-        forward = graphs["validation"]
-    return torch.cat([forward(rows[i:i + bs]) for i in range(0, n, bs)])[:n]
-
-
 def validate(model: nn.Module, data: DeviceSplit, cfg: Config, graphs: dict[str, CudaGraphForward] | None = None) -> dict[str, Any]:
     """Validation loss as Keras reports it (cross-entropy + L2 penalty), and the threshold metrics of
     pneumonia vs normal (for the three-class task too, plus its own accuracy)."""
-    logits = validation_logits(model, data, cfg, graphs)
-    with torch.no_grad():
-        loss, bce = model_loss(model, logits, data.labels)
-    probs, class_probs = probabilities(logits)
-    labels = data.labels.cpu().numpy()
-    m = binary_metrics(labels > 0, probs, cfg.train.threshold)
-    out = {"loss": float(loss), "bce": float(bce), **{k: m[k] for k in ("accuracy", "roc_auc", "recall", "specificity")}}
-    if class_probs is not None:
-        out["accuracy_3class"] = float((decide(probs, cfg.train.threshold, class_probs) == labels).mean())
-    return out
+    return validation_figures(model, validation_logits(model, data, cfg, graphs), data.labels, cfg)
 
 
 class EarlyStopping:
@@ -358,7 +282,7 @@ def start_run(cfg: Config, dev: torch.device, cuda_graphs: bool, generator: torc
               resume_state: dict[str, Any] | None, restore_generator: bool) -> Run:
     """The model (on the device, in its layout; on a CPU with the composed stem), Adam, the LR schedule
     and early stopping, fresh or as `resume_state` left them."""
-    model = ckpt_io.build_model(cfg)
+    model = build_model(cfg)
     if cfg.model.pretrained and resume_state is None:
         loaded = load_pretrained(model, cfg.model.pretrained)
         log.info("loaded %d pretrained tensors from %s (%d left at their initialisation: %s)", len(loaded["loaded"]),
@@ -408,24 +332,13 @@ def train(cfg: Config, out: str | Path, device: str = "auto", resume: bool = Fal
         except BaseException as e:
             if not ddp.is_main:
                 raise
-            restored = _settle_after_failure(out)
+            restored = settle_after_failure(out)
             if isinstance(e, OSError):  # a full disk, a folder gone read-only: which file, and what is left
                 raise incomplete(out, e, restored) from e
             raise
     finally:
         if ddp.enabled:
             torch.distributed.destroy_process_group()
-
-
-def _settle_after_failure(out: Path) -> bool:
-    """Put an earlier run replaced by --overwrite back when the failed run wrote no checkpoint; True if it did."""
-    restoring = (out / REPLACED).is_dir() and not (out / "last.pt").is_file()
-    try:
-        settle_replaced(out)
-    except OSError as e:
-        log.error("%s: could not put the earlier run's files back from %s/ (%s)", out, REPLACED, e)
-        return False
-    return restoring
 
 
 def _precision_checked(cfg: Config, dev: torch.device, cuda_graphs: bool, graphs_by_default: bool) -> bool:
@@ -449,7 +362,7 @@ def _train(cfg: Config, out: Path, dev: torch.device, ddp: Distributed, resume: 
            tensorboard: bool, strict: bool, cuda_graphs: bool, graphs_by_default: bool = False) -> dict[str, Any]:
     marks = {"start": time.perf_counter()}  # when each phase ended, for the timings in summary.json
     started = time.time()
-    state = torch.load(out / "last.pt", map_location="cpu", weights_only=True) if resume else None
+    state = ckpt_io.read(out / "last.pt") if resume else None
     cfg = ckpt_io.config_of(state, out / "last.pt") if state else cfg
     cuda_graphs = _precision_checked(cfg, dev, cuda_graphs, graphs_by_default)
     generator = seed_everything(cfg.train.seed)
@@ -483,7 +396,7 @@ def _train(cfg: Config, out: Path, dev: torch.device, ddp: Distributed, resume: 
         row, va, stop = run_epoch(run, net, data, epoch, ddp, progress, class_weights, graphs, val_graphs)
         improved, run.best_loss = va["loss"] < run.best_loss, min(run.best_loss, va["loss"])
         if ddp.is_main:
-            _log_epoch(out, row, tracker)
+            log_epoch(out, row, tracker)
             if improved:  # not best.pt: that name is kept for weights the run has finalised (`finish`)
                 ckpt_io.save({**ckpt_io.make_checkpoint(run.model, cfg, threshold=cfg.train.threshold,
                                                         metrics={"val": va, "epoch": epoch}, history=run.history,
@@ -528,7 +441,7 @@ def run_epoch(run: Run, net: nn.Module, data: dict[str, DeviceSplit], epoch: int
     run.scheduler.step(va["loss"])
     run.set_lr(run.optimizer.param_groups[0]["lr"])
     stop = cfg.train.early_stopping and run.stopper.step(va["accuracy"])
-    row = _epoch_row(epoch, epoch_lr, tr, va, val_seconds, time.perf_counter() - epoch_start)
+    row = epoch_row(epoch, epoch_lr, tr, va, val_seconds, time.perf_counter() - epoch_start)
     run.history.append(row)
     return row, va, stop
 
@@ -537,21 +450,18 @@ def finish(out: Path, run: Run, data: dict[str, DeviceSplit], val_graphs: dict[s
            train_patients: list[str]) -> dict[str, Any]:
     """Write best.pt: the best weights (best.partial.pt; best.pt itself when a finished run is resumed with
     no better epoch) with the complete history (for the curves), their operating point chosen on validation
-    (`operating_point`): calibration, the threshold and its interval, the training prevalence, their
+    (`fitting.fit_operating_point`): calibration, the threshold and its interval, the training prevalence, their
     out-of-distribution detector (fitted on the training split, threshold on validation) and the record of
     their training images (`overlap.training_record`); return the summary's training figures."""
     partial = out / PARTIAL_BEST
-    best = torch.load(partial if partial.is_file() else out / "best.pt", map_location="cpu", weights_only=True)
+    best = ckpt_io.read(partial if partial.is_file() else out / "best.pt", allow_unfinished=True)
     best.pop(ckpt_io.UNFINISHED, None)
     run.model.load_state_dict(best["state_dict"])
-    val_logits = pneumonia_logit(validation_logits(run.model, data["val"], run.cfg, val_graphs).float()).cpu().numpy()
-    train_prevalence = float((data["train"].labels > 0).float().mean())
-    best.update(operating_point(run.cfg, data["val"].labels.cpu().numpy() > 0, val_logits, train_prevalence))
-    if getattr(run.model, "ood_layers", None):
-        best["ood"] = fit_for_model(freeze(run.model), data["train"].pixels, data["train"].labels.cpu().numpy(),
-                                    data["val"].pixels, run.cfg.preprocessing, run.cfg.train.eval_batch_size).to_checkpoint()
-    else:
+    fitted = fit_operating_point(run.model, data, run.cfg, val_graphs)
+    best.update(fitted.fields)
+    if "ood" not in fitted.fields:
         log.warning("%s names no ood_layers: this checkpoint gets no out-of-distribution score", type(run.model).__name__)
+    val_logits = pneumonia_logit(fitted.logits).cpu().numpy()
     best["history"] = run.history
     best["training_images"] = training_record(data["train"].pixels.cpu().numpy(), train_patients)
     best["validation_outputs"] = validation_record(val_logits, data["val"].labels.cpu().numpy())
@@ -562,55 +472,9 @@ def finish(out: Path, run: Run, data: dict[str, DeviceSplit], val_graphs: dict[s
     return {"best_epoch": best["epoch"], "best_val": best["metrics"]["val"], "epochs": len(run.history),
             "threshold": best["threshold"], "threshold_rule": best["threshold_rule"],
             "threshold_interval": best["threshold_interval"], "calibration": best["calibration"],
-            "train_prevalence": train_prevalence, "ood": {k: best["ood"][k] for k in ("layers", "threshold", "quantile", "val_flagged")} if "ood" in best else None,
+            "train_prevalence": best["train_prevalence"], "ood": {k: best["ood"][k] for k in ("layers", "threshold", "quantile", "val_flagged")} if "ood" in best else None,
             "train_images": len(data["train"]), "val_images": len(data["val"]),
             "train_images_per_s_median": float(np.median(steady)) if steady else None}
-
-
-def operating_point(cfg: Config, val_labels: np.ndarray, val_logits: np.ndarray, train_prevalence: float) -> dict[str, Any]:
-    """The checkpoint fields that turn raw outputs into reported probabilities and decisions, all chosen on
-    validation: the temperature or Platt scaling (when the recipe asks for one), then the threshold on the calibrated
-    probabilities (the median over bootstrap resamples for youden / sensitivity, with its 95% interval),
-    the training prevalence and the prior the calibrated probabilities refer to."""
-    t = cfg.train
-    temperature, offset = 1.0, 0.0
-    if t.calibration == "temperature":
-        temperature = fit_temperature(val_labels, val_logits)
-    elif t.calibration == "platt":
-        temperature, offset = fit_platt(val_labels, val_logits)
-    probs = sigmoid(val_logits.astype(np.float64) / temperature + offset)
-    if t.threshold_rule == "fixed" or t.threshold_resamples == 0:
-        point = {"threshold": choose_threshold(val_labels, probs, t.threshold_rule, t.target_sensitivity, t.threshold),
-                 "interval": None, "resamples": 0}
-    else:
-        point = stable_threshold(val_labels, probs, t.threshold_rule, t.target_sensitivity, t.threshold,
-                                 n_boot=t.threshold_resamples, seed=t.seed)
-    return {"threshold": point["threshold"], "threshold_interval": point["interval"],
-            "threshold_rule": {"rule": t.threshold_rule, "target_sensitivity": t.target_sensitivity, "chosen_on": "val",
-                               "resamples": point["resamples"], "on": "calibrated probabilities"},
-            "calibration": {"method": t.calibration, "temperature": temperature, "offset": offset, "fitted_on": "val"},
-            "train_prevalence": train_prevalence,
-            "model_prior": float(np.mean(val_labels)) if t.calibration == "platt"
-            else model_prior_of(train_prevalence, t.class_weight, t.sampling)}
-
-
-def _epoch_row(epoch: int, lr: float, tr: dict[str, Any], va: dict[str, Any], val_seconds: float,
-               epoch_seconds: float) -> dict[str, Any]:
-    """One line of metrics.jsonl."""
-    return {"epoch": epoch, "lr": lr, "train_loss": tr["loss"], "train_accuracy": tr["accuracy"],
-            "val_loss": va["loss"], "val_bce": va["bce"], "val_accuracy": va["accuracy"], "val_roc_auc": va["roc_auc"],
-            "val_recall": va["recall"], "val_specificity": va["specificity"],
-            **({"val_accuracy_3class": va["accuracy_3class"]} if "accuracy_3class" in va else {}),
-            "train_images": tr["images"], "train_seconds": round(tr["seconds"], 2),
-            "train_images_per_s": round(tr["images_per_s"], 1), "val_seconds": round(val_seconds, 2),
-            "epoch_seconds": round(epoch_seconds, 2)}
-
-
-def _log_epoch(out: Path, row: dict[str, Any], tracker: Any) -> None:
-    print(json.dumps(row), flush=True)
-    append_text(out / "metrics.jsonl", json.dumps(row) + "\n")
-    if tracker:
-        tracker.log_epoch(row)
 
 
 def _phase_seconds(marks: dict[str, float]) -> dict[str, float]:
