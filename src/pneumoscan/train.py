@@ -36,6 +36,7 @@ from .cuda_graphs import CudaGraphForward, CudaGraphStep, start_warm_up
 from .data import CachedImages, DataError, cache_images, class_names, split_samples, split_summary, task_labels
 from .fileio import atomic_write_text, write_json
 from .fitting import DeviceSplit, fit_operating_point, model_loss, validation_figures, validation_logits
+from .fitting import operating_point  # noqa: F401  (experiments/refit_operating_point.py imports it from here)
 from .models import build_model, load_pretrained, pneumonia_logit
 from .overlap import training_record, validation_record
 from .rundir import PARTIAL_BEST, incomplete, prepare_run_dir, settle_after_failure, settle_replaced
