@@ -743,7 +743,7 @@ def test_only_the_allowed_calling_ae_titles_from_their_hosts_are_accepted(start_
     from pynetdicom import AE
     from pynetdicom.sop_class import Verification
 
-    from pneumoscan.dicom_node import CallingPeer
+    from pneumoscan.dicom_settings import CallingPeer
 
     node = start_node(allow_calling=(CallingPeer.parse("MODALITY@127.0.0.2"), CallingPeer.parse("WORKSTATION@localhost")))
 
@@ -771,7 +771,7 @@ def test_only_the_allowed_calling_ae_titles_from_their_hosts_are_accepted(start_
 
 def test_allow_calling_is_parsed_or_refused_on_the_command_line_before_the_model_is_loaded(tmp_path, capsys):
     from pneumoscan.cli import main
-    from pneumoscan.dicom_node import CallingPeer
+    from pneumoscan.dicom_settings import CallingPeer
 
     peer = CallingPeer.parse(" PACS@[::1] ")
     assert (peer.ae_title, peer.host, str(peer)) == ("PACS", "::1", "PACS@::1")

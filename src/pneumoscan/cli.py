@@ -475,7 +475,8 @@ def cmd_dicom_node(a: argparse.Namespace) -> int:
     import signal
     import threading
 
-    from .dicom_node import CallingPeer, Destination, NodeSettings, run_node
+    from .dicom_node import run_node
+    from .dicom_settings import CallingPeer, Destination, NodeSettings
 
     settings = NodeSettings(out=Path(a.out), ae_title=a.ae_title, bind=a.bind, port=a.port,
                             send_to=Destination.parse(a.send_to) if a.send_to else None,
