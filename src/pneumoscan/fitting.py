@@ -3,7 +3,8 @@
 Training (`train.finish`) and ensembles (`ensemble.build_ensemble`) both finish a model here: its
 validation logits (`validation_logits`), the calibration and the threshold chosen on them with the
 training prevalence (`operating_point`), and the out-of-distribution detector fitted on the training
-split (`fit_detector_on`, which `ood.fit_checkpoint` runs as fit-ood through `ood.fit_for_model`).
+split (`fit_detector_on`: `ood.fit_for_model`, which fit-ood, `ood.fit_checkpoint`, runs on its own: ood
+cannot import this module, which imports ood).
 Also the pieces both need: a split on the device (`DeviceSplit`) and the loss (`model_loss`).
 """
 
