@@ -3,7 +3,7 @@
 Without AVX-512 BF16 or AMX, PyTorch runs BF16 convolutions through its reference path
 (`_slow_conv2d`), 10-15 times slower than FP32, and that path's backward pass rounds its partial sums
 to BF16, so most of its gradient elements differ from what BF16 hardware computes
-(`benchmarks/bf16_emulation.py`). Under `EmulatedBF16`, every convolution and matrix product whose
+(`experiments/bf16_emulation.py`). Under `EmulatedBF16`, every convolution and matrix product whose
 inputs are BF16, forward and backward, runs in FP32 on those BF16 values and rounds its result to BF16
 once: BF16 inputs, FP32 sums, one rounding, as BF16 dot-product hardware computes. Every other
 operation runs as autocast has it, in the dtypes autocast gives it.

@@ -102,7 +102,7 @@ class Detector:
 
         (f - m)' P (f - m) = f'Pf - 2 f'(Pm) + m'Pm for every class mean m, so the precision matrix is read
         once, not once per class: it is larger than a core's cache, and reading it evicts the model's
-        weights (benchmarks/bench_ood_scoring.py). Computed with PyTorch, on the threads the model runs on:
+        weights (experiments/bench_ood_scoring.py). Computed with PyTorch, on the threads the model runs on:
         numpy's own BLAS threads would keep spinning after the product and slow the next batch's convolutions."""
         f = torch.as_tensor(features).double().cpu()
         precision, by_mean, mean_terms = self._products
