@@ -59,3 +59,25 @@ def test_no_import_cycle_counting_function_local_imports():
     if cycle:
         print("import cycle:", " -> ".join(cycle))
     assert cycle is None, "import cycle: " + " -> ".join(cycle)
+
+
+MAX_FUNCTION_LINES = 60
+MAX_MODULE_LINES = 500
+
+
+def test_functions_and_modules_stay_within_the_style_limits():
+    """No function of src/pneumoscan over 60 lines (decorators and docstring included), no module over 500."""
+    offenders = []
+    for path in sorted(PACKAGE.glob("*.py")):
+        text = path.read_text()
+        if (lines := len(text.splitlines())) > MAX_MODULE_LINES:
+            offenders.append(f"{path.name}: module of {lines} lines (limit {MAX_MODULE_LINES})")
+        for node in ast.walk(ast.parse(text, str(path))):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                start = min([node.lineno, *(d.lineno for d in node.decorator_list)])
+                if (length := node.end_lineno - start + 1) > MAX_FUNCTION_LINES:
+                    offenders.append(f"{path.name}:{node.lineno}: {node.name} has {length} lines "
+                                     f"(limit {MAX_FUNCTION_LINES})")
+    for offender in offenders:
+        print(offender)
+    assert not offenders, "over the style limits:\n" + "\n".join(offenders)

@@ -52,6 +52,23 @@ def _near_duplicate_pairs(hashes: np.ndarray, max_distance: int) -> list[tuple[i
     return pairs
 
 
+def _near_identical(reps: list[tuple[str, Sample]], info_of: dict[int, dict[str, Any]], near_distance: int,
+                    max_mad: float) -> list[dict[str, Any]]:
+    """Near-identical pairs among `reps` (one representative per byte-identical group): small dHash distances,
+    confirmed by the thumbnails' mean absolute difference. `info_of`: `_inspect`'s result by id of the sample."""
+    hashes = np.array([info_of[id(s)]["dhash"] for _, s in reps], dtype=np.uint64)
+    thumbs = np.stack([info_of[id(s)]["thumb"] for _, s in reps]).astype(np.float32) if reps else np.zeros((0, 32, 32))
+    near = []
+    for i, j, d in _near_duplicate_pairs(hashes, near_distance):
+        mad = float(np.abs(thumbs[i] - thumbs[j]).mean())
+        if mad <= max_mad:
+            a, b = reps[i], reps[j]
+            near.append({"hash_distance": d, "mean_abs_diff": round(mad, 2), "a": {"split": a[0], "path": a[1].path},
+                         "b": {"split": b[0], "path": b[1].path}, "same_patient": a[1].patient == b[1].patient,
+                         "same_label": a[1].label == b[1].label})
+    return near
+
+
 def audit(root: str | os.PathLike, near_distance: int = 2, max_mad: float = 4.0) -> dict[str, Any]:
     """Audit every split folder under `root`; returns a JSON-ready dict.
 
@@ -82,20 +99,7 @@ def audit(root: str | os.PathLike, near_distance: int = 2, max_mad: float = 4.0)
         by_sha[r["sha"]].append((split, s))
     exact = [[{"split": sp, "path": s.path, "label": CLASS_NAMES[s.label]} for sp, s in g] for g in by_sha.values() if len(g) > 1]
 
-    # near-identical: one representative per byte-identical group, then small dHash distances
-    reps = [g[0] for g in by_sha.values()]
-    info_of = {id(s): r for _, s, r in ok}
-    hashes = np.array([info_of[id(s)]["dhash"] for _, s in reps], dtype=np.uint64)
-    thumbs = np.stack([info_of[id(s)]["thumb"] for _, s in reps]).astype(np.float32) if reps else np.zeros((0, 32, 32))
-    near = []
-    for i, j, d in _near_duplicate_pairs(hashes, near_distance):
-        mad = float(np.abs(thumbs[i] - thumbs[j]).mean())
-        if mad <= max_mad:
-            a, b = reps[i], reps[j]
-            near.append({"hash_distance": d, "mean_abs_diff": round(mad, 2), "a": {"split": a[0], "path": a[1].path},
-                         "b": {"split": b[0], "path": b[1].path}, "same_patient": a[1].patient == b[1].patient,
-                         "same_label": a[1].label == b[1].label})
-
+    near = _near_identical([g[0] for g in by_sha.values()], {id(s): r for _, s, r in ok}, near_distance, max_mad)
     sizes = np.array([r["size"] for _, _, r in ok]) if ok else np.zeros((0, 2))
     return {
         "root": str(root),

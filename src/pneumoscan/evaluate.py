@@ -54,23 +54,14 @@ def evaluate(checkpoint: str | Path, split: str, out: str | Path, data_root: str
     cfg = loaded.config
     samples = load_split(cfg.data, split)
     cached = cache_images(samples, cfg.preprocessing, progress=progress)
-    overlap = training_overlap(loaded.checkpoint, cached.pixels, [s.path for s in cached.samples],
-                               [s.patient for s in cached.samples])
-    if split != "train" and overlap["images"] and not allow_training_images:
-        raise DataError(f"{overlap['images']} of the {len(cached.samples)} images of the {split} split under "
-                        f"{cfg.data.root} are images {checkpoint} was trained on (pixel for pixel), e.g. "
-                        f"{', '.join(overlap['examples'][:3])}: their figures would say nothing about new patients. "
-                        "Evaluate on images the model has not seen, or pass --allow-training-images to score them anyway")
+    overlap = _checked_overlap(loaded, checkpoint, split, cached, allow_training_images)
     classes = task_labels(cached.samples, cfg.data.task)
     pixels = torch.from_numpy(cached.pixels).to(dev)
     detector = Detector.from_checkpoint(loaded.checkpoint)
     logits, ood_scores = _scores(freeze(loaded.model), pixels, cfg.preprocessing, cfg.train.eval_batch_size, detector)
     raw_probs, raw_class_probs = probabilities(logits)  # P(pneumonia) for either task; per class for three classes
-    default = output_map(loaded.checkpoint, checkpoint, loaded.threshold)  # an adapted site's prior, or the model's
-    base = default.with_prior(None)
-    model_probs, model_class_probs = base.apply(raw_probs, raw_class_probs)
-    output, estimated = estimate_and_apply(model_probs, default, parse_prevalence(prevalence), estimate)
-    probs, class_probs = move(model_probs, model_class_probs, base.prior_used, output.prior_used)
+    base, output, estimated, model_probs, probs, class_probs = _mapped(loaded, checkpoint, raw_probs, raw_class_probs,
+                                                                      prevalence, estimate)
     threshold = output.decision_threshold
     labels = (classes > 0).astype(int)
     metrics = binary_metrics(labels, probs, threshold)
@@ -103,6 +94,15 @@ def evaluate(checkpoint: str | Path, split: str, out: str | Path, data_root: str
     }
     if class_probs is not None:  # the figures above are pneumonia vs normal; these are per class
         result["three_class"] = multiclass_metrics(classes, class_probs, threshold, loaded.class_names)
+    _write_outputs(out, result, loaded, cached, classes, labels, probs, class_probs, output, ood_scores, detector, dev)
+    return result
+
+
+def _write_outputs(out: Path, result: dict[str, Any], loaded: Any, cached: Any, classes: np.ndarray, labels: np.ndarray,
+                   probs: np.ndarray, class_probs: np.ndarray | None, output: OutputMap, ood_scores: Any, detector: Any,
+                   dev: torch.device) -> None:
+    """Everything `evaluate` writes into `out`: metrics.json, predictions.csv, the plots, the review and the report."""
+    threshold = output.decision_threshold
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "metrics.json", result)
     _write_predictions(out / "predictions.csv", [s.path for s in cached.samples], classes, probs, class_probs,
@@ -110,7 +110,34 @@ def evaluate(checkpoint: str | Path, split: str, out: str | Path, data_root: str
     _plots(out, loaded, result, labels, probs, threshold)
     write_review(out, loaded, [s.path for s in cached.samples], cached.pixels, labels, probs, threshold, dev)
     write_eval_report(out)
-    return result
+
+
+def _checked_overlap(loaded: Any, checkpoint: str | Path, split: str, cached: Any,
+                     allow_training_images: bool) -> dict[str, Any]:
+    """The scored images' overlap with the checkpoint's training images (`training_overlap`); DataError when
+    there is any and `split` is not "train", unless `allow_training_images`."""
+    overlap = training_overlap(loaded.checkpoint, cached.pixels, [s.path for s in cached.samples],
+                               [s.patient for s in cached.samples])
+    if split != "train" and overlap["images"] and not allow_training_images:
+        raise DataError(f"{overlap['images']} of the {len(cached.samples)} images of the {split} split under "
+                        f"{loaded.config.data.root} are images {checkpoint} was trained on (pixel for pixel), e.g. "
+                        f"{', '.join(overlap['examples'][:3])}: their figures would say nothing about new patients. "
+                        "Evaluate on images the model has not seen, or pass --allow-training-images to score them anyway")
+    return overlap
+
+
+def _mapped(loaded: Any, checkpoint: str | Path, raw_probs: np.ndarray, raw_class_probs: np.ndarray | None,
+            prevalence: float | str | None, estimate: bool
+            ) -> tuple[OutputMap, OutputMap, dict[str, Any] | None, np.ndarray, np.ndarray, np.ndarray | None]:
+    """The raw probabilities through the checkpoint's `OutputMap`, as in predict: (the map at the model's own
+    prior, the map used, the prevalence estimate, probabilities at the model's prior, probabilities used, per-class
+    probabilities used)."""
+    default = output_map(loaded.checkpoint, checkpoint, loaded.threshold)  # an adapted site's prior, or the model's
+    base = default.with_prior(None)
+    model_probs, model_class_probs = base.apply(raw_probs, raw_class_probs)
+    output, estimated = estimate_and_apply(model_probs, default, parse_prevalence(prevalence), estimate)
+    probs, class_probs = move(model_probs, model_class_probs, base.prior_used, output.prior_used)
+    return base, output, estimated, model_probs, probs, class_probs
 
 
 def evaluation_warnings(split: str, labels: np.ndarray, intervals: dict[str, Any], degenerate: list[str],

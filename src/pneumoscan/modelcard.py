@@ -85,21 +85,7 @@ def model_card(checkpoint: str | os.PathLike, metrics_json: str | os.PathLike | 
         "",
         "## Metrics",
     ]
-    if metrics_json and Path(metrics_json).is_file():
-        m = json.loads(Path(metrics_json).read_text())
-        ci = m.get("ci95", {})
-        lines += [f"On the `{m['split']}` split ({m['n']} images), threshold {fmt(m['threshold'], '.3f')}; 95% CI by "
-                  f"{m.get('ci_method', 'bootstrap')}:", "", "| metric | value | 95% CI |", "|---|---|---|"]
-        for k in METRICS:
-            c = ci.get(k)
-            lines.append(f"| {k} | {fmt(m.get(k))} | " + (f"{fmt(c[0])} - {fmt(c[1])}" if c else "n/a") + " |")
-        lines.append(f"| confusion matrix [[tn, fp], [fn, tp]] | {m['confusion_matrix']} | |")
-        if m.get("calibration"):
-            lines.append(f"\nExpected calibration error {fmt(m['calibration'].get('ece'), '.3f')}.")
-    else:
-        val = ckpt.get("metrics", {}).get("val", {})
-        lines.append("Validation at the best epoch (no evaluation file given, so no confidence intervals): " +
-                     ", ".join(f"{k} {fmt(v)}" for k, v in val.items() if v is None or isinstance(v, (int, float))))
+    lines += _metrics_lines(ckpt, metrics_json)
     lines += [
         "",
         "## Limitations",
@@ -113,6 +99,26 @@ def model_card(checkpoint: str | os.PathLike, metrics_json: str | os.PathLike | 
         "",
     ]
     return "\n".join(lines)
+
+
+def _metrics_lines(ckpt: dict[str, Any], metrics_json: str | os.PathLike | None) -> list[str]:
+    """The card's metrics: the evaluation's figures with their 95% intervals when metrics_json is given, else the
+    checkpoint's validation at its best epoch."""
+    if not (metrics_json and Path(metrics_json).is_file()):
+        val = ckpt.get("metrics", {}).get("val", {})
+        return ["Validation at the best epoch (no evaluation file given, so no confidence intervals): " +
+                ", ".join(f"{k} {fmt(v)}" for k, v in val.items() if v is None or isinstance(v, (int, float)))]
+    m = json.loads(Path(metrics_json).read_text())
+    ci = m.get("ci95", {})
+    lines = [f"On the `{m['split']}` split ({m['n']} images), threshold {fmt(m['threshold'], '.3f')}; 95% CI by "
+             f"{m.get('ci_method', 'bootstrap')}:", "", "| metric | value | 95% CI |", "|---|---|---|"]
+    for k in METRICS:
+        c = ci.get(k)
+        lines.append(f"| {k} | {fmt(m.get(k))} | " + (f"{fmt(c[0])} - {fmt(c[1])}" if c else "n/a") + " |")
+    lines.append(f"| confusion matrix [[tn, fp], [fn, tp]] | {m['confusion_matrix']} | |")
+    if m.get("calibration"):
+        lines.append(f"\nExpected calibration error {fmt(m['calibration'].get('ece'), '.3f')}.")
+    return lines
 
 
 def _adaptation_lines(ckpt: dict) -> list[str]:

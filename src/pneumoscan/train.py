@@ -397,13 +397,7 @@ def _train(cfg: Config, out: Path, dev: torch.device, ddp: Distributed, resume: 
         row, va, stop = run_epoch(run, net, data, epoch, ddp, progress, class_weights, graphs, val_graphs)
         improved, run.best_loss = va["loss"] < run.best_loss, min(run.best_loss, va["loss"])
         if ddp.is_main:
-            log_epoch(out, row, tracker)
-            if improved:  # not best.pt: that name is kept for weights the run has finalised (`finish`)
-                ckpt_io.save({**ckpt_io.make_checkpoint(run.model, cfg, threshold=cfg.train.threshold,
-                                                        metrics={"val": va, "epoch": epoch}, history=run.history,
-                                                        epoch=epoch), ckpt_io.UNFINISHED: True}, out / PARTIAL_BEST)
-            ckpt_io.save(run.resumable_state(epoch), out / "last.pt")
-            settle_replaced(out)  # the new run has a checkpoint: an earlier run's files go now
+            _save_epoch(out, run, row, va, epoch, improved, tracker)
         if stop:
             log.info("early stopping after epoch %d (validation accuracy did not improve by %g for %d epochs)",
                      epoch, cfg.train.early_stopping_min_delta, cfg.train.early_stopping_patience)
@@ -422,6 +416,18 @@ def _train(cfg: Config, out: Path, dev: torch.device, ddp: Distributed, resume: 
                    peak_memory_mb=round(peak_memory_mb(), 1), resumed=resume)
     write_json(out / "summary.json", summary)
     return summary
+
+
+def _save_epoch(out: Path, run: Run, row: dict[str, Any], va: dict[str, Any], epoch: int, improved: bool,
+                tracker: TensorBoardLogger | None) -> None:
+    """After an epoch, on the main process: log its row, keep improved weights, save last.pt to resume from."""
+    log_epoch(out, row, tracker)
+    if improved:  # not best.pt: that name is kept for weights the run has finalised (`finish`)
+        ckpt_io.save({**ckpt_io.make_checkpoint(run.model, run.cfg, threshold=run.cfg.train.threshold,
+                                                metrics={"val": va, "epoch": epoch}, history=run.history,
+                                                epoch=epoch), ckpt_io.UNFINISHED: True}, out / PARTIAL_BEST)
+    ckpt_io.save(run.resumable_state(epoch), out / "last.pt")
+    settle_replaced(out)  # the new run has a checkpoint: an earlier run's files go now
 
 
 def run_epoch(run: Run, net: nn.Module, data: dict[str, DeviceSplit], epoch: int, ddp: Distributed, progress: bool,
