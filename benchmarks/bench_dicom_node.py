@@ -34,7 +34,7 @@ sys.path.insert(0, str(ROOT))
 from tests.test_dicom_node import NodeProcess, Orthanc, free_port, make_radiograph  # noqa: E402
 
 DEFAULT_CHECKPOINT = ROOT / ".." / "fresh" / "runs" / "paper-quickstart" / "best.pt"
-DEFAULT_DATA = ROOT / ".." / "shared" / "data" / "chest_xray" / "train"
+DEFAULT_DATA = Path(os.environ.get("PNEUMOSCAN_DATA", ".")) / "train"  # the README's data folder
 
 
 def make_instances(data: Path, n: int, folder: Path, codec: str) -> list[Path]:
@@ -87,7 +87,7 @@ def run(args: argparse.Namespace, work: Path) -> dict:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT)
-    p.add_argument("--data", type=Path, default=DEFAULT_DATA, help="a train folder with NORMAL/ and PNEUMONIA/")
+    p.add_argument("--data", type=Path, default=DEFAULT_DATA, help="a train folder with NORMAL/ and PNEUMONIA/ (default: $PNEUMOSCAN_DATA/train)")
     p.add_argument("--n", type=int, default=200, help="instances (half of each class)")
     p.add_argument("--codec", choices=["jpls", "jpeg-lossless"], default="jpls")
     p.add_argument("--timeout", type=float, default=600, help="seconds to wait for the reports")

@@ -16,7 +16,7 @@
 3. With --full, the model alone: training steps on in-memory batches already on the GPU
    (augmentation included), eager vs CUDA graph, at batch 16 and 256.
 
-    python benchmarks/bench_gpu.py --data ../shared/data/chest_xray [--full] [--json FILE] [--baseline-src DIR ...] [--rounds N]
+    python benchmarks/bench_gpu.py --data DATA_ROOT [--full] [--json FILE] [--baseline-src DIR ...] [--rounds N]
 
 Prints a table and one JSON line.
 """
@@ -106,7 +106,8 @@ def model_alone(batch: int, graphs: bool, steps: int, warmup: int = 5) -> float:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data", default=os.environ.get("PNEUMOSCAN_DATA", str(ROOT / ".." / "shared" / "data" / "chest_xray")))
+    ap.add_argument("--data", default=os.environ.get("PNEUMOSCAN_DATA"), required="PNEUMOSCAN_DATA" not in os.environ,
+                    help="data root (default: $PNEUMOSCAN_DATA)")
     ap.add_argument("--full", action="store_true", help="also cuDNN's search (end to end and first uses), the large-batch "
                                                         "recipe, the eager end-to-end baseline and the model alone")
     ap.add_argument("--json", help="also write the result here")

@@ -20,7 +20,7 @@ initialised paper model (150 px, PReLU) is used, with an out-of-distribution det
 checkpoint has: speed does not depend on the weights.
 
     .venv/bin/python benchmarks/bench_predict.py --limit 512
-    .venv/bin/python benchmarks/bench_predict.py --checkpoint runs/x/best.pt --data ../shared/data/chest_xray/test
+    .venv/bin/python benchmarks/bench_predict.py --checkpoint runs/x/best.pt --data "$PNEUMOSCAN_DATA/train"
 
 Every pipeline's images/s is also stated against the machine's limit, measured in the same run
 (``machine_peak.py``): times the GFLOP of one image's forward pass (counted on the paper's network,
@@ -180,8 +180,8 @@ def inference_limit(checkpoint: Path) -> dict:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--checkpoint", type=Path, help="a pneumoscan checkpoint (default: a fresh paper model)")
-    ap.add_argument("--data", type=Path, default=ROOT / ".." / "shared" / "data" / "chest_xray" / "train",
-                    help="folder with NORMAL/ and PNEUMONIA/ (default: ../shared/data/chest_xray/train)")
+    ap.add_argument("--data", type=Path, default=Path(os.environ.get("PNEUMOSCAN_DATA", ".")) / "train",
+                    help="folder with NORMAL/ and PNEUMONIA/ (default: $PNEUMOSCAN_DATA/train)")
     ap.add_argument("--limit", type=int, default=512, help="number of images (seeded sample; default 512)")
     ap.add_argument("--repeats", type=int, default=200, help="single-image latency repetitions (default 200)")
     ap.add_argument("--batch-size", type=int, default=32, help="pneumoscan batch size (Keras predicts in 32s)")

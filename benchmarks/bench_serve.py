@@ -329,7 +329,7 @@ def print_report(results: dict, rss: dict, alive: bool) -> None:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint", required=True)
-    ap.add_argument("--data", default=str(ROOT / ".." / "shared" / "data" / "chest_xray" / "train"))
+    ap.add_argument("--data", default=str(Path(os.environ.get("PNEUMOSCAN_DATA", ".")) / "train"), help="a train folder (default: $PNEUMOSCAN_DATA/train)")
     ap.add_argument("--clients", type=int, default=8)
     ap.add_argument("--seconds", type=float, default=30)
     ap.add_argument("--bad-share", type=float, default=0.25)

@@ -11,7 +11,7 @@
    (the baseline) vs worker processes (the default for 256 images or more), alternated `--repeats`
    times; medians. The pixels must be equal. Reading the warm cache is shown for reference.
 
-    python benchmarks/bench_setup.py [--data ../shared/data/chest_xray] [--repeats 3]
+    python benchmarks/bench_setup.py [--data DATA_ROOT] [--repeats 3]
 
 Prints a table and one JSON line.
 """
@@ -66,7 +66,8 @@ def split_seconds(data: str, cache: str) -> float:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data", default=os.environ.get("PNEUMOSCAN_DATA", str(ROOT / ".." / "shared" / "data" / "chest_xray")))
+    ap.add_argument("--data", default=os.environ.get("PNEUMOSCAN_DATA"), required="PNEUMOSCAN_DATA" not in os.environ,
+                    help="data root (default: $PNEUMOSCAN_DATA)")
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
     import numpy as np

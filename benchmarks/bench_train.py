@@ -10,7 +10,7 @@ after the other in this one run, each in its own process so peak memory is its o
 - Keras: `benchmarks/keras_baseline.py train --epochs 1` in the separate TensorFlow venv made by
   `benchmarks/setup_tf.sh`; steady state excludes its first 10 batches.
 
-    .venv/bin/python benchmarks/bench_train.py [--data ../shared/data/chest_xray] [--keras-epochs 1]
+    .venv/bin/python benchmarks/bench_train.py [--data DATA_ROOT] [--keras-epochs 1]
 
     .venv/bin/python benchmarks/bench_train.py --model-alone 60    # model only, in-memory batches
 
@@ -157,7 +157,8 @@ def run_model_alone(steps: int, precision: str, with_keras: bool) -> int:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data", default=os.environ.get("PNEUMOSCAN_DATA", str(ROOT / ".." / "shared" / "data" / "chest_xray")))
+    ap.add_argument("--data", default=os.environ.get("PNEUMOSCAN_DATA"), required="PNEUMOSCAN_DATA" not in os.environ,
+                    help="data root (default: $PNEUMOSCAN_DATA)")
     ap.add_argument("--epochs", type=int, default=2, help="pneumoscan epochs (epochs 2..N give the steady state)")
     ap.add_argument("--keras-epochs", type=int, default=1)
     ap.add_argument("--no-keras", action="store_true", help="leave the Keras baseline out")

@@ -5,7 +5,7 @@ radiographs as Keras loads them, Keras' eval-mode outputs and the state after on
 Runs ONLY in the TensorFlow venv (``bash benchmarks/setup_tf.sh``); tests/test_keras_parity.py reads
 what it writes without TensorFlow::
 
-    .venv-tf/bin/python benchmarks/make_keras_fixtures.py --data ../shared/data/chest_xray/train
+    .venv-tf/bin/python benchmarks/make_keras_fixtures.py --data "$PNEUMOSCAN_DATA/train"
 
 The model is keras_baseline.build_model at 64 px instead of 150 (only the first Dense layer's input
 and the PReLU slopes' shapes change; 64 px is the smallest size whose last feature map is 2 x 2, so the
@@ -32,6 +32,7 @@ Flatten order is exercised). Seeded: the same command writes the same arrays.
 from __future__ import annotations
 
 import argparse
+import os
 import io
 import json
 import sys
@@ -170,7 +171,8 @@ def one_step(model: keras.Model, x: np.ndarray, y: np.ndarray) -> dict[str, np.n
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--data", type=Path, default=Path("../shared/data/chest_xray/train"),
+    ap.add_argument("--data", type=Path, required="PNEUMOSCAN_DATA" not in os.environ,
+                    default=Path(os.environ["PNEUMOSCAN_DATA"]) / "train" if "PNEUMOSCAN_DATA" in os.environ else None,
                     help="the Kaggle train folder (NORMAL/, PNEUMONIA/)")
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "tests/fixtures/keras")
     ap.add_argument("--seed", type=int, default=0)

@@ -23,6 +23,7 @@ Prints each round and the medians, then one JSON line.
 from __future__ import annotations
 
 import argparse
+import os
 import json
 import statistics
 import subprocess
@@ -161,9 +162,9 @@ def main() -> int:
     if args.export:
         export(*args.export)
         return 0
-    from bench_predict import ROOT, choose_files, fresh_checkpoint
+    from bench_predict import choose_files, fresh_checkpoint
 
-    files = choose_files(ROOT / ".." / "shared" / "data" / "chest_xray" / "train", 256, 0)
+    files = choose_files(Path(os.environ.get("PNEUMOSCAN_DATA", ".")) / "train", 256, 0)
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = str(fresh_checkpoint(Path(tmp), files))
         exports = {way: Path(tmp) / f"way{i}.onnx" for i, way in enumerate(WAYS)}

@@ -16,6 +16,7 @@ Prints both tables, then one JSON line.
 from __future__ import annotations
 
 import argparse
+import os
 import json
 import statistics
 import sys
@@ -27,7 +28,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
-from bench_predict import ROOT, choose_files, fresh_checkpoint  # noqa: E402 (benchmarks/bench_predict.py)
+from bench_predict import choose_files, fresh_checkpoint  # noqa: E402 (benchmarks/bench_predict.py)
 
 from pneumoscan.export import remembered_onnx_bytes  # noqa: E402
 from pneumoscan.predict import Predictor  # noqa: E402
@@ -51,7 +52,7 @@ def predictor(checkpoint: Path, threads: int, spin: str) -> Predictor:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--data", type=Path, default=ROOT / "../shared/data/chest_xray/train")
+    ap.add_argument("--data", type=Path, default=Path(os.environ.get("PNEUMOSCAN_DATA", ".")) / "train", help="default: $PNEUMOSCAN_DATA/train")
     ap.add_argument("--calls", type=int, default=400)
     ap.add_argument("--rounds", type=int, default=5)
     args = ap.parse_args()

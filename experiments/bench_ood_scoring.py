@@ -15,6 +15,7 @@ Prints each way's figures per round and the medians, then one JSON line.
 from __future__ import annotations
 
 import argparse
+import os
 import json
 import statistics
 import sys
@@ -27,7 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
-from bench_predict import ROOT, choose_files, fresh_checkpoint  # noqa: E402 (benchmarks/bench_predict.py)
+from bench_predict import choose_files, fresh_checkpoint  # noqa: E402 (benchmarks/bench_predict.py)
 
 from pneumoscan import ood  # noqa: E402
 from pneumoscan.predict import Predictor  # noqa: E402
@@ -82,7 +83,7 @@ def one_image_p50s(predictor: Predictor, jpeg: bytes, ways: dict, calls: int = 3
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--data", type=Path, default=ROOT / ".." / "shared" / "data" / "chest_xray" / "train")
+    ap.add_argument("--data", type=Path, default=Path(os.environ.get("PNEUMOSCAN_DATA", ".")) / "train", help="default: $PNEUMOSCAN_DATA/train")
     ap.add_argument("--limit", type=int, default=512)
     ap.add_argument("--rounds", type=int, default=3)
     args = ap.parse_args()
