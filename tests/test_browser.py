@@ -17,10 +17,8 @@ pytest.importorskip("monai")
 from pneumoscan.serve import create_app  # noqa: E402
 
 from .test_serve import checkpoint, live, undefined_metrics_checkpoint  # noqa: E402,F401  (module-scoped fixtures)
-from .test_serve_browser import wait_until  # noqa: E402  (the page's policy forbids wait_for_function's eval)
+from .test_serve_browser import wait_until, watched_page  # noqa: E402  (the policy forbids wait_for_function's eval)
 
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 MODEL_LOADED = "document.getElementById('model').textContent.startsWith('Model:')"
 PERCENT = re.compile(r"\d{1,2}\.\d+%")
 
@@ -34,14 +32,9 @@ def server(checkpoint):  # noqa: F811
 @contextlib.contextmanager
 def browser_page(url):
     """A new headless Chromium page opened at `url`."""
-    with playwright_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        try:
-            page = browser.new_page()
-            page.goto(url)
-            yield page
-        finally:
-            browser.close()
+    with watched_page(url) as page:
+        page.goto(url)
+        yield page
 
 
 def test_upload_shows_probability_heatmap_toggle_and_per_file_error(server, tmp_path):
