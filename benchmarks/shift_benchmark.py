@@ -152,6 +152,27 @@ def run_checkpoint(path: str, data: str | None, shifts, mixes, size: int, method
     return rows
 
 
+FIGURES = ("accuracy", "roc_auc", "sensitivity", "specificity", "prevalence_error")
+
+
+def per_checkpoint(rows: list[dict], method: str, key: str) -> list[float]:
+    """The mean of `key` over each checkpoint's sites for one option: one value per checkpoint (seed)."""
+    out = []
+    for ckpt in sorted({r["checkpoint"] for r in rows}):
+        vals = [_value(r, key) for r in rows if r["checkpoint"] == ckpt and r["method"] == method]
+        vals = [v for v in vals if v is not None]
+        if vals:
+            out.append(float(np.mean(vals)))
+    return out
+
+
+def mean_sd(values: list[float], digits: int) -> str:
+    """'mean ± sd' over checkpoints (sd 0 for one), or 'n/a' for none."""
+    if not values:
+        return "n/a"
+    return f"{np.mean(values):.{digits}f} ± {np.std(values, ddof=1) if len(values) > 1 else 0:.{digits}f}"
+
+
 def summarise(rows: list[dict]) -> list[str]:
     """Per method: mean over sites of each figure, its sd over checkpoints, and the worst site."""
     lines = ["| option | accuracy | ROC AUC | sensitivity | specificity | prevalence error | worst accuracy |",
@@ -160,16 +181,7 @@ def summarise(rows: list[dict]) -> list[str]:
         mine = [r for r in rows if r["method"] == method]
         if not mine:
             continue
-        cells = []
-        for key in ("accuracy", "roc_auc", "sensitivity", "specificity", "prevalence_error"):
-            per_ckpt = []
-            for ckpt in sorted({r["checkpoint"] for r in mine}):
-                vals = [_value(r, key) for r in mine if r["checkpoint"] == ckpt]
-                vals = [v for v in vals if v is not None]
-                if vals:
-                    per_ckpt.append(float(np.mean(vals)))
-            cells.append(f"{np.mean(per_ckpt):.4f} ± {np.std(per_ckpt, ddof=1) if len(per_ckpt) > 1 else 0:.4f}"
-                         if per_ckpt else "n/a")
+        cells = [mean_sd(per_checkpoint(mine, method, key), 4) for key in FIGURES]
         worst = min(mine, key=lambda r: r["accuracy"])
         cells.append(f"{worst['accuracy']:.3f} ({worst['shift']}, mix {worst['mix']:.2f})")
         lines.append(f"| {method} | " + " | ".join(cells) + " |")

@@ -11,39 +11,20 @@ import json
 import sys
 from pathlib import Path
 
-import numpy as np
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from shift_benchmark import FIGURES, mean_sd, per_checkpoint  # noqa: E402
 
 OPTIONS = ("none", "em", "bn", "adapt", "labels")
-FIGURES = ("accuracy", "roc_auc", "sensitivity", "specificity", "prevalence_error")
 HEADER = "| accuracy | ROC AUC | sensitivity | specificity | prevalence error | worst site (accuracy) |"
 
 
-def per_seed(rows: list[dict], method: str, key: str) -> list[float]:
-    """The mean of `key` over a checkpoint's sites, one value per checkpoint (seed)."""
-    out = []
-    for ckpt in sorted({r["checkpoint"] for r in rows}):
-        vals = [_value(r, key) for r in rows if r["checkpoint"] == ckpt and r["method"] == method]
-        vals = [v for v in vals if v is not None]
-        if vals:
-            out.append(float(np.mean(vals)))
-    return out
-
-
-def _value(row: dict, key: str) -> float | None:
-    if key == "prevalence_error":
-        return None if row.get("prevalence_estimate") is None else abs(row["prevalence_estimate"] - row["mix"])
-    return row.get(key)
-
-
 def cell(values: list[float]) -> str:
-    if not values:
-        return "–"
-    return f"{np.mean(values):.3f} ± {np.std(values, ddof=1) if len(values) > 1 else 0.0:.3f}"
+    return "–" if not values else mean_sd(values, 3)
 
 
 def rows_of(rows: list[dict], method: str) -> str:
     worst = min((r for r in rows if r["method"] == method), key=lambda r: r["accuracy"])
-    return " | ".join([cell(per_seed(rows, method, k)) for k in FIGURES]
+    return " | ".join([cell(per_checkpoint(rows, method, k)) for k in FIGURES]
                       + [f"{worst['accuracy']:.3f} ({worst['shift']}, {worst['mix']:.2f})"])
 
 
