@@ -167,19 +167,16 @@ def test_api_json_has_each_files_warnings(checkpoint):
 def test_page_shows_each_files_warnings_beside_its_result(checkpoint, folder):
     import shutil
 
-    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
-    if chromium is None:
+    if shutil.which("chromium") is None and shutil.which("chromium-browser") is None:
         pytest.skip("needs Debian's chromium (apt-get install chromium)")
-    playwright_api = pytest.importorskip("playwright.sync_api")
+    pytest.importorskip("playwright.sync_api")
     from pneumoscan.serve import create_app
 
-    from .test_browser import CHROMIUM_ARGS
     from .test_serve import live
+    from .test_serve_browser import watched_page
 
     files = _files()
-    with live(create_app(checkpoint)) as url, playwright_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
-        page = browser.new_page()
+    with live(create_app(checkpoint)) as url, watched_page(url) as page:
         page.goto(url)
         page.set_input_files("#files", [str(folder / name) for name in files])
         page.wait_for_selector(f".card >> nth={len(files) - 1}", timeout=30_000)
@@ -187,7 +184,6 @@ def test_page_shows_each_files_warnings_beside_its_result(checkpoint, folder):
         shown = {name: [n.inner_text() for n in card.query_selector_all(".note")] for name, card in cards.items()}
         texts = {name: card.inner_text() for name, card in cards.items()}
         visible = all(n.is_visible() for card in cards.values() for n in card.query_selector_all(".note"))
-        browser.close()
     assert visible
     for name, (_, expected) in files.items():
         assert "probability of pneumonia" in texts[name]
