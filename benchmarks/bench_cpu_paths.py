@@ -40,9 +40,9 @@ def probe(val_images: int, steps: int, repeats: int) -> dict:
     import numpy as np
     import torch
 
-    from pneumoscan import checkpoint as ckpt_io
-    from pneumoscan.config import Config
-    from pneumoscan.predict import Predictor
+    from pneumoscan.networks import checkpoint as ckpt_io
+    from pneumoscan.core.config import Config
+    from pneumoscan.tasks.predict import Predictor
 
     def timed(fn, n):
         fn()
@@ -56,8 +56,8 @@ def probe(val_images: int, steps: int, repeats: int) -> dict:
     torch.manual_seed(0)
     cfg = Config()
     model = ckpt_io.build_model(cfg)
-    if importlib.util.find_spec("pneumoscan.cpu_kernels"):  # the training form, as `train` builds it
-        from pneumoscan.cpu_kernels import for_cpu_training
+    if importlib.util.find_spec("pneumoscan.networks.cpu_kernels"):  # the training form, as `train` builds it
+        from pneumoscan.networks.cpu_kernels import for_cpu_training
 
         model = for_cpu_training(model)
     model = model.to(memory_format=torch.channels_last)

@@ -73,12 +73,12 @@ def model_alone(batch: int, graphs: bool, steps: int, warmup: int = 5) -> float:
     """Training images/s of the paper's model on random in-memory images on the GPU."""
     import torch
 
-    from pneumoscan.augment import draw_augmentation
-    from pneumoscan.checkpoint import build_model
-    from pneumoscan.config import Config
-    from pneumoscan.cuda_graphs import CudaGraphStep
-    from pneumoscan.runtime import memory_format
-    from pneumoscan.train import DeviceSplit, make_optimizer, make_step
+    from pneumoscan.networks.augment import draw_augmentation
+    from pneumoscan.networks.checkpoint import build_model
+    from pneumoscan.core.config import Config
+    from pneumoscan.networks.cuda_graphs import CudaGraphStep
+    from pneumoscan.networks.runtime import memory_format
+    from pneumoscan.tasks.train import DeviceSplit, make_optimizer, make_step
 
     cfg, dev, gen = Config(), torch.device("cuda"), torch.Generator().manual_seed(0)
     torch.manual_seed(0)
@@ -123,7 +123,7 @@ def main() -> int:
         return 1
     result = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d")}
     t0 = time.perf_counter()
-    subprocess.run([sys.executable, "-c", "import pneumoscan.cli, pneumoscan.train"], check=True)
+    subprocess.run([sys.executable, "-c", "import pneumoscan.apps.cli, pneumoscan.tasks.train"], check=True)
     result["import_seconds"] = round(time.perf_counter() - t0, 2)
     runs = {"paper_graphs_cold_cache": ([], None)}
     for i in range(1, args.rounds + 1):

@@ -50,10 +50,10 @@ import onnxruntime
 import torch
 
 from pneumoscan import __version__
-from pneumoscan import checkpoint as ckpt_io
-from pneumoscan.config import Config
-from pneumoscan.images import is_image_file
-from pneumoscan.predict import Predictor
+from pneumoscan.networks import checkpoint as ckpt_io
+from pneumoscan.core.config import Config
+from pneumoscan.io.images import is_image_file
+from pneumoscan.tasks.predict import Predictor
 
 ROOT = Path(__file__).resolve().parents[1]
 CLASSES = ("NORMAL", "PNEUMONIA")
@@ -90,9 +90,9 @@ def fresh_checkpoint(dest: Path, files: list[Path]) -> Path:
     """An untrained paper model with an out-of-distribution detector, as every checkpoint `train` writes has
     one (the detector's features come from the same forward pass, but its scoring costs time too). The
     detector is fitted on the benchmark's first 256 images: its scores mean nothing, its cost is real."""
-    from pneumoscan.images import load_for_model
-    from pneumoscan.inference import freeze
-    from pneumoscan.ood import fit_for_model
+    from pneumoscan.io.images import load_for_model
+    from pneumoscan.networks.inference import freeze
+    from pneumoscan.networks.ood import fit_for_model
 
     cfg = Config()  # the paper's recipe: seed CNN, PReLU, 150 px
     torch.manual_seed(0)

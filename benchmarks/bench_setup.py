@@ -2,11 +2,11 @@
 """What `pneumoscan train` does before its first step: start-up, the validation split and decoding every image.
 
 0. Start-up, each a fresh interpreter (median of `--repeats`): `pneumoscan --help` (loads neither PyTorch nor
-   scikit-learn), importing `pneumoscan.train`, and for reference importing PyTorch alone and scikit-learn's
+   scikit-learn), importing `pneumoscan.tasks.train`, and for reference importing PyTorch alone and scikit-learn's
    metrics (which training imports in a background thread during the first epoch).
 1. Split: `split_samples` on the train folder with nothing remembered (scikit-learn's
    StratifiedGroupKFold over patient groups, each file read once for its digest) vs the remembered
-   split. Each in a fresh process that has already imported `pneumoscan.train`, as a training run has.
+   split. Each in a fresh process that has already imported `pneumoscan.tasks.train`, as a training run has.
 2. Decoding train + validation into the pixel cache (cold: an empty cache folder each time): threads
    (the baseline) vs worker processes (the default for 256 images or more), alternated `--repeats`
    times; medians. The pixels must be equal. Reading the warm cache is shown for reference.
@@ -31,9 +31,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 SPLIT_TIMER = """
 import sys, time
-import pneumoscan.train
-from pneumoscan.config import DataConfig
-from pneumoscan.data import split_samples
+import pneumoscan.tasks.train
+from pneumoscan.core.config import DataConfig
+from pneumoscan.io.data import split_samples
 t = time.perf_counter()
 split_samples(DataConfig(root=sys.argv[1]))
 print(time.perf_counter() - t)
@@ -42,7 +42,7 @@ print(time.perf_counter() - t)
 
 STARTUP = {
     "pneumoscan --help": ["-m", "pneumoscan", "--help"],
-    "import pneumoscan.train": ["-c", "import pneumoscan.train"],
+    "import pneumoscan.tasks.train": ["-c", "import pneumoscan.tasks.train"],
     "import torch (reference)": ["-c", "import torch"],
     "import sklearn.metrics (reference)": ["-c", "import sklearn.metrics"],
 }
@@ -72,8 +72,8 @@ def main() -> int:
     args = ap.parse_args()
     import numpy as np
 
-    from pneumoscan.config import Config, DataConfig
-    from pneumoscan.data import cache_images, split_samples
+    from pneumoscan.core.config import Config, DataConfig
+    from pneumoscan.io.data import cache_images, split_samples
 
     result = {"cpus": os.cpu_count(), "date": time.strftime("%Y-%m-%d"), "startup": {}}
     for name, argv in STARTUP.items():

@@ -84,11 +84,11 @@ def pneumoscan_model_alone(steps: int, precision: str = "fp32", warmup: int = 10
     pass under `precision`): steps on in-memory batches of 16 (no data pipeline), like train-arrays."""
     import torch
 
-    from pneumoscan.checkpoint import build_model
-    from pneumoscan.config import Config
-    from pneumoscan.cpu_kernels import for_cpu_training
-    from pneumoscan.runtime import autocast, training_arithmetic
-    from pneumoscan.train import make_optimizer, model_loss
+    from pneumoscan.networks.checkpoint import build_model
+    from pneumoscan.core.config import Config
+    from pneumoscan.networks.cpu_kernels import for_cpu_training
+    from pneumoscan.networks.runtime import autocast, training_arithmetic
+    from pneumoscan.tasks.train import make_optimizer, model_loss
 
     torch.manual_seed(0)
     cfg = Config()
@@ -112,7 +112,7 @@ def pneumoscan_model_alone(steps: int, precision: str = "fp32", warmup: int = 10
 def yardstick(precision: str) -> dict:
     """The machine, its FP32/BF16 peaks on this process's threads (the pipelines' too), and the GFLOP of one
     training image of the paper recipe: the network as drawn (every pipeline's count) and as run here."""
-    from pneumoscan.config import recipe
+    from pneumoscan.core.config import recipe
 
     cfg = recipe("paper")
     return {"machine": machine_peak.machine(), "peak": machine_peak.peaks(),
@@ -170,7 +170,7 @@ def main() -> int:
     args = ap.parse_args()
     import torch
 
-    from pneumoscan.runtime import check_precision
+    from pneumoscan.networks.runtime import check_precision
 
     try:  # the pneumoscan run would refuse it too, after the peak was measured
         check_precision(args.precision, torch.device("cpu" if args.model_alone else args.device))

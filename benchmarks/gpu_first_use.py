@@ -46,13 +46,13 @@ def main() -> int:
     torch.backends.cudnn.benchmark = args.cudnn_benchmark
     torch.empty(1, device=args.device)
     lap("start_cuda")
-    from pneumoscan import checkpoint as ckpt_io
-    from pneumoscan.augment import draw_augmentation
-    from pneumoscan.config import Config
-    from pneumoscan.cuda_graphs import CudaGraphStep
-    from pneumoscan.runtime import memory_format
-    from pneumoscan.train import DeviceSplit, make_optimizer, make_step
-    from pneumoscan.train import validation_logits as predict_logits
+    from pneumoscan.networks import checkpoint as ckpt_io
+    from pneumoscan.networks.augment import draw_augmentation
+    from pneumoscan.core.config import Config
+    from pneumoscan.networks.cuda_graphs import CudaGraphStep
+    from pneumoscan.networks.runtime import memory_format
+    from pneumoscan.tasks.train import DeviceSplit, make_optimizer, make_step
+    from pneumoscan.tasks.train import validation_logits as predict_logits
     lap("import_pneumoscan_train")
     cfg, dev, gen = Config(), torch.device(args.device), torch.Generator().manual_seed(0)
     pixels = torch.randint(0, 256, (2048 + 520, 150, 150), dtype=torch.uint8, generator=gen)

@@ -48,7 +48,7 @@ if [[ $PARTS == *speed* && $DEVICE == cuda ]]; then
 fi
 [[ $PARTS == *speed* ]] && run bench-setup python3 benchmarks/bench_setup.py --data "$DATA"
 [[ $PARTS == *experiments* ]] || { echo "== done after $((SECONDS - START)) s"; exit 0; }
-python3 -c "import sys; sys.path.insert(0, 'src'); from pneumoscan.data import *" || exit 1
+python3 -c "import sys; sys.path.insert(0, 'src'); from pneumoscan.io.data import *" || exit 1
 # Table IV over three seeds, the large-batch recipe (against table-iv's prelu runs), class imbalance
 # (unweighted = table-iv's prelu), the recipes chosen on validation. Everything on the validation split.
 experiments table-a --out "$WORK/table-iv" --activations relu leaky_relu

@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from pneumoscan.runtime import cpu_flags, native_bf16_cpu
+from pneumoscan.networks.runtime import cpu_flags, native_bf16_cpu
 
 # the vector and matrix extensions that decide a CPU's arithmetic peak, in the order they appeared
 EXTENSIONS = ("sse4_2", "avx", "fma", "avx2", "avx_vnni", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16",
@@ -92,10 +92,10 @@ def _counted(fn) -> int:
 def training_gflop_per_image(cfg, executed: bool = False, precision: str = "fp32") -> float:
     """GFLOP of one training step per image: forward and backward of one batch of cfg.train.batch_size,
     loss included, through the recipe's model (as pneumoscan's CPU training runs it when `executed`)."""
-    from pneumoscan.checkpoint import build_model
-    from pneumoscan.cpu_kernels import for_cpu_training
-    from pneumoscan.runtime import autocast
-    from pneumoscan.train import model_loss
+    from pneumoscan.networks.checkpoint import build_model
+    from pneumoscan.networks.cpu_kernels import for_cpu_training
+    from pneumoscan.networks.runtime import autocast
+    from pneumoscan.tasks.train import model_loss
 
     torch.manual_seed(0)
     model = build_model(cfg)
@@ -114,7 +114,7 @@ def training_gflop_per_image(cfg, executed: bool = False, precision: str = "fp32
 
 def inference_gflop_per_image(model: torch.nn.Module, image_size: int, frozen: bool = False, batch: int = 8) -> float:
     """GFLOP of one eval-mode forward pass per image, of `model` or (when `frozen`) its frozen inference form."""
-    from pneumoscan.inference import freeze
+    from pneumoscan.networks.inference import freeze
 
     net = freeze(model) if frozen else model.eval()
     x = torch.rand(batch, 1, image_size, image_size).contiguous(memory_format=torch.channels_last)
@@ -145,8 +145,8 @@ def describe(m: dict[str, Any], peak: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from pneumoscan.checkpoint import build_model
-    from pneumoscan.config import recipe
+    from pneumoscan.networks.checkpoint import build_model
+    from pneumoscan.core.config import recipe
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--recipe", default="paper")

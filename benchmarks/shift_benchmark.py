@@ -1,7 +1,7 @@
 """The shift benchmark: how checkpoints and adaptation options fare at synthetic new sites built from train.
 
 Each site is a checkpoint's own validation split (patients it never trained on) changed by one of
-`pneumoscan.sites.SHIFTS` (scanner-like changes of appearance) and resampled to a class mix. On every
+`pneumoscan.core.sites.SHIFTS` (scanner-like changes of appearance) and resampled to a class mix. On every
 site, every adaptation option is scored:
 
 - none: the checkpoint as it is;
@@ -29,17 +29,17 @@ from pathlib import Path
 
 import numpy as np
 
-from pneumoscan import checkpoint as ckpt_io
-from pneumoscan.adapt import _raw_logits, adapt_model
-from pneumoscan.calibration import output_map
-from pneumoscan.data import split_samples
-from pneumoscan.fileio import atomic_write_text
-from pneumoscan.images import load_grey, resize
-from pneumoscan.metrics import binary_metrics
-from pneumoscan.prevalence import estimate_prevalence, shift_prior, sigmoid
-from pneumoscan.shift import adapt_batchnorm
-from pneumoscan.inference import model_input
-from pneumoscan.sites import SHIFTS, mixed_subset, shifted
+from pneumoscan.networks import checkpoint as ckpt_io
+from pneumoscan.tasks.adapt import _raw_logits, adapt_model
+from pneumoscan.core.calibration import output_map
+from pneumoscan.io.data import split_samples
+from pneumoscan.io.fileio import atomic_write_text
+from pneumoscan.io.images import load_grey, resize
+from pneumoscan.core.metrics import binary_metrics
+from pneumoscan.core.prevalence import estimate_prevalence, shift_prior, sigmoid
+from pneumoscan.core.shift import adapt_batchnorm
+from pneumoscan.networks.inference import model_input
+from pneumoscan.core.sites import SHIFTS, mixed_subset, shifted
 
 METHODS = ("none", "em", "bn", "adapt", "labels")
 LABELLED_PER_CLASS = 20
@@ -119,7 +119,7 @@ def group_root(data: str, group: str, out: Path) -> Path:
 def site_samples(cfg, data: str | None, group_site: str | None) -> list:
     """The site's labelled images: the checkpoint's validation split (under `data` when given); or, for a run
     trained without the normals named `group_site`*, its validation pneumonia images and those normals."""
-    from pneumoscan.data import Sample
+    from pneumoscan.io.data import Sample
 
     if not group_site:
         return split_samples(replace(cfg.data, root=data) if data else cfg.data)["val"]

@@ -18,12 +18,12 @@ import time
 
 import torch
 
-from pneumoscan.adam import KerasAdam
-from pneumoscan.config import Config
-from pneumoscan.cpu_kernels import for_cpu_training
-from pneumoscan.models import seed_cnn
-from pneumoscan.runtime import keep_freed_memory
-from pneumoscan.train import DeviceSplit, make_step
+from pneumoscan.networks.adam import KerasAdam
+from pneumoscan.core.config import Config
+from pneumoscan.networks.cpu_kernels import for_cpu_training
+from pneumoscan.networks.models import seed_cnn
+from pneumoscan.networks.runtime import keep_freed_memory
+from pneumoscan.tasks.train import DeviceSplit, make_step
 
 OPTIMIZERS = {
     "KerasAdam (fused)": lambda params: KerasAdam(params, lr=1e-3),

@@ -49,7 +49,7 @@ def use_way(prelu: str, fold: bool) -> None:
     """Make `inference.freeze` build the frozen form this way (in this process only)."""
     import torch.nn.functional as F
 
-    from pneumoscan import inference
+    from pneumoscan.networks import inference
 
     if not fold:
         inference.fold_batchnorm = lambda block: None
@@ -88,7 +88,7 @@ def images_per_s(run, batches: list) -> float:
 def export(way: str, checkpoint: str, out: str) -> None:
     """In this process: export the checkpoint built `way` to `out`."""
     use_way(*WAYS[way])
-    from pneumoscan.export import export_onnx_bytes
+    from pneumoscan.networks.export import export_onnx_bytes
 
     Path(out).write_bytes(export_onnx_bytes(checkpoint))  # checked against PyTorch to 1e-4
 
@@ -97,7 +97,7 @@ def onnx_ways(files: dict[str, Path], rounds: int) -> dict[str, dict]:
     """Every export in its own ONNX Runtime session, timed in alternating blocks in this process."""
     import onnxruntime as ort
 
-    from pneumoscan.export import FEATURES_NAME, OUTPUT_NAME
+    from pneumoscan.networks.export import FEATURES_NAME, OUTPUT_NAME
 
     rng = np.random.default_rng(0)
     one, batch = (rng.random((n, 1, 150, 150), dtype=np.float32) for n in (1, 32))
@@ -131,9 +131,9 @@ def torch_forms(checkpoint: str, rounds: int) -> dict[str, dict[str, list[float]
     """The PyTorch frozen form with each block's BatchNorm kept and folded, alternating in this process."""
     import torch
 
-    from pneumoscan import checkpoint as ckpt_io
-    from pneumoscan import inference
-    from pneumoscan.runtime import keep_freed_memory
+    from pneumoscan.networks import checkpoint as ckpt_io
+    from pneumoscan.networks import inference
+    from pneumoscan.networks.runtime import keep_freed_memory
 
     keep_freed_memory()
     loaded = ckpt_io.load(checkpoint, torch.device("cpu"))

@@ -30,8 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 from bench_predict import choose_files, fresh_checkpoint  # noqa: E402 (benchmarks/bench_predict.py)
 
-from pneumoscan.export import remembered_onnx_bytes  # noqa: E402
-from pneumoscan.predict import Predictor  # noqa: E402
+from pneumoscan.networks.export import remembered_onnx_bytes  # noqa: E402
+from pneumoscan.tasks.predict import Predictor  # noqa: E402
 
 WAYS = {"2 threads, spinning (default)": (2, "1"), "2 threads, not spinning": (2, "0"), "1 thread": (1, "1")}
 

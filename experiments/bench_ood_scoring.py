@@ -30,8 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 from bench_predict import choose_files, fresh_checkpoint  # noqa: E402 (benchmarks/bench_predict.py)
 
-from pneumoscan import ood  # noqa: E402
-from pneumoscan.predict import Predictor  # noqa: E402
+from pneumoscan.networks import ood  # noqa: E402
+from pneumoscan.tasks.predict import Predictor  # noqa: E402
 
 
 def _finish(best: np.ndarray) -> np.ndarray:

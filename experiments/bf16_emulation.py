@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """BF16 training on a CPU without BF16 hardware: PyTorch's own BF16 kernels against the emulation that
-`--precision bf16` uses there (`pneumoscan.emulated_bf16`), for exactness and for speed.
+`--precision bf16` uses there (`pneumoscan.networks.emulated_bf16`), for exactness and for speed.
 
 1. Exactness: the stem's second convolution (16 -> 16 channels, 3x3, at 150x150; forward, and its
    input and weight gradients) and the first dense layer's matrix product, from BF16 values. The reference is exact: products
@@ -25,12 +25,12 @@ import time
 
 import torch
 
-from pneumoscan.config import Config
-from pneumoscan.cpu_kernels import for_cpu_training
-from pneumoscan.emulated_bf16 import EmulatedBF16
-from pneumoscan.models import SeedCNN
-from pneumoscan.runtime import autocast, cpu_flags, native_bf16_cpu
-from pneumoscan.train import make_optimizer, model_loss
+from pneumoscan.core.config import Config
+from pneumoscan.networks.cpu_kernels import for_cpu_training
+from pneumoscan.networks.emulated_bf16 import EmulatedBF16
+from pneumoscan.networks.models import SeedCNN
+from pneumoscan.networks.runtime import autocast, cpu_flags, native_bf16_cpu
+from pneumoscan.tasks.train import make_optimizer, model_loss
 
 aten = torch.ops.aten
 

@@ -28,12 +28,12 @@ import time
 
 import torch
 
-from pneumoscan.checkpoint import build_model
-from pneumoscan.config import Config
-from pneumoscan.cpu_kernels import for_cpu_training
-from pneumoscan.inference import freeze
-from pneumoscan.runtime import keep_freed_memory
-from pneumoscan.train import make_optimizer, model_loss
+from pneumoscan.networks.checkpoint import build_model
+from pneumoscan.core.config import Config
+from pneumoscan.networks.cpu_kernels import for_cpu_training
+from pneumoscan.networks.inference import freeze
+from pneumoscan.networks.runtime import keep_freed_memory
+from pneumoscan.tasks.train import make_optimizer, model_loss
 
 STEPS_PER_RUN = 11 * (4471 // 16)  # the paper recipe on pneumoscan's training split
 

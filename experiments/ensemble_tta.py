@@ -30,8 +30,8 @@ import numpy as np
 from scipy import stats
 from sklearn.metrics import log_loss, roc_auc_score
 
-from pneumoscan.ensemble import build_ensemble
-from pneumoscan.evaluate import evaluate
+from pneumoscan.tasks.ensemble import build_ensemble
+from pneumoscan.tasks.evaluate import evaluate
 
 
 def scored(checkpoint: Path, out: Path, data: str | None, device: str) -> dict:

@@ -25,12 +25,12 @@ from scipy.optimize import minimize
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import shift_benchmark as sb  # noqa: E402
 
-from pneumoscan import checkpoint as ckpt_io  # noqa: E402
-from pneumoscan.adapt import _raw_logits, adapt_model  # noqa: E402
-from pneumoscan.calibration import fit_offset, fit_platt, output_map  # noqa: E402
-from pneumoscan.images import load_grey  # noqa: E402
-from pneumoscan.prevalence import estimate_prevalence, shift_prior, sigmoid  # noqa: E402
-from pneumoscan.sites import mixed_subset  # noqa: E402
+from pneumoscan.networks import checkpoint as ckpt_io  # noqa: E402
+from pneumoscan.tasks.adapt import _raw_logits, adapt_model  # noqa: E402
+from pneumoscan.core.calibration import fit_offset, fit_platt, output_map  # noqa: E402
+from pneumoscan.io.images import load_grey  # noqa: E402
+from pneumoscan.core.prevalence import estimate_prevalence, shift_prior, sigmoid  # noqa: E402
+from pneumoscan.core.sites import mixed_subset  # noqa: E402
 
 SITES = [("tuned-s0", None, "none", 0.3), ("tuned-s0", None, "site B (bright, harsh, lossy)", 0.3),
          ("tuned-s0", None, "gamma 1.6", 0.6), ("tuned-group-s0", "NORMAL2", "none", 0.3),

@@ -28,8 +28,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pneumoscan.ood import fit_checkpoint  # noqa: E402
-from pneumoscan.predict import Predictor  # noqa: E402
+from pneumoscan.tasks.fitting import fit_checkpoint  # noqa: E402
+from pneumoscan.tasks.predict import Predictor  # noqa: E402
 from tests.foreign import foreign_sets  # noqa: E402
 
 

@@ -29,11 +29,11 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from prevalence_shift import validation_scores  # noqa: E402
 
-from pneumoscan.calibration import fit_temperature  # noqa: E402
-from pneumoscan.data import load_split  # noqa: E402
-from pneumoscan import checkpoint as ckpt_io  # noqa: E402
-from pneumoscan.metrics import choose_threshold, stable_threshold  # noqa: E402
-from pneumoscan.prevalence import logit, sigmoid  # noqa: E402
+from pneumoscan.core.calibration import fit_temperature  # noqa: E402
+from pneumoscan.io.data import load_split  # noqa: E402
+from pneumoscan.networks import checkpoint as ckpt_io  # noqa: E402
+from pneumoscan.core.metrics import choose_threshold, stable_threshold  # noqa: E402
+from pneumoscan.core.prevalence import logit, sigmoid  # noqa: E402
 
 VARIANTS = [(cal, rule) for cal in ("none", "temperature") for rule in ("fixed 0.5", "youden optimum", "youden bootstrap median")]
 PREVALENCES = (0.3, 0.5, 0.74, 0.9)

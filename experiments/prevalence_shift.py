@@ -29,13 +29,13 @@ from dataclasses import replace
 import numpy as np
 import torch
 
-from pneumoscan import checkpoint as ckpt_io
-from pneumoscan.calibration import fit_temperature, output_map
-from pneumoscan.data import cache_images, load_split, task_labels
-from pneumoscan.inference import freeze, predict_logits
-from pneumoscan.metrics import binary_metrics
-from pneumoscan.models import pneumonia_logit
-from pneumoscan.prevalence import estimate_prevalence, shift_prior, sigmoid
+from pneumoscan.networks import checkpoint as ckpt_io
+from pneumoscan.core.calibration import fit_temperature, output_map
+from pneumoscan.io.data import cache_images, load_split, task_labels
+from pneumoscan.networks.inference import freeze, predict_logits
+from pneumoscan.core.metrics import binary_metrics
+from pneumoscan.networks.models import pneumonia_logit
+from pneumoscan.core.prevalence import estimate_prevalence, shift_prior, sigmoid
 
 
 def validation_scores(checkpoint: str, data_root: str | None) -> tuple[np.ndarray, np.ndarray, object]:

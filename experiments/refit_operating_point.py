@@ -2,7 +2,7 @@
 """A checkpoint's operating point chosen again on validation under other settings, with the same weights.
 
 The operating point (calibration, threshold rule, threshold and its interval, model prior) is chosen
-after training, on validation, by `train.operating_point`; this rewrites it as a run trained with the
+after training, on validation, by `fitting.operating_point`; this rewrites it as a run trained with the
 given `--threshold-rule` / `--calibration` would have it, so a rule can be compared on checkpoints that
 already exist without training them again. The out-of-distribution detector is kept as it is.
 
@@ -20,9 +20,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from prevalence_shift import validation_scores  # noqa: E402
 
-from pneumoscan.config import Config  # noqa: E402
-from pneumoscan.fileio import save_torch  # noqa: E402
-from pneumoscan.train import operating_point  # noqa: E402
+from pneumoscan.core.config import Config  # noqa: E402
+from pneumoscan.io.fileio import save_torch  # noqa: E402
+from pneumoscan.tasks.fitting import operating_point  # noqa: E402
 
 
 def main() -> int:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from pneumoscan.adam import KerasAdam
+from pneumoscan.networks.adam import KerasAdam
 
 
 TOLERANCE = {"rtol": 2e-5, "atol": 1e-8}  # float32; Keras itself computes 1 - 0.999 ** t in float32 (1.3e-5 off at t = 1)

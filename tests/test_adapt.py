@@ -11,9 +11,9 @@ import pytest
 import torch
 from torch import nn
 
-from pneumoscan import checkpoint as ckpt_io
-from pneumoscan.cli import main
-from pneumoscan.shift import adapt_batchnorm, batchnorm_layers, bbse, class_weights, prevalence_check
+from pneumoscan.networks import checkpoint as ckpt_io
+from pneumoscan.apps.cli import main
+from pneumoscan.core.shift import adapt_batchnorm, batchnorm_layers, bbse, class_weights, prevalence_check
 
 from .conftest import real_subset
 
@@ -65,7 +65,7 @@ def test_bbse_inverts_the_confusion_matrix_and_refuses_one_that_does_not_separat
 
 def test_a_site_that_differs_in_more_than_its_mix_is_not_trusted():
     """EM on outputs that moved up for every image (an appearance shift) against BBSE: they disagree."""
-    from pneumoscan.shift import ValidationRecord
+    from pneumoscan.core.shift import ValidationRecord
 
     rng = np.random.default_rng(2)
     val_y = (rng.random(2000) < 0.5).astype(int)
@@ -101,8 +101,8 @@ def _site(run, tmp_path, factor: float = 1.0) -> tuple[list, list]:
     (paths, labels)."""
     from PIL import Image
 
-    from pneumoscan.images import load_grey
-    from pneumoscan.sites import contrast, shifted
+    from pneumoscan.io.images import load_grey
+    from pneumoscan.core.sites import contrast, shifted
 
     files = json.loads((run / "split.json").read_text())["val"]["files"]
     paths, labels = [], []
@@ -186,13 +186,13 @@ def test_labelled_rows_refit_the_calibration_and_say_what_to_expect(trained, tmp
                  "--out", str(tmp_path / "ev"), "--no-progress"]) == 0
     m = json.loads((tmp_path / "ev" / "metrics.json").read_text())
     assert m["adaptation"]["labelled_rows"] == {"NORMAL": 10, "PNEUMONIA": 10} and m["prior_source"] == "adapted"
-    from pneumoscan.modelcard import model_card
+    from pneumoscan.apps.modelcard import model_card
 
     card = model_card(tmp_path / "adapted.pt")
     assert "## Adapted to a site" in card and "leave-one-out over 20 labelled images" in card
     from fastapi.testclient import TestClient
 
-    from pneumoscan.serve import create_app
+    from pneumoscan.apps.serve import create_app
 
     info = TestClient(create_app(tmp_path / "adapted.pt")).get("/api/model").json()
     assert info["prevalence_source"] == "adapted" and info["adaptation"]["images"] == len(paths)

@@ -4,8 +4,8 @@ import shutil
 import numpy as np
 from PIL import Image
 
-from pneumoscan.audit import _near_duplicate_pairs, audit
-from pneumoscan.cli import main
+from pneumoscan.tasks.audit import _near_duplicate_pairs, audit
+from pneumoscan.apps.cli import main
 
 from .conftest import make_dataset
 

@@ -2,9 +2,9 @@ import numpy as np
 import pytest
 import torch
 
-from pneumoscan.augment import augment_batch, draw_augmentation
-from pneumoscan.config import Augmentation
-from pneumoscan.metrics import binary_metrics
+from pneumoscan.networks.augment import augment_batch, draw_augmentation
+from pneumoscan.core.config import Augmentation
+from pneumoscan.core.metrics import binary_metrics
 
 
 def test_no_augmentation_is_identity():
@@ -78,7 +78,7 @@ def test_binary_metrics_with_one_class_has_no_auc():
 
 
 def test_threshold_rules():
-    from pneumoscan.metrics import choose_threshold
+    from pneumoscan.core.metrics import choose_threshold
 
     labels = np.array([0, 0, 0, 0, 1, 1, 1, 1])
     probs = np.array([0.1, 0.2, 0.3, 0.6, 0.4, 0.7, 0.8, 0.9])
@@ -92,7 +92,7 @@ def test_threshold_rules():
 
 
 def test_calibration_of_perfectly_calibrated_scores_is_small():
-    from pneumoscan.metrics import calibration
+    from pneumoscan.core.metrics import calibration
 
     rng = np.random.default_rng(0)
     probs = rng.uniform(0, 1, 20000)
@@ -103,7 +103,7 @@ def test_calibration_of_perfectly_calibrated_scores_is_small():
 
 
 def test_bootstrap_intervals_contain_the_point_estimate_and_shrink_with_n():
-    from pneumoscan.metrics import bootstrap_ci
+    from pneumoscan.core.metrics import bootstrap_ci
 
     rng = np.random.default_rng(1)
 
@@ -126,7 +126,7 @@ def test_probabilities_within_float32_noise_rank_as_ties_in_every_ranking_metric
     gets one ROC AUC (0.5, all tied), not two chance values; well separated scores keep scikit-learn's."""
     from sklearn.metrics import roc_auc_score
 
-    from pneumoscan.metrics import binary_metrics, bootstrap_ci, ranking_scores, roc_points
+    from pneumoscan.core.metrics import binary_metrics, bootstrap_ci, ranking_scores, roc_points
 
     rng = np.random.default_rng(0)
     y = rng.integers(0, 2, 400)
@@ -142,7 +142,7 @@ def test_probabilities_within_float32_noise_rank_as_ties_in_every_ranking_metric
 
 
 def test_wilson_intervals_do_not_collapse_where_every_image_is_right():
-    from pneumoscan.metrics import confidence_intervals, wilson_interval
+    from pneumoscan.core.metrics import confidence_intervals, wilson_interval
 
     assert wilson_interval(12, 12) == pytest.approx([0.7575, 1.0], abs=1e-4)
     assert wilson_interval(0, 12)[0] == 0.0 and wilson_interval(0, 0) is None

@@ -14,7 +14,7 @@ playwright_api = pytest.importorskip("playwright.sync_api")
 uvicorn = pytest.importorskip("uvicorn")
 pytest.importorskip("monai")
 
-from pneumoscan.serve import create_app  # noqa: E402
+from pneumoscan.apps.serve import create_app  # noqa: E402
 
 from .test_serve import checkpoint, live, undefined_metrics_checkpoint  # noqa: E402,F401  (module-scoped fixtures)
 from .test_serve_browser import wait_until, watched_page  # noqa: E402  (the policy forbids wait_for_function's eval)

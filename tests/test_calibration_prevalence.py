@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from pneumoscan.calibration import OutputMap, fit_offset, fit_platt, fit_temperature, nll, output_map
-from pneumoscan.cli import main
-from pneumoscan.config import Config, DataConfig, Preprocessing, TrainConfig
-from pneumoscan.metrics import binary_metrics, choose_threshold, stable_threshold
-from pneumoscan.prevalence import estimate_prevalence, shift_prior, sigmoid
+from pneumoscan.core.calibration import OutputMap, fit_offset, fit_platt, fit_temperature, nll, output_map
+from pneumoscan.apps.cli import main
+from pneumoscan.core.config import Config, DataConfig, Preprocessing, TrainConfig
+from pneumoscan.core.metrics import binary_metrics, choose_threshold, stable_threshold
+from pneumoscan.core.prevalence import estimate_prevalence, shift_prior, sigmoid
 
 
 def test_the_logit_shift_is_bayes_rule():
@@ -140,7 +140,7 @@ def test_an_offset_alone_stays_determined_where_a_few_separable_rows_make_platt_
 
 
 def test_the_operating_point_training_stores_for_each_calibration():
-    from pneumoscan.fitting import operating_point
+    from pneumoscan.tasks.fitting import operating_point
 
     rng = np.random.default_rng(5)
     y = (rng.random(600) < 0.7).astype(int)
@@ -177,7 +177,7 @@ def test_output_map_moves_an_roc_threshold_with_the_probabilities_but_not_a_fixe
 @pytest.fixture(scope="module")
 def tuned_run(tmp_path_factory):
     """A tiny run that calibrates by temperature and picks a stable Youden threshold."""
-    from pneumoscan.train import train
+    from pneumoscan.tasks.train import train
 
     from .conftest import make_dataset
 
@@ -235,7 +235,7 @@ def test_prevalence_reaches_evaluate_predict_explain_and_the_api(tuned_run, tmp_
     pytest.importorskip("fastapi")
     from fastapi.testclient import TestClient
 
-    from pneumoscan.serve import create_app
+    from pneumoscan.apps.serve import create_app
 
     client = TestClient(create_app(best))
     upload = [("files", ("a.jpeg", open(files[0], "rb").read(), "image/jpeg"))]
@@ -249,9 +249,9 @@ def test_prevalence_reaches_evaluate_predict_explain_and_the_api(tuned_run, tmp_
 
 
 def test_an_old_checkpoint_keeps_its_raw_probabilities(tuned_run, tmp_path):
-    from pneumoscan.inference import model_input
-    from pneumoscan.models import probabilities
-    from pneumoscan.predict import Predictor
+    from pneumoscan.networks.inference import model_input
+    from pneumoscan.networks.models import probabilities
+    from pneumoscan.tasks.predict import Predictor
 
     _, run, _ = tuned_run
     ckpt = torch.load(run / "best.pt", weights_only=True)
@@ -278,7 +278,7 @@ def test_an_old_checkpoint_keeps_its_raw_probabilities(tuned_run, tmp_path):
 
 def test_an_onnx_export_carries_the_temperature_its_threshold_needs(tuned_run, tmp_path):
     pytest.importorskip("onnxruntime")
-    from pneumoscan.export import OnnxPredictor, export_onnx
+    from pneumoscan.networks.export import OnnxPredictor, export_onnx
 
     _, run, _ = tuned_run
     ckpt = torch.load(run / "best.pt", weights_only=True)

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from pneumoscan.cli import main
+from pneumoscan.apps.cli import main
 
 from .conftest import real_subset
 
@@ -115,7 +115,7 @@ def test_help_does_not_load_pytorch_or_scikit_learn(tmp_path):
     import subprocess
     import sys
 
-    code = ("import sys; from pneumoscan.cli import build_parser; build_parser(); "
+    code = ("import sys; from pneumoscan.apps.cli import build_parser; build_parser(); "
             "print(sorted(m for m in ('torch', 'sklearn', 'matplotlib') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"

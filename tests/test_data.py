@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pneumoscan import data as data_module
-from pneumoscan.config import DataConfig, Preprocessing
-from pneumoscan.data import (DataError, cache_images, carve_validation, patient_id, pneumonia_type, scan_folder,
+from pneumoscan.io import data as data_module
+from pneumoscan.core.config import DataConfig, Preprocessing
+from pneumoscan.io.data import (DataError, cache_images, carve_validation, patient_id, pneumonia_type, scan_folder,
                              split_samples)
 
 from .conftest import make_dataset
@@ -114,7 +114,7 @@ def test_unreadable_training_file_is_listed_and_skipped(tmp_path):
 
 
 def test_medmnist_npz_is_a_data_source_for_train_and_evaluate(tmp_path):
-    from pneumoscan.cli import main
+    from pneumoscan.apps.cli import main
 
     from .conftest import synthetic_xray
 

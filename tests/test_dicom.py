@@ -5,7 +5,7 @@ import io
 import numpy as np
 import pytest
 
-from pneumoscan.images import ImageLoadError, load_grey
+from pneumoscan.io.images import ImageLoadError, load_grey
 
 pydicom = pytest.importorskip("pydicom")
 from pydicom.dataset import Dataset, FileMetaDataset  # noqa: E402
@@ -247,7 +247,7 @@ def _narrow_grey() -> np.ndarray:
 @pytest.fixture(scope="module")
 def small_model(tmp_path_factory):
     """The paper's network, trained one epoch on generated images."""
-    from pneumoscan.train import train
+    from pneumoscan.tasks.train import train
 
     from .conftest import make_dataset
     from .test_train_checkpoint import tiny_config
@@ -262,8 +262,8 @@ def small_model(tmp_path_factory):
 def test_eight_bit_dicom_without_a_window_scores_as_the_same_png(small_model, photometric, extra):
     from dataclasses import replace
 
-    from pneumoscan.images import load_for_model
-    from pneumoscan.predict import Predictor
+    from pneumoscan.io.images import load_for_model
+    from pneumoscan.tasks.predict import Predictor
 
     grey = _narrow_grey()
     stored = 255 - grey if photometric == "MONOCHROME1" else grey  # MONOCHROME1: low values are bright

@@ -194,8 +194,8 @@ def checkpoint(tmp_path_factory):
     """A tiny ResNet-18 after one epoch: unlike the paper's network at this size, its probability and its
     Grad-CAM map depend on the image, so a report carrying another image's probability would show."""
     pytest.importorskip("monai")
-    from pneumoscan.predict import Predictor
-    from pneumoscan.train import train
+    from pneumoscan.tasks.predict import Predictor
+    from pneumoscan.tasks.train import train
 
     from .conftest import make_dataset
     from .test_train_checkpoint import tiny_config
@@ -253,8 +253,8 @@ def test_c_echo_both_ways(pacs_and_node):
 def test_a_radiograph_from_the_pacs_comes_back_as_a_structured_report(pacs_and_node, radiograph, checkpoint, tmp_path):
     import pydicom
 
-    from pneumoscan.cli import main
-    from pneumoscan.dicom_sr import RESEARCH_USE, read_report
+    from pneumoscan.apps.cli import main
+    from pneumoscan.io.dicom_sr import RESEARCH_USE, read_report
 
     pacs, node, out = pacs_and_node
     source = pydicom.dcmread(radiograph, stop_before_pixels=True)
@@ -292,7 +292,7 @@ def test_what_the_node_cannot_score_gets_a_failure_status_and_the_node_stays_up(
     import pydicom
     from pydicom.encaps import encapsulate
 
-    from pneumoscan.dicom_sr import ModelInfo, Score, structured_report
+    from pneumoscan.io.dicom_sr import ModelInfo, Score, structured_report
 
     pacs, node, out = pacs_and_node
     dx = pydicom.dcmread(radiograph)
@@ -352,9 +352,9 @@ def test_the_grad_cam_overlay_comes_back_as_a_secondary_capture(pacs_and_node, c
 
     import pydicom
 
-    from pneumoscan.dicom_node import DicomNode, Destination, NodeSettings
-    from pneumoscan.dicom_sr import read_report
-    from pneumoscan.predict import Predictor
+    from pneumoscan.apps.dicom_node import DicomNode, Destination, NodeSettings
+    from pneumoscan.io.dicom_sr import read_report
+    from pneumoscan.tasks.predict import Predictor
 
     pacs, _, _ = pacs_and_node
     source = pydicom.dcmread(radiograph)
@@ -396,8 +396,8 @@ def test_the_lua_routing_script_of_the_docs_sends_radiographs_and_not_reports(ch
     pytest.importorskip("highdicom")
     import re
 
-    from pneumoscan.dicom_node import DicomNode, Destination, NodeSettings
-    from pneumoscan.predict import Predictor
+    from pneumoscan.apps.dicom_node import DicomNode, Destination, NodeSettings
+    from pneumoscan.tasks.predict import Predictor
 
     docs = (Path(__file__).resolve().parents[1] / "docs" / "dicom.md").read_text()
     [script] = re.findall(r"```lua\n(.*?)```", docs, re.S)
@@ -432,7 +432,7 @@ def _part10(ds) -> bytes:
 # --- the node in-process: what needs no PACS ------------------------------------------------------------
 
 def test_send_to_is_parsed_or_refused_with_the_form_it_needs():
-    from pneumoscan.dicom_node import Destination
+    from pneumoscan.apps.dicom_node import Destination
 
     assert Destination.parse("ORTHANC@pacs.example:4242") == Destination("ORTHANC", "pacs.example", 4242)
     for bad in ("ORTHANC", "ORTHANC@host", "@host:104", "A_TITLE_LONGER_THAN_16@h:104", "PACS@h:0", "PACS@h:70000"):
@@ -441,14 +441,14 @@ def test_send_to_is_parsed_or_refused_with_the_form_it_needs():
 
 
 def test_limits_below_one_are_refused_before_the_model_is_loaded(tmp_path, capsys):
-    from pneumoscan.cli import main
+    from pneumoscan.apps.cli import main
 
     assert main(["dicom-node", str(tmp_path / "missing.pt"), "--out", str(tmp_path), "--max-associations", "0"]) == 2
     assert "--max-associations" in capsys.readouterr().err
 
 
 def test_the_results_file_ends_a_torn_row_before_the_next(tmp_path):
-    from pneumoscan.dicom_node import COLUMNS, ResultLog
+    from pneumoscan.apps.dicom_node import COLUMNS, ResultLog
 
     ResultLog(tmp_path / "results.csv").write(event="scored", sop_instance_uid="1.2.3", error="line one\nline two")
     with open(tmp_path / "results.csv", "a") as f:
@@ -467,8 +467,8 @@ def test_reports_that_cannot_be_delivered_are_retried_then_recorded_and_the_node
     pytest.importorskip("highdicom")
     import pydicom
 
-    from pneumoscan.dicom_node import DicomNode, Destination, NodeSettings
-    from pneumoscan.predict import Predictor
+    from pneumoscan.apps.dicom_node import DicomNode, Destination, NodeSettings
+    from pneumoscan.tasks.predict import Predictor
 
     nobody = Destination("NOBODY", "127.0.0.1", free_port())  # nothing listens there
     settings = NodeSettings(out=tmp_path / "node", port=free_port(), send_to=nobody, send_attempts=2, retry_wait_s=0.05,
@@ -499,8 +499,8 @@ def test_associations_over_the_limit_are_refused_until_one_ends(checkpoint, tmp_
     from pynetdicom import AE
     from pynetdicom.sop_class import Verification
 
-    from pneumoscan.dicom_node import DicomNode, NodeSettings
-    from pneumoscan.predict import Predictor
+    from pneumoscan.apps.dicom_node import DicomNode, NodeSettings
+    from pneumoscan.tasks.predict import Predictor
 
     node = DicomNode(Predictor(checkpoint, device="cpu"), NodeSettings(out=tmp_path, port=free_port(), max_associations=1))
     node.start()
@@ -531,8 +531,8 @@ def test_a_c_echo_is_answered_while_a_large_instance_is_being_stored(checkpoint,
     pytest.importorskip("pynetdicom")
     import pydicom
 
-    from pneumoscan.dicom_node import DicomNode, NodeSettings
-    from pneumoscan.predict import Predictor
+    from pneumoscan.apps.dicom_node import DicomNode, NodeSettings
+    from pneumoscan.tasks.predict import Predictor
 
     big = pydicom.dcmread(radiograph)
     big.decompress()
@@ -611,7 +611,7 @@ def _round_trip(ds):
 @pytest.mark.parametrize("how", ["absent", "empty", "unreadable"])
 def test_report_and_overlay_are_built_from_a_header_without_patient_and_study_attributes(how):
     pytest.importorskip("highdicom")
-    from pneumoscan.dicom_sr import TYPE2_ATTRIBUTES, ModelInfo, Score, read_report, secondary_capture, structured_report
+    from pneumoscan.io.dicom_sr import TYPE2_ATTRIBUTES, ModelInfo, Score, read_report, secondary_capture, structured_report
 
     source = _source(how)
     before = {k: source.get(k) for k in IDENTIFIED}
@@ -643,8 +643,8 @@ def test_the_node_logs_each_report_stored_and_each_not_stored(tmp_path, caplog):
     from pynetdicom import AE, evt
     from pynetdicom.sop_class import ComprehensiveSRStorage, SecondaryCaptureImageStorage
 
-    from pneumoscan.dicom_node import DicomNode, Destination, ResultLog, Sender
-    from pneumoscan.dicom_sr import ModelInfo, Score
+    from pneumoscan.apps.dicom_node import DicomNode, Destination, ResultLog, Sender
+    from pneumoscan.io.dicom_sr import ModelInfo, Score
 
     stored: list[str] = []
     pacs = AE(ae_title="STORESCP")
@@ -664,7 +664,7 @@ def test_the_node_logs_each_report_stored_and_each_not_stored(tmp_path, caplog):
     good, unbuildable, undelivered = _source("absent"), _source("absent"), _source("absent")
     del unbuildable.StudyInstanceUID  # Type 1: no study to put the report in
     pacs_at, nobody = Destination("STORESCP", "127.0.0.1", port), Destination("NOBODY", "127.0.0.1", free_port())
-    caplog.set_level(logging.INFO, logger="pneumoscan.dicom_node")
+    caplog.set_level(logging.INFO, logger="pneumoscan.apps.dicom_node")
     try:
         for destination, sources in ((pacs_at, [good, unbuildable]), (nobody, [undelivered])):
             sender = Sender(node, destination, attempts=1, retry_wait_s=0)
@@ -673,7 +673,7 @@ def test_the_node_logs_each_report_stored_and_each_not_stored(tmp_path, caplog):
             sender.stop()
     finally:
         server.shutdown()
-    lines = {(r.levelname, r.getMessage()) for r in caplog.records if r.name == "pneumoscan.dicom_node"}
+    lines = {(r.levelname, r.getMessage()) for r in caplog.records if r.name == "pneumoscan.apps.dicom_node"}
     [(level, sent)] = [line for line in lines if good.SOPInstanceUID in line[1]]
     assert level == "INFO" and f"stored at {pacs_at}" in sent and len(stored) == 2
     assert all(f"{uid} status 0x0000" in sent for uid in stored)
@@ -704,8 +704,8 @@ def dcmtk(tool: str, calling: str, called: str, port: int, *files: Path) -> subp
 def start_node(checkpoint, tmp_path):
     """Starts an in-process node (no destination) with the given settings; stops it after the test."""
     pytest.importorskip("pynetdicom")
-    from pneumoscan.dicom_node import DicomNode, NodeSettings
-    from pneumoscan.predict import Predictor
+    from pneumoscan.apps.dicom_node import DicomNode, NodeSettings
+    from pneumoscan.tasks.predict import Predictor
 
     nodes = []
 
@@ -743,7 +743,7 @@ def test_only_the_allowed_calling_ae_titles_from_their_hosts_are_accepted(start_
     from pynetdicom import AE
     from pynetdicom.sop_class import Verification
 
-    from pneumoscan.dicom_settings import CallingPeer
+    from pneumoscan.apps.dicom_settings import CallingPeer
 
     node = start_node(allow_calling=(CallingPeer.parse("MODALITY@127.0.0.2"), CallingPeer.parse("WORKSTATION@localhost")))
 
@@ -770,8 +770,8 @@ def test_only_the_allowed_calling_ae_titles_from_their_hosts_are_accepted(start_
 
 
 def test_allow_calling_is_parsed_or_refused_on_the_command_line_before_the_model_is_loaded(tmp_path, capsys):
-    from pneumoscan.cli import main
-    from pneumoscan.dicom_settings import CallingPeer
+    from pneumoscan.apps.cli import main
+    from pneumoscan.apps.dicom_settings import CallingPeer
 
     peer = CallingPeer.parse(" PACS@[::1] ")
     assert (peer.ae_title, peer.host, str(peer)) == ("PACS", "::1", "PACS@::1")
@@ -797,7 +797,7 @@ def test_hostile_ae_titles_and_header_text_are_written_spreadsheet_safe(checkpoi
 
     import pydicom
 
-    from pneumoscan.records import original_cell
+    from pneumoscan.io.records import original_cell
 
     hostile_series = '=HYPERLINK("http://example.invalid","x")'
     ds = pydicom.dcmread(radiograph)

@@ -18,8 +18,8 @@ import pytest
 
 pydicom = pytest.importorskip("pydicom")
 
-from pneumoscan.dicom import read_dicom  # noqa: E402
-from pneumoscan.images import ImageLoadError, load_grey  # noqa: E402
+from pneumoscan.io.dicom import read_dicom  # noqa: E402
+from pneumoscan.io.images import ImageLoadError, load_grey  # noqa: E402
 
 from .conftest import real_train_folder  # noqa: E402
 

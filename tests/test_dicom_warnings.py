@@ -13,8 +13,8 @@ from PIL import Image
 
 pydicom = pytest.importorskip("pydicom")
 
-from pneumoscan.dicom import acquisition_warnings  # noqa: E402
-from pneumoscan.images import load_grey_with_info  # noqa: E402
+from pneumoscan.io.dicom import acquisition_warnings  # noqa: E402
+from pneumoscan.io.images import load_grey_with_info  # noqa: E402
 
 from .conftest import synthetic_xray  # noqa: E402
 from .test_dicom import make_dicom  # noqa: E402
@@ -115,7 +115,7 @@ def folder(tmp_path_factory):
 def checkpoint(tmp_path_factory):
     """A tiny model trained for one epoch on generated images (Grad-CAM needs MONAI)."""
     pytest.importorskip("monai")
-    from pneumoscan.train import train
+    from pneumoscan.tasks.train import train
 
     from .conftest import make_dataset
     from .test_train_checkpoint import tiny_config
@@ -126,7 +126,7 @@ def checkpoint(tmp_path_factory):
 
 
 def test_predict_csv_has_each_files_warnings(checkpoint, folder, tmp_path):
-    from pneumoscan.cli import main
+    from pneumoscan.apps.cli import main
 
     out = tmp_path / "p.csv"
     assert main(["predict", str(checkpoint), str(folder), "--out", str(out), "--device", "cpu"]) == 0
@@ -138,7 +138,7 @@ def test_predict_csv_has_each_files_warnings(checkpoint, folder, tmp_path):
 
 
 def test_explain_csv_has_each_files_warnings(checkpoint, folder, tmp_path):
-    from pneumoscan.explain import explain_paths
+    from pneumoscan.tasks.explain import explain_paths
 
     rows = {r["path"].rsplit("/", 1)[-1]: r for r in explain_paths(checkpoint, [str(folder)], tmp_path, device="cpu")}
     written = {r["path"].rsplit("/", 1)[-1]: r for r in csv.DictReader((tmp_path / "explanations.csv").open())}
@@ -147,10 +147,29 @@ def test_explain_csv_has_each_files_warnings(checkpoint, folder, tmp_path):
         _check(name, rows[name]["warnings"].split("; ") if rows[name]["warnings"] else [], expected)
 
 
+def test_every_per_image_csv_carries_the_columns_predict_writes(checkpoint, folder, tmp_path):
+    """One record, one column set: evaluate's predictions.csv adds `true_label`, explain's CSV the heatmap file,
+    and neither lacks a column of predict's."""
+    from pneumoscan.apps.cli import main
+
+    def header(path):
+        with open(path, newline="") as f:
+            return next(csv.reader(f))
+
+    assert main(["predict", str(checkpoint), str(folder), "--out", str(tmp_path / "p.csv"), "--device", "cpu"]) == 0
+    assert main(["explain", str(checkpoint), str(folder), "--out", str(tmp_path / "x"), "--device", "cpu"]) == 0
+    assert main(["evaluate", str(checkpoint), "--split", "val", "--out", str(tmp_path / "e"), "--device", "cpu"]) == 0
+    predicted = header(tmp_path / "p.csv")
+    explained, evaluated = header(tmp_path / "x" / "explanations.csv"), header(tmp_path / "e" / "predictions.csv")
+    assert "p_pneumonia" in predicted and "prevalence_source" in predicted and "threshold" in predicted
+    assert set(predicted) <= set(explained) and set(explained) - set(predicted) == {"heatmap"}, explained
+    assert set(predicted) <= set(evaluated) and "true_label" in evaluated, evaluated
+
+
 def test_api_json_has_each_files_warnings(checkpoint):
     from fastapi.testclient import TestClient
 
-    from pneumoscan.serve import create_app
+    from pneumoscan.apps.serve import create_app
 
     files = _files()
     client = TestClient(create_app(checkpoint))
@@ -170,7 +189,7 @@ def test_page_shows_each_files_warnings_beside_its_result(checkpoint, folder):
     if shutil.which("chromium") is None and shutil.which("chromium-browser") is None:
         pytest.skip("needs Debian's chromium (apt-get install chromium)")
     pytest.importorskip("playwright.sync_api")
-    from pneumoscan.serve import create_app
+    from pneumoscan.apps.serve import create_app
 
     from .test_serve import live
     from .test_serve_browser import watched_page

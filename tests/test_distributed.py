@@ -6,7 +6,7 @@ import sys
 
 import torch
 
-from pneumoscan import checkpoint as ckpt_io
+from pneumoscan.networks import checkpoint as ckpt_io
 
 
 def test_torchrun_two_cpu_processes(tiny_data, tmp_path):

@@ -25,7 +25,7 @@ from urllib.parse import unquote
 
 import pytest
 
-from pneumoscan.cli import build_parser
+from pneumoscan.apps.cli import build_parser
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"

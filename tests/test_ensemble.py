@@ -17,10 +17,10 @@ import numpy as np
 import pytest
 import torch
 
-from pneumoscan import checkpoint as ckpt_io
-from pneumoscan.cli import main
-from pneumoscan.images import load_for_model
-from pneumoscan.inference import freeze, predict_logits
+from pneumoscan.networks import checkpoint as ckpt_io
+from pneumoscan.apps.cli import main
+from pneumoscan.io.images import load_for_model
+from pneumoscan.networks.inference import freeze, predict_logits
 
 from .conftest import make_dataset
 from .test_invariants import assert_every_path_agrees, paper_run_args, read_csv
@@ -82,9 +82,9 @@ def test_the_ensembles_probability_is_the_mean_of_its_members_logits_through_its
 
 
 def test_one_member_with_tta_is_the_mean_over_its_views_and_not_the_member_alone(runs):
-    from pneumoscan.augment import augment_batch
-    from pneumoscan.config import Augmentation
-    from pneumoscan.predict import Predictor
+    from pneumoscan.networks.augment import augment_batch
+    from pneumoscan.core.config import Augmentation
+    from pneumoscan.tasks.predict import Predictor
 
     _, pixels = val_images(runs)
     ckpt = torch.load(runs["tta1"], weights_only=True)
@@ -109,7 +109,7 @@ def test_every_inference_path_agrees_on_an_ensemble_with_tta(runs, tmp_path):
     pytest.importorskip("onnxruntime")
     pytest.importorskip("monai")
     pytest.importorskip("fastapi")
-    from pneumoscan.export import OnnxPredictor, remembered_onnx_bytes
+    from pneumoscan.networks.export import OnnxPredictor, remembered_onnx_bytes
 
     ens = str(runs["ens_tta"])
     assert main(["evaluate", ens, "--split", "val", "--out", str(tmp_path / "eval"), "--device", "cpu",
@@ -126,8 +126,8 @@ def test_every_inference_path_agrees_on_an_ensemble_with_tta(runs, tmp_path):
 
 def test_the_ensembles_gradcam_is_the_mean_of_its_members_maps(runs):
     pytest.importorskip("monai")
-    from pneumoscan.explain import _min_max, cam_for_pixels
-    from pneumoscan.predict import Predictor
+    from pneumoscan.tasks.explain import _min_max, cam_for_pixels
+    from pneumoscan.tasks.predict import Predictor
 
     _, pixels = val_images(runs)
     for ens in (runs["ens"], runs["ens_tta"]):
@@ -175,8 +175,8 @@ def test_the_checkpoint_loads_with_weights_only_and_carries_its_operating_point_
 
 
 def test_the_views_are_those_training_augmentation_taught():
-    from pneumoscan.config import Augmentation
-    from pneumoscan.ensemble import tta_views
+    from pneumoscan.core.config import Augmentation
+    from pneumoscan.tasks.ensemble import tta_views
 
     def names(aug: Augmentation) -> list[str]:
         return [v["name"] for v in tta_views("zoom", aug)]
@@ -190,7 +190,7 @@ def test_the_views_are_those_training_augmentation_taught():
 
 
 def test_freezing_an_ensemble_gives_each_paper_network_its_fast_form(runs):
-    from pneumoscan.inference import FrozenSeedCNN
+    from pneumoscan.networks.inference import FrozenSeedCNN
 
     loaded = ckpt_io.load(runs["ens_tta"])
     frozen = freeze(loaded.model)

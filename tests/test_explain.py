@@ -7,11 +7,11 @@ import pytest
 import torch
 from PIL import Image
 
-from pneumoscan import checkpoint as ckpt_io
-from pneumoscan import models
-from pneumoscan.cli import main
-from pneumoscan.explain import cam_for_pixels, explain_image
-from pneumoscan.predict import Predictor
+from pneumoscan.networks import checkpoint as ckpt_io
+from pneumoscan.networks import models
+from pneumoscan.apps.cli import main
+from pneumoscan.tasks.explain import cam_for_pixels, explain_image
+from pneumoscan.tasks.predict import Predictor
 
 from .test_train_checkpoint import tiny_config
 
@@ -20,7 +20,7 @@ pytest.importorskip("monai")
 
 @pytest.fixture
 def trained(tiny_data, tmp_path):
-    from pneumoscan.train import train
+    from pneumoscan.tasks.train import train
 
     train(tiny_config(tiny_data, epochs=1), tmp_path / "run", device="cpu", progress=False)
     return tmp_path / "run" / "best.pt"
@@ -72,7 +72,7 @@ def test_explain_command_writes_pngs_and_carries_on_past_bad_files(trained, tiny
 
 @pytest.mark.parametrize("name", ["resnet18", "densenet121"])
 def test_gradcam_works_for_the_reference_models(name, tmp_path):
-    from pneumoscan.config import Config, Preprocessing
+    from pneumoscan.core.config import Config, Preprocessing
 
     cfg = Config(preprocessing=Preprocessing(image_size=64)).override("model", name=name)
     model = models.build_model(cfg)
@@ -85,7 +85,7 @@ def test_gradcam_works_for_the_reference_models(name, tmp_path):
 
 
 def test_batched_maps_equal_one_image_at_a_time(trained):
-    from pneumoscan.explain import cam_for_batch
+    from pneumoscan.tasks.explain import cam_for_batch
 
     predictor = Predictor(trained, device="cpu")
     pixels = np.random.default_rng(0).integers(0, 256, (3, 48, 48), dtype=np.uint8)

@@ -14,11 +14,11 @@ import torch
 pytest.importorskip("onnxruntime")
 
 from pneumoscan import __version__  # noqa: E402
-from pneumoscan import checkpoint as ckpt_io  # noqa: E402
-from pneumoscan import models  # noqa: E402
-from pneumoscan.config import Config, ModelConfig, Preprocessing  # noqa: E402
-from pneumoscan.export import FORMAT, OnnxPredictor, export_onnx  # noqa: E402
-from pneumoscan.predict import Predictor, expand_paths  # noqa: E402
+from pneumoscan.networks import checkpoint as ckpt_io  # noqa: E402
+from pneumoscan.networks import models  # noqa: E402
+from pneumoscan.core.config import Config, ModelConfig, Preprocessing  # noqa: E402
+from pneumoscan.networks.export import FORMAT, OnnxPredictor, export_onnx  # noqa: E402
+from pneumoscan.tasks.predict import Predictor, expand_paths  # noqa: E402
 
 # (activation, image size): the paper's 150 px; small sizes keep the suite fast, and an odd size takes
 # the model's other stem path (two literal convolutions instead of the composed 5x5 kernel)
@@ -148,7 +148,7 @@ def test_predictor_onnx_backend_matches_torch_on_files(tiny_data, tmp_path):
 
 def test_onnx_backend_remembers_its_export(tmp_path, monkeypatch):
     """The second Predictor reads the export back from the cache folder; a damaged entry is exported again."""
-    import pneumoscan.export as export_module
+    import pneumoscan.networks.export as export_module
 
     ckpt = build_checkpoint(tmp_path / "model.pt", "prelu", 40)
     x = structured_images(np.random.default_rng(0), 4, 40)
@@ -211,7 +211,7 @@ def test_the_exporter_logs_nothing_at_info_and_predict_refuses_the_onnx_file_in_
     predict given the exported .onnx instead of the checkpoint: one line that says which file to give."""
     import logging
 
-    from pneumoscan.cli import main
+    from pneumoscan.apps.cli import main
 
     pytest.importorskip("onnxscript")
     ckpt = build_checkpoint(tmp_path / "model.pt", "prelu", 64)

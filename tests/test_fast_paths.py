@@ -13,11 +13,11 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from pneumoscan.config import Config, Preprocessing, TrainConfig
-from pneumoscan.cpu_kernels import CpuTrainingSeedCNN, for_cpu_training
-from pneumoscan.inference import FrozenPReLU, FrozenSeedCNN, PoolThenShift, freeze, model_input
-from pneumoscan.models import SeedCNN
-from pneumoscan.train import DeviceSplit, make_optimizer, make_step, validation_logits
+from pneumoscan.core.config import Config, Preprocessing, TrainConfig
+from pneumoscan.networks.cpu_kernels import CpuTrainingSeedCNN, for_cpu_training
+from pneumoscan.networks.inference import FrozenPReLU, FrozenSeedCNN, PoolThenShift, freeze, model_input
+from pneumoscan.networks.models import SeedCNN
+from pneumoscan.tasks.train import DeviceSplit, make_optimizer, make_step, validation_logits
 
 
 def varied(model: SeedCNN, seed: int = 0) -> SeedCNN:

@@ -12,11 +12,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pneumoscan.config import Preprocessing
-from pneumoscan.data import cache_images, scan_folder
-from pneumoscan.evaluate import evaluate
-from pneumoscan.predict import predict_paths
-from pneumoscan.train import train
+from pneumoscan.core.config import Preprocessing
+from pneumoscan.io.data import cache_images, scan_folder
+from pneumoscan.tasks.evaluate import evaluate
+from pneumoscan.tasks.predict import predict_paths
+from pneumoscan.tasks.train import train
 
 from .test_train_checkpoint import tiny_config
 
@@ -47,7 +47,7 @@ def test_non_utf8_file_names_train_evaluate_predict_and_explain(tiny_data, tmp_p
     assert len(rows) == len(results) == 24 and not any(r["error"] for r in rows)
     assert str(normal / "IM-0999-0001-\\xff\\xfe.jpeg") in [r["path"] for r in rows]
 
-    from pneumoscan.explain import explain_paths
+    from pneumoscan.tasks.explain import explain_paths
 
     explain_paths(out / "best.pt", [str(normal / ODD_NAME), str(tmp_path / f"missing-{ODD_NAME}")], tmp_path / "x",
                   device="cpu")
@@ -122,8 +122,8 @@ onnx_available = pytest.mark.skipif(
 def test_a_remembered_onnx_export_is_checked_against_its_checkpoint(tmp_path, monkeypatch):
     import onnx
 
-    from pneumoscan.export import remembered_onnx_bytes
-    from pneumoscan.predict import Predictor
+    from pneumoscan.networks.export import remembered_onnx_bytes
+    from pneumoscan.tasks.predict import Predictor
 
     from .test_export import build_checkpoint
 

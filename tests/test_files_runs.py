@@ -12,12 +12,12 @@ from pathlib import Path
 
 import pytest
 
-from pneumoscan import checkpoint as ckpt_io
-from pneumoscan import models
-from pneumoscan.compare import compare
-from pneumoscan.data import DataError
-from pneumoscan.fileio import atomic_write_bytes, atomic_write_text
-from pneumoscan.train import train
+from pneumoscan.networks import checkpoint as ckpt_io
+from pneumoscan.networks import models
+from pneumoscan.tasks.compare import compare
+from pneumoscan.io.data import DataError
+from pneumoscan.io.fileio import atomic_write_bytes, atomic_write_text
+from pneumoscan.tasks.train import train
 
 from .test_train_checkpoint import tiny_config
 
@@ -103,7 +103,7 @@ def test_compare_skips_a_run_another_process_holds_and_comes_back_to_it(tiny_dat
     ("preprocessing", "image_size", 4), ("preprocessing", "channels", 2), ("train", "eval_batch_size", 0),
     ("train", "epochs", -1), ("train", "threshold", float("nan")), ("model", "activation", "tanh")])
 def test_a_checkpoint_config_out_of_range_is_refused_before_the_model_is_built(tmp_path, section, name, value):
-    from pneumoscan.config import Config, Preprocessing
+    from pneumoscan.core.config import Config, Preprocessing
 
     cfg = Config(preprocessing=Preprocessing(image_size=32))
     ckpt = ckpt_io.make_checkpoint(models.build_model(cfg), cfg, threshold=0.5)

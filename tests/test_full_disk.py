@@ -80,8 +80,8 @@ def the_error(result: subprocess.CompletedProcess, command: str) -> str:
 
 def checkpoint_sizes(data: Path, out: Path, monkeypatch) -> dict[str, list[int]]:
     """The size of each checkpoint a run of TRAIN into `out` writes, in order, by file name; `out` is removed."""
-    from pneumoscan import checkpoint
-    from pneumoscan.cli import main
+    from pneumoscan.networks import checkpoint
+    from pneumoscan.apps.cli import main
 
     sizes: dict[str, list[int]] = {}
     save = checkpoint.save

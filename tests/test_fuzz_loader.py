@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from pneumoscan.images import ImageLoadError, load_grey
+from pneumoscan.io.images import ImageLoadError, load_grey
 
 
 def _image_seeds() -> list[bytes]:

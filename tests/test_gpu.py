@@ -4,12 +4,12 @@ import pytest
 import torch
 from torch import nn
 
-from pneumoscan.adam import KerasAdam
-from pneumoscan.augment import draw_augmentation
-from pneumoscan.config import Augmentation, Config
-from pneumoscan.predict import Predictor
-from pneumoscan.cuda_graphs import CudaGraphStep
-from pneumoscan.train import DeviceSplit, make_step, train
+from pneumoscan.networks.adam import KerasAdam
+from pneumoscan.networks.augment import draw_augmentation
+from pneumoscan.core.config import Augmentation, Config
+from pneumoscan.tasks.predict import Predictor
+from pneumoscan.networks.cuda_graphs import CudaGraphStep
+from pneumoscan.tasks.train import DeviceSplit, make_step, train
 
 from .test_train_checkpoint import tiny_config
 
@@ -74,9 +74,9 @@ def test_replayed_graph_steps_equal_eager_steps_and_follow_the_learning_rate():
 
 def test_validation_on_the_gpu_matches_the_cpu_eager_and_replayed_also_after_the_weights_change():
     """Padded training-size batches, eager and as a CUDA graph; the graph must read the weights in place."""
-    from pneumoscan.models import build_model
-    from pneumoscan.config import TrainConfig
-    from pneumoscan.train import validation_logits as predict_logits
+    from pneumoscan.networks.models import build_model
+    from pneumoscan.core.config import TrainConfig
+    from pneumoscan.tasks.train import validation_logits as predict_logits
 
     cfg = Config(train=TrainConfig(batch_size=8, eval_batch_size=16))
     torch.manual_seed(0)
@@ -115,7 +115,7 @@ def test_the_best_epochs_logged_validation_equals_evaluate_of_best_pt_on_the_gpu
     precision, the decisions and the ranking exactly."""
     import json
 
-    from pneumoscan.cli import main
+    from pneumoscan.apps.cli import main
 
     from .conftest import make_dataset
     from .test_invariants import paper_run_args

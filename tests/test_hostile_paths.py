@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pneumoscan.cli import main
-from pneumoscan.records import original_cell, spreadsheet_safe
+from pneumoscan.apps.cli import main
+from pneumoscan.io.records import original_cell, spreadsheet_safe
 
 needs_fifos = pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs FIFOs (POSIX)")
 
@@ -22,9 +22,9 @@ needs_fifos = pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs FIFOs 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> Path:
     """An untrained paper network at 32 px: what is tested here is which rows are written, not the scores."""
-    from pneumoscan import checkpoint as ckpt_io
-    from pneumoscan import models
-    from pneumoscan.config import Config, Preprocessing
+    from pneumoscan.networks import checkpoint as ckpt_io
+    from pneumoscan.networks import models
+    from pneumoscan.core.config import Config, Preprocessing
 
     cfg = Config(preprocessing=Preprocessing(image_size=32))
     path = tmp_path_factory.mktemp("ckpt") / "model.pt"

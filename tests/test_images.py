@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pneumoscan.images import ImageLoadError, load_for_model, load_grey, resize
+from pneumoscan.io.images import ImageLoadError, load_for_model, load_grey, resize
 
 from .conftest import real_train_folder
 

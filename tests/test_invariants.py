@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pneumoscan.cli import main
+from pneumoscan.apps.cli import main
 
 from .conftest import make_dataset
 
@@ -80,7 +80,7 @@ def assert_every_path_agrees(checkpoint: Path, evaluated_csv: Path, tmp_path: Pa
     the API's test client and the API's first result."""
     from fastapi.testclient import TestClient
 
-    from pneumoscan.serve import create_app
+    from pneumoscan.apps.serve import create_app
 
     rows = read_csv(evaluated_csv)
     evaluated = {p: float(r["p_pneumonia"]) for p, r in rows.items()}
@@ -162,8 +162,8 @@ def test_em_recovers_resampled_prevalences_from_the_trained_checkpoints_validati
     as evaluate wrote them, then Platt-calibrated)."""
     import numpy as np
 
-    from pneumoscan.calibration import fit_platt
-    from pneumoscan.prevalence import estimate_prevalence
+    from pneumoscan.core.calibration import fit_platt
+    from pneumoscan.core.prevalence import estimate_prevalence
 
     _, run = trained
     rows = list(read_csv(run / "eval-val" / "predictions.csv").values())

@@ -32,16 +32,16 @@ from torch.nn import functional as F
 
 h5py = pytest.importorskip("h5py")
 
-from pneumoscan import checkpoint as ckpt_io  # noqa: E402
-from pneumoscan.adam import KerasAdam  # noqa: E402
-from pneumoscan.cli import main  # noqa: E402
-from pneumoscan.cpu_kernels import for_cpu_training  # noqa: E402
-from pneumoscan.images import load_for_model  # noqa: E402
-from pneumoscan.inference import freeze, predict_logits  # noqa: E402
-from pneumoscan.keras_import import KerasImportError, import_keras, keras_to_state, load_keras_model, read_keras_file  # noqa: E402
-from pneumoscan.models import ElementwisePReLU, SeparableConv2d  # noqa: E402
-from pneumoscan.runtime import memory_format  # noqa: E402
-from pneumoscan.train import DeviceSplit, make_optimizer, make_step, model_loss  # noqa: E402
+from pneumoscan.networks import checkpoint as ckpt_io  # noqa: E402
+from pneumoscan.networks.adam import KerasAdam  # noqa: E402
+from pneumoscan.apps.cli import main  # noqa: E402
+from pneumoscan.networks.cpu_kernels import for_cpu_training  # noqa: E402
+from pneumoscan.io.images import load_for_model  # noqa: E402
+from pneumoscan.networks.inference import freeze, predict_logits  # noqa: E402
+from pneumoscan.tasks.keras_import import KerasImportError, import_keras, keras_to_state, load_keras_model, read_keras_file  # noqa: E402
+from pneumoscan.networks.models import ElementwisePReLU, SeparableConv2d  # noqa: E402
+from pneumoscan.networks.runtime import memory_format  # noqa: E402
+from pneumoscan.tasks.train import DeviceSplit, make_optimizer, make_step, model_loss  # noqa: E402
 
 from .conftest import real_train_folder  # noqa: E402
 

@@ -3,7 +3,7 @@
 import numpy as np
 from PIL import ImageDraw
 
-from pneumoscan.explain import DISCLAIMER, MAP_SCALE, caption, colour_bar, overlay, with_legend
+from pneumoscan.tasks.explain import DISCLAIMER, MAP_SCALE, caption, colour_bar, overlay, with_legend
 
 
 def test_caption_names_the_file_the_probability_the_label_at_the_threshold_and_the_use():

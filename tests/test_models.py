@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from pneumoscan.models import ACTIVATIONS, ElementwisePReLU, count_parameters, create_model, keras_batchnorm, model_names
+from pneumoscan.networks.models import ACTIVATIONS, ElementwisePReLU, count_parameters, create_model, keras_batchnorm, model_names
 
 
 def test_prelu_model_has_the_keras_parameter_count():
@@ -26,7 +26,7 @@ def test_unknown_names_list_the_valid_ones():
 
 
 def test_the_command_line_offers_exactly_the_registered_models():
-    from pneumoscan.config import MODEL_NAMES
+    from pneumoscan.core.config import MODEL_NAMES
 
     assert model_names() == sorted(MODEL_NAMES)
 

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from pneumoscan.cli import main
-from pneumoscan.ood import Detector, fit_detector, forward_with_features
+from pneumoscan.apps.cli import main
+from pneumoscan.networks.ood import Detector, fit_detector, forward_with_features
 
 from .conftest import real_subset
 from .foreign import foreign_sets
@@ -65,8 +65,8 @@ def test_detector_round_trips_through_a_weights_only_checkpoint(tmp_path):
 
 
 def test_frozen_form_gives_the_training_forms_features():
-    from pneumoscan.inference import freeze
-    from pneumoscan.models import create_model
+    from pneumoscan.networks.inference import freeze
+    from pneumoscan.networks.models import create_model
 
     torch.manual_seed(0)
     model = create_model("seed", image_size=48).eval()
@@ -78,7 +78,7 @@ def test_frozen_form_gives_the_training_forms_features():
 
 
 def test_an_older_checkpoint_gets_no_score_in_every_output(tiny_data, tmp_path):
-    from pneumoscan.predict import Predictor
+    from pneumoscan.tasks.predict import Predictor
 
     run = tmp_path / "run"
     assert main(["train", "--data", str(tiny_data), "--out", str(run), "--epochs", "1", "--image-size", "48",
@@ -108,7 +108,7 @@ def test_an_older_checkpoint_gets_no_score_in_every_output(tiny_data, tmp_path):
 @pytest.mark.slow
 def test_foreign_images_are_flagged_and_validation_radiographs_are_not(tmp_path):
     """Two epochs of the paper's model at 64 px on 160 real X-rays; then photographs, CT, MR, blanks and noise."""
-    from pneumoscan.predict import Predictor
+    from pneumoscan.tasks.predict import Predictor
 
     data = real_subset(tmp_path / "real", per_class=80)
     run = tmp_path / "run"
@@ -132,8 +132,9 @@ def test_foreign_images_are_flagged_and_validation_radiographs_are_not(tmp_path)
 
 
 def test_a_model_that_names_no_ood_layers_trains_and_gets_no_score(tiny_data, tmp_path, monkeypatch):
-    from pneumoscan import models, train
-    from pneumoscan.predict import Predictor
+    from pneumoscan.networks import models
+    from pneumoscan.tasks import train
+    from pneumoscan.tasks.predict import Predictor
 
     build = models.build_model
 

@@ -27,14 +27,14 @@ import numpy as np
 import pytest
 import torch
 
-from pneumoscan import runtime
-from pneumoscan.cli import build_parser, main
-from pneumoscan.compare import compare
-from pneumoscan.emulated_bf16 import EmulatedBF16
-from pneumoscan.config import Config, DataConfig, Preprocessing, TrainConfig
-from pneumoscan.cpu_kernels import for_cpu_training
-from pneumoscan.models import SeedCNN
-from pneumoscan.train import DeviceSplit, make_optimizer, make_step, validation_logits
+from pneumoscan.networks import runtime
+from pneumoscan.apps.cli import build_parser, main
+from pneumoscan.tasks.compare import compare
+from pneumoscan.networks.emulated_bf16 import EmulatedBF16
+from pneumoscan.core.config import Config, DataConfig, Preprocessing, TrainConfig
+from pneumoscan.networks.cpu_kernels import for_cpu_training
+from pneumoscan.networks.models import SeedCNN
+from pneumoscan.tasks.train import DeviceSplit, make_optimizer, make_step, validation_logits
 
 from .conftest import make_dataset, synthetic_xray
 from .test_fast_paths import varied
@@ -270,7 +270,7 @@ def test_precision_is_a_checked_setting():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_bf16_steps_replayed_as_a_cuda_graph_equal_eager_bf16_steps():
-    from pneumoscan.cuda_graphs import CudaGraphStep
+    from pneumoscan.networks.cuda_graphs import CudaGraphStep
 
     torch.backends.cudnn.deterministic = True
     cfg, data, model = _batch_and_model(n=8)

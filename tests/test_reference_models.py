@@ -5,8 +5,8 @@ import re
 import pytest
 import torch
 
-from pneumoscan.cli import main
-from pneumoscan.models import create_model, load_pretrained
+from pneumoscan.apps.cli import main
+from pneumoscan.networks.models import create_model, load_pretrained
 
 monai_nets = pytest.importorskip("monai.networks.nets")
 

@@ -15,11 +15,11 @@ import numpy as np
 import pytest
 
 from pneumoscan import __version__
-from pneumoscan.metrics import binary_metrics, threshold_table
-from pneumoscan.plots import row_shares
-from pneumoscan.provenance import file_sha256, provenance, source_revision
-from pneumoscan.report import _confusion_table, _gallery_section, _gradcam_section
-from pneumoscan.review import pick_examples
+from pneumoscan.core.metrics import binary_metrics, threshold_table
+from pneumoscan.io.plots import row_shares
+from pneumoscan.io.provenance import file_sha256, provenance, source_revision
+from pneumoscan.tasks.report import _confusion_table, _gallery_section, _gradcam_section
+from pneumoscan.tasks.review import pick_examples
 
 from .test_train_checkpoint import tiny_config
 
@@ -117,7 +117,7 @@ def test_source_revision_reads_the_checkout_and_its_local_changes(tmp_path):
 
 
 def _evaluated(tmp_path: Path, out: str) -> tuple[dict, dict, str]:
-    from pneumoscan.evaluate import evaluate
+    from pneumoscan.tasks.evaluate import evaluate
 
     evaluate(tmp_path / "run" / "best.pt", "val", tmp_path / out, device="cpu", progress=False)
     return (json.loads((tmp_path / out / "metrics.json").read_text()),
@@ -125,8 +125,8 @@ def _evaluated(tmp_path: Path, out: str) -> tuple[dict, dict, str]:
 
 
 def test_evaluation_writes_the_review_and_the_report_shows_it(tiny_data, tmp_path, monkeypatch):
-    from pneumoscan.report import write_run_report
-    from pneumoscan.train import train
+    from pneumoscan.tasks.report import write_run_report
+    from pneumoscan.tasks.train import train
 
     train(tiny_config(tiny_data, epochs=1), tmp_path / "run", device="cpu", progress=False)
     m, review, page = _evaluated(tmp_path, "ev")
@@ -167,7 +167,7 @@ def _has_monai() -> bool:
 
 
 def test_the_review_of_an_earlier_evaluation_into_the_same_folder_is_replaced(tmp_path, monkeypatch):
-    from pneumoscan import review as review_module
+    from pneumoscan.tasks import review as review_module
 
     monkeypatch.setattr(review_module, "gradcam_maps", lambda *a: (None, "not in this test"))
     gallery = tmp_path / "gallery"

@@ -14,14 +14,14 @@ pytest.importorskip("fastapi")
 pytest.importorskip("monai")
 from fastapi.testclient import TestClient  # noqa: E402
 
-from pneumoscan.serve import create_app  # noqa: E402
+from pneumoscan.apps.serve import create_app  # noqa: E402
 
 from .test_train_checkpoint import tiny_config  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    from pneumoscan.train import train
+    from pneumoscan.tasks.train import train
 
     from .conftest import make_dataset
 
@@ -39,7 +39,7 @@ def undefined_metrics_checkpoint(checkpoint, tmp_path_factory):
 
     import torch
 
-    from pneumoscan.evaluate import evaluate
+    from pneumoscan.tasks.evaluate import evaluate
 
     run = tmp_path_factory.mktemp("undefined-metrics")
     for f in ("split.json", "config.json", "summary.json", "metrics.jsonl"):
@@ -65,7 +65,7 @@ def live(app, **config):
     configures it (`serve_http.server_config`, `config` passed on); yields its base URL."""
     import uvicorn
 
-    from pneumoscan.serve_http import server_config
+    from pneumoscan.apps.serve_http import server_config
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -210,7 +210,7 @@ def test_model_info_card_page_and_openapi(client):
 def test_the_page_is_the_packaged_file_and_links_the_docs_and_the_model_card(client):
     from importlib.resources import files
 
-    packaged = files("pneumoscan").joinpath("static", "index.html").read_text(encoding="utf-8")
+    packaged = files("pneumoscan.apps").joinpath("static", "index.html").read_text(encoding="utf-8")
     page = client.get("/").text
     assert page == packaged
     assert 'href="docs"' in page and 'href="api/model-card"' in page  # relative: they work behind a path prefix
@@ -218,12 +218,12 @@ def test_the_page_is_the_packaged_file_and_links_the_docs_and_the_model_card(cli
 
 
 def test_model_card_reports_confidence_intervals_from_an_evaluation(checkpoint):
-    from pneumoscan.modelcard import model_card
+    from pneumoscan.apps.modelcard import model_card
 
     card = model_card(checkpoint, checkpoint.parent / "eval-val" / "metrics.json") \
         if (checkpoint.parent / "eval-val" / "metrics.json").is_file() else None
     if card is None:
-        from pneumoscan.evaluate import evaluate
+        from pneumoscan.tasks.evaluate import evaluate
 
         evaluate(checkpoint, "val", checkpoint.parent / "eval-val", device="cpu", progress=False)
         card = model_card(checkpoint, checkpoint.parent / "eval-val" / "metrics.json")
@@ -233,9 +233,9 @@ def test_model_card_reports_confidence_intervals_from_an_evaluation(checkpoint):
 def test_concurrent_images_are_batched_and_each_gets_its_own_result(checkpoint):
     from concurrent.futures import ThreadPoolExecutor
 
-    from pneumoscan.explain import cam_for_pixels
-    from pneumoscan.predict import Predictor
-    from pneumoscan.scoring import InferenceBatcher
+    from pneumoscan.tasks.explain import cam_for_pixels
+    from pneumoscan.tasks.predict import Predictor
+    from pneumoscan.tasks.scoring import InferenceBatcher
 
     predictor = Predictor(checkpoint, device="cpu")
     batcher = InferenceBatcher(predictor, max_batch=4)
@@ -251,8 +251,8 @@ def test_concurrent_images_are_batched_and_each_gets_its_own_result(checkpoint):
 
 
 def test_an_inference_failure_reaches_the_request_and_the_batcher_lives_on(checkpoint):
-    from pneumoscan.predict import Predictor
-    from pneumoscan.scoring import InferenceBatcher
+    from pneumoscan.tasks.predict import Predictor
+    from pneumoscan.tasks.scoring import InferenceBatcher
 
     batcher = InferenceBatcher(Predictor(checkpoint, device="cpu"))
     with pytest.raises(RuntimeError):

@@ -13,7 +13,7 @@ playwright_api = pytest.importorskip("playwright.sync_api")
 pytest.importorskip("uvicorn")
 pytest.importorskip("monai")
 
-from pneumoscan.serve import create_app  # noqa: E402
+from pneumoscan.apps.serve import create_app  # noqa: E402
 
 from .test_serve import checkpoint, live, png  # noqa: E402,F401  (module-scoped fixture)
 

@@ -25,7 +25,7 @@ httpx = pytest.importorskip("httpx")
 uvicorn = pytest.importorskip("uvicorn")
 from fastapi.testclient import TestClient  # noqa: E402
 
-from pneumoscan.serve import create_app  # noqa: E402
+from pneumoscan.apps.serve import create_app  # noqa: E402
 
 from .test_serve import checkpoint, live, png, undefined_metrics_checkpoint  # noqa: E402,F401  (module-scoped fixtures)
 
@@ -85,7 +85,7 @@ def test_health_reports_a_dead_inference_worker_and_requests_fail_fast(checkpoin
 
 def stuck_model(monkeypatch):
     """Make every model hang until the returned event is set (or 30 s pass)."""
-    from pneumoscan.predict import Predictor
+    from pneumoscan.tasks.predict import Predictor
 
     real, release = Predictor.score, threading.Event()
 
@@ -135,7 +135,7 @@ def test_no_prediction_waits_longer_than_the_inference_timeout(checkpoint, monke
 
 
 def test_decode_slots_bound_concurrent_decodes_and_refuse_with_retry_after():
-    from pneumoscan.serve import DecodeSlots, Refused
+    from pneumoscan.apps.serve import DecodeSlots, Refused
 
     slots = DecodeSlots(slots=1, max_waiting=1, wait_s=0.3)
     inside, release = threading.Event(), threading.Event()
@@ -213,8 +213,8 @@ def test_public_answers_name_no_local_path(checkpoint):  # noqa: F811
 
 
 def test_undefined_metrics_read_na_and_the_server_starts(undefined_metrics_checkpoint, tmp_path):  # noqa: F811
-    from pneumoscan.modelcard import model_card
-    from pneumoscan.report import write_run_report
+    from pneumoscan.apps.modelcard import model_card
+    from pneumoscan.tasks.report import write_run_report
 
     ckpt = undefined_metrics_checkpoint
     metrics = json.loads((ckpt.parent / "eval-val" / "metrics.json").read_text())

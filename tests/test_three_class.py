@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from pneumoscan.cli import main
-from pneumoscan.data import DataError, Sample, task_labels
-from pneumoscan.metrics import decide, multiclass_metrics
-from pneumoscan.models import pneumonia_logit
+from pneumoscan.apps.cli import main
+from pneumoscan.io.data import DataError, Sample, task_labels
+from pneumoscan.core.metrics import decide, multiclass_metrics
+from pneumoscan.networks.models import pneumonia_logit
 
 
 def test_labels_come_from_the_file_names_and_a_missing_type_is_a_clear_error():
@@ -72,7 +72,7 @@ def test_three_class_train_evaluate_predict_explain_and_serve(tiny_data, tmp_pat
     pytest.importorskip("fastapi")
     from fastapi.testclient import TestClient
 
-    from pneumoscan.serve import create_app
+    from pneumoscan.apps.serve import create_app
 
     client = TestClient(create_app(run / "best.pt"))
     r = client.post("/api/predict", files=[("files", (images[0].name, images[0].read_bytes(), "image/jpeg"))])

@@ -1,6 +1,6 @@
 import pytest
 
-from pneumoscan.cli import main
+from pneumoscan.apps.cli import main
 
 pytest.importorskip("tensorboard")
 

@@ -5,11 +5,11 @@ import numpy as np
 import pytest
 import torch
 
-from pneumoscan import checkpoint as ckpt_io
-from pneumoscan import models
-from pneumoscan.config import Config, DataConfig, Preprocessing, TrainConfig
-from pneumoscan.rundir import RunDirError
-from pneumoscan.train import EarlyStopping, train
+from pneumoscan.networks import checkpoint as ckpt_io
+from pneumoscan.networks import models
+from pneumoscan.core.config import Config, DataConfig, Preprocessing, TrainConfig
+from pneumoscan.tasks.rundir import RunDirError
+from pneumoscan.tasks.train import EarlyStopping, train
 
 
 def tiny_config(root, epochs=2, **train_kw) -> Config:
@@ -75,7 +75,7 @@ def test_existing_run_folder_is_not_overwritten_by_accident(tiny_data, tmp_path)
 
 
 def test_a_batch_larger_than_the_training_set_is_a_clear_error(tiny_data, tmp_path):
-    from pneumoscan.data import DataError
+    from pneumoscan.io.data import DataError
 
     with pytest.raises(DataError, match="batch size 4096 is larger than the"):
         train(tiny_config(tiny_data, epochs=1).override("train", batch_size=4096), tmp_path / "run", device="cpu",
@@ -94,7 +94,7 @@ def test_early_stopping_follows_keras_semantics():
 
 
 def test_cuda_request_without_gpu_is_an_error():
-    from pneumoscan.runtime import select_device
+    from pneumoscan.networks.runtime import select_device
 
     if torch.cuda.is_available():
         pytest.skip("a GPU is present")
@@ -126,8 +126,8 @@ def test_bad_checkpoint_file_is_a_clear_error(tmp_path):
 
 
 def test_balanced_sampling_draws_both_classes_equally_often():
-    from pneumoscan.runtime import Distributed
-    from pneumoscan.train import epoch_order
+    from pneumoscan.networks.runtime import Distributed
+    from pneumoscan.tasks.train import epoch_order
 
     labels = torch.tensor([0] * 100 + [1] * 300)
     cfg = Config().override("train", sampling="balanced")
@@ -143,7 +143,7 @@ def test_balanced_sampling_draws_both_classes_equally_often():
 
 
 def test_balanced_class_weights_equalise_the_classes():
-    from pneumoscan.train import balanced_class_weights, model_loss
+    from pneumoscan.tasks.train import balanced_class_weights, model_loss
 
     labels = torch.tensor([0.0] * 25 + [1.0] * 75)
     w = balanced_class_weights(labels)
@@ -158,7 +158,7 @@ def test_balanced_class_weights_equalise_the_classes():
 
 def test_graph_warmup_state_is_put_back_exactly():
     """What CudaGraphStep relies on, checked on the CPU: warm-up steps leave no trace in weights or Adam state."""
-    from pneumoscan.cuda_graphs import _restore, _snapshot
+    from pneumoscan.networks.cuda_graphs import _restore, _snapshot
 
     model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8), torch.nn.Linear(8, 1))
     opt = torch.optim.Adam(model.parameters(), lr=0.1)
@@ -176,7 +176,7 @@ def test_graph_warmup_state_is_put_back_exactly():
 
 def test_adam_state_resumes_in_its_parameters_layout():
     """A CPU run's channels-last state must fit a GPU run's default-layout weights (and back)."""
-    from pneumoscan.train import state_in_parameter_layouts
+    from pneumoscan.tasks.train import state_in_parameter_layouts
 
     for saved_format, param_format in ((torch.channels_last, torch.contiguous_format),
                                        (torch.contiguous_format, torch.channels_last)):
@@ -198,19 +198,19 @@ def test_adam_state_resumes_in_its_parameters_layout():
 
 def test_the_warm_up_completes_and_draws_from_no_random_stream(caplog):
     """What start_warm_up promises (train starts it on a GPU only; checked here on the CPU)."""
-    from pneumoscan.cuda_graphs import start_warm_up
-    from pneumoscan.train import total_loss
+    from pneumoscan.networks.cuda_graphs import start_warm_up
+    from pneumoscan.tasks.train import total_loss
 
     torch.manual_seed(0)
     rng = torch.get_rng_state()
-    with caplog.at_level(logging.DEBUG, logger="pneumoscan.cuda_graphs"):
+    with caplog.at_level(logging.DEBUG, logger="pneumoscan.networks.cuda_graphs"):
         start_warm_up(Config(), torch.device("cpu"), total_loss).join()
     assert "failed" not in caplog.text
     assert torch.equal(torch.get_rng_state(), rng)
 
 
 def test_every_recipe_round_trips_and_builds_its_model():
-    from pneumoscan.config import RECIPES, recipe
+    from pneumoscan.core.config import RECIPES, recipe
 
     pytest.importorskip("monai")  # resnet18-224
     for name in RECIPES:
@@ -227,7 +227,7 @@ def test_freed_training_memory_is_reused_without_page_faults():
     import ctypes
     import resource
 
-    from pneumoscan.runtime import keep_freed_memory
+    from pneumoscan.networks.runtime import keep_freed_memory
 
     try:
         ctypes.CDLL("libc.so.6")

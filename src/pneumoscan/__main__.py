@@ -1,3 +1,3 @@
-from .cli import run
+from .apps.cli import run
 
 run()
