@@ -435,7 +435,8 @@ def test_send_to_is_parsed_or_refused_with_the_form_it_needs():
     from pneumoscan.apps.dicom_node import Destination
 
     assert Destination.parse("ORTHANC@pacs.example:4242") == Destination("ORTHANC", "pacs.example", 4242)
-    for bad in ("ORTHANC", "ORTHANC@host", "@host:104", "A_TITLE_LONGER_THAN_16@h:104", "PACS@h:0", "PACS@h:70000"):
+    for bad in ("ORTHANC", "ORTHANC@host", "@host:104", "A_TITLE_LONGER_THAN_16@h:104", "PACS@h:0", "PACS@h:70000",
+                "PÄCS@h:104", "PA\\CS@h:104", "   @h:104"):
         with pytest.raises(ValueError, match="AE@HOST:PORT"):
             Destination.parse(bad)
 

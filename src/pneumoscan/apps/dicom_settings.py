@@ -13,6 +13,15 @@ from pathlib import Path
 from typing import Any
 
 
+AE_TITLE_RULE = "an AE title of 1 to 16 printable ASCII characters, no backslash"
+
+
+def _is_ae_title(text: str) -> bool:
+    """Whether `text` is an AE title as DICOM defines one (and pynetdicom accepts), leading and trailing spaces aside."""
+    title = text.strip()
+    return 0 < len(title) <= 16 and title.isascii() and title.isprintable() and "\\" not in title
+
+
 @dataclass(frozen=True)
 class Destination:
     """Where reports are stored: an AE title at a host and port."""
@@ -24,9 +33,9 @@ class Destination:
     @classmethod
     def parse(cls, text: str) -> Destination:
         """'AE@HOST:PORT' -> Destination; ValueError naming what is wrong."""
-        m = re.fullmatch(r"([^@]{1,16})@(.+):(\d{1,5})", text.strip())
-        if not m or not 0 < int(m.group(3)) < 65536:
-            raise ValueError(f"--send-to must be AE@HOST:PORT (an AE title of at most 16 characters), not {text!r}")
+        m = re.fullmatch(r"([^@]+)@(.+):(\d{1,5})", text.strip())
+        if not m or not _is_ae_title(m.group(1)) or not 0 < int(m.group(3)) < 65536:
+            raise ValueError(f"--send-to must be AE@HOST:PORT ({AE_TITLE_RULE}), not {text!r}")
         return cls(m.group(1).strip(), m.group(2).strip("[]"), int(m.group(3)))
 
     def __str__(self) -> str:
@@ -45,10 +54,9 @@ class CallingPeer:
     @classmethod
     def parse(cls, text: str) -> CallingPeer:
         """'AE@HOST' -> CallingPeer, HOST an address or a name looked up now; ValueError naming what is wrong."""
-        m = re.fullmatch(r"([^@\\]{1,16})@(.+)", text.strip())
-        if not m or not (m.group(1).isascii() and m.group(1).isprintable()):
-            raise ValueError(f"--allow-calling must be AE@HOST (an AE title of at most 16 printable ASCII characters, "
-                             f"no backslash), not {text!r}")
+        m = re.fullmatch(r"([^@]+)@(.+)", text.strip())
+        if not m or not _is_ae_title(m.group(1)):
+            raise ValueError(f"--allow-calling must be AE@HOST ({AE_TITLE_RULE}), not {text!r}")
         host = m.group(2).strip().strip("[]")
         try:
             found = {info[4][0] for info in socket.getaddrinfo(host, None)}
