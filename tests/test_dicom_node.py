@@ -5,12 +5,10 @@ real image of the data set, and the Structured Report comes back into Orthanc's 
 from __future__ import annotations
 
 import csv
-import json
 import os
 import queue
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -19,89 +17,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
 
 from .conftest import real_train_folder
+from .pacs import ORTHANC, PACS_AET, Orthanc, free_port, make_radiograph  # noqa: F401  (the benchmark imports them here)
 
-ORTHANC = Path("/usr/sbin/Orthanc")
 # DCMTK's tools by their full path: pynetdicom installs Python scripts of the same names into the virtualenv
 STORESCU, ECHOSCU = "/usr/bin/storescu", "/usr/bin/echoscu"
-NODE_AET, PACS_AET = "PNEUMOSCAN", "ORTHANC"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Orthanc:
-    """Orthanc on loopback with a generated configuration: its own storage folder, free HTTP and DICOM ports,
-    remote access, authentication and plugins off, `modalities` registered by name."""
-
-    def __init__(self, folder: Path, modalities: dict[str, tuple[str, str, int]], extra: dict | None = None):
-        import httpx
-
-        folder.mkdir(parents=True, exist_ok=True)
-        self.http_port, self.dicom_port = free_port(), free_port()
-        config = {"Name": "pneumoscan-test", "StorageDirectory": str(folder / "storage"),
-                  "IndexDirectory": str(folder / "storage"), "HttpPort": self.http_port, "DicomPort": self.dicom_port,
-                  "DicomAet": PACS_AET, "RemoteAccessAllowed": False, "AuthenticationEnabled": False, "Plugins": [],
-                  "DicomModalities": {k: list(v) for k, v in modalities.items()}, "DicomScuTimeout": 60,
-                  "StableAge": 60, "HttpTimeout": 120, "SaveJobs": False, "LimitJobs": 100, **(extra or {})}
-        (folder / "orthanc.json").write_text(json.dumps(config, indent=2))
-        self.log = open(folder / "orthanc.log", "wb")
-        self.proc = subprocess.Popen([str(ORTHANC), str(folder / "orthanc.json")], stdout=self.log, stderr=subprocess.STDOUT)
-        self.url = f"http://127.0.0.1:{self.http_port}"
-        self.http = httpx.Client(base_url=self.url, timeout=120)
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                if self.http.get("/system").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError(f"Orthanc did not start: see {folder / 'orthanc.log'}")
-            time.sleep(0.2)
-
-    def upload(self, data: bytes) -> dict:
-        r = self.http.post("/instances", content=data)
-        r.raise_for_status()
-        return r.json()
-
-    def store(self, modality: str, ids: list[str]):
-        """C-STORE the instances to `modality` over one association; the REST response."""
-        return self.http.post(f"/modalities/{modality}/store", json={"Resources": ids, "Synchronous": True})
-
-    def study_instances(self, study_id: str) -> list[dict]:
-        return self.http.get(f"/studies/{study_id}/instances").json()
-
-    def wait_for_modality(self, study_id: str, modality: str, count: int, timeout: float) -> list[dict]:
-        """Instances of `modality` in the study once there are `count` of them (TimeoutError otherwise)."""
-        deadline = time.monotonic() + timeout
-        while True:
-            found = [i for i in self.study_instances(study_id) if self.series_modality(i) == modality]
-            if len(found) >= count:
-                return found
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{len(found)} of {count} {modality} instance(s) arrived in {timeout:g} s")
-            time.sleep(0.2)
-
-    def series_modality(self, instance: dict) -> str:
-        return self.http.get(f"/series/{instance['ParentSeries']}").json()["MainDicomTags"].get("Modality", "")
-
-    def stop(self) -> None:
-        self.http.close()
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.log.close()
+NODE_AET = "PNEUMOSCAN"
 
 
 class NodeProcess:
@@ -141,23 +63,6 @@ class NodeProcess:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
-
-
-def make_radiograph(jpeg: Path, out: Path, patient_id: str = "PNEUMO-1", codec: str = "jpls") -> Path:
-    """A DX radiograph of a real JPEG, made by DCMTK: grey JPEG -> img2dcm -> decompressed -> JPEG-LS
-    (`dcmcjpls`) or JPEG lossless (`dcmcjpeg +el`)."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    grey, plain = out.with_suffix(".grey.jpg"), out.with_suffix(".plain.dcm")
-    Image.open(jpeg).convert("L").save(grey, quality=95)
-    subprocess.run(["img2dcm", "-k", "Modality=DX", "-k", f"PatientID={patient_id}", "-k", "PatientName=Test^Chest",
-                    "-k", "SOPClassUID=1.2.840.10008.5.1.4.1.1.1.1", "-k", "BodyPartExamined=CHEST",
-                    str(grey), str(out)], check=True)
-    subprocess.run(["dcmdjpeg", str(out), str(plain)], check=True)
-    encode = ["dcmcjpls"] if codec == "jpls" else ["dcmcjpeg", "+el"]
-    subprocess.run([*encode, str(plain), str(out)], check=True)
-    grey.unlink()
-    plain.unlink()
-    return out
 
 
 def associate(port: int, *syntaxes: str):

@@ -192,6 +192,12 @@ def cmd_dicom_node(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_dicomweb(a: argparse.Namespace) -> int:
+    from .dicomweb import command
+
+    return command(a)
+
+
 def cmd_ensemble(a: argparse.Namespace) -> int:
     from ..tasks.ensemble import build_ensemble
 
@@ -215,6 +221,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     commands = {"train": cmd_train, "compare": cmd_compare, "adapt": cmd_adapt, "evaluate": cmd_evaluate, "predict": cmd_predict, "export": cmd_export, "explain": cmd_explain, "serve": cmd_serve,
                 "fit-ood": cmd_fit_ood, "audit": cmd_audit, "ensemble": cmd_ensemble, "dicom-node": cmd_dicom_node,
+                "dicomweb": cmd_dicomweb,
                 "import-keras": cmd_import_keras}
     try:
         return commands[args.command](args)
