@@ -264,6 +264,66 @@ def test_since_study_modality_and_limit_choose_what_is_scored(checkpoint, tmp_pa
         pacs.stop()
 
 
+OPENSSL = Path("/usr/bin/openssl")
+
+
+def make_certificates(folder: Path) -> tuple[Path, Path]:
+    """A CA and a certificate it signed for 127.0.0.1, made by OpenSSL: (the server's PEM, certificate then key;
+    the CA's certificate)."""
+    folder.mkdir(parents=True, exist_ok=True)
+
+    def openssl(*args: str) -> None:
+        subprocess.run([str(OPENSSL), *args], check=True, capture_output=True, cwd=folder)
+
+    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem", "-days", "2",
+            "-subj", "/CN=pneumoscan test CA")
+    openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", "server.key", "-out", "server.csr", "-subj", "/CN=127.0.0.1")
+    (folder / "san.ext").write_text("subjectAltName=IP:127.0.0.1\n")
+    openssl("x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
+            "-out", "server.crt", "-days", "2", "-extfile", "san.ext")
+    server = folder / "server.pem"
+    server.write_text((folder / "server.crt").read_text() + (folder / "server.key").read_text())
+    return server, folder / "ca.pem"
+
+
+class EmptyArchive(http.server.BaseHTTPRequestHandler):
+    """A DICOMweb search that finds nothing: an empty JSON list."""
+
+    def do_GET(self) -> None:  # noqa: N802  (http.server's name)
+        self.send_response(200)
+        self.send_header("Content-Type", "application/dicom+json")
+        self.send_header("Content-Length", "2")
+        self.end_headers()
+        self.wfile.write(b"[]")
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+@pytest.mark.skipif(not OPENSSL.exists(), reason="needs OpenSSL to make the certificates")
+def test_tls_is_verified_and_a_hospital_ca_is_taken_from_ca_bundle(checkpoint, tmp_path, capsys):  # noqa: F811
+    """An HTTPS server with a certificate of a CA of its own (Debian's Orthanc 1.10 resets TLS connections under
+    OpenSSL 3, so a small server stands in): refused in one line without --ca-bundle, whatever
+    $REQUESTS_CA_BUNDLE says, and searched with it."""
+    import ssl
+
+    server_pem, ca = make_certificates(tmp_path / "tls")
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), EmptyArchive)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(server_pem)
+    server.socket = context.wrap_socket(server.socket, server_side=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"https://127.0.0.1:{server.server_address[1]}/dicom-web"
+        args = [str(checkpoint), "--url", url, "--out", str(tmp_path / "out"), "--attempts", "1"]
+        code, _, err = dicomweb(*args, capsys=capsys)
+        assert code == 2 and err.count("\n") == 1 and "certificate" in err and "--ca-bundle" in err, err
+        code, said, err = dicomweb(*args, "--ca-bundle", str(ca), capsys=capsys)
+        assert code == 0 and "0 chest radiograph(s) found" in said, said + err
+    finally:
+        server.shutdown()
+
+
 class NotDicomweb(http.server.BaseHTTPRequestHandler):
     """A server that answers 503 twice (asking for a retry at once), then 200 with a body that is not JSON."""
 
@@ -373,6 +433,10 @@ def test_bad_settings_and_a_token_on_the_command_line_are_refused_before_the_mod
     assert main([*base, "--since", "05/12/2026"]) == 2 and "YYYYMMDD" in capsys.readouterr().err
     assert main([*base, "--secondary-capture"]) == 2 and "--store-results" in capsys.readouterr().err
     assert main([*base, "--ca-bundle", str(tmp_path / "none.pem")]) == 2 and "no such file" in capsys.readouterr().err
+    url_with_password = ["dicomweb", "no.pt", "--url", "https://alice:s3cret@pacs.example/dicom-web", "--out", str(tmp_path)]
+    assert main(url_with_password) == 2
+    err = capsys.readouterr().err
+    assert "must not hold credentials" in err and "s3cret" not in err
     with pytest.raises(SystemExit):
         main([*base, "--token", "s3cret"])
     assert "unrecognized arguments: --token" in capsys.readouterr().err

@@ -435,8 +435,7 @@ class DicomNode:
         from ..io.records import result_cells
 
         result, class_names = scored.result, self.predictor.class_names
-        score = Score(result.p_pneumonia, result.label != class_names[0], result.label, result.threshold,
-                      result.warnings, result.ood_score, result.outside_training)
+        score = Score.of(result, class_names)
         row = result_cells(result, class_names)
         del ds.PixelData  # the report needs the header only; the pixels are scored
         return row, {"source": ds, "score": score, "heat": scored.heat, "shown": scored.shown, "fields": dict(fields)}

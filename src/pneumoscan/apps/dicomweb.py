@@ -35,6 +35,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
+from urllib.parse import urlsplit
 
 from .. import __version__
 from ..io.dicomweb_client import (BODY_PART, SERIES_UID, SOP_CLASS_UID, SOP_UID, STUDY_UID, Archive, Credentials,
@@ -86,6 +87,9 @@ class DicomwebSettings:
             raise ValueError("--secondary-capture needs --store-results")
         if not re.match(r"https?://[^/\s]+", self.url):
             raise ValueError(f"--url must be the http:// or https:// address of a DICOMweb service, not {self.url!r}")
+        if "@" in urlsplit(self.url).netloc:  # user:password@host: on the command line, where ps shows it
+            raise ValueError("--url must not hold credentials: give them by $PNEUMOSCAN_DICOMWEB_TOKEN, --token-file, "
+                             "or $PNEUMOSCAN_DICOMWEB_USER and $PNEUMOSCAN_DICOMWEB_PASSWORD, or --basic-auth-file")
         if self.ca_bundle is not None and not Path(self.ca_bundle).is_file():
             raise ValueError(f"--ca-bundle {self.ca_bundle}: no such file")
 
@@ -132,8 +136,7 @@ def chest_radiograph(item: dict) -> bool:
 
 
 def find_work(archive: Archive, s: DicomwebSettings, history: History) -> tuple[list[dict], int]:
-    """The instances this pass scores (at most `s.limit`, oldest study UIDs first as the archive lists them) and
-    how many matched in all."""
+    """The instances not done yet, in the order the archive lists them, and how many matched in all."""
     found: dict[str, dict] = {}
     for study in s.studies or (None,):
         for modality in s.modalities:
@@ -145,8 +148,7 @@ def find_work(archive: Archive, s: DicomwebSettings, history: History) -> tuple[
             for item in archive.find_instances(filters, fields=["BodyPartExamined", "StudyDate"]):
                 if chest_radiograph(item):
                     found.setdefault(uid_of(item, SOP_UID), item)
-    work = [i for sop, i in found.items() if history.needs_work(sop, s.store_results)]
-    return work[: s.limit] if s.limit else work, len(found)
+    return [i for sop, i in found.items() if history.needs_work(sop, s.store_results)], len(found)
 
 
 class Reporter:
@@ -170,9 +172,7 @@ class Reporter:
         from ..io.dicom_sr import Score, secondary_capture, structured_report
         from ..tasks.explain import overlay
 
-        r = scored.result
-        score = Score(r.p_pneumonia, r.label != self.class_names[0], r.label, r.threshold, r.warnings, r.ood_score,
-                      r.outside_training)
+        score = Score.of(scored.result, self.class_names)
         study, sop = str(source.StudyInstanceUID), str(source.SOPInstanceUID)
         objects = [structured_report(source, score, self.model, self.uid("sr", sop), self.uid("sr-series", study))]
         if self.secondary_capture and scored.heat is not None:
@@ -243,7 +243,8 @@ class DicomwebRun:
         """Find and process the instances not done yet, several at once; stops taking new ones when `stop` is
         set or the archive fails for good (the error is raised once those under way are recorded)."""
         history = History.read(self.s.out / "results.csv")
-        work, matched = find_work(self.archive, self.s, history)
+        todo, matched = find_work(self.archive, self.s, history)
+        work = todo[: self.s.limit] if self.s.limit else todo
         self.counts = Counter()
         finished = 0
         fatal: list[Exception] = []
@@ -265,8 +266,8 @@ class DicomwebRun:
                         finished += 1
                     except Exception as e:  # the archive gone, or the inference thread stopped: no more this pass
                         fatal.append(e)
-        counts = self.counts + Counter(matched=matched, skipped=matched - len(work))
-        counts["left"] = len(work) - finished
+        counts = self.counts + Counter(matched=matched, skipped=matched - len(todo))
+        counts["left"], counts["cut"] = len(todo) - finished, len(work) - finished  # cut: by `stop` or an error
         if fatal:
             raise fatal[0]
         return counts
@@ -275,7 +276,7 @@ class DicomwebRun:
         self.archive.close()
 
 
-def summary(counts: Counter, out: Path) -> str:
+def summary(counts: Counter, out: Path, seconds: float) -> str:
     scored = counts["scored"]
     parts = [f"{counts['matched']} chest radiograph(s) found", f"{counts['skipped']} already done",
              f"{scored} scored", f"{counts['unreadable']} unreadable"]
@@ -285,7 +286,7 @@ def summary(counts: Counter, out: Path) -> str:
         parts.append(f"{counts['retrieve-failed']} not retrieved")
     if counts["left"]:
         parts.append(f"{counts['left']} left for the next run")
-    return f"pneumoscan dicomweb: {', '.join(parts)}; results in {out / 'results.csv'}"
+    return f"pneumoscan dicomweb: {', '.join(parts)} in {seconds:.1f} s; results in {out / 'results.csv'}"
 
 
 def run_dicomweb(checkpoint: str, s: DicomwebSettings, device: str = "cpu", stop: threading.Event | None = None) -> int:
@@ -302,8 +303,9 @@ def run_dicomweb(checkpoint: str, s: DicomwebSettings, device: str = "cpu", stop
     try:
         while True:
             try:
+                started = time.perf_counter()
                 counts = run.run_pass()
-                print(summary(counts, s.out), flush=True)
+                print(summary(counts, s.out, time.perf_counter() - started), flush=True)
             except DicomwebError as e:
                 if s.watch_s is None or e.kind == "auth":
                     raise DicomwebError(f"{e}; what was done is recorded in {s.out / 'results.csv'}", e.kind,
@@ -311,7 +313,7 @@ def run_dicomweb(checkpoint: str, s: DicomwebSettings, device: str = "cpu", stop
                 print(f"pneumoscan dicomweb: {e}; trying again in {s.watch_s:g} s", file=sys.stderr, flush=True)
                 counts = Counter()
             if stop.is_set():
-                return 130 if counts["left"] else 0
+                return 130 if counts["cut"] else 0
             if s.watch_s is None:
                 return 0
             if stop.wait(s.watch_s):
@@ -322,7 +324,8 @@ def run_dicomweb(checkpoint: str, s: DicomwebSettings, device: str = "cpu", stop
 
 def settings_from_args(a: argparse.Namespace) -> DicomwebSettings:
     return DicomwebSettings(
-        url=a.url, out=Path(a.out), studies=tuple(a.study), since=a.since and a.since.replace("-", ""), modalities=tuple(m.upper() for m in a.modality),
+        url=a.url, out=Path(a.out), studies=tuple(a.study), since=a.since and a.since.replace("-", ""),
+        modalities=tuple(m.upper() for m in a.modality),
         limit=a.limit, store_results=a.store_results, secondary_capture=a.secondary_capture, watch_s=a.watch,
         workers=a.workers, timeout_s=a.timeout, attempts=a.attempts, ca_bundle=a.ca_bundle,
         credentials=credentials(a.token_file, a.basic_auth_file))

@@ -42,6 +42,12 @@ class Score:
     ood_score: float | None = None
     outside_training: bool | None = None
 
+    @classmethod
+    def of(cls, result: Any, class_names: list[str]) -> "Score":
+        """The score of a scored `records.ImageResult` (pneumonia: any class but the first, the normal one)."""
+        return cls(result.p_pneumonia, result.label != class_names[0], result.label, result.threshold,
+                   list(result.warnings), result.ood_score, result.outside_training)
+
 
 @dataclass(frozen=True)
 class ModelInfo:

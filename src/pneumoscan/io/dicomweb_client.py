@@ -13,11 +13,13 @@ is not what DICOMweb promises ("malformed"), or an HTTP failure ("http", with `s
 from __future__ import annotations
 
 import io
+import logging
 import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence, TypeVar
+from urllib.parse import urlsplit
 
 from .fileio import optional_import
 
@@ -29,6 +31,7 @@ STUDY_UID, SERIES_UID, SOP_UID, SOP_CLASS_UID = "0020000D", "0020000E", "0008001
 MODALITY, BODY_PART, STUDY_DATE = "00080060", "00180015", "00080020"
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 
 class DicomwebError(RuntimeError):
@@ -56,7 +59,8 @@ def _read_secret(path: str | os.PathLike, what: str) -> str:
     try:
         text = Path(path).read_text(encoding="utf-8").strip()
     except (OSError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: cannot read the {what} ({e.__class__.__name__}: {getattr(e, 'strerror', None) or e})") from None
+        reason = getattr(e, "strerror", None) or e
+        raise ValueError(f"{path}: cannot read the {what} ({e.__class__.__name__}: {reason})") from None
     if not text or "\n" in text:
         raise ValueError(f"{path}: the {what} file must hold one line, not {'nothing' if not text else 'several'}")
     return text
@@ -91,8 +95,8 @@ def credentials(token_file: str | None = None, basic_auth_file: str | None = Non
 def _short_reason(error: BaseException) -> str:
     """The useful end of a requests/urllib3 error: '[Errno 111] Connection refused', 'Read timed out', ..."""
     text = str(error)
-    for pattern in (r"\[Errno -?\d+\] [^'\")\]]+", r"Read timed out", r"timed out", r"certificate verify failed[^'\")\]]*",
-                    r"Connection aborted", r"RemoteDisconnected[^'\")\]]*"):
+    for pattern in (r"\[Errno -?\d+\] [^'\")\]]+", r"Read timed out", r"timed out",
+                    r"certificate verify failed[^'\")\]]*", r"Connection aborted", r"RemoteDisconnected[^'\")\]]*"):
         found = re.search(pattern, text)
         if found:
             return found.group(0).strip()
@@ -105,14 +109,28 @@ def uid_of(item: Mapping[str, Any], tag: str) -> str | None:
     return str(values[0]) if values and values[0] is not None else None
 
 
+def _adapter(ca_bundle: str | None, **kwargs: Any) -> Any:
+    """requests' HTTP adapter (retries and pool as `kwargs` say) that verifies TLS against `ca_bundle` when one is
+    given: requests lets $REQUESTS_CA_BUNDLE or $CURL_CA_BUNDLE override a session's own `verify`, so the bundle
+    the user named is set here, on each request."""
+    from requests.adapters import HTTPAdapter
+
+    class VerifyingAdapter(HTTPAdapter):
+        def send(self, request: Any, **send_kwargs: Any) -> Any:
+            if ca_bundle is not None:
+                send_kwargs["verify"] = ca_bundle
+            return super().send(request, **send_kwargs)
+
+    return VerifyingAdapter(**kwargs)
+
+
 class Archive:
     """One DICOMweb service at `url`, reached through one session; thread-safe for the calls below."""
 
     def __init__(self, url: str, creds: Credentials | None = None, ca_bundle: str | None = None,
-                 timeout_s: float = 60, attempts: int = 4, backoff_s: float = 0.5):
+                 timeout_s: float = 60, attempts: int = 4, backoff_s: float = 1.0):
         requests = optional_import("requests", "dicomweb", "DICOMweb")
         web = optional_import("dicomweb_client", "dicomweb", "DICOMweb")
-        from requests.adapters import HTTPAdapter
         from urllib3.util.retry import Retry
 
         if not re.match(r"https?://[^/\s]+", url):
@@ -120,9 +138,11 @@ class Archive:
         if ca_bundle is not None and not Path(ca_bundle).is_file():
             raise ValueError(f"--ca-bundle {ca_bundle}: no such file")
         self.url = url.rstrip("/")
+        host = urlsplit(url).hostname or ""
+        if creds is not None and url.startswith("http://") and host not in ("localhost", "127.0.0.1", "::1"):
+            log.warning("credentials (%s) go to %s unencrypted: use https:// beyond this machine", creds.source, host)
         self.requests = requests
         session = requests.Session()
-        session.verify = ca_bundle or True
         if creds is not None and creds.token:
             session.headers["Authorization"] = f"Bearer {creds.token}"
         elif creds is not None:
@@ -132,7 +152,7 @@ class Archive:
                       backoff_factor=backoff_s, status_forcelist=RETRY_STATUSES, allowed_methods=["GET", "POST"],
                       respect_retry_after_header=True, raise_on_status=False)
         for scheme in ("http://", "https://"):
-            session.mount(scheme, HTTPAdapter(max_retries=retry, pool_maxsize=16))
+            session.mount(scheme, _adapter(ca_bundle, max_retries=retry, pool_maxsize=16))
         self.session = session
         self.client = web.DICOMwebClient(self.url, session=session, timeout=(min(timeout_s, 10), timeout_s))
         self.client.set_http_retry_params(retry=False)
@@ -146,8 +166,8 @@ class Archive:
             status = e.response.status_code if e.response is not None else None
             reason = e.response.reason if e.response is not None else ""
             if status in (401, 403):
-                raise DicomwebError(f"{self.url} refused the credentials for {what} (HTTP {status} {reason}): "
-                                    f"check ${TOKEN_VARIABLE}, --token-file or --basic-auth-file", "auth", status) from None
+                raise DicomwebError(f"{self.url} refused the credentials for {what} (HTTP {status} {reason}): check "
+                                    f"${TOKEN_VARIABLE}, --token-file or --basic-auth-file", "auth", status) from None
             raise DicomwebError(f"{what} at {self.url} failed: HTTP {status} {reason}", "http", status) from None
         except r.exceptions.SSLError as e:
             raise DicomwebError(f"cannot verify the TLS certificate of {self.url} ({_short_reason(e)}): pass the "
@@ -166,7 +186,8 @@ class Archive:
         found = self._call("QIDO-RS (search for instances)", lambda: self.client.search_for_instances(
             search_filters=dict(filters), fields=list(fields) or None, get_remaining=True))
         if not isinstance(found, list) or not all(isinstance(i, dict) for i in found):
-            raise DicomwebError(f"malformed answer from {self.url} to QIDO-RS: not a list of DICOM JSON objects", "malformed")
+            raise DicomwebError(f"malformed answer from {self.url} to QIDO-RS: not a list of DICOM JSON objects",
+                                "malformed")
         for item in found:
             if not all(uid_of(item, tag) for tag in (STUDY_UID, SERIES_UID, SOP_UID)):
                 raise DicomwebError(f"malformed answer from {self.url} to QIDO-RS: an instance without its study, "
@@ -198,8 +219,8 @@ class Archive:
         stored = [str(r.ReferencedSOPInstanceUID) for r in answer.get("ReferencedSOPSequence", []) or []]
         wanted = {str(ds.SOPInstanceUID) for ds in datasets}
         if stored and not wanted <= set(stored):
-            raise DicomwebError(f"malformed answer from {self.url} to STOW-RS: it names other instances than those sent",
-                                "malformed")
+            raise DicomwebError(f"malformed answer from {self.url} to STOW-RS: it names other instances than "
+                                "those sent", "malformed")
         return stored or sorted(wanted)
 
     def close(self) -> None:
