@@ -305,7 +305,7 @@ def test_the_lua_routing_script_of_the_docs_sends_radiographs_and_not_reports(ch
     from pneumoscan.tasks.predict import Predictor
 
     docs = (Path(__file__).resolve().parents[1] / "docs" / "dicom.md").read_text()
-    [script] = re.findall(r"```lua\n(.*?)```", docs, re.S)
+    [script] = [b for b in re.findall(r"```lua\n(.*?)```", docs, re.S) if "OnStoredInstance" in b]
     (tmp_path / "route.lua").write_text(script)
     node_port = free_port()
     pacs = Orthanc(tmp_path / "orthanc", {"pneumoscan": (NODE_AET, "127.0.0.1", node_port)},

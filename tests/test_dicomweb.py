@@ -10,6 +10,7 @@ import csv
 import http.server
 import io
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -25,16 +26,11 @@ from .test_dicom_node import checkpoint  # noqa: F401  (the tiny trained ResNet-
 
 needs_orthanc = pytest.mark.skipif(not ORTHANC.exists() or not DICOMWEB_PLUGIN.exists() or not Path("/usr/bin/img2dcm").exists(),
                                    reason="needs Orthanc, its DICOMweb plugin and DCMTK (as .ci/run installs)")
-GOOD_TOKEN = "good-token-for-the-test"
-# Orthanc has no bearer tokens of its own: this filter lets DICOMweb requests through with this one only (403 else)
-BEARER_FILTER = """
-function IncomingHttpRequestFilter(method, uri, ip, username, httpHeaders)
-  if string.find(uri, "/dicom-web/", 1, true) == 1 then
-    return httpHeaders["authorization"] == "Bearer %s"
-  end
-  return true
-end
-""" % GOOD_TOKEN
+DOCS = (Path(__file__).resolve().parents[1] / "docs" / "dicom.md").read_text()
+# Orthanc has no bearer tokens of its own: docs/dicom.md's filter lets DICOMweb requests through with one token
+# only (403 else)
+[BEARER_FILTER] = [b for b in re.findall(r"```lua\n(.*?)```", DOCS, re.S) if "IncomingHttpRequestFilter" in b]
+GOOD_TOKEN = re.search(r'"Bearer ([^"]+)"', BEARER_FILTER).group(1)
 # Orthanc ends (as a server that crashes or is stopped would) on the WADO-RS request after the first `limit`
 STOP_AFTER = """
 fetched = 0
@@ -408,6 +404,14 @@ def wait_for_rows(out: Path, event: str, count: int, proc: subprocess.Popen, tim
 
 
 # --- what needs no server ---------------------------------------------------------------------------------
+
+def test_the_orthanc_configuration_in_the_docs_is_the_one_the_tests_use():
+    import json
+
+    [config] = [json.loads(b) for b in re.findall(r"```json\n(.*?)```", DOCS, re.S) if '"DicomWeb"' in b]
+    assert {k: config[k] for k in DICOMWEB_CONFIG} == DICOMWEB_CONFIG
+    assert (config["RemoteAccessAllowed"], config["AuthenticationEnabled"]) == (False, False)
+
 
 def test_credentials_come_from_the_environment_or_a_file_and_never_show(tmp_path):
     from pneumoscan.io.dicomweb_client import credentials
