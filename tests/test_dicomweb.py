@@ -230,8 +230,11 @@ def test_a_server_that_stops_mid_run_is_one_line_and_the_next_run_goes_on(checkp
 @needs_orthanc
 def test_since_study_modality_and_limit_choose_what_is_scored(checkpoint, tmp_path, capsys):  # noqa: F811
     """A DX of 2020, a CR of 2026 without BodyPartExamined (scored: a chest where none is given) and a DX of 2026:
-    --since, --study, --modality and --limit each narrow the search as the docs say."""
+    --since, --study, --modality and --limit each narrow the search as the docs say, and --prevalence moves the
+    probability to a site's prior as predict's does."""
     import pydicom
+
+    from pneumoscan.apps.cli import main
 
     jpegs = sorted((real_train_folder() / "NORMAL").iterdir())
     made = [make_radiograph(jpegs[0], tmp_path / "old.dcm", "OLD", keys=("Modality=DX", "BodyPartExamined=CHEST", "StudyDate=20200101")),
@@ -252,6 +255,14 @@ def test_since_study_modality_and_limit_choose_what_is_scored(checkpoint, tmp_pa
             return {r["sop_instance_uid"] for r in rows(tmp_path / out) if r["event"] == "scored"}
 
         assert scored("since", "--since", "2026-01-01") == {cr.SOPInstanceUID, new.SOPInstanceUID}
+        assert scored("prior", "--study", new.StudyInstanceUID, "--prevalence", "0.2") == {new.SOPInstanceUID}
+        assert main(["predict", str(checkpoint), str(made[2]), "--out", str(tmp_path / "p.csv"), "--prevalence", "0.2",
+                     "--device", "cpu"]) == 0
+        with open(tmp_path / "p.csv", newline="") as f:
+            [predicted] = list(csv.DictReader(f))
+        [at_prior] = rows(tmp_path / "prior")
+        assert (at_prior["p_pneumonia"], at_prior["assumed_prevalence"], at_prior["prevalence_source"]) == (
+            predicted["p_pneumonia"], predicted["assumed_prevalence"], "given")
         assert scored("study", "--study", old.StudyInstanceUID, cr.StudyInstanceUID) == {old.SOPInstanceUID, cr.SOPInstanceUID}
         assert scored("cr", "--modality", "CR") == {cr.SOPInstanceUID}
         assert len(scored("limit", "--limit", "2")) == 2

@@ -295,6 +295,7 @@ def _add_dicomweb(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--attempts", type=int, default=4,
                    help="tries of a request that meets 429, 5xx or no connection, with backoff (default: 4)")
     p.add_argument("--workers", type=int, default=4, help="instances fetched, scored and stored at once (default: 4)")
+    _add_prevalence_flags(p, estimate=False)
     _add_device_flag(p, "cpu")
 
 

@@ -74,6 +74,7 @@ class DicomwebSettings:
     timeout_s: float = 60
     attempts: int = 4
     ca_bundle: str | None = None
+    prevalence: float | None = None  # the site's prior, as predict's --prevalence P (None: the checkpoint's)
     credentials: Credentials | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
@@ -299,7 +300,7 @@ def run_dicomweb(checkpoint: str, s: DicomwebSettings, device: str = "cpu", stop
     if not log.isEnabledFor(logging.DEBUG):
         for name in ("highdicom", "dicomweb_client", "urllib3"):
             logging.getLogger(name).setLevel(logging.WARNING)
-    run = DicomwebRun(Predictor(checkpoint, device=device), checkpoint, s, stop)
+    run = DicomwebRun(Predictor(checkpoint, device=device, prevalence=s.prevalence), checkpoint, s, stop)
     try:
         while True:
             try:
@@ -327,7 +328,7 @@ def settings_from_args(a: argparse.Namespace) -> DicomwebSettings:
         url=a.url, out=Path(a.out), studies=tuple(a.study), since=a.since and a.since.replace("-", ""),
         modalities=tuple(m.upper() for m in a.modality),
         limit=a.limit, store_results=a.store_results, secondary_capture=a.secondary_capture, watch_s=a.watch,
-        workers=a.workers, timeout_s=a.timeout, attempts=a.attempts, ca_bundle=a.ca_bundle,
+        workers=a.workers, timeout_s=a.timeout, attempts=a.attempts, ca_bundle=a.ca_bundle, prevalence=a.prevalence,
         credentials=credentials(a.token_file, a.basic_auth_file))
 
 
