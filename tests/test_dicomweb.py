@@ -151,6 +151,17 @@ def test_reports_come_back_into_the_study_with_predicts_probability_and_only_onc
         assert code == 0 and "3 already done, 0 scored" in said, said
         assert rows(out) == recorded
         assert len(pacs.http.post("/tools/find", json={"Level": "Instance", "Query": {"Modality": "SR"}}).json()) == 2
+
+        # results.csv lost (a run killed between storing and recording, or a new --out): the reports stored again
+        # carry the same UIDs, derived from the source and the checkpoint, so the archive still holds one of each
+        (out / "results.csv").rename(tmp_path / "before.csv")
+        code, said, _ = dicomweb(str(checkpoint), "--url", pacs.dicomweb_url, "--out", str(out), "--store-results",
+                                 "--secondary-capture", capsys=capsys)
+        assert code == 0 and "2 report(s) stored" in said, said
+        stored = {r["sop_instance_uid"]: r["stored_sop_instance_uids"] for r in rows(out) if r["event"] == "sr-stored"}
+        assert stored == {r["sop_instance_uid"]: r["stored_sop_instance_uids"] for r in recorded if r["event"] == "sr-stored"}
+        for modality in ("SR", "OT"):
+            assert len(pacs.http.post("/tools/find", json={"Level": "Instance", "Query": {"Modality": modality}}).json()) == 2
     finally:
         pacs.stop()
 
