@@ -41,7 +41,7 @@ from .. import __version__
 from ..io.dicomweb_client import (BODY_PART, SERIES_UID, SOP_CLASS_UID, SOP_UID, STUDY_UID, Archive, Credentials,
                                   DicomwebError, credentials, uid_of)
 from ..io.fileio import optional_import
-from ..io.records import result_cells, result_columns
+from ..io.records import original_cell, result_cells, result_columns
 from .dicom_node import ResultLog
 
 log = logging.getLogger(__name__)
@@ -113,7 +113,7 @@ class History:
             for row in csv.DictReader(f):
                 if None in row or None in row.values() or not row.get("sop_instance_uid"):
                     continue
-                sop, event = row["sop_instance_uid"], row["event"]
+                sop, event = original_cell(row["sop_instance_uid"]), row["event"]  # as the archive gave it
                 if event in DONE_EVENTS:
                     h.done.add(sop)
                     if event == "unreadable":
