@@ -253,11 +253,14 @@ class DicomwebRun:
             pending: set[cf.Future] = set()
             items: Iterator[dict] = iter(work)
             while True:
-                while len(pending) < 2 * self.s.workers and not self.stop.is_set() and not fatal:
+                # no more than the workers take at once: what is submitted is under way, and what is not waits
+                while len(pending) < self.s.workers and not self.stop.is_set() and not fatal:
                     item = next(items, None)
                     if item is None:
                         break
                     pending.add(pool.submit(self.one, item))
+                if self.stop.is_set() or fatal:  # those queued but not started stay for the next run
+                    pending = {f for f in pending if not f.cancel()}
                 if not pending:
                     break
                 done, pending = cf.wait(pending, timeout=0.5, return_when=cf.FIRST_COMPLETED)
