@@ -352,13 +352,13 @@ def test_tls_is_verified_and_a_hospital_ca_is_taken_from_ca_bundle(checkpoint, t
 
 
 class NotDicomweb(http.server.BaseHTTPRequestHandler):
-    """A server that answers 503 twice (asking for a retry at once), then 200 with a body that is not JSON."""
+    """A server that answers 503 `busy` times (asking for a retry at once), then 200 with a body that is not JSON."""
 
-    answered = 0
+    answered, busy = 0, 2
 
     def do_GET(self) -> None:  # noqa: N802  (http.server's name)
         type(self).answered += 1
-        busy = type(self).answered <= 2
+        busy = type(self).answered <= type(self).busy
         body = b"busy" if busy else b"<html>this is not DICOM JSON</html>"
         self.send_response(503 if busy else 200)
         self.send_header("Content-Type", "text/plain" if busy else "application/dicom+json")
@@ -372,17 +372,24 @@ class NotDicomweb(http.server.BaseHTTPRequestHandler):
         pass
 
 
-def test_503_is_retried_and_a_malformed_answer_is_one_line(checkpoint, tmp_path, capsys):  # noqa: F811
+@pytest.mark.parametrize("busy, attempts, said", [(2, 4, "malformed answer from"),
+                                                  (9, 3, "HTTP 503 Service Unavailable after 3 attempts")])
+def test_503_is_retried_then_a_malformed_or_busy_answer_is_one_line(checkpoint, tmp_path, capsys, busy, attempts,  # noqa: F811
+                                                                    said):
+    """503 twice then a body that is not JSON: retried twice, then malformed. 503 every time: retried as --attempts
+    says, then one line."""
+    NotDicomweb.answered, NotDicomweb.busy = 0, busy
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), NotDicomweb)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         url = f"http://127.0.0.1:{server.server_address[1]}/dicom-web"
         code, _, err = dicomweb(str(checkpoint), "--url", url, "--out", str(tmp_path / "out"), "--modality", "DX",
-                                capsys=capsys)
+                                "--attempts", str(attempts), capsys=capsys)
     finally:
         server.shutdown()
-    assert NotDicomweb.answered == 3  # two 503s retried, then the answer
-    assert code == 2 and err.count("\n") == 1 and "malformed answer" in err and "QIDO-RS" in err, err
+    assert NotDicomweb.answered == min(busy + 1, attempts)
+    assert code == 2 and err.count("\n") == 1 and said in err and "QIDO-RS" in err, err
+    assert not rows(tmp_path / "out")  # a header, and no row: nothing was found
 
 
 @needs_orthanc

@@ -51,7 +51,7 @@ TAIL_COLUMNS = ["seconds", "stored_sop_instance_uids"]
 DONE_EVENTS = {"scored", "unreadable"}
 FAILED_EVENTS = {"retrieve-failed", "sr-failed"}
 MAX_TRIES = 3  # failures of one instance (its fetch or its report) before later runs leave it alone
-FATAL = {"auth", "unreachable"}  # kinds of DicomwebError that end a pass: every later request would fail too
+FATAL = {"auth", "unreachable", "unavailable"}  # kinds of DicomwebError that end a pass: later requests would fail too
 
 
 def columns(class_names: list[str]) -> list[str]:

@@ -6,8 +6,9 @@ an environment variable or a file, never from the command line), TLS verified (a
 given), a timeout on every request, and retries with exponential backoff on 429 and 5xx answers and on
 connections that fail (urllib3's `Retry`, which honours Retry-After; dicomweb-client's own retrying is turned
 off so there is one). Whatever goes wrong comes out as one `DicomwebError` whose message is one line:
-`kind` says whether it is the credentials ("auth"), the server out of reach ("unreachable"), an answer that
-is not what DICOMweb promises ("malformed"), or an HTTP failure ("http", with `status`).
+`kind` says whether it is the credentials ("auth"), the server out of reach ("unreachable") or still answering
+429 or 5xx after the retries ("unavailable"), an answer that is not what DICOMweb promises ("malformed"), or
+another HTTP failure ("http", with `status`).
 """
 
 from __future__ import annotations
@@ -35,7 +36,8 @@ log = logging.getLogger(__name__)
 
 
 class DicomwebError(RuntimeError):
-    """A request that failed, in one line; `kind` is auth, unreachable, malformed or http, `status` the HTTP status."""
+    """A request that failed, in one line; `kind` is auth, unreachable, unavailable, malformed or http, `status`
+    the HTTP status."""
 
     def __init__(self, message: str, kind: str, status: int | None = None):
         super().__init__(message)
@@ -137,7 +139,7 @@ class Archive:
             raise ValueError(f"--url must be an http:// or https:// address of a DICOMweb service, not {url!r}")
         if ca_bundle is not None and not Path(ca_bundle).is_file():
             raise ValueError(f"--ca-bundle {ca_bundle}: no such file")
-        self.url = url.rstrip("/")
+        self.url, self.attempts = url.rstrip("/"), attempts
         host = urlsplit(url).hostname or ""
         if creds is not None and url.startswith("http://") and host not in ("localhost", "127.0.0.1", "::1"):
             log.warning("credentials (%s) go to %s unencrypted: use https:// beyond this machine", creds.source, host)
@@ -168,6 +170,9 @@ class Archive:
             if status in (401, 403):
                 raise DicomwebError(f"{self.url} refused the credentials for {what} (HTTP {status} {reason}): check "
                                     f"${TOKEN_VARIABLE}, --token-file or --basic-auth-file", "auth", status) from None
+            if status in RETRY_STATUSES:  # still busy or failing after every retry: the server, not this request
+                raise DicomwebError(f"{self.url} answered {what} with HTTP {status} {reason} after {self.attempts} "
+                                    "attempts", "unavailable", status) from None
             raise DicomwebError(f"{what} at {self.url} failed: HTTP {status} {reason}", "http", status) from None
         except r.exceptions.SSLError as e:
             raise DicomwebError(f"cannot verify the TLS certificate of {self.url} ({_short_reason(e)}): pass the "
