@@ -281,20 +281,20 @@ def _add_dicomweb(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="folder for results.csv, which also records what is done")
     p.add_argument("--study", nargs="+", default=[], metavar="UID", help="only these studies (StudyInstanceUID)")
     p.add_argument("--since", metavar="DATE", help="only studies of this date (YYYYMMDD or YYYY-MM-DD) or later (StudyDate)")
-    p.add_argument("--modality", nargs="+", default=["CR", "DX"], help="modalities searched (default: CR DX)")
-    p.add_argument("--limit", type=int, help="score at most N instances per pass")
+    p.add_argument("--modality", nargs="+", default=["CR", "DX"], metavar="M", help="modalities searched (default: CR DX)")
+    p.add_argument("--limit", type=int, metavar="N", help="score at most N instances per pass")
     p.add_argument("--store-results", action="store_true", help="store a Structured Report of each scored image into its study")
     p.add_argument("--secondary-capture", action="store_true",
                    help="with --store-results, also store the Grad-CAM overlay as a Secondary Capture image")
     p.add_argument("--watch", type=float, metavar="SECONDS", help="search again every SECONDS until Ctrl-C")
-    p.add_argument("--token-file", help="a file holding the bearer token (default: $PNEUMOSCAN_DICOMWEB_TOKEN)")
-    p.add_argument("--basic-auth-file", help="a file holding USER:PASSWORD (default: $PNEUMOSCAN_DICOMWEB_USER and "
+    p.add_argument("--token-file", metavar="FILE", help="a file holding the bearer token (default: $PNEUMOSCAN_DICOMWEB_TOKEN)")
+    p.add_argument("--basic-auth-file", metavar="FILE", help="a file holding USER:PASSWORD (default: $PNEUMOSCAN_DICOMWEB_USER and "
                                              "$PNEUMOSCAN_DICOMWEB_PASSWORD)")
-    p.add_argument("--ca-bundle", help="CA certificates (PEM) to verify the server's TLS certificate with (default: the system's)")
-    p.add_argument("--timeout", type=float, default=60, help="seconds to wait for any one answer (default: 60)")
-    p.add_argument("--attempts", type=int, default=4,
+    p.add_argument("--ca-bundle", metavar="PEM", help="CA certificates (PEM) to verify the server's TLS certificate with (default: the system's)")
+    p.add_argument("--timeout", type=float, default=60, metavar="SECONDS", help="seconds to wait for any one answer (default: 60)")
+    p.add_argument("--attempts", type=int, default=4, metavar="N",
                    help="tries of a request that meets 429, 5xx or no connection, with backoff (default: 4)")
-    p.add_argument("--workers", type=int, default=4, help="instances fetched, scored and stored at once (default: 4)")
+    p.add_argument("--workers", type=int, default=4, metavar="N", help="instances fetched, scored and stored at once (default: 4)")
     _add_prevalence_flags(p, estimate=False)
     _add_device_flag(p, "cpu")
 
