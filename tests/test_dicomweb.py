@@ -392,6 +392,32 @@ def test_503_is_retried_then_a_malformed_or_busy_answer_is_one_line(checkpoint, 
     assert not rows(tmp_path / "out")  # a header, and no row: nothing was found
 
 
+class Silent(http.server.BaseHTTPRequestHandler):
+    """A server that takes the request and does not answer for 5 s."""
+
+    def do_GET(self) -> None:  # noqa: N802  (http.server's name)
+        time.sleep(5)
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+def test_a_server_that_does_not_answer_is_one_line_after_the_timeout(checkpoint, tmp_path, capsys):  # noqa: F811
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Silent)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/dicom-web"
+        started = time.monotonic()
+        code, _, err = dicomweb(str(checkpoint), "--url", url, "--out", str(tmp_path / "out"), "--modality", "DX",
+                                "--timeout", "1", "--attempts", "1", capsys=capsys)
+        waited = time.monotonic() - started
+    finally:
+        server.shutdown()
+    assert code == 2 and err.count("\n") == 1 and "no answer from" in err and "within 1 s" in err, err
+    assert waited < 5  # the timeout ended it, not the server
+
+
 @needs_orthanc
 def test_ctrl_c_during_watch_loses_nothing(checkpoint, radiographs, tmp_path):  # noqa: F811
     """`--watch 1` as a subprocess: three studies are reported, three more arrive and are found by a later poll;

@@ -139,7 +139,7 @@ class Archive:
             raise ValueError(f"--url must be an http:// or https:// address of a DICOMweb service, not {url!r}")
         if ca_bundle is not None and not Path(ca_bundle).is_file():
             raise ValueError(f"--ca-bundle {ca_bundle}: no such file")
-        self.url, self.attempts = url.rstrip("/"), attempts
+        self.url, self.attempts, self.timeout_s = url.rstrip("/"), attempts, timeout_s
         host = urlsplit(url).hostname or ""
         if creds is not None and url.startswith("http://") and host not in ("localhost", "127.0.0.1", "::1"):
             log.warning("credentials (%s) go to %s unencrypted: use https:// beyond this machine", creds.source, host)
@@ -178,7 +178,11 @@ class Archive:
             raise DicomwebError(f"cannot verify the TLS certificate of {self.url} ({_short_reason(e)}): pass the "
                                 "hospital's CA with --ca-bundle", "unreachable") from None
         except (r.ConnectionError, r.Timeout) as e:
-            raise DicomwebError(f"cannot reach {self.url} for {what} ({_short_reason(e)})", "unreachable") from None
+            reason = _short_reason(e)
+            if reason == "Read timed out":  # connected, asked, and no answer came
+                raise DicomwebError(f"no answer from {self.url} to {what} within {self.timeout_s:g} s (--timeout)",
+                                    "unreachable") from None
+            raise DicomwebError(f"cannot reach {self.url} for {what} ({reason})", "unreachable") from None
         except (ValueError, KeyError, TypeError, AttributeError, IndexError, EOFError) as e:
             # requests' JSON errors are ValueErrors; a multipart or DICOM body that cannot be parsed raises the rest
             message = re.sub(r"\s+", " ", str(e))[:200]
