@@ -253,8 +253,9 @@ class DicomwebRun:
             pending: set[cf.Future] = set()
             items: Iterator[dict] = iter(work)
             while True:
-                # no more than the workers take at once: what is submitted is under way, and what is not waits
-                while len(pending) < self.s.workers and not self.stop.is_set() and not fatal:
+                # one more instance queued per worker, so that none waits for the next; queued ones not yet
+                # started are cancelled within 0.1 s of `stop` (they stay for the next run)
+                while len(pending) < 2 * self.s.workers and not self.stop.is_set() and not fatal:
                     item = next(items, None)
                     if item is None:
                         break
@@ -263,7 +264,7 @@ class DicomwebRun:
                     pending = {f for f in pending if not f.cancel()}
                 if not pending:
                     break
-                done, pending = cf.wait(pending, timeout=0.5, return_when=cf.FIRST_COMPLETED)
+                done, pending = cf.wait(pending, timeout=0.1, return_when=cf.FIRST_COMPLETED)
                 for future in done:
                     try:
                         future.result()
