@@ -1,8 +1,8 @@
 """A DICOMweb archive as three calls: find instances (QIDO-RS), fetch one (WADO-RS), store objects (STOW-RS).
 
-`Archive` wraps a `dicomweb_client.DICOMwebClient` (`pip install 'pneumoscan[dicomweb]'`) over one requests
-session that owns the transport: credentials (`credentials`: a bearer token or a user and password, read from
-an environment variable or a file, never from the command line), TLS verified (against `ca_bundle` when
+`Archive` wraps a `dicomweb_client.DICOMwebClient` (`pip install 'pneumoscan[dicomweb]'`) over one HTTP client
+of requests that owns the transport: credentials (`credentials`: a bearer token or a user and password, read
+from an environment variable or a file, never from the command line), TLS verified (against `ca_bundle` when
 given), a timeout on every request, and retries with exponential backoff on 429 and 5xx answers and on
 connections that fail (urllib3's `Retry`, which honours Retry-After; dicomweb-client's own retrying is turned
 off so there is one). Whatever goes wrong comes out as one `DicomwebError` whose message is one line:
@@ -113,8 +113,8 @@ def uid_of(item: Mapping[str, Any], tag: str) -> str | None:
 
 def _adapter(ca_bundle: str | None, **kwargs: Any) -> Any:
     """requests' HTTP adapter (retries and pool as `kwargs` say) that verifies TLS against `ca_bundle` when one is
-    given: requests lets $REQUESTS_CA_BUNDLE or $CURL_CA_BUNDLE override a session's own `verify`, so the bundle
-    the user named is set here, on each request."""
+    given: requests lets $REQUESTS_CA_BUNDLE or $CURL_CA_BUNDLE override the `verify` its client object holds,
+    so the bundle the user named is set here, on each request."""
     from requests.adapters import HTTPAdapter
 
     class VerifyingAdapter(HTTPAdapter):
@@ -127,7 +127,7 @@ def _adapter(ca_bundle: str | None, **kwargs: Any) -> Any:
 
 
 class Archive:
-    """One DICOMweb service at `url`, reached through one session; thread-safe for the calls below."""
+    """One DICOMweb service at `url`, reached through one HTTP client; thread-safe for the calls below."""
 
     def __init__(self, url: str, creds: Credentials | None = None, ca_bundle: str | None = None,
                  timeout_s: float = 60, attempts: int = 4, backoff_s: float = 1.0):
@@ -144,19 +144,19 @@ class Archive:
         if creds is not None and url.startswith("http://") and host not in ("localhost", "127.0.0.1", "::1"):
             log.warning("credentials (%s) go to %s unencrypted: use https:// beyond this machine", creds.source, host)
         self.requests = requests
-        session = requests.Session()
+        http = requests.Session()
         if creds is not None and creds.token:
-            session.headers["Authorization"] = f"Bearer {creds.token}"
+            http.headers["Authorization"] = f"Bearer {creds.token}"
         elif creds is not None:
-            session.auth = (creds.user, creds.password)
+            http.auth = (creds.user, creds.password)
         # STOW-RS is retried too: a report's UIDs are fixed by its source, so a second copy replaces nothing new
         retry = Retry(total=attempts - 1, connect=attempts - 1, read=attempts - 1, status=attempts - 1,
                       backoff_factor=backoff_s, status_forcelist=RETRY_STATUSES, allowed_methods=["GET", "POST"],
                       respect_retry_after_header=True, raise_on_status=False)
         for scheme in ("http://", "https://"):
-            session.mount(scheme, _adapter(ca_bundle, max_retries=retry, pool_maxsize=16))
-        self.session = session
-        self.client = web.DICOMwebClient(self.url, session=session, timeout=(min(timeout_s, 10), timeout_s))
+            http.mount(scheme, _adapter(ca_bundle, max_retries=retry, pool_maxsize=16))
+        self.http = http
+        self.client = web.DICOMwebClient(self.url, session=http, timeout=(min(timeout_s, 10), timeout_s))
         self.client.set_http_retry_params(retry=False)
 
     def _call(self, what: str, request: Callable[[], T]) -> T:
@@ -233,4 +233,4 @@ class Archive:
         return stored or sorted(wanted)
 
     def close(self) -> None:
-        self.session.close()
+        self.http.close()
