@@ -173,8 +173,11 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("predict", help="probabilities for image files and folders, as a CSV")
     _add_checkpoint_and_images(p, "CSV to write (path, probability, label, error)")
     p.add_argument("--batch-size", type=int, default=32, metavar="N", help="images scored together (default: 32)")
-    p.add_argument("--backend", choices=["torch", "onnx"], default="torch",
-                   help="onnx: export in memory and run with ONNX Runtime on the CPU (pip install 'pneumoscan[onnx]')")
+    p.add_argument("--backend", choices=["auto", "torch", "onnx", "openvino", "openvino-bf16"], default="auto",
+                   help="auto (default): the fastest exact backend installed, logged (openvino, else onnx, else torch; "
+                        "torch on a GPU); onnx: export in memory and run with ONNX Runtime on the CPU (pip install "
+                        "'pneumoscan[onnx]'); openvino: the same export in OpenVINO, FP32; openvino-bf16: BF16, opt-in, "
+                        "probabilities move by up to about 0.02 (docs/performance.md) (pip install 'pneumoscan[openvino]')")
     _add_prevalence_flags(p, estimate=True)
 
 
