@@ -279,6 +279,15 @@ def default_threads() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+def read_metadata(data: bytes, label: str) -> dict[str, str]:
+    """The metadata_props of the serialized ONNX model `data`; ValueError naming `label` if it does not parse."""
+    onnx = _require("onnx", "reading an exported model")
+    try:
+        return {p.key: p.value for p in onnx.load_model_from_string(data).metadata_props}
+    except Exception as e:  # protobuf raises its own DecodeError, among others
+        raise ValueError(f"{label}: not a readable ONNX model ({type(e).__name__}: {e})") from None
+
+
 class OnnxPredictor:
     """An exported model in ONNX Runtime (CPU): `predict_arrays` as `Predictor.predict_arrays`.
 
@@ -310,6 +319,11 @@ class OnnxPredictor:
         if self.metadata.get("format") != FORMAT:
             raise ValueError(f"{label}: not an ONNX model exported by pneumoscan (metadata format "
                              f"{self.metadata.get('format')!r}, expected {FORMAT!r})")
+        self._set_fields(label)
+        self.threads = opts.intra_op_num_threads
+
+    def _set_fields(self, label: str) -> None:
+        """Class names, threshold, preprocessing, version and calibration from `self.metadata`."""
         try:
             self.class_names: list[str] = list(json.loads(self.metadata["class_names"]))
             self.threshold = float(self.metadata["threshold"])
@@ -319,7 +333,6 @@ class OnnxPredictor:
             self.offset = float(self.metadata.get("calibration_offset", "0.0"))
         except (KeyError, TypeError, ValueError) as e:
             raise ValueError(f"{label}: incomplete pneumoscan metadata ({type(e).__name__}: {e})") from None
-        self.threads = opts.intra_op_num_threads
 
     def run(self, x: np.ndarray) -> np.ndarray:
         """Model input float32 (N, 1, S, S) -> (N,) probabilities."""
