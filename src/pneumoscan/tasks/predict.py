@@ -6,6 +6,8 @@
 
 from __future__ import annotations
 
+import importlib.util
+import logging
 import os
 from typing import Iterable, Iterator
 
@@ -27,6 +29,27 @@ from ..networks.runtime import keep_freed_memory, select_device
 from .adapt import summary as adaptation_summary
 
 Prediction = ImageResult  # the name predict's Python API has always returned
+BACKENDS = ("auto", "torch", "onnx", "openvino", "openvino-bf16")
+EXACT_BY_SPEED = ("openvino", "onnx", "torch")  # fastest first, measured (docs/performance.md); each equals torch to 1e-5
+_NEEDS = {"onnx": ("onnx", "onnxscript", "onnxruntime"), "openvino": ("onnx", "onnxscript", "openvino"), "torch": ()}
+
+log = logging.getLogger(__name__)
+
+
+def choose_backend(backend: str, device: str = "auto") -> str:
+    """`backend` itself, or for "auto" the fastest exact backend installed that can run on `device`:
+    OpenVINO (f32), then ONNX Runtime, then PyTorch; PyTorch when a GPU is asked for or is the
+    automatic device. The choice is logged."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    if backend != "auto":
+        return backend
+    if device not in ("auto", "cpu") or (device == "auto" and select_device("auto").type != "cpu"):
+        chosen = "torch"
+    else:
+        chosen = next(b for b in EXACT_BY_SPEED if all(importlib.util.find_spec(m) for m in _NEEDS[b]))
+    log.info("backend auto: %s, the fastest exact backend installed for this device", chosen)
+    return chosen
 
 
 def image_result(path: str, probability: float, class_probs: np.ndarray | None, class_names: list[str],
@@ -50,41 +73,38 @@ class Predictor:
 
     `backend="onnx"` exports the model (seconds, the first time; the export is remembered in the cache
     folder, never beside the checkpoint) and runs it with ONNX Runtime on the CPU
-    (`pip install 'pneumoscan[onnx]'`); `"torch"` runs PyTorch on `device`.
+    (`pip install 'pneumoscan[onnx]'`); `"openvino"` runs the same export with OpenVINO in FP32 and
+    `"openvino-bf16"` in BF16 (`pip install 'pneumoscan[openvino]'`); `"torch"` runs PyTorch on `device`;
+    `"auto"` picks one (`choose_backend`). `self.backend` is the backend chosen. A three-class model
+    runs on torch only (auto picks torch for it).
     """
 
     def __init__(self, checkpoint: str | os.PathLike, device: str = "auto", batch_size: int = 32,
                  backend: str = "torch", prevalence: float | None = None):
-        if backend not in ("torch", "onnx"):
-            raise ValueError(f"unknown backend {backend!r}; choose 'torch' or 'onnx'")
-        if backend == "onnx" and device not in ("auto", "cpu"):
-            raise ValueError(f"the onnx backend runs on the CPU only (device {device!r} was asked for)")
-        self.backend = backend
+        asked, backend = backend, choose_backend(backend, device)
+        if backend != "torch" and device not in ("auto", "cpu"):
+            raise ValueError(f"the {backend} backend runs on the CPU only (device {device!r} was asked for)")
         keep_freed_memory()
-        self.device = select_device("cpu" if backend == "onnx" else device)
+        self.device = select_device("cpu" if backend != "torch" else device)
         loaded = ckpt_io.load(checkpoint, self.device)
+        if asked == "auto" and len(loaded.class_names) > 2:
+            backend = "torch"  # the exported graph gives P(pneumonia) only
+        self.backend = backend
         self.model = freeze(loaded.model)  # the frozen inference form: derived weights computed once, here
         self.config = loaded.config
         self.output = output_map(loaded.checkpoint, checkpoint, loaded.threshold)  # at an adapted site's prior
         if prevalence is not None:
             self.output = self.output.with_prior(prevalence)
         self.class_names = loaded.class_names
-        if backend == "onnx" and len(self.class_names) > 2:
-            raise ValueError("the onnx backend exports P(pneumonia) only; run three-class models with the torch backend")
+        if backend != "torch" and len(self.class_names) > 2:
+            raise ValueError(f"the {backend} backend exports P(pneumonia) only; run three-class models with the torch backend")
         self.cam_layer = loaded.checkpoint.get("cam_layer") or getattr(self.model, "cam_layer", "")
         self.ood = Detector.from_checkpoint(loaded.checkpoint)
         self.ensemble = describe_ensemble(loaded.checkpoint)  # '' for a single model
         self.adaptation = adaptation_summary(loaded.checkpoint)  # None unless fitted to a site by `adapt`
         self.prep = self.config.preprocessing
         self.batch_size = batch_size
-        self.onnx = None
-        if backend == "onnx":
-            from ..networks.export import OnnxPredictor, remembered_onnx_bytes
-
-            try:
-                self.onnx = OnnxPredictor(remembered_onnx_bytes(checkpoint))
-            except ValueError:  # a damaged cache entry: export again
-                self.onnx = OnnxPredictor(remembered_onnx_bytes(checkpoint, forget=True))
+        self.onnx = None if backend == "torch" else _exported_engine(checkpoint, backend)
 
     @property
     def threshold(self) -> float:
@@ -116,7 +136,7 @@ class Predictor:
     def score(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
         """(N, S, S) uint8 -> (P(pneumonia), per-class probabilities or None, out-of-distribution scores (N,)
         or None without a detector), from one forward pass on the torch backend."""
-        if self.onnx is not None:  # the exported graph gives the detector's features of the same pass
+        if self.onnx is not None:  # the exported graph (ONNX Runtime, OpenVINO) gives the detector's features too
             probs, features = self.onnx.predict_with_features(pixels)
             return (*self.output.apply(probs, None), None if self.ood is None else self.ood.scores(features))
         x = model_input(np.array(pixels, dtype=np.uint8), self.prep, self.device)  # a copy: inputs may be read-only
@@ -187,6 +207,23 @@ class Predictor:
         yield from flush()
 
 
+def _exported_engine(checkpoint: str | os.PathLike, backend: str):
+    """The exported model of `checkpoint` in ONNX Runtime or OpenVINO (`backend`)."""
+    from ..networks.export import OnnxPredictor, remembered_onnx_bytes
+
+    def engine(data: bytes):
+        if backend == "onnx":
+            return OnnxPredictor(data)
+        from ..networks.openvino_backend import OpenVinoPredictor
+
+        return OpenVinoPredictor(data, precision="bf16" if backend == "openvino-bf16" else "f32")
+
+    try:
+        return engine(remembered_onnx_bytes(checkpoint))
+    except ValueError:  # a damaged cache entry: export again
+        return engine(remembered_onnx_bytes(checkpoint, forget=True))
+
+
 def parse_prevalence(value: str | float | None) -> float | str | None:
     """A `--prevalence` value: a number strictly between 0 and 1, "estimated", or None. ValueError otherwise."""
     if value is None or value == "estimated":
@@ -222,8 +259,10 @@ def score_paths(checkpoint: str | os.PathLike, inputs: Iterable[str], device: st
     With an estimate, images are scored at the model's prior and then moved to the prior used."""
     prevalence = parse_prevalence(prevalence)
     fixed = prevalence if isinstance(prevalence, float) and not estimate else None
+    from .pipeline import predict_files_pipelined  # the fast form of predictor.predict_files
+
     predictor = Predictor(checkpoint, device=device, batch_size=batch_size, backend=backend, prevalence=fixed)
-    results = list(predictor.predict_files(expand_paths(inputs)))
+    results = list(predict_files_pipelined(predictor, expand_paths(inputs)))
     if fixed is not None or (prevalence is None and not estimate):
         return results, predictor, None
     scored = [i for i, r in enumerate(results) if r.p_pneumonia is not None]

@@ -1,0 +1,138 @@
+"""The fast prediction pipeline against the reference loop, and the fast JPEG loader against the reference loader.
+
+The pipeline (`tasks.pipeline`, behind `pneumoscan predict`) runs with a background decoding thread and
+simplejpeg; the reference (`Predictor.predict_files`) with neither. On weights trained for a few epochs,
+with the out-of-distribution detector every trained checkpoint has, with good and bad files mixed, with
+each backend, the two must give the same records, number for number.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pneumoscan.apps.cli import main
+from pneumoscan.io.fast_decode import load_for_model_fast
+from pneumoscan.io.images import ImageLoadError, load_for_model_with_info
+from pneumoscan.tasks.pipeline import predict_files_pipelined
+from pneumoscan.tasks.predict import Predictor
+
+from .conftest import make_dataset, real_train_folder
+
+pytest.importorskip("simplejpeg")
+BACKENDS = ["torch", "onnx", "openvino"]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """6 epochs of the paper recipe on 80 synthetic X-rays at 48 px, and a folder of good and bad files."""
+    root = tmp_path_factory.mktemp("pipeline")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("PNEUMOSCAN_CACHE", str(root / "cache"))
+        data = make_dataset(root / "data", patients_per_class=20, images_per_patient=2)
+        assert main(["train", "--data", str(data), "--out", str(root / "run"), "--recipe", "paper", "--image-size", "48",
+                     "--batch-size", "8", "--epochs", "6", "--val-fraction", "0.25", "--device", "cpu", "--no-progress",
+                     "--batchnorm-momentum", "0.1"]) == 0  # statistics that follow the weights in so few steps
+    files = sorted(str(p) for p in (data / "train").rglob("*.jpeg"))
+    odd = root / "odd"
+    odd.mkdir()
+    (odd / "truncated.jpeg").write_bytes(Path(files[0]).read_bytes()[:300])
+    (odd / "empty.jpeg").write_bytes(b"")
+    Image.open(files[1]).convert("L").save(odd / "grey.png")
+    rotated = Image.open(files[2]).convert("RGB")
+    exif = rotated.getexif()
+    exif[0x0112] = 6  # orientation: rotate 90 degrees
+    rotated.save(odd / "rotated.jpeg", exif=exif, quality=90)
+    bad = [str(odd / n) for n in ("truncated.jpeg", "empty.jpeg", "grey.png", "rotated.jpeg")] + [str(odd / "missing.jpeg")]
+    mixed = files[:7] + bad[:2] + files[7:15] + bad[2:] + files[15:]
+    return root / "run" / "best.pt", mixed
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_the_pipeline_gives_the_reference_loops_records(trained, backend):
+    checkpoint, paths = trained
+    pytest.importorskip({"torch": "torch", "onnx": "onnxruntime", "openvino": "openvino"}[backend])
+    predictor = Predictor(checkpoint, device="cpu", batch_size=5, backend=backend)
+    assert predictor.ood is not None  # the detector is scored in the same pass
+    reference = list(predictor.predict_files(paths))
+    fast = list(predict_files_pipelined(predictor, paths, ahead=1))
+    assert fast == reference  # the records' every field: probability, label, OOD score, error text
+    assert sum(r.error is not None for r in fast) == 3 and len({r.probability for r in fast}) > 10
+
+
+def test_predict_cli_writes_the_reference_loops_numbers(trained, tmp_path):
+    checkpoint, paths = trained
+    assert main(["predict", str(checkpoint), *paths, "--out", str(tmp_path / "p.csv"), "--backend", "openvino",
+                 "--batch-size", "4"]) == 0  # the unreadable files are error rows; the job carries on
+    with open(tmp_path / "p.csv", newline="") as f:
+        rows = {r["path"]: r for r in csv.DictReader(f)}
+    reference = Predictor(checkpoint, device="cpu", batch_size=4, backend="torch").predict_files(paths)
+    for r in reference:
+        got = rows[r.path]
+        if r.error:
+            assert got["error"] == r.error
+        else:
+            assert float(got["p_pneumonia"]) == pytest.approx(r.probability, abs=1e-5)
+            assert float(got["ood_score"]) == pytest.approx(r.ood_score, rel=1e-3, abs=2e-4)
+
+
+def test_stopping_early_stops_the_decoder(trained):
+    checkpoint, paths = trained
+    predictor = Predictor(checkpoint, device="cpu", batch_size=2)
+    records = predict_files_pipelined(predictor, paths * 20, ahead=1)
+    assert next(records).path == paths[0]
+    records.close()  # the generator's finally stops and drains the decoding thread
+
+
+def _reference_or_error(source, size, name=None):
+    try:
+        return load_for_model_with_info(source, size, "nearest", name).grey
+    except ImageLoadError as e:
+        return str(e)
+
+
+def _fast_or_error(source, size, name=None):
+    try:
+        return load_for_model_fast(source, size, "nearest", name).grey
+    except ImageLoadError as e:
+        return str(e)
+
+
+def test_fast_loader_gives_the_reference_pixels_on_real_radiographs():
+    train = real_train_folder()
+    files = sorted((train / "NORMAL").glob("*.jpeg"))[:60] + sorted((train / "PNEUMONIA").glob("*.jpeg"))[:60]
+    import simplejpeg
+
+    from pneumoscan.io import fast_decode
+
+    for f in files:
+        data = f.read_bytes()  # the fast path is the one taken for these files: no EXIF, YCbCr or grey
+        assert fast_decode._plain_jpeg(data) and simplejpeg.decode_jpeg_header(data)[2] in ("Gray", "YCbCr")
+        for size in (150, 224):
+            assert np.array_equal(_fast_or_error(str(f), size), _reference_or_error(str(f), size)), f
+
+
+def test_fast_loader_gives_the_reference_pixels_and_errors_on_odd_files(trained, tmp_path):
+    _, paths = trained
+    rng = np.random.default_rng(0)
+    colour = rng.integers(0, 256, (37, 53, 3), dtype=np.uint8)
+    samples = {"colour.jpeg": None, "colour-progressive.jpeg": None, "subsampled.jpeg": None}
+    for name in samples:
+        buf = io.BytesIO()
+        Image.fromarray(colour).save(buf, "JPEG", quality=85, progressive="progressive" in name,
+                                     subsampling=2 if name.startswith("subsampled") else 0)
+        samples[name] = buf.getvalue()
+    cmyk = io.BytesIO()
+    Image.fromarray(colour).convert("CMYK").save(cmyk, "JPEG")
+    samples["cmyk.jpeg"] = cmyk.getvalue()
+    samples["scan.dcm"] = samples["colour.jpeg"]  # a DICOM name goes to the DICOM reader, as in the reference
+    for name, data in samples.items():
+        assert np.array_equal(_fast_or_error(data, 48, name), _reference_or_error(data, 48, name)), name
+    for path in paths:  # EXIF rotation, PNG, truncated, empty, missing
+        fast, ref = _fast_or_error(path, 48), _reference_or_error(path, 48)
+        assert (fast == ref) if isinstance(ref, str) else np.array_equal(fast, ref), path
