@@ -77,10 +77,23 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
 def cmd_predict(a: argparse.Namespace) -> int:
     from ..tasks.predict import predict_paths
 
+    if a.engine == "ray":
+        return _predict_on_ray(a)
     results, estimated = predict_paths(a.checkpoint, a.paths, a.out, device=a.device, batch_size=a.batch_size,
                                        backend=a.backend, prevalence=a.prevalence, estimate=a.estimate_prevalence)
     _print_estimate(estimated)
     return _report_batch([r.error for r in results], f"images scored; wrote {a.out}")
+
+
+def _predict_on_ray(a: argparse.Namespace) -> int:
+    from ..tasks.cluster_predict import RayOptions, predict_on_ray
+
+    options = RayOptions(address=a.ray_address, actors=a.actors, part_size=a.part_size, resume=a.resume)
+    n, errors, estimated = predict_on_ray(a.checkpoint, a.paths, a.out, device=a.device, batch_size=a.batch_size,
+                                          backend=a.backend, prevalence=a.prevalence, estimate=a.estimate_prevalence,
+                                          options=options)
+    _print_estimate(estimated)
+    return _report_batch([None] * (n - len(errors)) + errors, f"images scored on Ray; wrote {a.out}")
 
 
 def _print_estimate(est: dict | None) -> None:

@@ -179,6 +179,20 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
                         "'pneumoscan[onnx]'); openvino: the same export in OpenVINO, FP32; openvino-bf16: BF16, opt-in, "
                         "probabilities move by up to about 0.02 (docs/performance.md) (pip install 'pneumoscan[openvino]')")
     _add_prevalence_flags(p, estimate=True)
+    _add_engine_flags(p)
+
+
+def _add_engine_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("on a Ray cluster (--engine ray; pip install 'pneumoscan[cluster]'; docs/cluster.md)")
+    g.add_argument("--engine", choices=["local", "ray"], default="local",
+                   help="ray: read, decode and score on a Ray cluster with Ray Data; inputs may also be globs, "
+                        ".txt lists of paths and s3:// gs:// file:// URIs; --out may be .parquet (default: local)")
+    g.add_argument("--ray-address", help="the cluster to join (default: $RAY_ADDRESS, else a Ray started here)")
+    g.add_argument("--actors", type=int, metavar="N",
+                   help="scoring actors, one model each (default: one per GPU, else one per 4 of half the CPUs)")
+    g.add_argument("--part-size", type=int, default=256, metavar="N",
+                   help="images per part written under OUT.parts/, the unit of --resume (default: 256)")
+    g.add_argument("--resume", action="store_true", help="keep the parts an interrupted run wrote; score the rest")
 
 
 def _add_explain(sub: argparse._SubParsersAction) -> None:
