@@ -19,7 +19,7 @@ from PIL import Image
 from pneumoscan.apps.cli import main
 from pneumoscan.io.fast_decode import load_for_model_fast
 from pneumoscan.io.images import ImageLoadError, load_for_model_with_info
-from pneumoscan.tasks.pipeline import predict_files_pipelined
+from pneumoscan.tasks.pipeline import predict_file_fast, predict_files_pipelined
 from pneumoscan.tasks.predict import Predictor
 
 from .conftest import make_dataset, real_train_folder
@@ -63,6 +63,9 @@ def test_the_pipeline_gives_the_reference_loops_records(trained, backend):
     fast = list(predict_files_pipelined(predictor, paths, ahead=1))
     assert fast == reference  # the records' every field: probability, label, OOD score, error text
     assert sum(r.error is not None for r in fast) == 3 and len({r.probability for r in fast}) > 10
+    for path in paths[:3] + paths[7:9]:  # one image at a time: good files, a truncated and an empty one
+        data = Path(path).read_bytes()
+        assert predict_file_fast(predictor, data, name=path) == predictor.predict_file(data, name=path)
 
 
 def test_predict_cli_writes_the_reference_loops_numbers(trained, tmp_path):

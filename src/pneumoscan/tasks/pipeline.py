@@ -1,7 +1,8 @@
 """The fast prediction pipeline: `Predictor.predict_files` with decoding overlapped with scoring.
 
 This module owns `predict_files_pipelined`, a second implementation of the reference loop
-`Predictor.predict_files` (which stays the plain, readable one). Two differences, neither of which
+`Predictor.predict_files` (which stays the plain, readable one), and `predict_file_fast`, the same for
+`Predictor.predict_file` (one image: the fast loader only). Two differences, neither of which
 changes a number (tests/test_pipeline.py holds the two equal on a trained checkpoint, with every backend):
 
 * the next batch is decoded by a background thread while the current one is scored; at most `ahead`
@@ -101,3 +102,15 @@ def predict_files_pipelined(predictor: Predictor, paths: Iterable[str], ahead: i
                 batches.get(timeout=0.05)
             except queue.Empty:
                 pass
+
+
+def predict_file_fast(predictor: Predictor, source: str | bytes, name: str | None = None) -> Prediction:
+    """`predictor.predict_file(source, name)` through the fast loader: the same record, sooner."""
+    label = name or str(source)
+    try:
+        image = load_for_model_fast(source, predictor.prep.image_size, predictor.prep.resize_filter, name=name)
+        probs, class_probs, ood = predictor.score(image.grey[None])
+    except ImageLoadError as e:
+        return predictor.failure(label, str(e))
+    return predictor.prediction(label, probs[0], None if class_probs is None else class_probs[0],
+                                None if ood is None else ood[0], image.warnings)
