@@ -125,7 +125,7 @@ def cmd_serve(a: argparse.Namespace) -> int:
     serve(a.checkpoint, host=a.host, port=a.port, device=a.device, token=a.token, max_upload_mb=a.max_upload_mb,
           metrics_json=a.metrics, max_batch=a.max_batch, allow_hosts=a.allow_host, max_connections=a.max_connections,
           decode_slots=a.decode_slots, body_timeout_s=a.body_timeout, inference_timeout_s=a.inference_timeout,
-          prevalence=a.prevalence)
+          prevalence=a.prevalence, backend=a.backend)
     return 0
 
 

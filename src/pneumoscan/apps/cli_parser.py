@@ -208,6 +208,9 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
                    help="address to listen on (default: 127.0.0.1, this machine only; 0.0.0.0: every interface)")
     p.add_argument("--port", type=int, default=8000, help="TCP port (default: 8000)")
     _add_device_flag(p, "cpu")
+    p.add_argument("--backend", choices=["auto", "torch", "onnx", "openvino", "openvino-bf16"], default="auto",
+                   help="as predict's --backend (default auto: the fastest exact backend installed, logged); heatmaps "
+                        "always come from the PyTorch model")
     p.add_argument("--token", default=os.environ.get("PNEUMOSCAN_TOKEN"),
                    help="require 'Authorization: Bearer TOKEN' on every path but the page (/), /health and /docs "
                         "(default: $PNEUMOSCAN_TOKEN, else open)")

@@ -121,7 +121,7 @@ def create_app(checkpoint: str | os.PathLike, device: str = "cpu", token: str | 
                max_files: int = 16, metrics_json: str | os.PathLike | None = None, max_batch: int = 16,
                allowed_hosts: Iterable[str] = LOCAL_HOSTS, decode_slots: int | None = None,
                max_waiting: int | None = None, decode_wait_s: float = 10, body_timeout_s: float = 60,
-               inference_timeout_s: float = 120, prevalence: float | None = None) -> Any:
+               inference_timeout_s: float = 120, prevalence: float | None = None, backend: str = "torch") -> Any:
     """The ASGI app (`Guard` around the FastAPI app, which is its `.app`; the scoring service is `.app.state.service`)."""
     optional_import("fastapi", "serve", "serving")
     from fastapi import FastAPI
@@ -130,7 +130,7 @@ def create_app(checkpoint: str | os.PathLike, device: str = "cpu", token: str | 
     limit = int(max_upload_mb * 1024 * 1024)
     # keep every upload in memory: the spool only rolls over to a temporary file above this size
     MultiPartParser.spool_max_size = max(MultiPartParser.spool_max_size, limit + 1)
-    predictor = Predictor(checkpoint, device=device, prevalence=prevalence)
+    predictor = Predictor(checkpoint, device=device, prevalence=prevalence, backend=backend)  # "auto" logs its choice
     metrics_path = Path(metrics_json) if metrics_json else Path(checkpoint).parent / "eval-val" / "metrics.json"
     # /docs is served from local files (serve_docs); ReDoc is left out: its script injects inline styles
     app = FastAPI(title="pneumoscan", version=__version__, description=f"Pneumonia vs normal on chest X-rays. {DISCLAIMER}",

@@ -123,8 +123,8 @@ def cam_for_batch(predictor: Predictor, pixels: np.ndarray
     Each map is that image's own (eval mode: no image affects another). The first call freezes the
     model's parameters (it is an inference model from here on).
     """
-    if predictor.backend != "torch":
-        raise ValueError("Grad-CAM needs the torch backend")
+    # Grad-CAM runs on the PyTorch model, which every Predictor holds (on the CPU for the exported backends,
+    # whose probabilities equal it to 1e-5; with openvino-bf16 an image scored with its map gets FP32's probability)
     model = predictor.model
     if model not in _CAMS:  # hooks are registered once per model, not per image
         _CAMS[model] = _gradcam(model, predictor.cam_layer)
