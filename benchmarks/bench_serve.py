@@ -15,6 +15,10 @@ and the server's peak resident memory (VmHWM) after each phase. Traffic goes to 
 every loop is bounded.
 
     .venv/bin/python benchmarks/bench_serve.py --checkpoint runs/x/best.pt [--clients 8 --seconds 30] [--no-heatmap]
+
+`--backend` is the server's (default auto). `--compare-backends torch,onnx,openvino,openvino-bf16` instead
+runs only the good-uploads phase (probabilities only) once per backend, each on a fresh server, and
+reports requests/s and p50/p99 side by side.
 """
 
 from __future__ import annotations
@@ -274,6 +278,7 @@ def summary(lat: list[float], good_lat: list[float], codes: dict[str, int], wall
 def start_server(args: argparse.Namespace, url: str) -> subprocess.Popen:
     """`pneumoscan serve` with a token on loopback, once it answers /health (at most 60 s)."""
     server = subprocess.Popen([sys.executable, "-m", "pneumoscan", "serve", args.checkpoint, "--port", str(args.port),
+                               "--backend", args.backend,
                                "--max-batch", str(args.max_batch), "--body-timeout", str(args.body_timeout),
                                "--token", TOKEN], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ})
     for _ in range(120):  # bounded wait for start-up
@@ -326,6 +331,26 @@ def print_report(results: dict, rss: dict, alive: bool) -> None:
     print(f"server alive after all phases: {alive}; peak RSS {max(v for v in rss.values() if v)} MB")
 
 
+def compare_backends(args: argparse.Namespace, url: str, images: list) -> int:
+    """The good-uploads phase, probabilities only, on a fresh server per backend."""
+    results = {}
+    for backend in args.compare_backends.split(","):
+        args.backend = backend
+        server = start_server(args, url)
+        try:
+            phase(url, images, [], 2, 3, 0, False)  # warm-up
+            results[backend] = phase(url, images, [], args.clients, args.seconds, 0, False)
+        finally:
+            server.terminate()
+            server.wait(timeout=30)
+    for backend, r in results.items():
+        print(f"{backend:16} {r['requests_per_s']:7.1f} req/s  p50 {r['p50_ms']:6.1f} ms  p99 {r['p99_ms']:6.1f} ms  "
+              f"good scored {r['good_scored']}/{r['good_requests']}  server errors {r['server_errors']}")
+    print(json.dumps({"clients": args.clients, "seconds": args.seconds, "heatmap": False, "max_batch": args.max_batch,
+                      "backends": results, "machine": cpu_name(), "date": time.strftime("%Y-%m-%d")}))
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint", required=True)
@@ -339,12 +364,16 @@ def main() -> int:
     ap.add_argument("--body-timeout", type=float, default=10, help="the server's --body-timeout (slow senders get 408)")
     ap.add_argument("--idle-refused", type=int, default=64, help="connections per round that are refused, then idle")
     ap.add_argument("--slow-heads", type=int, default=40, help="clients sending request heads a byte a second")
+    ap.add_argument("--backend", default="auto", help="the server's --backend (default: auto)")
+    ap.add_argument("--compare-backends", help="comma-separated backends: the good-uploads phase once per backend")
     args = ap.parse_args()
 
     files = sorted(Path(args.data).rglob("*.jpeg"))
     images = [(p.name, p.read_bytes()) for p in random.Random(0).sample(files, min(64, len(files)))]
     url = f"http://127.0.0.1:{args.port}"
     heatmap = not args.no_heatmap
+    if args.compare_backends:
+        return compare_backends(args, url, images)
     server = start_server(args, url)
     try:
         phase(url, images, [], 2, 3, 0, heatmap)  # warm-up
