@@ -137,13 +137,22 @@ def time_folder(predictor: Predictor, paths: list[str], pipelined: bool = False)
 def time_parts(predictor: Predictor, paths: list[str]) -> dict:
     """The folder's two halves apart: decoding every file (one core), then scoring the decoded pixels in
     batches (the network and the detector, on every thread)."""
+    from pneumoscan.io.fast_decode import load_for_model_fast
+
+    prep = predictor.prep
+    t0 = time.perf_counter()
+    fast = [load_for_model_fast(p, prep.image_size, prep.resize_filter).grey for p in paths]
+    fast_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     pixels = np.stack([predictor.load(p) for p in paths])
     decode_s = time.perf_counter() - t0
+    if not np.array_equal(np.stack(fast), pixels):
+        raise SystemExit("the fast loader's pixels differ from the reference loader's")
     t0 = time.perf_counter()
     for i in range(0, len(pixels), predictor.batch_size):
         predictor.score(pixels[i:i + predictor.batch_size])
-    return {"decode": len(paths) / decode_s, "score": len(paths) / (time.perf_counter() - t0)}
+    return {"decode": len(paths) / decode_s, "decode_fast": len(paths) / fast_s,
+            "score": len(paths) / (time.perf_counter() - t0)}
 
 
 def latency(fn, repeats: int, warmup: int = 10) -> dict:
@@ -286,6 +295,7 @@ def measure(args, checkpoint: Path, files: list[Path], paths: list[str], folder:
         predictors[backend] = Predictor(checkpoint, device="cpu", batch_size=args.batch_size, backend=backend)
         results[backend] = {"startup_s": time.perf_counter() - t0, "rounds_images_per_s": [],
                             "rounds_pipelined_images_per_s": [], "rounds_decode_images_per_s": [],
+                            "rounds_decode_fast_images_per_s": [],
                             "rounds_score_images_per_s": []}
     keras_rounds: list[dict] = []
     for _ in range(args.rounds):  # alternated, so a noisy minute does not land on one pipeline only
@@ -299,7 +309,8 @@ def measure(args, checkpoint: Path, files: list[Path], paths: list[str], folder:
     jpeg = files[0].read_bytes()
     pixels = np.stack([predictors["torch"].load(f) for f in paths[:args.batch_size]])
     for backend, predictor in predictors.items():
-        for key in ("images_per_s", "pipelined_images_per_s", "decode_images_per_s", "score_images_per_s"):
+        for key in ("images_per_s", "pipelined_images_per_s", "decode_images_per_s", "decode_fast_images_per_s",
+                    "score_images_per_s"):
             results[backend][key] = float(np.median(results[backend][f"rounds_{key}"]))
         results[backend].update({f"latency_{k}": v for k, v in time_latency(predictor, jpeg, args.repeats).items()})
         results[backend].update(network_only(predictor, pixels, args.repeats))
@@ -384,7 +395,8 @@ def report(summary: dict, args) -> None:
     print(f"keras (paper): {keras['images_per_s']:.1f} images/s" if "images_per_s" in keras else f"keras (paper): skipped: {keras['skipped']}")
     for b in backends:
         r = summary[b]
-        print(f"{b}: decoding alone {r['decode_images_per_s']:.1f} images/s (one core), scoring decoded pixels "
+        print(f"{b}: decoding alone {r['decode_images_per_s']:.1f} images/s (one core; the fast loader "
+              f"{r['decode_fast_images_per_s']:.1f}, the same pixels), scoring decoded pixels "
               f"{r['score_images_per_s']:.1f} images/s; folder rounds ref {rounded(r['rounds_images_per_s'])}, "
               f"fast {rounded(r['rounds_pipelined_images_per_s'])}; startup {r['startup_s']:.2f} s")
     print("max |p_torch - p_backend|: " + ", ".join(f"{k.rsplit('_', 1)[-1]} {v:.2g}" for k, v in summary.items()
