@@ -31,6 +31,7 @@ from .conftest import make_dataset
 from .test_invariants import paper_run_args
 
 pytest.importorskip("ray", reason="predict --engine ray needs the cluster extra: pip install '.[cluster]'")
+pa = pytest.importorskip("pyarrow")
 pa_parquet = pytest.importorskip("pyarrow.parquet")
 
 from pneumoscan.tasks import archive  # noqa: E402  (needs pyarrow)
@@ -55,7 +56,8 @@ def cluster():
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """Two 1-epoch paper-network runs (seeds 0 and 1, 32 px, with their detectors) on 40 synthetic X-rays, their
-    ensemble, and the inputs every test scores: the images, an empty file, a text file named .png, a missing path."""
+    ensemble, and the inputs every test scores: the images, an empty file, a text file named .png, an image whose
+    name is not UTF-8, a missing path."""
     root = tmp_path_factory.mktemp("cluster")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("PNEUMOSCAN_CACHE", str(root / "cache"))
@@ -68,6 +70,7 @@ def trained(tmp_path_factory):
     bad.mkdir()
     (bad / "empty.png").write_bytes(b"")
     (bad / "notes.png").write_text("not an image")
+    os.symlink(next((data / "train" / "NORMAL").iterdir()), os.fsdecode(bytes(bad) + b"/caf\xe9.jpeg"))  # not UTF-8
     inputs = [str(data / "train"), str(bad), str(root / "missing.jpeg")]
     return {"root": root, "data": data, "ckpt": root / "seed0" / "best.pt", "ens": root / "ens.pt", "inputs": inputs}
 
@@ -112,13 +115,13 @@ def test_ray_gives_local_predicts_rows_on_two_nodes(cluster, trained, tmp_path, 
     assert main(["predict", ckpt, *trained["inputs"], "--out", str(tmp_path / out), *ray_args(cluster, "--actors", "2"),
                  *extra]) == 0
     local, ray = rows_of(tmp_path / "local.csv"), rows_of(tmp_path / out)
-    assert len(local) == 43 and sum(bool(r["error"]) for r in local) == 3
+    assert len(local) == 44 and sum(bool(r["error"]) for r in local) == 3 and any("\\xe9" in r["path"] for r in local)
     assert "cannot read file" in local[-1]["error"] and "empty" in local[-3]["error"]
     assert_same(local, ray)
     if extra:  # the estimate over the whole archive, as local predict makes it, and its file
         a, b = (json.loads((tmp_path / f"{name}.prevalence.json").read_text()) for name in ("local.csv", out))
         assert abs(a["estimate"]["prevalence"] - b["estimate"]["prevalence"]) <= 1e-5 and a.keys() == b.keys()
-        assert a["estimate"]["n"] == b["estimate"]["n"] == 40
+        assert a["estimate"]["n"] == b["estimate"]["n"] == 41
         assert {r["prevalence_source"] for r in ray if r["p_pneumonia"]} == {"estimated"}
         assert next(csv.reader((tmp_path / out).open())) == next(csv.reader((tmp_path / "local.csv").open()))
     assert not (tmp_path / f"{out}.parts").exists()
@@ -193,7 +196,7 @@ def test_an_actor_killed_mid_run_is_retried_and_every_image_is_written_once(clus
     assert_same(rows_of(tmp_path / "local.csv"), rows)
 
 
-def test_a_killed_driver_is_resumed_without_rescoring_written_parts(cluster, trained, tmp_path):
+def test_a_killed_driver_is_resumed_without_rescoring_written_parts(cluster, trained, tmp_path, caplog):
     folder = many_links(trained, tmp_path / "archive", 10)
     out = tmp_path / "p.csv"
     cmd = [sys.executable, "-m", "pneumoscan", "predict", str(trained["ckpt"]), str(folder), "--out", str(out),
@@ -208,9 +211,17 @@ def test_a_killed_driver_is_resumed_without_rescoring_written_parts(cluster, tra
     driver.wait()
     kept = {p.name: p.stat().st_mtime_ns for p in parts.glob("part-*.parquet")}
     assert 3 <= len(kept) < 50 and not out.exists()
-    assert main(["predict", str(trained["ckpt"]), str(folder), "--out", str(out), *ray_args(cluster), "--resume"]) == 0
+    first = parts / "part-000000.parquet"  # marked: a part scored again would lose the mark
+    rows = pa_parquet.read_table(first).to_pylist()
+    rows[0]["p"] = 0.123456
+    pa_parquet.write_table(pa.Table.from_pylist(rows, schema=archive.part_schema()), first)
+    with caplog.at_level("INFO", "pneumoscan.tasks.cluster_predict"):
+        assert main(["predict", str(trained["ckpt"]), str(folder), "--out", str(out), *ray_args(cluster), "--resume"]) == 0
+    assert f"resuming: {len(kept)} of 50 parts already written, {50 - len(kept)} to score" in caplog.text
     assert main(["predict", str(trained["ckpt"]), str(folder), "--out", str(tmp_path / "local.csv")]) == 0
-    assert_same(rows_of(tmp_path / "local.csv"), rows_of(out))
+    ray = rows_of(out)
+    assert ray[0]["p_pneumonia"] == "0.123456"
+    assert_same(rows_of(tmp_path / "local.csv")[1:], ray[1:])
     assert not parts.exists()
     # --resume keeps only parts of the same run: another listing is refused, naming the folder
     store = archive.PartStore(out, ["a.png"], 8, {})

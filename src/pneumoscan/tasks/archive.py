@@ -132,10 +132,11 @@ def list_inputs(inputs: Iterable[str]) -> list[str]:
     return found
 
 
-def part_schema(class_names: list[str]):
-    """The columns of a part: each image's place in the listing and its raw scores (see `PartStore`)."""
+def part_schema():
+    """The columns of a part: each image's place in the listing, its path (the file name's bytes, which need not
+    be UTF-8) and its raw scores (see `PartStore`)."""
     pa = optional_import("pyarrow", "cluster", "writing the parts of an archive")
-    return pa.schema([("index", pa.int64()), ("path", pa.string()), ("p", pa.float64()),
+    return pa.schema([("index", pa.int64()), ("path", pa.binary()), ("p", pa.float64()),
                       ("class_probs", pa.list_(pa.float64())), ("ood", pa.float64()),
                       ("warnings", pa.list_(pa.string())), ("error", pa.string())])
 
@@ -175,12 +176,12 @@ class PartStore:
     def bounds(self, part: int) -> range:
         return range(part * self.part_size, min(self.n, (part + 1) * self.part_size))
 
-    def write(self, part: int, rows: dict[int, dict], class_names: list[str]) -> None:
+    def write(self, part: int, rows: dict[int, dict]) -> None:
         """Write one finished part (its rows keyed by index: each image exactly once), atomically."""
         pa = optional_import("pyarrow", "cluster", "writing the parts of an archive")
         pq = optional_import("pyarrow.parquet", "cluster", "writing the parts of an archive")
         ordered = [rows[i] for i in self.bounds(part)]
-        table = pa.Table.from_pylist(ordered, schema=part_schema(class_names))
+        table = pa.Table.from_pylist(ordered, schema=part_schema())
         sink = pa.BufferOutputStream()
         pq.write_table(table, sink)
         atomic_write_bytes(self.part_path(part), sink.getvalue().to_pybytes())

@@ -66,7 +66,7 @@ def plan_pool(cluster: dict[str, float], actors: int | None, device: str, backen
     whole-CPU actors starve them); no request is larger than the smallest node can grant beside an actor."""
     if actors is not None and actors < 1:
         raise ValueError(f"--actors must be at least 1, not {actors}")
-    gpus = cluster.get("GPU", 0) if (device == "auto" or device.startswith("cuda")) and backend == "torch" else 0
+    gpus = cluster.get("GPU", 0) if (device == "auto" or device.startswith("cuda")) and backend in ("torch", "auto") else 0
     cpus = max(cluster.get("CPU", 1.0), 1.0)
     node = min(cpus, smallest_node or cpus)
     decode = round(min(1.0, node * (1 - ACTOR_CPU_SHARE)), 2) or 0.01
@@ -97,7 +97,7 @@ def connect(address: str | None) -> tuple[Any, bool]:
 def decode_part(batch: dict[str, np.ndarray], image_size: int, resize_filter: str) -> dict[str, np.ndarray]:
     """Ray task: one part's files read where this task runs and decoded by the project's loader; an unreadable
     file keeps its row, with blank pixels and its error."""
-    paths = [str(p) for p in batch["path"]]
+    paths = [os.fsdecode(p) for p in batch["path"]]  # bytes: a file name need not be UTF-8
     pixels = np.zeros((len(paths), image_size, image_size), np.uint8)
     errors, warnings = [""] * len(paths), [""] * len(paths)
     for i, path in enumerate(paths):
@@ -107,7 +107,7 @@ def decode_part(batch: dict[str, np.ndarray], image_size: int, resize_filter: st
             errors[i] = str(e)
             continue
         pixels[i], warnings[i] = image.grey, "\n".join(image.warnings)
-    return {"index": np.asarray(batch["index"], np.int64), "path": np.array(paths, dtype=object),
+    return {"index": np.asarray(batch["index"], np.int64), "path": np.array(list(batch["path"]), dtype=object),
             "pixels": pixels, "error": np.array(errors, dtype=object), "warnings": np.array(warnings, dtype=object)}
 
 
@@ -136,7 +136,7 @@ class Scorer:
                 ood[i] = None if scores is None else float(scores[k])
         warnings = [str(w).split("\n") if w else [] for w in batch["warnings"]]
         return pa.table({"index": pa.array(np.asarray(batch["index"], np.int64)),
-                         "path": pa.array([str(x) for x in batch["path"]], pa.string()),
+                         "path": pa.array([bytes(x) for x in batch["path"]], pa.binary()),
                          "p": pa.array(p, pa.float64()), "class_probs": pa.array(class_probs, pa.list_(pa.float64())),
                          "ood": pa.array(ood, pa.float64()), "warnings": pa.array(warnings, pa.list_(pa.string())),
                          "error": pa.array([e or None for e in errors], pa.string())})
@@ -147,7 +147,8 @@ def build_dataset(ray: Any, listing: list[str], store: PartStore, todo: list[int
     """The Ray Data pipeline over the parts in `todo`: a block of paths per part, decode tasks, the actor pool."""
     pa = optional_import("pyarrow", "cluster", PURPOSE)
     blocks = [pa.table({"index": pa.array(list(store.bounds(p)), pa.int64()),
-                        "path": pa.array([listing[i] for i in store.bounds(p)], pa.string())}) for p in todo]
+                        "path": pa.array([os.fsencode(listing[i]) for i in store.bounds(p)], pa.binary())})
+              for p in todo]
     prep = predictor.prep
     ds = ray.data.from_arrow(blocks)
     # decode tasks ask for what the actors leave; with the actors' request they would be fused into the actors
@@ -160,7 +161,7 @@ def build_dataset(ray: Any, listing: list[str], store: PartStore, todo: list[int
                           num_cpus=pool.cpus, num_gpus=pool.gpus or None)  # Ray Data spreads actors over nodes
 
 
-def collect_parts(ds, store: PartStore, todo: list[int], class_names: list[str], progress: bool) -> None:
+def collect_parts(ds, store: PartStore, todo: list[int], progress: bool) -> None:
     """Stream the scored rows into parts, writing each part once all its images are in; a row delivered twice
     (a retried task) counts once."""
     from tqdm import tqdm
@@ -178,7 +179,7 @@ def collect_parts(ds, store: PartStore, todo: list[int], class_names: list[str],
                 pending.setdefault(part, {})[row["index"]] = row
                 bar.update(1)
                 if len(pending[part]) == len(store.bounds(part)):
-                    store.write(part, pending.pop(part), class_names)
+                    store.write(part, pending.pop(part))
                     written.add(part)
     missing = set(range(store.parts)) - written
     if missing:
@@ -209,10 +210,10 @@ def part_records(rows: list[dict], predictor: Predictor, output: Any) -> list:
     records = []
     for r in rows:
         if r["error"] is not None:
-            records.append(predictor.failure(r["path"], r["error"]))
+            records.append(predictor.failure(os.fsdecode(r["path"]), r["error"]))
             continue
         k = next(moved)
-        records.append(image_result(r["path"], float(probs[k]), None if cps is None else cps[k], predictor.class_names,
+        records.append(image_result(os.fsdecode(r["path"]), float(probs[k]), None if cps is None else cps[k], predictor.class_names,
                                     output, predictor.ood, r["ood"], r["warnings"]))
     return records
 
@@ -239,6 +240,8 @@ def predict_on_ray(checkpoint: str | os.PathLike, inputs: Iterable[str], out: st
     store = PartStore(out, listing, options.part_size, settings)
     store.open(options.resume)
     todo = sorted(set(range(store.parts)) - store.done())
+    if options.resume:
+        log.info("resuming: %d of %d parts already written, %d to score", store.parts - len(todo), store.parts, len(todo))
     if todo:
         run_parts(listing, store, todo, checkpoint, predictor, options, batch_size,
                   {"device": device, "batch_size": batch_size, "backend": backend, "prevalence": fixed, **backend_args})
@@ -281,7 +284,7 @@ def run_parts(listing: list[str], store: PartStore, todo: list[int], checkpoint:
                           ("cpu" if predictor_args["device"] == "auto" else predictor_args["device"])}
         ds = build_dataset(ray, listing, store, todo, checkpoint, predictor, predictor_args, pool, batch_size)
         try:
-            collect_parts(ds, store, todo, predictor.class_names, options.progress)
+            collect_parts(ds, store, todo, options.progress)
         except ray.exceptions.RayError as e:
             first = str(e).strip().splitlines()
             raise RuntimeError(f"the Ray job failed: {first[-1] if first else type(e).__name__}; "
