@@ -139,3 +139,29 @@ def test_fast_loader_gives_the_reference_pixels_and_errors_on_odd_files(trained,
     for path in paths:  # EXIF rotation, PNG, truncated, empty, missing
         fast, ref = _fast_or_error(path, 48), _reference_or_error(path, 48)
         assert (fast == ref) if isinstance(ref, str) else np.array_equal(fast, ref), path
+
+
+def test_serve_on_openvino_scores_as_torch_with_and_without_heatmap(trained):
+    """serve's default is auto (OpenVINO where installed): heatmaps come from the PyTorch model every
+    Predictor holds, probabilities without them from OpenVINO; both equal the torch backend's."""
+    pytest.importorskip("fastapi")
+    pytest.importorskip("openvino")
+    from fastapi.testclient import TestClient
+
+    from pneumoscan.apps.cli_parser import build_parser
+    from pneumoscan.apps.serve import create_app
+
+    assert build_parser().parse_args(["serve", "x.pt"]).backend == "auto"
+    assert build_parser().parse_args(["predict", "x.pt", "a.jpeg", "--out", "o.csv"]).backend == "auto"
+    checkpoint, paths = trained
+    client = TestClient(create_app(checkpoint, backend="openvino"))
+    assert client.app.app.state.predictor.backend == "openvino"
+    reference = Predictor(checkpoint, device="cpu", backend="torch")
+    for path in paths[:3]:
+        expected = reference.predict_file(path)
+        upload = [("files", (Path(path).name, Path(path).read_bytes(), "image/jpeg"))]
+        for query in ("", "?heatmap=false"):
+            got = client.post(f"/api/predict{query}", files=upload).json()["results"][0]
+            assert got["p_pneumonia"] == pytest.approx(expected.probability, abs=1e-5), (path, query)
+            assert got["ood_score"] == pytest.approx(expected.ood_score, rel=1e-3, abs=2e-4), (path, query)
+            assert (got["heatmap_png"] is None) == (query != "")
