@@ -201,7 +201,7 @@ def cmd_dicom_node(a: argparse.Namespace) -> int:
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):  # stop cleanly: reports waiting to be sent are sent first
         signal.signal(sig, lambda *_: stop.set())
-    run_node(a.checkpoint, settings, device=a.device, stop=stop)
+    run_node(a.checkpoint, settings, device=a.device, stop=stop, backend=a.backend)
     return 0
 
 

@@ -275,6 +275,9 @@ def _add_dicom_node(sub: argparse._SubParsersAction) -> None:
                                           "Structured Reports (pip install 'pneumoscan[dicom-node]')")
     p.add_argument("checkpoint")
     p.add_argument("--out", required=True, help="folder for results.csv and the received instances")
+    p.add_argument("--backend", choices=["auto", "torch", "onnx", "openvino", "openvino-bf16"], default="torch",
+                   help="as predict's --backend (default here: torch); Secondary Capture heatmaps always come from "
+                        "the PyTorch model")
     p.add_argument("--ae-title", default="PNEUMOSCAN",
                    help="this node's AE title; associations calling another are refused (default: PNEUMOSCAN)")
     p.add_argument("--allow-calling", action="append", default=[], metavar="AE@HOST",

@@ -451,14 +451,15 @@ class DicomNode:
         return objects
 
 
-def run_node(checkpoint: str, settings: NodeSettings, device: str = "cpu", stop: threading.Event | None = None) -> None:
+def run_node(checkpoint: str, settings: NodeSettings, device: str = "cpu", stop: threading.Event | None = None,
+             backend: str = "torch") -> None:
     """Load the checkpoint, start the node, echo the destination, and serve until `stop` is set."""
     from ..tasks.predict import Predictor
 
     if not log.isEnabledFor(logging.DEBUG):  # a line per association and per copied module: only with -v
         for name in ("pynetdicom", "highdicom"):
             logging.getLogger(name).setLevel(logging.WARNING)
-    predictor = Predictor(checkpoint, device=device)
+    predictor = Predictor(checkpoint, device=device, backend=backend)
     node = DicomNode(predictor, settings, checkpoint_name=checkpoint)
     node.start()
     try:
