@@ -2,6 +2,8 @@
 
 `Predictor` is the Python API (load once, predict many); `predict_paths` is the batch job behind
 `pneumoscan predict`: one CSV row per file, a bad file gets its error in its row and the job goes on.
+`choose_backend` resolves `backend="auto"`. `Predictor.predict_files` is the plain reference loop;
+`predict_paths` runs its fast form (`pipeline.predict_files_pipelined`), held equal to it by the tests.
 """
 
 from __future__ import annotations
