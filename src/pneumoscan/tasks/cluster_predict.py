@@ -82,15 +82,28 @@ def plan_pool(cluster: dict[str, float], actors: int | None, device: str, backen
     return Pool(n, each, 0.0, max(1, int(each)), decode)
 
 
+def has_ray_token() -> bool:
+    """Whether this machine holds a Ray authentication token where Ray looks for one."""
+    if os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH"):
+        return True
+    return os.path.isfile(os.path.join(os.path.expanduser("~"), ".ray", "auth_token"))
+
+
 def connect(address: str | None) -> tuple[Any, bool]:
     """Ray, joined to `address` or RAY_ADDRESS, else started here; and whether this call started the connection
     (and so ends it). A process already connected (a test, a notebook) keeps its connection."""
+    address = address or os.environ.get("RAY_ADDRESS") or "local"  # never a cluster found by guessing
     ray = optional_import("ray", "cluster", PURPOSE)
     if ray.is_initialized():
         return ray, False
-    address = address or os.environ.get("RAY_ADDRESS") or "local"  # never a cluster found by guessing
     kwargs = {"include_dashboard": False} if address == "local" else {}
-    ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False, **kwargs)
+    try:
+        ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False, **kwargs)
+    except ConnectionError as e:
+        # joining, Ray does not look for a token by itself; a cluster with token authentication refuses it
+        hint = ("; if the cluster uses token authentication, set RAY_AUTH_MODE=token"
+                if "RAY_AUTH_MODE" not in os.environ and has_ray_token() else "")
+        raise ConnectionError(f"{str(e).strip().splitlines()[-1]}{hint}") from None
     return ray, True
 
 
