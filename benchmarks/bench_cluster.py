@@ -29,54 +29,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-
 OBJECT_STORE = 1 << 30  # per node
-CLASSES = ("NORMAL", "PNEUMONIA")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-
-def choose_files(data: Path, limit: int, seed: int) -> list[Path]:
-    """A seeded sample of `limit` images across both class folders (all of them for 0 or fewer)."""
-    from pneumoscan.io.images import is_image_file
-
-    files = [f for cls in CLASSES for f in sorted((data / cls).rglob("*")) if f.is_file() and is_image_file(f)]
-    if not files:
-        raise SystemExit(f"no images under {data}/{{{','.join(CLASSES)}}}")
-    if 0 < limit < len(files):
-        files = [files[i] for i in sorted(np.random.default_rng(seed).choice(len(files), size=limit, replace=False))]
-    return files
-
-
-def fresh_checkpoint(dest: Path, files: list[Path]) -> Path:
-    """An untrained paper model (150 px) with an out-of-distribution detector fitted on 256 of the images, as
-    bench_predict.py makes it: its scores mean nothing, its cost is real."""
-    import torch
-
-    from pneumoscan.core.config import Config
-    from pneumoscan.io.images import load_for_model
-    from pneumoscan.networks import checkpoint as ckpt_io
-    from pneumoscan.networks.inference import freeze
-    from pneumoscan.networks.ood import fit_for_model
-
-    cfg = Config()
-    torch.manual_seed(0)
-    model = ckpt_io.build_model(cfg)
-    sample = files[:256]
-    pixels = torch.from_numpy(np.stack([load_for_model(f, cfg.preprocessing.image_size, cfg.preprocessing.resize_filter)
-                                        for f in sample]))
-    labels = np.array([int(f.parent.name == "PNEUMONIA") for f in sample])
-    ckpt = ckpt_io.make_checkpoint(model, cfg, threshold=cfg.train.threshold)
-    ckpt["ood"] = fit_for_model(freeze(model), pixels, labels, pixels, cfg.preprocessing).to_checkpoint()
-    path = dest / "fresh-paper-model.pt"
-    ckpt_io.save(ckpt, path)
-    return path
+from bench_predict import choose_files, fresh_checkpoint  # noqa: E402 (the scripts beside this one)
+from machine_peak import machine  # noqa: E402
 
 
 def run_predict(args: list[str], env: dict) -> dict:
@@ -171,7 +134,8 @@ def marginal(results: dict) -> None:
 
 
 def report(results: dict, n: int, cpus: int) -> None:
-    print(f"{n} images, {cpus} CPUs, {platform.processor() or platform.machine()}")
+    m = machine()
+    print(f"{n} images, {cpus} CPUs, {m['cpu']}; extensions {' '.join(m['extensions']) or 'none listed'}")
     print(f"{'run':<22} {'images':>7} {'images/s':>9} {'wall s':>8} {'driver MB':>10} {'ms/image':>9} "
           f"{'fixed s':>8} {'Ray overhead ms/image':>22}")
     for name, r in results.items():

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import re
 import subprocess
 import sys
@@ -33,20 +32,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks import bench_dicom_node  # noqa: E402
+from benchmarks.machine_peak import machine  # noqa: E402
 from tests.pacs import DICOMWEB_CONFIG, Orthanc  # noqa: E402
 
 DEFAULT_CHECKPOINT = ROOT / "runs" / "paper-s0" / "best.pt"
-
-
-def cpu_model() -> str:
-    """The CPU's model name (Linux), else what platform knows."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def count_reports(pacs: Orthanc) -> int:
@@ -94,10 +83,11 @@ def main() -> int:
     s = {"instances": len(files), "workers": args.workers, "checkpoint": str(args.checkpoint),
          "dicomweb_pass_seconds": web["pass_seconds"], "dicomweb_command_seconds": web["command_seconds"],
          "node_store_seconds": node["store_seconds"], "node_end_to_end_seconds": node["end_to_end_seconds"],
-         "load_average": round(os.getloadavg()[0], 1), "cpu": cpu_model(),
+         "load_average": round(os.getloadavg()[0], 1), **{k: machine()[k] for k in ("cpu", "extensions")},
          "cores": os.cpu_count()}
     n = s["instances"]
     print(f"{n} DX instances (JPEG-LS), each mode beside its own Orthanc")
+    print(f"{s['cpu']}; extensions {' '.join(s['extensions']) or 'none listed'}; {s['cores']} cores; load {s['load_average']}")
     print(f"{'mode':<58}{'seconds':>9}{'per s':>8}")
     for label, seconds in (("DICOMweb: QIDO-RS to the last report stored (STOW-RS)", s["dicomweb_pass_seconds"]),
                            ("DICOMweb: the whole command (model load included)", s["dicomweb_command_seconds"]),
