@@ -288,6 +288,15 @@ def read_metadata(data: bytes, label: str) -> dict[str, str]:
         raise ValueError(f"{label}: not a readable ONNX model ({type(e).__name__}: {e})") from None
 
 
+def model_bytes(source: str | os.PathLike | bytes) -> tuple[str, bytes]:
+    """(a name for messages, the bytes) of an exported model given as a .onnx file or as its bytes."""
+    if isinstance(source, bytes):
+        return "<in-memory ONNX model>", source
+    if not Path(source).is_file():
+        raise FileNotFoundError(f"{source}: ONNX model not found")
+    return str(source), Path(source).read_bytes()
+
+
 class OnnxPredictor:
     """An exported model in ONNX Runtime (CPU): `predict_arrays` as `Predictor.predict_arrays`.
 
@@ -298,13 +307,7 @@ class OnnxPredictor:
 
     def __init__(self, source: str | os.PathLike | bytes, threads: int | None = None):
         ort = _require("onnxruntime", "ONNX Runtime inference")
-        if isinstance(source, bytes):
-            label, data = "<in-memory ONNX model>", source
-        else:
-            label = str(source)
-            if not Path(source).is_file():
-                raise FileNotFoundError(f"{label}: ONNX model not found")
-            data = Path(source).read_bytes()
+        label, data = model_bytes(source)
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = threads or default_threads()
         opts.inter_op_num_threads = 1
@@ -316,14 +319,15 @@ class OnnxPredictor:
         except Exception as e:  # ONNX Runtime raises several pybind types for a bad file; all mean the same here
             raise ValueError(f"{label}: not a readable ONNX model ({type(e).__name__}: {e})") from None
         self.metadata: dict[str, str] = dict(self.session.get_modelmeta().custom_metadata_map)
-        if self.metadata.get("format") != FORMAT:
-            raise ValueError(f"{label}: not an ONNX model exported by pneumoscan (metadata format "
-                             f"{self.metadata.get('format')!r}, expected {FORMAT!r})")
         self._set_fields(label)
         self.threads = opts.intra_op_num_threads
 
     def _set_fields(self, label: str) -> None:
-        """Class names, threshold, preprocessing, version and calibration from `self.metadata`."""
+        """Class names, threshold, preprocessing, version and calibration from `self.metadata`, once it says
+        that pneumoscan exported the model."""
+        if self.metadata.get("format") != FORMAT:
+            raise ValueError(f"{label}: not an ONNX model exported by pneumoscan (metadata format "
+                             f"{self.metadata.get('format')!r}, expected {FORMAT!r})")
         try:
             self.class_names: list[str] = list(json.loads(self.metadata["class_names"]))
             self.threshold = float(self.metadata["threshold"])

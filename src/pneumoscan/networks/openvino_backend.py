@@ -22,13 +22,12 @@ from __future__ import annotations
 import hashlib
 import os
 import threading
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from ..io.fileio import optional_import
-from .export import FORMAT, INPUT_NAME, OnnxPredictor, default_threads, read_metadata
+from .export import INPUT_NAME, OnnxPredictor, default_threads, model_bytes, read_metadata
 
 PRECISIONS = ("f32", "bf16")
 _COMPILED: dict[tuple[str, str, int], Any] = {}
@@ -74,18 +73,9 @@ class OpenVinoPredictor(OnnxPredictor):
     ``"bf16"``; `threads` as in `OnnxPredictor`."""
 
     def __init__(self, source: str | os.PathLike | bytes, precision: str = "f32", threads: int | None = None):
-        if isinstance(source, bytes):
-            label, data = "<in-memory ONNX model>", source
-        else:
-            label = str(source)
-            if not Path(source).is_file():
-                raise FileNotFoundError(f"{label}: ONNX model not found")
-            data = Path(source).read_bytes()
+        label, data = model_bytes(source)
         self.compiled = compiled_model(data, precision, threads, label)
         self.metadata = read_metadata(data, label)
-        if self.metadata.get("format") != FORMAT:
-            raise ValueError(f"{label}: not an ONNX model exported by pneumoscan (metadata format "
-                             f"{self.metadata.get('format')!r}, expected {FORMAT!r})")
         self._set_fields(label)
         self.precision = precision
         self.threads = threads or default_threads()
