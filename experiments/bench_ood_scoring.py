@@ -1,13 +1,16 @@
 #!/usr/bin/env python3
-"""Prediction with the out-of-distribution detector scored four ways, in alternating rounds: numpy's
-einsum loop, numpy's matrix product, PyTorch's matrix product once per class mean, and PyTorch with the
-quadratic form expanded so that the precision matrix is read once (what `ood.Detector.scores` does).
-Each way is timed on folder prediction with the PyTorch backend (images/s) and on single-image
-prediction with the ONNX Runtime backend (`predict_file` on JPEG bytes, p50 of 300 calls, the ways
-alternating call by call), the latency where the detector's share is largest. The same images, model and detector as
-`bench_predict.py`'s default; the scores must agree to 1e-9 (relative) for every image.
+"""Prediction with the out-of-distribution detector scored seven ways, in alternating rounds: numpy's
+einsum loop, numpy's matrix product, PyTorch's matrix product once per class mean, PyTorch with the
+quadratic form expanded so that the precision matrix is read once (in float64, on all of PyTorch's
+threads or, as `Predictor.score` runs any way beside an engine, on one), and the float32 whitened form
+|(f − c)ᵀW − (m − c)ᵀW| (P = WWᵀ) with numpy's product always or, as `ood.Detector.scores` does, numpy's
+for one image and PyTorch's for a batch. One backend per process (another engine's idle threads in the
+same process distort the figures): each way is timed on folder prediction through the pipeline
+`pneumoscan predict` runs (images/s) and on single images (`pipeline.predict_file_fast` on JPEG bytes,
+p50 of 300 calls after 30), the latency where the detector's share is largest. The same images, model and
+detector as `bench_predict.py`'s default; the scores must agree to 1e-5 (relative) for every image.
 
-    .venv/bin/python experiments/bench_ood_scoring.py [--limit 512] [--rounds 3]
+    .venv/bin/python experiments/bench_ood_scoring.py [--backend openvino-bf16|onnx|openvino|torch] [--limit 512] [--rounds 3]
 
 Prints each way's figures per round and the medians, then one JSON line.
 """
@@ -31,7 +34,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from bench_predict import choose_files, fresh_checkpoint  # noqa: E402 (benchmarks/bench_predict.py)
 
 from pneumoscan.networks import ood  # noqa: E402
+from pneumoscan.networks.runtime import torch_threads  # noqa: E402
+from pneumoscan.tasks.pipeline import predict_file_fast, predict_files_pipelined  # noqa: E402
 from pneumoscan.tasks.predict import Predictor  # noqa: E402
+
+
+ALL_THREADS = torch.get_num_threads()
 
 
 def _finish(best: np.ndarray) -> np.ndarray:
@@ -67,58 +75,78 @@ def torch_per_class(self: ood.Detector, features) -> np.ndarray:
     return _finish(best.numpy())
 
 
-def one_image_p50s(predictor: Predictor, jpeg: bytes, ways: dict, calls: int = 300) -> dict[str, float]:
-    """p50 ms of `predict_file(jpeg)` for each way, the ways alternating call by call (after 30 untimed
-    calls each), so that the machine's slow spells fall on every way alike."""
-    ms: dict[str, list[float]] = {name: [] for name in ways}
+def torch_read_once(self: ood.Detector, features) -> np.ndarray:
+    """fᵀPf − 2fᵀ(Pm) + mᵀPm, P read once for both class means (`Detector.scores` before the whitened form)."""
+    f = torch.as_tensor(features).double().cpu()
+    precision, means = torch.from_numpy(self.precision), torch.from_numpy(self.means)
+    by_mean = means @ precision
+    q = ((f @ precision) * f).sum(1, keepdim=True) - 2.0 * (f @ by_mean.T) + (by_mean * means).sum(1)
+    return _finish(q.min(1).values.numpy())
+
+
+def torch_read_once_all_threads(self: ood.Detector, features) -> np.ndarray:
+    """`torch_read_once` on all of PyTorch's threads even beside an inference engine (the behaviour before
+    `Predictor.score` ran the detector on one thread there)."""
+    with torch_threads(ALL_THREADS):
+        return torch_read_once(self, features)
+
+
+def whitened_numpy(self: ood.Detector, features) -> np.ndarray:
+    """`Detector.scores` with numpy's product for every batch size (it takes PyTorch's for batches)."""
+    centre, factor, whitened_means = self._whitening
+    centred = (torch.as_tensor(features).double().cpu().numpy() - centre).astype(np.float32)
+    d = ((centred @ factor)[:, None, :] - whitened_means[None]).astype(np.float64)
+    return _finish((d * d).sum(-1).min(1))
+
+
+def one_image_p50(predictor: Predictor, jpeg: bytes, calls: int = 300) -> float:
+    """p50 ms of `predict_file_fast(jpeg)` over `calls` calls, after 30 untimed ones."""
+    ms = []
     for i in range(30 + calls):
-        for name in (list(ways) if i % 2 else list(ways)[::-1]):
-            ood.Detector.scores = ways[name]
-            t0 = time.perf_counter()
-            predictor.predict_file(jpeg, name="latency.jpeg")
-            if i >= 30:
-                ms[name].append(1000 * (time.perf_counter() - t0))
-    return {name: round(float(np.percentile(v, 50)), 3) for name, v in ms.items()}
+        t0 = time.perf_counter()
+        predict_file_fast(predictor, jpeg, name="latency.jpeg")
+        if i >= 30:
+            ms.append(1000 * (time.perf_counter() - t0))
+    return round(float(np.percentile(ms, 50)), 3)
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--data", type=Path, default=Path(os.environ.get("PNEUMOSCAN_DATA", ".")) / "train", help="default: $PNEUMOSCAN_DATA/train")
+    ap.add_argument("--backend", default="openvino-bf16", help="the one backend this process runs (default openvino-bf16)")
     ap.add_argument("--limit", type=int, default=512)
     ap.add_argument("--rounds", type=int, default=3)
     args = ap.parse_args()
     files = choose_files(args.data, args.limit, 0)
     paths = [str(f) for f in files]
     ways = {"numpy einsum": numpy_einsum, "numpy matmul": numpy_matmul, "torch, per class mean": torch_per_class,
-            "torch, precision read once": ood.Detector.scores}
-    rounds: dict[str, list[float]] = {name: [] for name in ways}
+            "torch, read once, all threads": torch_read_once_all_threads, "torch, read once": torch_read_once,
+            "whitened, numpy always": whitened_numpy, "whitened (Detector.scores)": ood.Detector.scores}
+    folder: dict[str, list[float]] = {name: [] for name in ways}
     latency: dict[str, list[float]] = {name: [] for name in ways}
     jpeg = files[0].read_bytes()
     with tempfile.TemporaryDirectory() as tmp:
-        checkpoint = fresh_checkpoint(Path(tmp), files)
-        predictor = Predictor(checkpoint, device="cpu")
-        onnx_predictor = Predictor(checkpoint, backend="onnx")
+        predictor = Predictor(fresh_checkpoint(Path(tmp), files), device="cpu", backend=args.backend)
         reference = None
-        for _ in range(args.rounds):
-            for name, scores in ways.items():
-                ood.Detector.scores = scores
-                list(predictor.predict_files(paths[:64]))  # warm-up
+        for i in range(args.rounds):  # the ways' order reversed every other round
+            for name in (list(ways) if i % 2 else list(ways)[::-1]):
+                ood.Detector.scores = ways[name]
+                list(predict_files_pipelined(predictor, paths[:64]))  # warm-up
                 t0 = time.perf_counter()
-                rows = list(predictor.predict_files(paths))
-                rounds[name].append(round(len(paths) / (time.perf_counter() - t0), 1))
+                rows = list(predict_files_pipelined(predictor, paths))
+                folder[name].append(round(len(paths) / (time.perf_counter() - t0), 1))
                 got = np.array([r.ood_score for r in rows])
                 reference = got if reference is None else reference
-                np.testing.assert_allclose(got, reference, rtol=1e-9)
-            for name, p50 in one_image_p50s(onnx_predictor, jpeg, ways).items():
-                latency[name].append(p50)
-    medians = {name: statistics.median(v) for name, v in rounds.items()}
+                np.testing.assert_allclose(got, reference, rtol=1e-5)
+                latency[name].append(one_image_p50(predictor, jpeg))
+    medians = {name: statistics.median(v) for name, v in folder.items()}
     p50s = {name: statistics.median(v) for name, v in latency.items()}
     for name in ways:
-        print(f"{name:27} folder (PyTorch) {medians[name]:7.1f} images/s, rounds {rounds[name]}; "
-              f"one image (ONNX Runtime) p50 {p50s[name]:.2f} ms, rounds {latency[name]}")
-    print(json.dumps({"benchmark": "ood-scoring", "n_images": len(paths), "rounds": rounds, "median_images_per_s": medians,
-                      "onnx_one_image_p50_ms": latency, "median_onnx_one_image_p50_ms": p50s,
-                      "torch_threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d")}))
+        print(f"{name:30} folder {medians[name]:7.1f} images/s, rounds {folder[name]}; "
+              f"one image p50 {p50s[name]:.2f} ms, rounds {latency[name]}")
+    print(json.dumps({"benchmark": "ood-scoring", "backend": args.backend, "n_images": len(paths), "folder_rounds": folder,
+                      "median_images_per_s": medians, "one_image_p50_ms": latency, "median_one_image_p50_ms": p50s,
+                      "torch_threads": ALL_THREADS, "date": time.strftime("%Y-%m-%d")}))
     return 0
 
 

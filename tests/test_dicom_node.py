@@ -724,7 +724,7 @@ def test_hostile_ae_titles_and_header_text_are_written_spreadsheet_safe(checkpoi
         node.stop()
     with open(out / "results.csv", newline="") as f:
         rows = list(csv.reader(f))
-    header, scored, refused = rows[0], dict(zip(rows[0], rows[1])), dict(zip(rows[0], rows[2]))
+    scored, refused = dict(zip(rows[0], rows[1])), dict(zip(rows[0], rows[2]))
     assert (scored["event"], refused["event"]) == ("scored", "refused") and len(rows) == 3
     assert scored["calling_ae"] == "'=HYPERLINK(A1)" and scored["series_instance_uid"] == "'" + hostile_series
     assert refused["calling_ae"] == "'+SUM(1)" and "'+SUM(1)'" in refused["error"]

@@ -165,3 +165,38 @@ def test_serve_on_openvino_scores_as_torch_with_and_without_heatmap(trained):
             assert got["p_pneumonia"] == pytest.approx(expected.probability, abs=1e-5), (path, query)
             assert got["ood_score"] == pytest.approx(expected.ood_score, rel=1e-3, abs=2e-4), (path, query)
             assert (got["heatmap_png"] is None) == (query != "")
+
+
+def _csv_rows(path: Path) -> dict[str, dict[str, str]]:
+    with open(path, newline="") as f:
+        return {r["path"]: r for r in csv.DictReader(f)}
+
+
+@pytest.mark.parametrize("backend", ["onnx", "openvino"])
+def test_evaluate_and_explain_score_with_an_exported_backend_as_predict_does(trained, backend, tmp_path):
+    """`evaluate --backend` gives the torch reference's figures (the engines equal it to 1e-5) and says which
+    backend scored; `explain --backend` reports that backend's probability and OOD score beside torch's heatmaps."""
+    from pneumoscan.tasks.evaluate import evaluate
+    from pneumoscan.tasks.explain import explain_paths
+
+    pytest.importorskip({"onnx": "onnxruntime", "openvino": "openvino"}[backend])
+    checkpoint, paths = trained
+    reference = evaluate(checkpoint, "val", tmp_path / "torch", progress=False)
+    got = evaluate(checkpoint, "val", tmp_path / backend, progress=False, backend=backend)
+    assert (reference["backend"], got["backend"]) == ("torch", backend)
+    assert got["n"] == reference["n"] and got["roc_auc"] == pytest.approx(reference["roc_auc"], abs=1e-4)
+    ref_rows, rows = _csv_rows(tmp_path / "torch" / "predictions.csv"), _csv_rows(tmp_path / backend / "predictions.csv")
+    assert rows.keys() == ref_rows.keys()
+    for path, row in rows.items():
+        assert float(row["p_pneumonia"]) == pytest.approx(float(ref_rows[path]["p_pneumonia"]), abs=2e-6)
+        assert float(row["ood_score"]) == pytest.approx(float(ref_rows[path]["ood_score"]), rel=1e-3, abs=2e-4)
+    explained = {r["path"]: r for r in explain_paths(checkpoint, paths[:9], tmp_path / "maps", device="cpu", backend=backend)}
+    predictor = Predictor(checkpoint, device="cpu", backend=backend)
+    for path in paths[:9]:
+        record = predictor.predict_file(path)
+        if record.error:
+            assert explained[path]["error"] == record.error and explained[path]["heatmap"] == ""
+        else:
+            assert float(explained[path]["p_pneumonia"]) == pytest.approx(record.probability, abs=1e-6)
+            assert float(explained[path]["ood_score"]) == pytest.approx(record.ood_score, abs=1e-4)  # 4 decimals
+            assert (tmp_path / "maps" / explained[path]["heatmap"]).is_file()

@@ -63,7 +63,7 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
 
     result = evaluate(a.checkpoint, a.split, a.out, data_root=a.data, device=a.device, progress=not a.no_progress,
                       prevalence=a.prevalence, estimate=a.estimate_prevalence,
-                      allow_training_images=a.allow_training_images)
+                      allow_training_images=a.allow_training_images, backend=a.backend)
     for warning in result["warnings"]:
         print(f"warning: {warning}", file=sys.stderr)
     keys = ("split", "n", "accuracy", "precision", "recall", "specificity", "f1", "roc_auc", "threshold", "confusion_matrix",
@@ -115,7 +115,7 @@ def _report_batch(errors: list, done: str) -> int:
 def cmd_explain(a: argparse.Namespace) -> int:
     from ..tasks.explain import explain_paths
 
-    rows = explain_paths(a.checkpoint, a.paths, a.out, device=a.device, prevalence=a.prevalence)
+    rows = explain_paths(a.checkpoint, a.paths, a.out, device=a.device, prevalence=a.prevalence, backend=a.backend)
     return _report_batch([r["error"] for r in rows], f"heatmaps written (see {Path(a.out) / 'explanations.csv'})")
 
 

@@ -133,6 +133,8 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
                    help="score images the checkpoint was trained on (refused by default: their figures say "
                         "nothing about new patients)")
     _add_device_flag(p)
+    p.add_argument("--backend", choices=["auto", "torch", "onnx", "openvino", "openvino-bf16"], default="torch",
+                   help="as predict's --backend (default here: torch, the reference); recorded in metrics.json")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     _add_prevalence_flags(p, estimate=True)
 
@@ -198,6 +200,10 @@ def _add_engine_flags(p: argparse.ArgumentParser) -> None:
 def _add_explain(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("explain", help="Grad-CAM heatmaps over the X-rays, one PNG per image, plus probabilities")
     _add_checkpoint_and_images(p, "folder for <name>_gradcam.png and explanations.csv")
+    p.add_argument("--backend", choices=["auto", "torch", "onnx", "openvino", "openvino-bf16"], default="torch",
+                   help="what scores the images, as predict's --backend (default here: torch, whose pass also gives "
+                        "the heatmaps; another backend scores them in a second pass); heatmaps always come from the "
+                        "PyTorch model")
     _add_prevalence_flags(p, estimate=False)
 
 

@@ -89,7 +89,8 @@ class OpenVinoPredictor(OnnxPredictor):
 
     def run_all(self, x: np.ndarray) -> list[np.ndarray]:
         """Model input float32 (N, 1, S, S) -> every output: probabilities, and features where the graph has them.
-        The results are copies: the infer request's own buffers are reused by its next run."""
+        The engine reads `x` in place; the results are copies: the infer request's own buffers are reused by
+        its next run."""
         with self._lock:
-            self._request.infer({INPUT_NAME: x})
+            self._request.infer({INPUT_NAME: x}, share_inputs=True)
             return [self._request.get_tensor(name).data.copy() for name in self.outputs]

@@ -16,6 +16,7 @@ import random
 import resource
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -97,6 +98,18 @@ def training_arithmetic(device: torch.device, precision: str) -> contextlib.Abst
     """The context a whole training step (forward and backward) runs in: emulated BF16 products
     (emulated_bf16.EmulatedBF16) where `bf16_is_emulated`, nothing otherwise."""
     return EmulatedBF16() if bf16_is_emulated(device, precision) else contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def torch_threads(count: int) -> Iterator[None]:
+    """PyTorch's intra-op thread count set to `count` inside the block, then restored (the count is the
+    process's: another thread's PyTorch work in the block gets it too)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def keep_freed_memory() -> None:

@@ -26,9 +26,9 @@ from ..networks.ensemble_model import describe as describe_ensemble
 from ..networks.inference import freeze, model_input, predict_logits
 from ..networks.models import probabilities
 from ..networks.ood import Detector, forward_with_features
-from ..networks.runtime import keep_freed_memory, select_device
+from ..networks.runtime import keep_freed_memory, select_device, torch_threads
 from .adapt import summary as adaptation_summary
-from .predict import estimate_and_apply, image_result, parse_prevalence
+from .predict import choose_backend, estimate_and_apply, exported_engine, image_result, parse_prevalence
 from .report import write_eval_report
 from .review import write_review
 
@@ -39,27 +39,27 @@ MAX_INTERVAL = 0.10
 
 def evaluate(checkpoint: str | Path, split: str, out: str | Path, data_root: str | None = None, device: str = "auto",
              progress: bool = True, prevalence: float | str | None = None, estimate: bool = False,
-             allow_training_images: bool = False) -> dict[str, Any]:
+             allow_training_images: bool = False, backend: str = "torch") -> dict[str, Any]:
     """Score `checkpoint` on `split` of the data; writes metrics.json, predictions.csv and PNG plots into `out`.
 
     Probabilities go through the checkpoint's `OutputMap`, as in predict: calibration, then `prevalence`
     (a number, or "estimated": the EM estimate from the images alone, never their labels). `estimate`
     records the estimate without using it. When the prior moved, the figures at the model's own prior are
     kept under "at_model_prior" for comparison. Images the checkpoint was trained on are refused (DataError)
-    unless `split` is "train" or `allow_training_images`; what makes the figures weak is in "warnings"."""
+    unless `split` is "train" or `allow_training_images`; what makes the figures weak is in "warnings".
+    `backend` scores as predict's does (torch is the reference); it is recorded as "backend"."""
     out = Path(out)
     keep_freed_memory()
-    dev = select_device(device)
+    backend = choose_backend(backend, device)
+    dev = select_device("cpu" if backend != "torch" else device)
     loaded = ckpt_io.load(checkpoint, dev, data_root)
     cfg = loaded.config
     samples = load_split(cfg.data, split)
     cached = cache_images(samples, cfg.preprocessing, progress=progress)
     overlap = _checked_overlap(loaded, checkpoint, split, cached, allow_training_images)
     classes = task_labels(cached.samples, cfg.data.task)
-    pixels = torch.from_numpy(cached.pixels).to(dev)
     detector = Detector.from_checkpoint(loaded.checkpoint)
-    logits, ood_scores = _scores(freeze(loaded.model), pixels, cfg.preprocessing, cfg.train.eval_batch_size, detector)
-    raw_probs, raw_class_probs = probabilities(logits)  # P(pneumonia) for either task; per class for three classes
+    raw_probs, raw_class_probs, ood_scores = _raw_scores(loaded, checkpoint, backend, cached.pixels, dev, detector)
     base, output, estimated, model_probs, probs, class_probs = _mapped(loaded, checkpoint, raw_probs, raw_class_probs,
                                                                       prevalence, estimate)
     threshold = output.decision_threshold
@@ -70,6 +70,7 @@ def evaluate(checkpoint: str | Path, split: str, out: str | Path, data_root: str
     result = {
         "checkpoint": str(checkpoint),
         "split": split,
+        "backend": backend,
         "data_root": cfg.data.root,
         "model": {"name": cfg.model.name, "activation": cfg.model.activation, "recipe": cfg.recipe,
                   "epoch": loaded.checkpoint.get("epoch"), "ensemble": describe_ensemble(loaded.checkpoint) or None},
@@ -166,6 +167,20 @@ def evaluation_warnings(split: str, labels: np.ndarray, intervals: dict[str, Any
     return found
 
 
+def _raw_scores(loaded: Any, checkpoint: str | Path, backend: str, pixels: np.ndarray, dev: torch.device,
+                detector: Detector | None) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+    """(P(pneumonia) before the output map, per-class probabilities for three classes else None, OOD scores
+    or None) of the cached pixels, from `backend`."""
+    prep, batch_size = loaded.config.preprocessing, loaded.config.train.eval_batch_size
+    if backend == "torch":
+        logits, ood_scores = _scores(freeze(loaded.model), torch.from_numpy(pixels).to(dev), prep, batch_size, detector)
+        return (*probabilities(logits), ood_scores)  # P(pneumonia) for either task; per class for three classes
+    if len(loaded.class_names) > 2:
+        raise ValueError(f"the {backend} backend exports P(pneumonia) only; evaluate three-class models with the torch backend")
+    raw_probs, ood_scores = _engine_scores(checkpoint, backend, pixels, batch_size, detector)
+    return raw_probs, None, ood_scores
+
+
 @torch.no_grad()
 def _scores(model: torch.nn.Module, pixels: torch.Tensor, prep: Any, batch_size: int, detector: Detector | None):
     """(the model's outputs, out-of-distribution scores or None without a detector), in one pass."""
@@ -177,6 +192,21 @@ def _scores(model: torch.nn.Module, pixels: torch.Tensor, prep: Any, batch_size:
         outs.append(out)
         scores.append(detector.scores(features))
     return torch.cat(outs), np.concatenate(scores)
+
+
+def _engine_scores(checkpoint: str | Path, backend: str, pixels: np.ndarray, batch_size: int, detector: Detector | None
+                   ) -> tuple[np.ndarray, np.ndarray | None]:
+    """(P(pneumonia) before calibration, out-of-distribution scores or None) from the exported model in
+    `backend`, batch by batch, as `predict.Predictor.score` computes them."""
+    engine = exported_engine(checkpoint, backend)
+    probs, scores = [], []
+    for i in range(0, len(pixels), batch_size):
+        p, features = engine.predict_with_features(pixels[i:i + batch_size])
+        probs.append(p)
+        if detector is not None:
+            with torch_threads(1):  # as in predict: PyTorch's OpenMP workers would spin against the engine's
+                scores.append(detector.scores(features))
+    return np.concatenate(probs), np.concatenate(scores) if detector is not None else None
 
 
 def _ood_summary(detector: Detector | None, scores) -> dict[str, Any]:

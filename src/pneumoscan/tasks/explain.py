@@ -123,8 +123,8 @@ def cam_for_batch(predictor: Predictor, pixels: np.ndarray
     Each map is that image's own (eval mode: no image affects another). The first call freezes the
     model's parameters (it is an inference model from here on).
     """
-    # Grad-CAM runs on the PyTorch model, which every Predictor holds (on the CPU for the exported backends,
-    # whose probabilities equal it to 1e-5; with openvino-bf16 an image scored with its map gets FP32's probability)
+    # Grad-CAM runs on the PyTorch model, which every Predictor holds (on the CPU for the exported backends);
+    # with an exported backend, the probabilities and scores are that backend's, from a second pass (below)
     model = predictor.model
     if model not in _CAMS:  # hooks are registered once per model, not per image
         _CAMS[model] = _gradcam(model, predictor.cam_layer)
@@ -139,6 +139,8 @@ def cam_for_batch(predictor: Predictor, pixels: np.ndarray
     model.zero_grad(set_to_none=True)
     heat = heat[:, 0].detach().float().cpu().numpy()
     heat = np.nan_to_num(heat, nan=0.0, posinf=1.0, neginf=0.0).clip(0, 1)
+    if predictor.onnx is not None:
+        return (heat, *predictor.score(pixels))
     ood = detector.scores(features(len(x))) if detector else None
     # MONAI wraps our module in its ModelWithHooks; the probabilities go through the predictor's map as in predict
     return (heat, *predictor.output.apply(*probabilities(cam.nn_module.model.outputs)), ood)
@@ -261,11 +263,12 @@ def _explain(predictor: Predictor, source: str | os.PathLike | bytes, name: str 
 
 
 def explain_paths(checkpoint: str | os.PathLike, inputs: Iterable[str], out_dir: str | os.PathLike,
-                  device: str = "auto", prevalence: float | None = None) -> list[dict[str, str]]:
+                  device: str = "auto", prevalence: float | None = None, backend: str = "torch") -> list[dict[str, str]]:
     """Write OUT/<name>_gradcam.png per image and OUT/explanations.csv: `path`, predict's result record
-    (`records.result_columns`) and `heatmap`, the PNG's file name. Returns the CSV's rows."""
+    (`records.result_columns`) and `heatmap`, the PNG's file name. Returns the CSV's rows. `backend` scores
+    the images as predict's does; the heatmaps come from the PyTorch model whatever it is."""
     out = Path(out_dir)
-    predictor = Predictor(checkpoint, device=device, prevalence=prevalence)
+    predictor = Predictor(checkpoint, device=device, prevalence=prevalence, backend=backend)
     names = predictor.class_names
     rows, used = [], set()
     for path in expand_paths(inputs):

@@ -27,7 +27,7 @@ from ..networks.ensemble_model import describe as describe_ensemble
 from ..networks.inference import freeze, model_input
 from ..networks.models import probabilities
 from ..networks.ood import Detector, forward_with_features, result_fields
-from ..networks.runtime import keep_freed_memory, select_device
+from ..networks.runtime import keep_freed_memory, select_device, torch_threads
 from .adapt import summary as adaptation_summary
 
 Prediction = ImageResult  # the name predict's Python API has always returned
@@ -41,9 +41,12 @@ log = logging.getLogger(__name__)
 def choose_backend(backend: str, device: str = "auto") -> str:
     """`backend` itself, or for "auto" the fastest exact backend installed that can run on `device`:
     OpenVINO (f32), then ONNX Runtime, then PyTorch; PyTorch when a GPU is asked for or is the
-    automatic device. The choice is logged."""
+    automatic device. The choice is logged. ValueError for an unknown backend, or an exported one (they
+    run on the CPU) with another device."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    if backend not in ("auto", "torch") and device not in ("auto", "cpu"):
+        raise ValueError(f"the {backend} backend runs on the CPU only (device {device!r} was asked for)")
     if backend != "auto":
         return backend
     if device not in ("auto", "cpu") or (device == "auto" and select_device("auto").type != "cpu"):
@@ -84,8 +87,6 @@ class Predictor:
     def __init__(self, checkpoint: str | os.PathLike, device: str = "auto", batch_size: int = 32,
                  backend: str = "torch", prevalence: float | None = None):
         asked, backend = backend, choose_backend(backend, device)
-        if backend != "torch" and device not in ("auto", "cpu"):
-            raise ValueError(f"the {backend} backend runs on the CPU only (device {device!r} was asked for)")
         keep_freed_memory()
         self.device = select_device("cpu" if backend != "torch" else device)
         loaded = ckpt_io.load(checkpoint, self.device)
@@ -106,7 +107,7 @@ class Predictor:
         self.adaptation = adaptation_summary(loaded.checkpoint)  # None unless fitted to a site by `adapt`
         self.prep = self.config.preprocessing
         self.batch_size = batch_size
-        self.onnx = None if backend == "torch" else _exported_engine(checkpoint, backend)
+        self.onnx = None if backend == "torch" else exported_engine(checkpoint, backend)
 
     @property
     def threshold(self) -> float:
@@ -140,7 +141,10 @@ class Predictor:
         or None without a detector), from one forward pass on the torch backend."""
         if self.onnx is not None:  # the exported graph (ONNX Runtime, OpenVINO) gives the detector's features too
             probs, features = self.onnx.predict_with_features(pixels)
-            return (*self.output.apply(probs, None), None if self.ood is None else self.ood.scores(features))
+            if self.ood is None:
+                return (*self.output.apply(probs, None), None)
+            with torch_threads(1):  # PyTorch's OpenMP workers would spin on, slowing the engine's own threads
+                return (*self.output.apply(probs, None), self.ood.scores(features))
         x = model_input(np.array(pixels, dtype=np.uint8), self.prep, self.device)  # a copy: inputs may be read-only
         if self.ood is None:
             return (*self.output.apply(*probabilities(self.model(x))), None)
@@ -209,7 +213,7 @@ class Predictor:
         yield from flush()
 
 
-def _exported_engine(checkpoint: str | os.PathLike, backend: str):
+def exported_engine(checkpoint: str | os.PathLike, backend: str):
     """The exported model of `checkpoint` in ONNX Runtime or OpenVINO (`backend`)."""
     from ..networks.export import OnnxPredictor, remembered_onnx_bytes
 

@@ -105,6 +105,7 @@ class _Scorer:
     output: OutputMap = field(default_factory=OutputMap)
     ood: None = None
     backend: str = "torch"
+    onnx: None = None
 
 
 def gradcam_maps(loaded: Any, pixels: np.ndarray, device: torch.device) -> tuple[np.ndarray | None, str | None]:
