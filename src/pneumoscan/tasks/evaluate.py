@@ -26,9 +26,9 @@ from ..networks.ensemble_model import describe as describe_ensemble
 from ..networks.inference import freeze, model_input, predict_logits
 from ..networks.models import probabilities
 from ..networks.ood import Detector, forward_with_features
-from ..networks.runtime import keep_freed_memory, select_device, torch_threads
+from ..networks.runtime import keep_freed_memory, select_device
 from .adapt import summary as adaptation_summary
-from .predict import choose_backend, estimate_and_apply, exported_engine, image_result, parse_prevalence
+from .predict import choose_backend, engine_scores, estimate_and_apply, exported_engine, image_result, parse_prevalence
 from .report import write_eval_report
 from .review import write_review
 
@@ -199,14 +199,8 @@ def _engine_scores(checkpoint: str | Path, backend: str, pixels: np.ndarray, bat
     """(P(pneumonia) before calibration, out-of-distribution scores or None) from the exported model in
     `backend`, batch by batch, as `predict.Predictor.score` computes them."""
     engine = exported_engine(checkpoint, backend)
-    probs, scores = [], []
-    for i in range(0, len(pixels), batch_size):
-        p, features = engine.predict_with_features(pixels[i:i + batch_size])
-        probs.append(p)
-        if detector is not None:
-            with torch_threads(1):  # as in predict: PyTorch's OpenMP workers would spin against the engine's
-                scores.append(detector.scores(features))
-    return np.concatenate(probs), np.concatenate(scores) if detector is not None else None
+    batches = [engine_scores(engine, detector, pixels[i:i + batch_size]) for i in range(0, len(pixels), batch_size)]
+    return np.concatenate([p for p, _ in batches]), np.concatenate([o for _, o in batches]) if detector is not None else None
 
 
 def _ood_summary(detector: Detector | None, scores) -> dict[str, Any]:

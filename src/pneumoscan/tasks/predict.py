@@ -11,7 +11,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
-from typing import Iterable, Iterator
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -140,11 +140,8 @@ class Predictor:
         """(N, S, S) uint8 -> (P(pneumonia), per-class probabilities or None, out-of-distribution scores (N,)
         or None without a detector), from one forward pass on the torch backend."""
         if self.onnx is not None:  # the exported graph (ONNX Runtime, OpenVINO) gives the detector's features too
-            probs, features = self.onnx.predict_with_features(pixels)
-            if self.ood is None:
-                return (*self.output.apply(probs, None), None)
-            with torch_threads(1):  # PyTorch's OpenMP workers would spin on, slowing the engine's own threads
-                return (*self.output.apply(probs, None), self.ood.scores(features))
+            probs, ood = engine_scores(self.onnx, self.ood, pixels)
+            return (*self.output.apply(probs, None), ood)
         x = model_input(np.array(pixels, dtype=np.uint8), self.prep, self.device)  # a copy: inputs may be read-only
         if self.ood is None:
             return (*self.output.apply(*probabilities(self.model(x))), None)
@@ -211,6 +208,17 @@ class Predictor:
             if len(batch) >= self.batch_size:
                 yield from flush()
         yield from flush()
+
+
+def engine_scores(engine: Any, detector: Detector | None, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    """(N, S, S) uint8 -> (P(pneumonia) before the output map, out-of-distribution scores or None) from an
+    exported model's engine in one pass. The detector runs on one PyTorch thread: on more, PyTorch's OpenMP
+    workers spin after it and slow the engine's own threads on its next call (docs/performance.md)."""
+    probs, features = engine.predict_with_features(pixels)
+    if detector is None:
+        return probs, None
+    with torch_threads(1):
+        return probs, detector.scores(features)
 
 
 def exported_engine(checkpoint: str | os.PathLike, backend: str):
