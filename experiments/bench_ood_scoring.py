@@ -1,16 +1,18 @@
 #!/usr/bin/env python3
-"""Prediction with the out-of-distribution detector scored seven ways, in alternating rounds: numpy's
+"""Prediction with the out-of-distribution detector scored eight ways, in alternating rounds: numpy's
 einsum loop, numpy's matrix product, PyTorch's matrix product once per class mean, PyTorch with the
 quadratic form expanded so that the precision matrix is read once (in float64, on all of PyTorch's
 threads or, as `Predictor.score` runs any way beside an engine, on one), and the float32 whitened form
 |(f − c)ᵀW − (m − c)ᵀW| (P = WWᵀ) with numpy's product always or, as `ood.Detector.scores` does, numpy's
-for one image and PyTorch's for a batch. One backend per process (another engine's idle threads in the
+for one image and PyTorch's for a batch (on one thread beside an engine, the shipped way, or on all). One backend per process (another engine's idle threads in the
 same process distort the figures): each way is timed on folder prediction through the pipeline
-`pneumoscan predict` runs (images/s) and on single images (`pipeline.predict_file_fast` on JPEG bytes,
+`pneumoscan predict` runs (images/s), on scoring the decoded pixels (`Predictor.score`, batches of 32,
+no decoding) and on single images (`pipeline.predict_file_fast` on JPEG bytes,
 p50 of 300 calls after 30), the latency where the detector's share is largest. The same images, model and
 detector as `bench_predict.py`'s default; the scores must agree to 1e-5 (relative) for every image.
 
     .venv/bin/python experiments/bench_ood_scoring.py [--backend openvino-bf16|onnx|openvino|torch] [--limit 512] [--rounds 3]
+        [--ways "torch read once all threads,whitened all threads,whitened (shipped)"]
 
 Prints each way's figures per round and the medians, then one JSON line.
 """
@@ -40,6 +42,7 @@ from pneumoscan.tasks.predict import Predictor  # noqa: E402
 
 
 ALL_THREADS = torch.get_num_threads()
+SHIPPED = ood.Detector.scores
 
 
 def _finish(best: np.ndarray) -> np.ndarray:
@@ -99,6 +102,20 @@ def whitened_numpy(self: ood.Detector, features) -> np.ndarray:
     return _finish((d * d).sum(-1).min(1))
 
 
+def whitened_all_threads(self: ood.Detector, features) -> np.ndarray:
+    """`Detector.scores` on all of PyTorch's threads even beside an inference engine."""
+    with torch_threads(ALL_THREADS):
+        return SHIPPED(self, features)
+
+
+def scoring_rate(predictor: Predictor, pixels: np.ndarray, batch: int = 32) -> float:
+    """Images/s of `Predictor.score` (the network and the detector, no decoding) over `pixels` in batches."""
+    t0 = time.perf_counter()
+    for i in range(0, len(pixels), batch):
+        predictor.score(pixels[i:i + batch])
+    return round(len(pixels) / (time.perf_counter() - t0), 1)
+
+
 def one_image_p50(predictor: Predictor, jpeg: bytes, calls: int = 300) -> float:
     """p50 ms of `predict_file_fast(jpeg)` over `calls` calls, after 30 untimed ones."""
     ms = []
@@ -116,17 +133,26 @@ def main() -> int:
     ap.add_argument("--backend", default="openvino-bf16", help="the one backend this process runs (default openvino-bf16)")
     ap.add_argument("--limit", type=int, default=512)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--ways", help="comma-separated names of the ways to time (default: all eight)")
     args = ap.parse_args()
     files = choose_files(args.data, args.limit, 0)
     paths = [str(f) for f in files]
-    ways = {"numpy einsum": numpy_einsum, "numpy matmul": numpy_matmul, "torch, per class mean": torch_per_class,
-            "torch, read once, all threads": torch_read_once_all_threads, "torch, read once": torch_read_once,
-            "whitened, numpy always": whitened_numpy, "whitened (Detector.scores)": ood.Detector.scores}
+    ways = {"numpy einsum": numpy_einsum, "numpy matmul": numpy_matmul, "torch per class mean": torch_per_class,
+            "torch read once all threads": torch_read_once_all_threads, "torch read once": torch_read_once,
+            "whitened numpy always": whitened_numpy, "whitened all threads": whitened_all_threads,
+            "whitened (shipped)": SHIPPED}
+    if args.ways:
+        unknown = set(args.ways.split(",")) - set(ways)
+        if unknown:
+            raise SystemExit(f"unknown ways {sorted(unknown)}; choose from {list(ways)}")
+        ways = {name: f for name, f in ways.items() if name in args.ways.split(",")}
     folder: dict[str, list[float]] = {name: [] for name in ways}
+    scoring: dict[str, list[float]] = {name: [] for name in ways}
     latency: dict[str, list[float]] = {name: [] for name in ways}
     jpeg = files[0].read_bytes()
     with tempfile.TemporaryDirectory() as tmp:
         predictor = Predictor(fresh_checkpoint(Path(tmp), files), device="cpu", backend=args.backend)
+        pixels = np.stack([predictor.load(f) for f in paths])
         reference = None
         for i in range(args.rounds):  # the ways' order reversed every other round
             for name in (list(ways) if i % 2 else list(ways)[::-1]):
@@ -138,14 +164,17 @@ def main() -> int:
                 got = np.array([r.ood_score for r in rows])
                 reference = got if reference is None else reference
                 np.testing.assert_allclose(got, reference, rtol=1e-5)
+                scoring[name].append(scoring_rate(predictor, pixels))
                 latency[name].append(one_image_p50(predictor, jpeg))
     medians = {name: statistics.median(v) for name, v in folder.items()}
     p50s = {name: statistics.median(v) for name, v in latency.items()}
+    scoring_medians = {name: statistics.median(v) for name, v in scoring.items()}
     for name in ways:
-        print(f"{name:30} folder {medians[name]:7.1f} images/s, rounds {folder[name]}; "
-              f"one image p50 {p50s[name]:.2f} ms, rounds {latency[name]}")
+        print(f"{name:28} folder {medians[name]:7.1f} images/s, rounds {folder[name]}; scoring decoded pixels "
+              f"{scoring_medians[name]:7.1f}, rounds {scoring[name]}; one image p50 {p50s[name]:.2f} ms, rounds {latency[name]}")
     print(json.dumps({"benchmark": "ood-scoring", "backend": args.backend, "n_images": len(paths), "folder_rounds": folder,
-                      "median_images_per_s": medians, "one_image_p50_ms": latency, "median_one_image_p50_ms": p50s,
+                      "median_images_per_s": medians, "scoring_rounds": scoring,
+                      "median_scoring_images_per_s": scoring_medians, "one_image_p50_ms": latency, "median_one_image_p50_ms": p50s,
                       "torch_threads": ALL_THREADS, "date": time.strftime("%Y-%m-%d")}))
     return 0
 
