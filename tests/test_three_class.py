@@ -66,6 +66,12 @@ def test_three_class_train_evaluate_predict_explain_and_serve(tiny_data, tmp_pat
         rows = list(csv.DictReader(f))
     assert all(r["label"] in ("NORMAL", "BACTERIAL", "VIRAL") and r["p_VIRAL"] for r in rows)
     assert main(["export", str(run / "best.pt"), "--out", str(tmp_path / "m.onnx")]) == 2  # binary models only
+    # evaluate as predict: auto takes torch for three classes, an exported backend by name is refused
+    assert main(["evaluate", str(run / "best.pt"), "--out", str(tmp_path / "ev"), "--backend", "auto", "--no-progress",
+                 "--device", "cpu"]) == 0
+    assert json.loads((tmp_path / "ev" / "metrics.json").read_text())["backend"] == "torch"
+    assert main(["evaluate", str(run / "best.pt"), "--out", str(tmp_path / "ev2"), "--backend", "onnx", "--no-progress",
+                 "--device", "cpu"]) == 2
 
     pytest.importorskip("monai")
     assert main(["explain", str(run / "best.pt"), str(images[0]), "--out", str(tmp_path / "cam")]) == 0

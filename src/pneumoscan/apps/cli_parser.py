@@ -16,6 +16,7 @@ from .. import __version__
 from ..core.config import ACTIVATIONS, RECIPES, SECTIONS, Config, recipe
 from ..io.data import DataError
 
+BACKENDS = ["auto", "torch", "onnx", "openvino", "openvino-bf16"]  # predict.BACKENDS, without importing torch
 DATA_HELP = "data root in Kaggle layout, ROOT/train/{NORMAL,PNEUMONIA} (default: $PNEUMOSCAN_DATA)"
 
 
@@ -133,7 +134,7 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
                    help="score images the checkpoint was trained on (refused by default: their figures say "
                         "nothing about new patients)")
     _add_device_flag(p)
-    p.add_argument("--backend", choices=["auto", "torch", "onnx", "openvino", "openvino-bf16"], default="torch",
+    p.add_argument("--backend", choices=BACKENDS, default="torch",
                    help="as predict's --backend (default here: torch, the reference); recorded in metrics.json")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     _add_prevalence_flags(p, estimate=True)
@@ -175,7 +176,7 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("predict", help="probabilities for image files and folders, as a CSV")
     _add_checkpoint_and_images(p, "CSV to write (path, probability, label, error)")
     p.add_argument("--batch-size", type=int, default=32, metavar="N", help="images scored together (default: 32)")
-    p.add_argument("--backend", choices=["auto", "torch", "onnx", "openvino", "openvino-bf16"], default="auto",
+    p.add_argument("--backend", choices=BACKENDS, default="auto",
                    help="auto (default): the fastest exact backend installed, logged (openvino, else onnx, else torch; "
                         "torch on a GPU); onnx: export in memory and run with ONNX Runtime on the CPU (pip install "
                         "'pneumoscan[onnx]'); openvino: the same export in OpenVINO, FP32; openvino-bf16: BF16, opt-in, "
@@ -200,7 +201,7 @@ def _add_engine_flags(p: argparse.ArgumentParser) -> None:
 def _add_explain(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("explain", help="Grad-CAM heatmaps over the X-rays, one PNG per image, plus probabilities")
     _add_checkpoint_and_images(p, "folder for <name>_gradcam.png and explanations.csv")
-    p.add_argument("--backend", choices=["auto", "torch", "onnx", "openvino", "openvino-bf16"], default="torch",
+    p.add_argument("--backend", choices=BACKENDS, default="torch",
                    help="what scores the images, as predict's --backend (default here: torch, whose pass also gives "
                         "the heatmaps; another backend scores them in a second pass); heatmaps always come from the "
                         "PyTorch model")
@@ -214,7 +215,7 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
                    help="address to listen on (default: 127.0.0.1, this machine only; 0.0.0.0: every interface)")
     p.add_argument("--port", type=int, default=8000, help="TCP port (default: 8000)")
     _add_device_flag(p, "cpu")
-    p.add_argument("--backend", choices=["auto", "torch", "onnx", "openvino", "openvino-bf16"], default="auto",
+    p.add_argument("--backend", choices=BACKENDS, default="auto",
                    help="as predict's --backend (default auto: the fastest exact backend installed, logged); heatmaps "
                         "always come from the PyTorch model")
     p.add_argument("--token", default=os.environ.get("PNEUMOSCAN_TOKEN"),
@@ -281,7 +282,7 @@ def _add_dicom_node(sub: argparse._SubParsersAction) -> None:
                                           "Structured Reports (pip install 'pneumoscan[dicom-node]')")
     p.add_argument("checkpoint")
     p.add_argument("--out", required=True, help="folder for results.csv and the received instances")
-    p.add_argument("--backend", choices=["auto", "torch", "onnx", "openvino", "openvino-bf16"], default="torch",
+    p.add_argument("--backend", choices=BACKENDS, default="torch",
                    help="as predict's --backend (default here: torch); Secondary Capture heatmaps always come from "
                         "the PyTorch model")
     p.add_argument("--ae-title", default="PNEUMOSCAN",

@@ -115,7 +115,7 @@ class Detector:
             centred = (f - centre).astype(np.float32)
             y = centred @ factor if len(f) == 1 else (torch.from_numpy(centred) @ torch.from_numpy(factor)).numpy()
             d = (y[:, None, :] - whitened_means[None]).astype(np.float64)
-            out = np.sqrt(np.einsum("nkd,nkd->nk", d, d).min(1)) if len(f) else np.zeros(0)
+            out = np.sqrt(np.einsum("nkd,nkd->nk", d, d).min(1))
         return np.where(np.isfinite(out), out, np.inf)
 
     @functools.cached_property

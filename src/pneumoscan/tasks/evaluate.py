@@ -28,7 +28,7 @@ from ..networks.models import probabilities
 from ..networks.ood import Detector, forward_with_features
 from ..networks.runtime import keep_freed_memory, select_device
 from .adapt import summary as adaptation_summary
-from .predict import choose_backend, engine_scores, estimate_and_apply, exported_engine, image_result, parse_prevalence
+from .predict import backend_for_model, choose_backend, engine_scores, estimate_and_apply, exported_engine, image_result, parse_prevalence
 from .report import write_eval_report
 from .review import write_review
 
@@ -48,11 +48,11 @@ def evaluate(checkpoint: str | Path, split: str, out: str | Path, data_root: str
     kept under "at_model_prior" for comparison. Images the checkpoint was trained on are refused (DataError)
     unless `split` is "train" or `allow_training_images`; what makes the figures weak is in "warnings".
     `backend` scores as predict's does (torch is the reference); it is recorded as "backend"."""
-    out = Path(out)
     keep_freed_memory()
-    backend = choose_backend(backend, device)
+    asked, backend = backend, choose_backend(backend, device)
     dev = select_device("cpu" if backend != "torch" else device)
     loaded = ckpt_io.load(checkpoint, dev, data_root)
+    backend = backend_for_model(asked, backend, loaded.class_names)
     cfg = loaded.config
     samples = load_split(cfg.data, split)
     cached = cache_images(samples, cfg.preprocessing, progress=progress)
@@ -95,7 +95,7 @@ def evaluate(checkpoint: str | Path, split: str, out: str | Path, data_root: str
     }
     if class_probs is not None:  # the figures above are pneumonia vs normal; these are per class
         result["three_class"] = multiclass_metrics(classes, class_probs, threshold, loaded.class_names)
-    _write_outputs(out, result, loaded, cached, classes, labels, probs, class_probs, output, ood_scores, detector, dev)
+    _write_outputs(Path(out), result, loaded, cached, classes, labels, probs, class_probs, output, ood_scores, detector, dev)
     return result
 
 
@@ -175,8 +175,6 @@ def _raw_scores(loaded: Any, checkpoint: str | Path, backend: str, pixels: np.nd
     if backend == "torch":
         logits, ood_scores = _scores(freeze(loaded.model), torch.from_numpy(pixels).to(dev), prep, batch_size, detector)
         return (*probabilities(logits), ood_scores)  # P(pneumonia) for either task; per class for three classes
-    if len(loaded.class_names) > 2:
-        raise ValueError(f"the {backend} backend exports P(pneumonia) only; evaluate three-class models with the torch backend")
     raw_probs, ood_scores = _engine_scores(checkpoint, backend, pixels, batch_size, detector)
     return raw_probs, None, ood_scores
 

@@ -130,7 +130,7 @@ def cam_for_batch(predictor: Predictor, pixels: np.ndarray
         _CAMS[model] = _gradcam(model, predictor.cam_layer)
     cam = _CAMS[model]
     x = model_input(np.array(pixels, dtype=np.uint8), predictor.prep, predictor.device)
-    detector = predictor.ood
+    detector = predictor.ood if predictor.onnx is None else None  # an exported backend scores the detector below
     with captured_features(model, detector.layers if detector else ()) as features, torch.enable_grad(), \
             warnings.catch_warnings():
         # expected: the hook fires for the layer's output gradient, which is the one Grad-CAM uses

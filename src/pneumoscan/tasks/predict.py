@@ -57,6 +57,17 @@ def choose_backend(backend: str, device: str = "auto") -> str:
     return chosen
 
 
+def backend_for_model(asked: str, backend: str, class_names: list[str]) -> str:
+    """`backend` (what `choose_backend` made of `asked`) for a model with `class_names`: the exported graph gives
+    P(pneumonia) only, so "auto" falls back to torch for a three-class model and an exported backend asked
+    for by name is a ValueError."""
+    if backend == "torch" or len(class_names) <= 2:
+        return backend
+    if asked == "auto":
+        return "torch"
+    raise ValueError(f"the {backend} backend exports P(pneumonia) only; run three-class models with the torch backend")
+
+
 def image_result(path: str, probability: float, class_probs: np.ndarray | None, class_names: list[str],
                  output: OutputMap, detector: Detector | None, ood_score: float | None = None,
                  warnings: list[str] | None = None) -> ImageResult:
@@ -90,17 +101,13 @@ class Predictor:
         keep_freed_memory()
         self.device = select_device("cpu" if backend != "torch" else device)
         loaded = ckpt_io.load(checkpoint, self.device)
-        if asked == "auto" and len(loaded.class_names) > 2:
-            backend = "torch"  # the exported graph gives P(pneumonia) only
-        self.backend = backend
+        self.backend = backend = backend_for_model(asked, backend, loaded.class_names)
         self.model = freeze(loaded.model)  # the frozen inference form: derived weights computed once, here
         self.config = loaded.config
         self.output = output_map(loaded.checkpoint, checkpoint, loaded.threshold)  # at an adapted site's prior
         if prevalence is not None:
             self.output = self.output.with_prior(prevalence)
         self.class_names = loaded.class_names
-        if backend != "torch" and len(self.class_names) > 2:
-            raise ValueError(f"the {backend} backend exports P(pneumonia) only; run three-class models with the torch backend")
         self.cam_layer = loaded.checkpoint.get("cam_layer") or getattr(self.model, "cam_layer", "")
         self.ood = Detector.from_checkpoint(loaded.checkpoint)
         self.ensemble = describe_ensemble(loaded.checkpoint)  # '' for a single model
