@@ -53,7 +53,7 @@ def validation_figures(probs: dict, skip: int, val: list[str]) -> dict:
     for k, p in probs.items():
         out[k] = {"roc_auc": binary_metrics(labels, p[skip:])["roc_auc"]}
         if k != "fp32":
-            out[k]["auc_change"] = out[k]["roc_auc"] - binary_metrics(labels, probs["fp32"][skip:])["roc_auc"]
+            out[k]["auc_change"] = out[k]["roc_auc"] - out["fp32"]["roc_auc"]  # fp32 comes first
             out[k]["max_probability_change"] = float(np.abs(p[skip:] - probs["fp32"][skip:]).max())
     return out
 
@@ -69,7 +69,8 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=3)
     args = ap.parse_args()
     val = json.loads((args.run / "split.json").read_text())["val"]["files"] if args.run else []
-    files = [f for f in choose_files(args.data, args.calibration + len(val), 1) if str(f) not in set(val)]
+    held_out = set(val)
+    files = [f for f in choose_files(args.data, args.calibration + len(val), 1) if str(f) not in held_out]
     files = files[:args.calibration]
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = args.run / "best.pt" if args.run else fresh_checkpoint(Path(tmp), files)
